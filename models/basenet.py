@@ -1,0 +1,66 @@
+"""BaseNet: the seed's conv-pool-conv-pool-fc-fc classifier, with every width configurable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class BaseNet(nn.Module):
+    """``len(channels)`` conv(3x3)-[BN]-ReLU-maxpool stages, then ``len(hidden)`` fc-ReLU layers
+    and a linear classifier. The seed is ``channels=(64, 128), hidden=(1000,)`` on 32x32 inputs."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        channels: tuple[int, ...] = (64, 128),
+        hidden: tuple[int, ...] = (1000,),
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if image_size < 2 ** len(channels):
+            raise ValueError(
+                f"image_size {image_size} is too small for {len(channels)} pooling stages "
+                f"(needs at least {2 ** len(channels)})"
+            )
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.batch_norm = batch_norm
+        layers: list[nn.Module] = []
+        prev, size = in_channels, image_size
+        for width in channels:
+            layers.append(nn.Conv2d(prev, width, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width))
+            layers += [nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            prev, size = width, size // 2
+        self.features = nn.Sequential(*layers)
+        head: list[nn.Module] = [nn.Flatten()]
+        prev = prev * size * size
+        for width in hidden:
+            head += [nn.Linear(prev, width), nn.ReLU(inplace=True)]
+            prev = width
+        head.append(nn.Linear(prev, num_classes))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments read off the live layers, so a pruned net describes itself."""
+        convs = [m for m in self.features if isinstance(m, nn.Conv2d)]
+        linears = [m for m in self.classifier if isinstance(m, nn.Linear)]
+        return {
+            "arch": "basenet",
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "channels": [m.out_channels for m in convs],
+            "hidden": [m.out_features for m in linears[:-1]],
+            "batch_norm": self.batch_norm,
+        }
+
+    def classifier_layer(self) -> nn.Linear:
+        return self.classifier[-1]

@@ -1,0 +1,59 @@
+"""Checkpoints as an architecture spec plus a state dict, read back without unpickling code.
+
+``torch.load(weights_only=True)`` only admits tensors and plain containers, so a planted pickle
+is refused rather than executed; a recorded sha256 guards against a swapped or truncated file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.registry import build_model, model_spec
+
+CHECKPOINT_FORMAT = "shrinkflow.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, tampered with or not ours."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_payload(model: nn.Module, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds: the spec that rebuilds ``model``, its tensors and free metadata."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "spec": model_spec(model),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+
+
+def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a checkpoint describes; refuse it if ``sha256`` is given and differs."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if sha256 is not None and (actual := sha256_file(path)) != sha256:
+        raise CheckpointError(f"checkpoint {path} has sha256 {actual[:12]}..., expected {sha256[:12]}...")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... depending on the damage
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {first}") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    model = build_model(payload["spec"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), payload["meta"]

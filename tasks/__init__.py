@@ -1,0 +1,1 @@
+"""Stage logic: one plain function per pipeline stage, shared by Prefect and DVC."""

@@ -1,0 +1,173 @@
+"""MLflow at the edges: runs, metrics, artefacts, the dataset input and the model registry.
+
+Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids rather than the
+fluent API's thread-local "active run", so candidates logging from parallel threads or worker
+processes never cross wires.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.models import infer_signature
+
+from tasks.prepare import Manifest
+from tasks.train import ModelRecord
+
+log = logging.getLogger(__name__)
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+
+
+def tracking_uri(root: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an sqlite database in the project root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = (
+                artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
+            )
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    @classmethod
+    def for_project(cls, root: str | Path, experiment: str) -> Tracker:
+        return cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
+
+    # runs -------------------------------------------------------------------------------
+    def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, Any] | None = None) -> None:  # fmt: skip
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), _now(), 0) for k, v in (metrics or {}).items() if v == v],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_record(self, run_id: str, record: ModelRecord) -> None:
+        """A trained model's options, per-epoch curves and summary."""
+        params = {"strategy": record.strategy, **record.options, "epochs": record.epochs}
+        curves = [
+            Metric(f"epoch/{key}", float(row[key]), _now(), int(row["epoch"]))
+            for row in record.history
+            for key in ("train_loss", "val_acc", "lr")
+        ]
+        for start in range(0, len(curves), 900):  # log_batch takes at most 1000 metrics
+            self.client.log_batch(run_id, metrics=curves[start : start + 900])
+        summary = {
+            k: v for k, v in asdict(record).items() if k in ("best_epoch", "best_val_acc", "train_seconds")
+        }
+        self.log(run_id, params=params, metrics=summary,
+                 tags={"shrinkflow.status": record.status, "shrinkflow.worker": record.worker})  # fmt: skip
+        if record.error:
+            self.log(run_id, tags={"shrinkflow.error": record.error[:5000]})
+
+    def log_dataset(self, run_id: str, manifest: Manifest, train_x: np.ndarray, source: Path) -> None:
+        """Record the prepared data as the run's dataset input, named by its fingerprint."""
+        with warnings.catch_warnings():  # MLflow registers two identical resolvers for local paths
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_numpy(
+                train_x, source=str(source), name=f"{manifest.source}-{manifest.fingerprint[:12]}",
+                digest=manifest.fingerprint[:36],
+            )  # fmt: skip
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
+        self.client.log_inputs(run_id, datasets=[entity])
+
+    # registry ---------------------------------------------------------------------------
+    def register_model(
+        self, run_id: str, checkpoint: Path, name: str, example: torch.Tensor,
+        tags: dict[str, Any], description: str,
+    ) -> str:  # fmt: skip
+        """Log ``checkpoint`` as a pyfunc model in ``run_id``, register it; return the version."""
+        from tasks.serving import ShrinkflowClassifier  # noqa: F401 - validates the module imports
+
+        x = example.numpy().astype(np.float32)
+        with torch.inference_mode():
+            from models.checkpoint import load_checkpoint
+
+            probs = load_checkpoint(checkpoint)[0](example).softmax(1).numpy()
+        with _tracking(self.uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(SERVING_CODE),
+                artifacts={"checkpoint": str(checkpoint)},
+                code_paths=[str(MODELS_PACKAGE)],
+                signature=infer_signature(x, probs),
+                input_example=x,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"mlflow=={mlflow.__version__}",
+                    "numpy",
+                ],
+            )
+        version = self.client.create_model_version(
+            name=self._ensure_registered(name), source=info.model_uri, run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()}, description=description, model_id=info.model_id,
+        )  # fmt: skip
+        return version.version
+
+    def _ensure_registered(self, name: str) -> str:
+        try:
+            self.client.get_registered_model(name)
+        except mlflow.exceptions.MlflowException:
+            self.client.create_registered_model(name)
+        return name
+
+    def load_version(self, name: str, version: str):
+        with _tracking(self.uri):
+            return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, alias, version)
+
+
+def _now() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+class _tracking:
+    """Point the fluent API at ``uri`` for a block (``log_model`` and ``load_model`` need it)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        self.previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+
+    def __exit__(self, *exc) -> None:
+        mlflow.set_tracking_uri(self.previous[0])
+        mlflow.set_registry_uri(self.previous[1])

@@ -1,0 +1,94 @@
+"""Shared fixtures. Tracking state never touches the developer's files: MLflow and Prefect
+point at a per-session temporary directory before either is imported."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="shrinkflow-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+from tasks.config import apply_override, parse_params  # noqa: E402
+from tasks.layout import Layout  # noqa: E402
+
+# A few epochs and two candidates: enough for real training, small enough for CI.
+SMALL = (
+    "train.epochs=6",
+    "shrink.epochs=4",
+    "shrink.candidates={w50: {strategy: width, ratio: 0.5},"
+    " l1-50: {strategy: prune_l1, ratio: 0.5, lr: 0.01}}",
+    "evaluate.latency_repeats=5",
+    "evaluate.latency_warmup=1",
+)
+
+
+def small_raw(*extra: str) -> dict:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for item in (*SMALL, *extra):
+        raw = apply_override(raw, item)
+    return raw
+
+
+@pytest.fixture
+def small_params():
+    return parse_params(small_raw())
+
+
+@pytest.fixture
+def project(tmp_path, small_params):
+    """A temporary project root with the small params written to params.yaml."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(), sort_keys=False))
+    return tmp_path
+
+
+@pytest.fixture
+def layout(project, small_params) -> Layout:
+    return Layout.from_params(small_params, project)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """prepare + baseline on the small params, done once and copied by the tests that need it."""
+    from tasks.prepare import prepare
+    from tasks.train import train_baseline
+
+    root = tmp_path_factory.mktemp("trained")
+    params = parse_params(small_raw())
+    layout = Layout.from_params(params, root)
+    prepare(params, layout)
+    train_baseline(params, layout)
+    return root
+
+
+@pytest.fixture
+def trained_layout(trained, tmp_path, small_params) -> Layout:
+    for sub in ("data", "artifacts"):
+        shutil.copytree(trained / sub, tmp_path / sub)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(), sort_keys=False))
+    return Layout.from_params(small_params, tmp_path)
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "shrinkflow"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})},
+        timeout=600,
+    )

@@ -1,0 +1,161 @@
+"""Each stage function on real digits data, called directly."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from tasks.config import TrainConfig, parse_params
+from tasks.engine import TrainingDiverged, evaluate, fit
+from tasks.evaluate import COLUMNS, evaluate_models
+from tasks.layout import Layout
+from tasks.prepare import load_manifest, load_split, prepare
+from tasks.promote import select_winner
+from tasks.train import load_record, shrink_candidate
+from tests.conftest import small_raw
+
+
+def test_prepare_is_deterministic_stratified_and_fingerprinted(tmp_path, small_params):
+    a = prepare(small_params, Layout.from_params(small_params, tmp_path / "a"))
+    b = prepare(small_params, Layout.from_params(small_params, tmp_path / "b"))
+    assert a == b
+    assert sum(a.sizes.values()) == 1797 and a.input_shape == [1, 8, 8] and a.num_classes == 10
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "a/data/prepared" / f"{split}.pt").read_bytes() == (
+            tmp_path / "b/data/prepared" / f"{split}.pt"
+        ).read_bytes()
+    layout = Layout.from_params(small_params, tmp_path / "a")
+    _, y_train = load_split(layout, "train")
+    _, y_test = load_split(layout, "test")
+    # Stratified: every class keeps (almost exactly) its share in each split.
+    share_train = torch.bincount(y_train) / len(y_train)
+    share_test = torch.bincount(y_test) / len(y_test)
+    assert (share_train - share_test).abs().max() < 0.01
+    other = parse_params(small_raw("seed=1"))
+    c = prepare(other, Layout.from_params(other, tmp_path / "c"))
+    assert c.fingerprint != a.fingerprint, "a different seed gives a different split"
+
+
+def test_baseline_learns_and_keeps_its_best_epoch(trained, small_params):
+    layout = Layout.from_params(small_params, trained)
+    record = load_record(layout, "baseline")
+    assert record.status == "ok" and record.epochs == small_params.train.epochs
+    assert record.best_val_acc == max(row["val_acc"] for row in record.history)
+    model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
+    assert evaluate(model, load_split(layout, "val")) == record.best_val_acc
+    assert record.best_val_acc > 90, "a small CNN learns 8x8 digits well within a few epochs"
+    assert load_manifest(layout).input_shape == [model.in_channels, model.image_size, model.image_size]
+
+
+def test_training_is_deterministic(trained, small_params):
+    layout = Layout.from_params(small_params, trained)
+    train, val = load_split(layout, "train"), load_split(layout, "val")
+    cfg = TrainConfig(epochs=2)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = load_checkpoint(layout.checkpoint("baseline"))[0]
+        torch.nn.init.normal_(model.classifier[-1].weight)
+        result = fit(model, train, val, cfg, seed=3)
+        runs.append((result.history, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_diverging_loss_is_detected(trained, small_params):
+    layout = Layout.from_params(small_params, trained)
+    model = load_checkpoint(layout.checkpoint("baseline"))[0]
+    with pytest.raises(TrainingDiverged, match="loss became"):
+        fit(
+            model,
+            load_split(layout, "train"),
+            load_split(layout, "val"),
+            TrainConfig(epochs=3, lr=1e6),
+            seed=0,
+        )
+
+
+@pytest.mark.parametrize("name", ["w50", "l1-50"])
+def test_shrink_candidate_is_smaller_and_trained_with_the_same_loop(trained_layout, small_params, name):
+    record = shrink_candidate(small_params, trained_layout, name)
+    base = load_record(trained_layout, "baseline")
+    small, _ = load_checkpoint(trained_layout.root / record.checkpoint, sha256=record.sha256)
+    big, _ = load_checkpoint(trained_layout.root / base.checkpoint)
+    assert sum(p.numel() for p in small.parameters()) < 0.35 * sum(p.numel() for p in big.parameters())
+    assert record.epochs == small_params.shrink.epochs and len(record.history) == record.epochs
+    assert record.best_val_acc > 80
+
+
+def test_failed_candidate_is_recorded_and_leaves_no_checkpoint(trained_layout):
+    params = parse_params(small_raw("shrink.candidates.w50.lr=1000000"))
+    stale = trained_layout.checkpoint("w50")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older model that must not survive")
+    with pytest.raises(TrainingDiverged):
+        shrink_candidate(params, trained_layout, "w50")
+    record = load_record(trained_layout, "w50")
+    assert record.status == "failed" and "TrainingDiverged" in record.error
+    assert not stale.exists()
+
+
+def test_evaluate_measures_every_model_and_marks_failures(trained_layout, small_params):
+    shrink_candidate(small_params, trained_layout, "l1-50")  # w50 never ran
+    table = evaluate_models(small_params, trained_layout)
+    assert list(table.columns) == COLUMNS
+    assert list(table["name"]) == ["baseline", "w50", "l1-50"]
+    assert list(table["status"]) == ["ok", "missing", "ok"]
+    base, pruned = table.iloc[0], table.iloc[2]
+    assert pruned["params"] < base["params"] and pruned["flops"] < base["flops"]
+    assert pruned["size_bytes"] < base["size_bytes"] and pruned["latency_ms"] > 0
+    assert base["param_ratio"] == 1.0 and pruned["param_ratio"] > 3
+    on_disk = pd.read_csv(trained_layout.candidates_csv)
+    assert list(on_disk["name"]) == list(table["name"])
+    metrics = json.loads(trained_layout.metrics_json.read_text())
+    assert metrics["baseline"]["test_acc"] == base["test_acc"]
+    assert metrics["candidates"] == {"declared": 2, "ok": 1, "failed": 1}
+
+
+def _table(rows):
+    cols = [
+        "name",
+        "strategy",
+        "ratio",
+        "status",
+        "val_acc",
+        "test_acc",
+        "params",
+        "flops",
+        "size_bytes",
+        "latency_ms",
+    ]
+    return pd.DataFrame(rows, columns=cols)
+
+
+TABLE = _table(
+    [
+        ["baseline", "baseline", 0.0, "ok", 98.0, 97.0, 1000, 5000, 4000, 1.0],
+        ["a", "width", 0.5, "ok", 97.5, 96.0, 300, 1500, 1200, 0.5],
+        ["b", "prune_l1", 0.75, "ok", 96.5, 96.9, 100, 900, 400, 0.7],
+        ["c", "width", 0.9, "failed", None, None, None, None, None, None],
+    ]
+)
+
+
+def test_select_winner_picks_the_smallest_within_tolerance_on_validation():
+    cfg = parse_params(small_raw()).promote
+    decision = select_winner(TABLE, cfg)
+    assert decision.winner == "a"  # b is smaller but 1.5 points below on validation
+    assert decision.eligible == ["a", "baseline"] and "outside tolerance: b" in decision.reason
+    assert decision.test_acc == 96.0  # reported on test, chosen on validation
+    wide = select_winner(TABLE, cfg.model_copy(update={"tolerance": 2.0}))
+    assert wide.winner == "b"
+    by_latency = select_winner(TABLE, cfg.model_copy(update={"tolerance": 2.0, "objective": "latency_ms"}))
+    assert by_latency.winner == "a"
+    relative = select_winner(TABLE, cfg.model_copy(update={"tolerance": 1.0, "tolerance_mode": "relative"}))
+    assert relative.min_val_acc == pytest.approx(97.02) and relative.winner == "a"
+    strict = select_winner(TABLE, cfg.model_copy(update={"tolerance": 0.0}))
+    assert strict.winner == "baseline", "with nothing within tolerance the baseline itself is kept"
