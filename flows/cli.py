@@ -5,16 +5,19 @@ Prefect is imported only by the commands that need it, so ``shrinkflow stage`` s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tasks.config import ConfigError
+from tasks import progress
+from tasks.config import load_params
 
 app = typer.Typer(
     add_completion=False,
@@ -45,21 +48,42 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors a user can fix become one line on stderr and exit status 1, not a traceback."""
+    from models.checkpoint import CheckpointError
+    from tasks.errors import ShrinkflowError
+
+    try:
+        yield
+    except (ShrinkflowError, CheckpointError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 @app.command()
-def run(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None, root: RootOpt = Path(".")) -> None:
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    root: RootOpt = Path("."),
+    force: Annotated[
+        bool, typer.Option(help="make the winner champion even if the rules say challenger.")
+    ] = False,
+) -> None:
     """Run the whole Prefect flow and print the candidates table and the promotion.
 
     Example: shrinkflow run -s shrink.workers=1 -s promote.tolerance=0.5
     """
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
-    from flows.pipeline import run as run_flow
-    from tasks.config import load_params
+    with _user_errors():
+        load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
+        from flows.pipeline import configured
 
-    try:
-        load_params(params, tuple(set_ or ()))
-    except ConfigError as exc:
-        _fail(str(exc))
-    run_flow(params, tuple(set_ or ()), root)
+        flow = configured(params, tuple(set_ or ()))
+        try:
+            flow(str(params), list(set_ or ()), str(root), force)
+        finally:
+            progress.stop()
     report(params=params, root=root)
 
 
@@ -72,59 +96,91 @@ def stage(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     root: RootOpt = Path("."),
+    force: Annotated[bool, typer.Option(help="promote stage: make the winner champion regardless.")] = False,
 ) -> None:
     """Run one stage without Prefect; this is what each dvc.yaml stage calls.
 
-    Example: shrinkflow stage shrink --candidate width-0.5
+    Example: shrinkflow stage shrink --candidate width-50
     """
     from tasks import stages
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with _user_errors():
         ctx = stages.Context.load(params, tuple(set_ or ()), root)
-    except ConfigError as exc:
-        _fail(str(exc))
-    if name is Stage.shrink:
-        if candidate not in ctx.params.shrink.candidates:
-            known = ", ".join(ctx.params.shrink.candidates)
-            _fail(f"--candidate {candidate!r} is not in shrink.candidates ({known})")
-        stages.run_candidate(ctx, candidate)
-    elif name is Stage.prepare:
-        stages.run_prepare(ctx)
-    elif name is Stage.baseline:
-        stages.run_baseline(ctx)
-    elif name is Stage.evaluate:
-        stages.run_evaluate(ctx)
-    else:
-        stages.run_promote(ctx)
+        if name is Stage.shrink:
+            if candidate not in ctx.params.shrink.candidates:
+                known = ", ".join(ctx.params.shrink.candidates)
+                _fail(f"--candidate {candidate!r} is not in shrink.candidates ({known})")
+            stages.run_candidate(ctx, candidate)
+        elif name is Stage.promote:
+            stages.run_promote(ctx, force=force)
+        else:
+            {"prepare": stages.run_prepare, "baseline": stages.run_baseline, "evaluate": stages.run_evaluate}[
+                name.value
+            ](ctx)
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help='cron schedule, e.g. "0 3 * * 0" (Sundays 03:00).')] = "0 3 * * 0",
+    name: Annotated[str, typer.Option(help="deployment name.")] = "scheduled-retrain",
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    root: RootOpt = Path("."),
+) -> None:
+    """Serve the flow as a scheduled Prefect deployment (needs PREFECT_API_URL pointing at a
+    running `prefect server start`). Blocks, executing scheduled and manual runs.
+
+    Example: shrinkflow serve --cron "0 3 * * 0"
+    """
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
+    with _user_errors():
+        from flows.pipeline import configured
+
+        flow = configured(params, tuple(set_ or ()))
+    parameters = {
+        "params_file": str(params.resolve()),
+        "overrides": list(set_ or ()),
+        "root": str(root.resolve()),
+    }
+    flow.serve(name=name, cron=cron, parameters=parameters, tags=["shrinkflow"])
 
 
 @app.command()
 def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
     """Re-print the last run's candidates table and promotion decision from reports/."""
-    import pandas as pd
 
-    from tasks.config import load_params
+    from tasks.evaluate import load_table
     from tasks.layout import Layout
     from tasks.promote import load_decision
     from tasks.report import format_table
 
-    try:
+    with _user_errors():
         layout = Layout.from_params(load_params(params), root)
-    except ConfigError as exc:
-        _fail(str(exc))
     if not layout.candidates_csv.exists():
         _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
     decision = load_decision(layout) if layout.promotion_json.exists() else None
-    typer.echo(format_table(pd.read_csv(layout.candidates_csv), decision.winner if decision else None))
+    typer.echo(format_table(load_table(layout.candidates_csv), decision.winner if decision else None))
     if decision:
         reg = decision.registry
         where = f"{reg.get('model_name')} v{reg.get('version')} @{reg.get('alias')}"
-        typer.echo(f"\npromoted: {decision.winner} -> {where}")
-        typer.echo(f"reason: {decision.reason}")
+        typer.echo(f"\nwinner: {decision.winner} -> {where} ({decision.verdict}: {decision.verdict_reason})")
+        typer.echo(f"why this model: {decision.reason}")
+
+
+# MLflow retries failed HTTP calls with exponential back-off; its defaults (7 retries, factor 2,
+# 120 s timeout) leave a pipeline hanging for many minutes when the server is down. These give
+# about half a minute of retrying before a clear failure; the environment still wins.
+MLFLOW_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def main() -> None:
+    for key, value in MLFLOW_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     app(prog_name="shrinkflow")
 
 

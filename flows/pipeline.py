@@ -6,72 +6,148 @@ orchestration (task runs, parallelism, logging) and nothing else.
 
 from __future__ import annotations
 
-import os
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from tasks import stages
-from tasks.config import load_params
+from tasks import cache, stages
+from tasks.config import ShrinkConfig, load_params
 from tasks.promote import Decision
 from tasks.report import format_table
 
 prepare = task(stages.run_prepare, name="prepare", cache_policy=NO_CACHE)
-baseline = task(stages.run_baseline, name="baseline", cache_policy=NO_CACHE)
-shrink = task(stages.run_candidate, name="shrink", cache_policy=NO_CACHE, task_run_name="shrink-{name}")
+# Cached on what its weights depend on (data, config, code); see reuse_or_train_baseline.
+baseline = task(
+    stages.run_baseline, name="baseline", cache_key_fn=lambda _, args: cache.baseline_key(args["ctx"])
+)
+shrink = task(
+    stages.run_candidate,
+    name="shrink",
+    task_run_name="shrink-{name}",
+    cache_key_fn=lambda _, args: cache.candidate_key(args["ctx"], args["name"]),
+)
 evaluate = task(stages.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 promote = task(stages.run_promote, name="promote", cache_policy=NO_CACHE)
 
 
 @flow(name="shrinkflow")
-def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict:
+def pipeline(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, root: str = ".", force: bool = False
+) -> dict:
     """Train a baseline, shrink it every declared way, and register the smallest model within
-    tolerance. Returns the promotion decision as a dict."""
+    tolerance (``force``: make it champion even if the registry rules say challenger).
+    Returns the promotion decision as a dict."""
     logger = get_run_logger()
     ctx = stages.Context.load(params_file, tuple(overrides or ()), root)
-    parent = ctx.tracker.start_run(
-        "pipeline", tags={"shrinkflow.stage": "pipeline", "prefect.flow_run_id": str(flow_run.id)}
-    )
-    ctx = stages.Context(ctx.params, ctx.layout, ctx.tracker, parent)
-    ctx.tracker.log(parent, params={"params_file": params_file, "overrides": " ".join(overrides or ())})
-    try:
+    with stages.pipeline_run(ctx, flow_run_id=str(flow_run.id)) as ctx:
         prepare(ctx)
-        base = baseline(ctx)
-        futures = {name: shrink.submit(ctx, name) for name in ctx.params.shrink.candidates}
-        results = {name: f.result(raise_on_failure=False) for name, f in futures.items()}
-        for name, result in results.items():
-            if isinstance(result, BaseException):
-                logger.warning("candidate %s failed: %s", name, result)
-        runs = {"baseline": base.run_id} | {
-            n: r.run_id for n, r in results.items() if isinstance(r, stages.Tracked)
-        }
+        base = reuse_or_train_baseline(ctx)
+        together, alone = stages.fan_out(ctx.params)
+        futures = {name: shrink.submit(ctx, name) for name in together}
+        shrunk = {name: settle(ctx, name, future) for name, future in futures.items()}
+        for name in alone:  # steps that patch torch process-wide run with the process to themselves
+            shrunk[name] = settle(ctx, name, shrink.submit(ctx, name))
+        for name, failure in shrunk.items():
+            if isinstance(failure, BaseException):
+                logger.warning("candidate %s failed: %s", name, failure)
+        runs = stages.run_ids({"baseline": base, **shrunk})
         table = evaluate(ctx, runs)
-        decision: Decision = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)})
-    except BaseException:
-        ctx.tracker.end_run(parent, "FAILED")
-        raise
-    ctx.tracker.log_artifact(parent, ctx.layout.candidates_csv)
-    ctx.tracker.log_artifact(parent, ctx.layout.promotion_json)
-    ctx.tracker.end_run(parent)
+        decision: Decision = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)}, force)
+        stages.summarise(ctx, runs)
+        publish(ctx.layout.report_md.read_text(), table)
     logger.info("candidates:\n%s", format_table(table, decision.winner))
-    logger.info("promoted %s: %s", decision.winner, decision.reason)
-    return decision.__dict__
+    logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
+    return asdict(decision)
+
+
+def reuse_or_train_baseline(ctx: stages.Context) -> stages.Tracked:
+    """The baseline from Prefect's cache when its data, config and code are unchanged and its
+    checkpoint is still on disk as recorded; otherwise (or if it is not) a freshly trained one."""
+    state = baseline(ctx, return_state=True)
+    if _reusable(ctx, "baseline", state):
+        return state.result()
+    return baseline.with_options(refresh_cache=True)(ctx)
+
+
+def settle(ctx: stages.Context, name: str, future) -> stages.Tracked | BaseException:
+    """A candidate's result (or its failure); a cached one whose checkpoint changed is redone."""
+    result = future.result(raise_on_failure=False)
+    if isinstance(result, BaseException) or _reusable(ctx, name, future.state):
+        return result
+    return shrink.with_options(refresh_cache=True).submit(ctx, name).result(raise_on_failure=False)
+
+
+def _reusable(ctx: stages.Context, name: str, state) -> bool:
+    """Whether ``state`` is fresh work, or a cached result whose checkpoint is still intact."""
+    if state.name != "Cached":
+        return True
+    tracked: stages.Tracked = state.result()
+    if cache.intact(ctx, name, tracked.record):
+        get_run_logger().info(
+            "%s reused from cache: its inputs, config and code are unchanged (checkpoint %s, MLflow run %s)",
+            name,
+            tracked.record.sha256[:12],
+            tracked.run_id,
+        )
+        return True
+    get_run_logger().info("cached %s's checkpoint is missing or changed on disk; retraining it", name)
+    return False
+
+
+def publish(report: str, table) -> None:
+    """The run's report and candidates table as Prefect artefacts on the flow run."""
+    create_markdown_artifact(key="shrink-report", markdown=report, description="decision and candidates")
+    rows = table.astype(object).where(table.notna(), None).to_dict("records")
+    create_table_artifact(key="candidates", table=rows, description="every candidate, measured")
+
+
+def task_runner(cfg: ShrinkConfig) -> TaskRunner:
+    """The runner the shrink fan-out uses, as ``shrink.runner`` names it."""
+    if cfg.runner == "process":
+        return ProcessPoolTaskRunner(max_workers=cfg.workers)
+    if cfg.runner == "dask":
+        from prefect_dask import DaskTaskRunner  # imported only when asked for
+
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        # One single-threaded worker process per concurrent candidate: torch's own threads
+        # (cores // workers, set by the task) do the parallel maths inside each.
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": cfg.workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=cfg.workers)
+
+
+def configured(params_file: str | Path = "params.yaml", overrides: tuple[str, ...] = ()):
+    """The flow with the task runner ``params.shrink`` asks for (validates the config first)."""
+    params = load_params(params_file, overrides)
+    return pipeline.with_options(task_runner=task_runner(params.shrink))
 
 
 def run(
-    params_file: str | Path = "params.yaml", overrides: tuple[str, ...] = (), root: str | Path = "."
+    params_file: str | Path = "params.yaml",
+    overrides: tuple[str, ...] = (),
+    root: str | Path = ".",
+    force: bool = False,
 ) -> dict:
-    """Validate the config, then run the flow with a task runner sized by ``shrink.workers``."""
-    params = load_params(params_file, overrides)
-    runner = ThreadPoolTaskRunner(max_workers=params.shrink.workers)
-    return pipeline.with_options(task_runner=runner)(str(params_file), list(overrides), str(root))
+    """Run the whole flow once, in this process."""
+    return configured(params_file, overrides)(str(params_file), list(overrides), str(root), force)
 
 
-if __name__ == "__main__":
-    from flows.cli import app
+if __name__ == "__main__":  # `python -m flows.pipeline [run options]` == `shrinkflow run [options]`
+    import sys
 
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
-    app(["run", *__import__("sys").argv[1:]])
+    from flows.cli import main
+
+    sys.argv[1:1] = ["run"]
+    main()

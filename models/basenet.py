@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
+
+from models.shapes import copy_matching
 
 
 class BaseNet(nn.Module):
     """``len(channels)`` conv(3x3)-[BN]-ReLU-maxpool stages, then ``len(hidden)`` fc-ReLU layers
     and a linear classifier. The seed is ``channels=(64, 128), hidden=(1000,)`` on 32x32 inputs."""
+
+    # The model-config keys this architecture reads.
+    OPTIONS: ClassVar[tuple[str, ...]] = ("channels", "hidden", "batch_norm")
 
     def __init__(
         self,
@@ -64,3 +69,28 @@ class BaseNet(nn.Module):
 
     def classifier_layer(self) -> nn.Linear:
         return self.classifier[-1]
+
+    @classmethod
+    def has_batch_norm(cls, options: dict[str, Any]) -> bool:
+        return bool(options.get("batch_norm"))
+
+    @classmethod
+    def removable_blocks(cls, options: dict[str, Any]) -> int:
+        """Hidden layers, and conv stages beyond the first, that ``shallower`` can drop."""
+        return len(options.get("channels") or ()) - 1 + len(options.get("hidden") or ())
+
+    def shallower(self, drop: int) -> nn.Module:
+        """A copy with ``drop`` layers removed: hidden layers first (last first), then conv stages
+        (last first), an order in which params fall at every step. Layers whose shapes survive
+        keep their weights; the rest start fresh."""
+        spec = self.spec()
+        removable = self.removable_blocks(spec)
+        if not 1 <= drop <= removable:
+            raise ValueError(f"basenet {spec['channels']}/{spec['hidden']} can drop 1..{removable} layers")
+        n_hidden = min(drop, len(spec["hidden"]))
+        spec["hidden"] = spec["hidden"][: len(spec["hidden"]) - n_hidden]
+        spec["channels"] = spec["channels"][: len(spec["channels"]) - (drop - n_hidden)]
+        spec.pop("arch")
+        shallow = BaseNet(**{**spec, "channels": tuple(spec["channels"]), "hidden": tuple(spec["hidden"])})
+        copy_matching(self.state_dict(), shallow)
+        return shallow

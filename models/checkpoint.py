@@ -7,6 +7,7 @@ is refused rather than executed; a recorded sha256 guards against a swapped or t
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,20 @@ def sha256_file(path: str | Path) -> str:
 
 def checkpoint_payload(model: nn.Module, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint holds: the spec that rebuilds ``model``, its tensors and free metadata."""
+    state = model.state_dict()
     return {
         "format": CHECKPOINT_FORMAT,
         "spec": model_spec(model),
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "state_dict": {k: _plain(v) for k, v in state.items()},
+        # Per-module state versions: quantised layers read their tensors by version.
+        "state_versions": {k: dict(v) for k, v in getattr(state, "_metadata", {}).items()},
         "meta": meta or {},
     }
+
+
+def _plain(value: Any) -> Any:
+    # Quantised packed params also carry their dtype, which weights_only loading admits.
+    return value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else value
 
 
 def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -55,5 +64,7 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Mod
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
     model = build_model(payload["spec"])
-    model.load_state_dict(payload["state_dict"])
+    state = OrderedDict(payload["state_dict"])
+    state._metadata = OrderedDict(payload.get("state_versions", {}))  # read by load_state_dict
+    model.load_state_dict(state)
     return model.eval(), payload["meta"]

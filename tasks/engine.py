@@ -7,11 +7,13 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from tasks import progress
 from tasks.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,66 @@ Split = tuple[Tensor, Tensor]
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the model is unusable."""
+
+
+# (logits, inputs, targets) -> loss
+LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a training mode changes inside the one loop: the ``loss`` (distillation), a
+    ``penalty`` added to it (slimming's L1 on BatchNorm scales) and a constraint re-imposed
+    ``after_step`` (pruned weights stay zero). The defaults are plain cross-entropy training."""
+
+    loss: LossFn | None = None
+    penalty: Callable[[nn.Module], Tensor] | None = None
+    after_step: Callable[[nn.Module], None] | None = None
+
+
+def distillation_loss(teacher: nn.Module, temperature: float, alpha: float) -> LossFn:
+    """Hinton et al.'s loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``; the
+    T^2 keeps the soft term's gradients on the scale of the hard one's."""
+    teacher.eval()
+
+    def loss(logits: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+        teacher.to(inputs.device)  # fit moves the student; a no-op after the first batch
+        with torch.no_grad():
+            soft_targets = (teacher(inputs) / temperature).log_softmax(1)
+        soft = nn.functional.kl_div(
+            (logits / temperature).log_softmax(1), soft_targets, reduction="batchmean", log_target=True
+        )
+        return alpha * temperature**2 * soft + (1 - alpha) * nn.functional.cross_entropy(logits, targets)
+
+    return loss
+
+
+def bn_l1_penalty(strength: float) -> Callable[[nn.Module], Tensor]:
+    """Network slimming's sparsity term: ``strength * sum |gamma|`` over every BatchNorm scale."""
+
+    def penalty(model: nn.Module) -> Tensor:
+        scales = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        return strength * torch.stack(scales).sum()
+
+    return penalty
+
+
+def keep_zeros(model: nn.Module) -> Callable[[nn.Module], None]:
+    """A constraint that holds every conv/linear weight that is zero now at zero (momentum and
+    weight decay would otherwise regrow unstructured-pruned weights)."""
+    masks = {
+        name: module.weight != 0
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear)
+    }
+
+    @torch.no_grad()
+    def restore(trained: nn.Module) -> None:
+        for name, mask in masks.items():
+            weight = trained.get_submodule(name).weight
+            weight.mul_(mask.to(weight.device))
+
+    return restore
 
 
 @dataclass
@@ -58,29 +120,84 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     batch_size: int,
     generator: torch.Generator,
+    augment: str = "none",
+    hooks: Hooks = Hooks(),
 ) -> float:
-    """One pass over ``train`` in a seeded random order; returns the mean loss."""
+    """One pass over ``train`` in a seeded random order (``augment``: see :func:`augment_batch`);
+    ``hooks`` change the loss, add a penalty, constrain the weights. Returns the mean loss."""
     model.train()
     x, y = train
+    device = model_device(model)
     order = torch.randperm(len(y), generator=generator)
     total = 0.0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        # Batches travel to the model's device one at a time; the data set stays in CPU memory.
+        inputs = augment_batch(x[idx], augment, generator).to(device)
+        logits = model(inputs)
+        loss = (hooks.loss or _cross_entropy)(logits, inputs, y[idx].to(device))
+        if hooks.penalty is not None:
+            loss = loss + hooks.penalty(model)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss.item()} at sample {start}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if hooks.after_step is not None:
+            hooks.after_step(model)
         total += loss.item() * len(idx)
     return total / len(y)
 
 
+def _cross_entropy(logits: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits, targets)
+
+
+def augment_batch(x: Tensor, mode: str, generator: torch.Generator) -> Tensor:
+    """``crop``: a random crop of the zero-padded batch (pad = size / 8, as 4 pixels on 32x32);
+    ``crop_flip``: also a horizontal flip of half the images. Every draw comes from the training
+    loop's own ``generator``, so runs are repeatable and threads never share a random state."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = nn.functional.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    cols = torch.arange(w).expand(n, w)
+    if mode == "crop_flip":
+        flip = torch.rand(n, 1, generator=generator) < 0.5
+        cols = torch.where(flip, cols.flip(1), cols)
+    rows, cols = top + torch.arange(h), left + cols  # n x h, n x w: each image's own window
+    batch = torch.arange(n)[:, None, None]
+    windows = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # n x h x w x c
+    return windows.permute(0, 3, 1, 2).contiguous()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device: ``auto`` is cuda when torch sees a GPU, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but torch sees no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are (cpu for a model without float parameters, e.g. int8)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
-    """Class predictions for ``x``, in eval mode."""
+    """Class predictions for ``x`` (in CPU memory) on the model's device, in eval mode; returned
+    on the CPU."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    device = model_device(model)
+    return torch.cat(
+        [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    )
 
 
 def accuracy(predictions: Tensor, targets: Tensor) -> float:
@@ -94,16 +211,22 @@ def evaluate(model: nn.Module, split: Split) -> float:
     return accuracy(predict(model, x), y)
 
 
-def fit(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, seed: int) -> FitResult:
-    """Train ``model`` in place and leave it holding its best-on-validation weights."""
+def fit(
+    model: nn.Module, train: Split, val: Split, cfg: TrainConfig, seed: int, augment: str = "none",
+    hooks: Hooks = Hooks(),
+) -> FitResult:  # fmt: skip
+    """Train ``model`` in place and leave it holding its best-on-validation weights; ``hooks``
+    select the training mode (plain, distillation, sparsity, fixed zeros). Training runs on
+    ``cfg.device``; the model is handed back on the CPU, where checkpoints and latency are taken."""
     generator = torch.Generator().manual_seed(seed)
+    model.to(resolve_device(cfg.device))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     result, best_state = FitResult(), copy.deepcopy(model.state_dict())
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_one_epoch(model, train, optimizer, cfg.batch_size, generator)
+        loss = train_one_epoch(model, train, optimizer, cfg.batch_size, generator, augment, hooks)
         scheduler.step()
         val_acc = evaluate(model, val)
         result.history.append({"epoch": epoch, "train_loss": loss, "val_acc": val_acc, "lr": lr})
@@ -112,8 +235,10 @@ def fit(model: nn.Module, train: Split, val: Split, cfg: TrainConfig, seed: int)
             result.best_epoch, result.best_val_acc = epoch, val_acc
             best_state = copy.deepcopy(model.state_dict())
         log.debug("epoch %d loss %.4f val_acc %.2f", epoch, loss, val_acc)
+        progress.epoch_done(epoch, cfg.epochs, result.history[-1])
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} in epoch {epoch}")
     model.load_state_dict(best_state)
+    model.to("cpu")
     result.seconds = time.perf_counter() - start
     return result

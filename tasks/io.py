@@ -34,6 +34,26 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+TEMPORARY_GLOB = ".*.tmp"
+
+
+def sweep_temporaries(*directories: Path) -> list[Path]:
+    """Delete the temporaries a killed process left behind (``atomic_path`` cannot clean up after
+    SIGKILL); returns what was removed. Finished files are never touched."""
+    removed = []
+    for directory in directories:
+        if directory.is_dir():
+            for stale in directory.rglob(TEMPORARY_GLOB):
+                stale.unlink(missing_ok=True)
+                removed.append(stale)
+    return removed
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

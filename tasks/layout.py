@@ -53,8 +53,21 @@ class Layout:
         return self.reports / "candidates.csv"
 
     @property
+    def curves(self) -> Path:
+        """One ``<model>.csv`` of per-epoch training history per model (``dvc plots`` data)."""
+        return self.reports / "curves"
+
+    @property
     def metrics_json(self) -> Path:
         return self.reports / "metrics.json"
+
+    @property
+    def pareto_png(self) -> Path:
+        return self.reports / "pareto.png"
+
+    @property
+    def report_md(self) -> Path:
+        return self.reports / "report.md"
 
     @property
     def promotion_json(self) -> Path:

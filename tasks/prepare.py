@@ -1,4 +1,5 @@
-"""Stage 1: turn the raw data set into normalised train/val/test tensors plus a manifest."""
+"""Stage 1: read the configured data source, split it, and write compact uint8 train/val/test
+tensors plus a manifest with the normalisation, shapes, classes and the data's fingerprint."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from tasks.config import DataConfig, Params
 from tasks.io import read_json, write_json, write_torch
 from tasks.layout import SPLITS, Layout
+from tasks.sources import DataError, load_source
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +26,37 @@ class Manifest:
     classes: list[str]
     input_shape: list[int]  # C, H, W
     sizes: dict[str, int]
-    mean: float
-    std: float
+    mean: list[float]  # per channel, of the training split, after dividing by `scale`
+    std: list[float]
+    scale: float = 255.0  # stored uint8 pixels are divided by this before normalising
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def load_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Raw images as float32 N x C x H x W in [0, 1], integer labels, and class names."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
-    return images, digits.target.astype(np.int64), [str(c) for c in digits.target_names]
-
-
-def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
-    """Deterministic stratified train/val/test indices."""
+def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int, n_test: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic stratified train/val/test indices. A source with its own test split (its last
+    ``n_test`` rows) keeps it, and validation is ``val_fraction`` of its training rows."""
     idx = np.arange(len(labels))
-    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=labels, random_state=seed)
-    val_share = cfg.val_fraction / (1 - cfg.test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+    if n_test:
+        rest, test, val_share = idx[:-n_test], idx[-n_test:], cfg.val_fraction
+    else:
+        rest, test = _stratified(idx, labels, "data.test_fraction", test_size=cfg.test_fraction, seed=seed)
+        val_share = cfg.val_fraction / (1 - cfg.test_fraction)
+    train, val = _stratified(rest, labels, "data.val_fraction", test_size=val_share, seed=seed)
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train, _ = _stratified(
+            train, labels, "data.max_train_samples", train_size=cfg.max_train_samples, seed=seed
+        )
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _stratified(idx: np.ndarray, labels: np.ndarray, key: str, seed: int, **size) -> list[np.ndarray]:
+    try:
+        return train_test_split(idx, stratify=labels[idx], random_state=seed, **size)
+    except ValueError as exc:  # too few images per class for a stratified split of that size
+        raise DataError(f"{key}: cannot split {len(idx)} images stratified by class: {exc}") from None
 
 
 def fingerprint(tensors: dict[str, dict[str, torch.Tensor]]) -> str:
@@ -61,26 +71,23 @@ def fingerprint(tensors: dict[str, dict[str, torch.Tensor]]) -> str:
 
 
 def prepare(params: Params, layout: Layout) -> Manifest:
-    """Split, normalise with training statistics, and write ``{train,val,test}.pt`` + manifest."""
-    images, labels, classes = load_source(params.data)
-    parts = split_indices(labels, params.data, params.seed)
-    train_x = images[parts["train"]]
-    mean, std = float(train_x.mean()), float(train_x.std())
+    """Read ``data.source``, split it, and write ``{train,val,test}.pt`` (uint8) + manifest."""
+    raw = load_source(params.data, layout.root / params.data.root)
+    parts = split_indices(raw.labels, params.data, params.seed, raw.n_test)
     tensors = {
-        split: {
-            "x": torch.from_numpy((images[idx] - mean) / std),
-            "y": torch.from_numpy(labels[idx]),
-        }
+        split: {"x": torch.from_numpy(raw.images[idx]), "y": torch.from_numpy(raw.labels[idx])}
         for split, idx in parts.items()
     }
+    mean, std = channel_stats(raw.images[parts["train"]], raw.scale)
     manifest = Manifest(
         source=params.data.source,
         fingerprint=fingerprint(tensors),
-        classes=classes,
-        input_shape=list(images.shape[1:]),
+        classes=raw.classes,
+        input_shape=list(raw.images.shape[1:]),
         sizes={split: len(idx) for split, idx in parts.items()},
-        mean=round(mean, 8),
-        std=round(std, 8),
+        mean=mean,
+        std=std,
+        scale=raw.scale,
     )
     for split in SPLITS:
         write_torch(layout.split(split), tensors[split])
@@ -89,10 +96,32 @@ def prepare(params: Params, layout: Layout) -> Manifest:
     return manifest
 
 
+def channel_stats(images: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and std of uint8 images over ``scale``, from value histograms (no
+    float copy of the data set is ever made)."""
+    values = np.arange(256, dtype=np.float64) / scale
+    mean, std = [], []
+    for c in range(images.shape[1]):
+        counts = np.bincount(images[:, c].ravel(), minlength=256).astype(np.float64)
+        mu = float(counts @ values / counts.sum())
+        var = float(counts @ (values - mu) ** 2 / counts.sum())
+        mean.append(round(mu, 8))
+        std.append(round(max(var, 1e-12) ** 0.5, 8))
+    return mean, std
+
+
 def load_manifest(layout: Layout) -> Manifest:
     return Manifest(**read_json(layout.manifest))
 
 
 def load_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as float32 images normalised as the manifest says, and int64 labels."""
     data = torch.load(layout.split(split), map_location="cpu", weights_only=True)
-    return data["x"], data["y"]
+    return normalise(data["x"], load_manifest(layout)), data["y"]
+
+
+def normalise(x: torch.Tensor, manifest: Manifest) -> torch.Tensor:
+    """Stored uint8 pixels -> the float32 input every model takes (and a served model expects)."""
+    mean = torch.tensor(manifest.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(manifest.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.to(torch.float32) / manifest.scale - mean) / std

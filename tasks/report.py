@@ -1,15 +1,126 @@
-"""Human-readable views of the stage outputs (the candidates table and the decision)."""
+"""What people look at: the candidates table, the decision as Markdown, and the Pareto plot."""
 
 from __future__ import annotations
 
-import pandas as pd
+from pathlib import Path
 
-SHOWN = ["name", "strategy", "ratio", "status", "val_acc", "test_acc", "params", "flops", "size_bytes",
-         "latency_ms", "param_ratio", "acc_drop"]  # fmt: skip
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from tasks.io import atomic_path  # noqa: E402
+from tasks.promote import Decision, within_tolerance_floor  # noqa: E402
+
+SHOWN = [
+    "name",
+    "strategy",
+    "ratio",
+    "status",
+    "val_acc",
+    "test_acc",
+    "params",
+    "flops",
+    "size_bytes",
+    "latency_ms",
+    "param_ratio",
+    "acc_drop",
+]
 
 
 def format_table(table: pd.DataFrame, winner: str | None = None) -> str:
     """The candidates table as Markdown, the promoted row marked with a star."""
     shown = table.reindex(columns=SHOWN).copy()
+    for column in ("params", "flops", "size_bytes"):  # counts, even with a failed row's blanks
+        shown[column] = shown[column].astype("Int64")
+    shown = shown.astype(object).where(shown.notna(), "")
     shown.insert(0, " ", ["*" if name == winner else "" for name in shown["name"]])
     return shown.to_markdown(index=False, floatfmt=".3f")
+
+
+def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
+    """The run's decision, its reason and the whole table, for Prefect and MLflow."""
+    reg = decision.registry
+    where = f"`{reg.get('model_name')}` v{reg.get('version')} as `@{reg.get('alias')}`" if reg else "nothing"
+    return "\n".join(
+        [
+            "# shrinkflow run",
+            "",
+            f"**Winner:** `{decision.winner}` ({decision.strategy}), registered {where}.",
+            "",
+            f"**Why this model:** {decision.reason}.",
+            "",
+            f"**Against the registry:** {decision.verdict} - {decision.verdict_reason}.",
+            "",
+            f"Test accuracy {decision.test_acc:.2f} against the baseline's {decision.baseline_test_acc:.2f}.",
+            "",
+            "## Candidates (`*` = this run's winner)",
+            "",
+            format_table(table, decision.winner),
+        ]
+    )
+
+
+STRATEGY_MARKERS = "osD^v<>PXh*"
+
+
+def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
+    """Test accuracy against params (log) and against latency; tolerance band and winner marked."""
+    ok = table[table["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, constrained_layout=True)
+    floor = within_tolerance_floor(decision.baseline_test_acc, decision.tolerance, decision.tolerance_mode)
+    panels = [("params", "parameters (log scale)"), ("latency_ms", "CPU latency, batch 1 (ms)")]
+    for ax, (column, label) in zip(axes, panels, strict=True):
+        ax.axhspan(
+            floor,
+            decision.baseline_test_acc,
+            color="tab:green",
+            alpha=0.12,
+            label=f"within {decision.tolerance:g} ({decision.tolerance_mode}) of the baseline",
+        )
+        ax.axhline(decision.baseline_test_acc, color="tab:green", lw=1, ls="--")
+        for i, (strategy, group) in enumerate(ok.groupby("strategy", sort=True)):
+            ax.scatter(
+                group[column],
+                group["test_acc"],
+                marker=STRATEGY_MARKERS[i % len(STRATEGY_MARKERS)],
+                s=45,
+                label=strategy,
+                zorder=3,
+            )
+            for _, row in group.iterrows():
+                ax.annotate(
+                    row["name"],
+                    (row[column], row["test_acc"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                )
+        best = ok[ok["name"] == decision.winner]
+        ax.scatter(
+            best[column],
+            best["test_acc"],
+            s=260,
+            facecolors="none",
+            edgecolors="red",
+            lw=2,
+            zorder=4,
+            label=f"promoted: {decision.winner}",
+        )
+        if column == "params":
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Accuracy against size: every candidate (selection uses validation accuracy)")
+    # The plotted points ride along in the PNG's text metadata, so the file can be checked
+    # against the table it claims to show.
+    points = ok[["name", "strategy", "params", "latency_ms", "test_acc"]].to_json(orient="records")
+    with atomic_path(path) as tmp:
+        fig.savefig(
+            tmp, format="png", dpi=110, metadata={"Title": "shrinkflow pareto", "Description": points}
+        )
+    plt.close(fig)
+    return path

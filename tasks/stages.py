@@ -6,20 +6,26 @@ runs) calls them directly. Both paths therefore execute exactly the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from tasks import progress
 from tasks.config import Params, load_params
-from tasks.evaluate import evaluate_models
+from tasks.evaluate import evaluate_models, load_table
+from tasks.io import sweep_temporaries, write_text
 from tasks.layout import Layout
 from tasks.prepare import Manifest, load_split, prepare
 from tasks.promote import Decision, promote
-from tasks.tracking import Tracker
+from tasks.report import markdown_report, pareto_plot
+from tasks.search import Trial
+from tasks.tracking import Tracker, code_version
 from tasks.train import ModelRecord, shrink_candidate, threads_per_worker, train_baseline
 
 log = logging.getLogger(__name__)
@@ -38,10 +44,13 @@ class Context:
     def load(
         cls, params_file: str | Path, overrides: tuple[str, ...] = (), root: str | Path = "."
     ) -> Context:
+        """Validate the config, reach the tracking server, and clear what a killed run left."""
         params = load_params(params_file, overrides)
-        return cls(
-            params, Layout.from_params(params, root), Tracker.for_project(root, params.tracking.experiment)
-        )
+        layout = Layout.from_params(params, root)
+        tracker = Tracker.for_project(root, params.tracking.experiment)
+        for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
+            log.warning("removed %s, left half-written by an interrupted run", stale)
+        return cls(params, layout, tracker)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,60 @@ class Tracked:
 
     record: ModelRecord
     run_id: str
+
+
+@contextlib.contextmanager
+def pipeline_run(ctx: Context, flow_run_id: str = "") -> Iterator[Context]:
+    """One MLflow parent run around a whole pipeline run; stages nest under it."""
+    ctx.tracker.check()
+    parent = ctx.tracker.start_run(
+        "pipeline", tags={"shrinkflow.stage": "pipeline", "prefect.flow_run_id": flow_run_id}
+    )
+    try:
+        yield Context(ctx.params, ctx.layout, ctx.tracker, parent)
+    except BaseException:
+        ctx.tracker.end_run(parent, "FAILED")
+        raise
+    ctx.tracker.end_run(parent)
+
+
+def fan_out(params: Params) -> tuple[list[str], list[str]]:
+    """Candidates that may train concurrently, and those that must then run one at a time: under
+    the thread runner every candidate shares the process, and an exclusive step (torch.fx tracing
+    for int8) would break the others' forward passes."""
+    candidates = params.shrink.candidates
+    if params.shrink.runner != "thread":
+        return list(candidates), []
+    alone = [name for name, cand in candidates.items() if cand.exclusive()]
+    return [name for name in candidates if name not in alone], alone
+
+
+def run_ids(results: dict[str, Tracked | BaseException]) -> dict[str, str]:
+    """Each model's MLflow run, for the models whose stage succeeded."""
+    return {name: r.run_id for name, r in results.items() if isinstance(r, Tracked)}
+
+
+def summarise(ctx: Context, runs: dict[str, str]) -> None:
+    """Give the parent run the whole story: config, table with links to each model's run, decision."""
+    ctx.tracker.log(ctx.parent_run, params=_flat(ctx.params.model_dump(exclude={"shrink", "paths"})))
+    ctx.tracker.log_candidates(ctx.parent_run, load_table(ctx.layout.candidates_csv), runs)
+    for path in (
+        ctx.layout.candidates_csv,
+        ctx.layout.promotion_json,
+        ctx.layout.pareto_png,
+        ctx.layout.report_md,
+    ):
+        ctx.tracker.log_artifact(ctx.parent_run, path)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def run_prepare(ctx: Context) -> Manifest:
@@ -64,14 +127,31 @@ def run_prepare(ctx: Context) -> Manifest:
 
 def run_baseline(ctx: Context) -> Tracked:
     torch.set_num_threads(os.cpu_count() or 1)
-    return _model_stage(ctx, "baseline", lambda: train_baseline(ctx.params, ctx.layout))
+    return _model_stage(ctx, "baseline", lambda run: train_baseline(ctx.params, ctx.layout))
 
 
 def run_candidate(ctx: Context, name: str) -> Tracked:
     # The same thread count under Prefect's runners and under `dvc repro`, so both compute the
     # same floats; and N concurrent candidates never oversubscribe the cores.
     torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
-    return _model_stage(ctx, name, lambda: shrink_candidate(ctx.params, ctx.layout, name))
+    return _model_stage(
+        ctx, name, lambda run: shrink_candidate(ctx.params, ctx.layout, name, _trial_logger(ctx, name, run))
+    )
+
+
+def _trial_logger(ctx: Context, name: str, candidate_run: str):
+    """Log each trial of a ratio search as a nested run under the candidate's run."""
+
+    def log_trial(trial: Trial) -> None:
+        run = ctx.tracker.start_run(
+            f"{name}-trial{trial.index}", candidate_run,
+            tags={"shrinkflow.stage": "search-trial", "shrinkflow.candidate": name},
+        )  # fmt: skip
+        ctx.tracker.log(run, params={"trial": trial.index, "ratio": trial.ratio},
+                        metrics={"val_acc": trial.val_acc, "passed": float(trial.passed)})  # fmt: skip
+        ctx.tracker.end_run(run)
+
+    return log_trial
 
 
 def _model_stage(ctx: Context, name: str, train) -> Tracked:
@@ -80,7 +160,8 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
         name, ctx.parent_run, tags={"shrinkflow.stage": stage, "shrinkflow.candidate": name}
     )
     try:
-        record = train()
+        with progress.showing(name):
+            record = train(run)
     except Exception as exc:
         ctx.tracker.log(
             run, tags={"shrinkflow.status": "failed", "shrinkflow.error": f"{type(exc).__name__}: {exc}"}
@@ -106,19 +187,30 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     return table
 
 
-_MEASURED = ("val_acc", "test_acc", "macro_f1", "params", "flops", "size_bytes", "latency_ms")
+_MEASURED = ("val_acc", "test_acc", "macro_f1", "params", "flops", "size_bytes", "latency_ms", "sparsity",
+             "compressed_bytes")  # fmt: skip
 
 
-def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None) -> Decision:
+def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:
+    """Register the winner under the registry rules, then draw and write what reviewers read."""
     run = ctx.tracker.start_run("promote", ctx.parent_run, tags={"shrinkflow.stage": "promote"})
     try:
-        decision = promote(ctx.params, ctx.layout, ctx.tracker, run, extra_tags)
+        tags = {"code_version": code_version(ctx.layout.root), **(extra_tags or {})}
+        decision = promote(ctx.params, ctx.layout, ctx.tracker, run, tags, force)
     except Exception as exc:
         ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"})
         ctx.tracker.end_run(run, "FAILED")
         raise
-    ctx.tracker.log(run, params={"winner": decision.winner, **ctx.params.promote.model_dump()},
-                    metrics={"val_acc": decision.val_acc, "test_acc": decision.test_acc})  # fmt: skip
-    ctx.tracker.log_artifact(run, ctx.layout.promotion_json)
+    table = load_table(ctx.layout.candidates_csv)
+    pareto_plot(table, decision, ctx.layout.pareto_png)
+    write_text(ctx.layout.report_md, markdown_report(table, decision))
+    ctx.tracker.log(
+        run,
+        params={"winner": decision.winner, **ctx.params.promote.model_dump()},
+        metrics={"val_acc": decision.val_acc, "test_acc": decision.test_acc},
+        tags={"verdict": decision.verdict},
+    )
+    for path in (ctx.layout.promotion_json, ctx.layout.pareto_png, ctx.layout.report_md):
+        ctx.tracker.log_artifact(run, path)
     ctx.tracker.end_run(run)
     return decision

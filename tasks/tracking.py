@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -16,11 +17,13 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import infer_signature
 
+from tasks.errors import ShrinkflowError
 from tasks.prepare import Manifest
 from tasks.train import ModelRecord
 
@@ -28,6 +31,22 @@ log = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+
+
+class TrackingUnavailable(ShrinkflowError, RuntimeError):
+    """The MLflow tracking server cannot be reached (after MLflow's own retries)."""
+
+
+def code_version(root: str | Path) -> str:
+    """The git commit the code runs from (``-dirty`` when it has local changes), if any."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
 
 
 def tracking_uri(root: str | Path) -> str:
@@ -39,14 +58,39 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        if found is not None:
-            self.experiment_id = found.experiment_id
-        else:
-            location = (
-                artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
-            )
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        location = artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
+        try:
+            self.experiment_id = self._experiment(experiment, location)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise TrackingUnavailable(f"MLflow tracking at {uri} is unreachable: {first}") from None
+
+    def _experiment(self, name: str, location: str | None) -> str:
+        for _ in range(3):  # another process may create it between our get and create
+            if (found := self.client.get_experiment_by_name(name)) is not None:
+                return found.experiment_id
+            try:
+                return self.client.create_experiment(name, artifact_location=location)
+            except mlflow.exceptions.MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        raise TrackingUnavailable(f"experiment {name!r} could not be created or found")
+
+    # Process and Dask runners ship the tracker to other processes: send the address, not the client.
+    def __getstate__(self) -> dict[str, str]:
+        return {"uri": self.uri, "experiment_id": self.experiment_id}
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        self.uri, self.experiment_id = state["uri"], state["experiment_id"]
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def check(self) -> None:
+        """Fail fast, before any work, when the tracking server is unreachable."""
+        try:
+            self.client.get_experiment(self.experiment_id)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unreachable: {first}") from None
 
     @classmethod
     def for_project(cls, root: str | Path, experiment: str) -> Tracker:
@@ -91,6 +135,16 @@ class Tracker:
                  tags={"shrinkflow.status": record.status, "shrinkflow.worker": record.worker})  # fmt: skip
         if record.error:
             self.log(run_id, tags={"shrinkflow.error": record.error[:5000]})
+
+    def log_candidates(self, run_id: str, table: pd.DataFrame, runs: dict[str, str]) -> None:
+        """The candidates table as an MLflow table and as Markdown linking each model's run."""
+        self.client.log_table(run_id, data=table, artifact_file="candidates_table.json")
+        links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
+        links["run"] = [
+            f"[{runs[n][:8]}](#/experiments/{self.experiment_id}/runs/{runs[n]})" if n in runs else ""
+            for n in links["name"]
+        ]
+        self.client.log_text(run_id, links.to_markdown(index=False), "candidates.md")
 
     def log_dataset(self, run_id: str, manifest: Manifest, train_x: np.ndarray, source: Path) -> None:
         """Record the prepared data as the run's dataset input, named by its fingerprint."""
@@ -138,10 +192,20 @@ class Tracker:
 
     def _ensure_registered(self, name: str) -> str:
         try:
-            self.client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException:
             self.client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException as exc:  # a concurrent run may have created it
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         return name
+
+    def version_by_alias(self, name: str, alias: str):
+        """The model version ``alias`` points at, or None when the model or alias does not exist."""
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
 
     def load_version(self, name: str, version: str):
         with _tracking(self.uri):

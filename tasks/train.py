@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,11 +16,13 @@ from torch import nn
 
 from models import WARM_START, apply_strategy, build_model
 from models.checkpoint import load_checkpoint
+from models.strategies import STRATEGY_INFO
 from tasks.config import Params, TrainConfig
-from tasks.engine import fit
+from tasks.engine import FitResult, Hooks, Split, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
 from tasks.io import read_json, save_checkpoint, write_json
 from tasks.layout import Layout
 from tasks.prepare import load_manifest, load_split
+from tasks.search import Trial, best_trial, search_ratio
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class ModelRecord:
     worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     error: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # e.g. prune_l1, distill, int8
+    trials: list[dict[str, Any]] = field(default_factory=list)  # a ratio search's trials, in order
 
 
 def load_record(layout: Layout, name: str) -> ModelRecord:
@@ -70,12 +74,22 @@ def _train_and_save(
     name: str, model: nn.Module, record: ModelRecord, params: Params, layout: Layout, cfg: TrainConfig
 ) -> ModelRecord:
     train, val = load_split(layout, "train"), load_split(layout, "val")
-    result = fit(model, train, val, cfg, seed=params.seed)
-    record.epochs = cfg.epochs
-    record.best_epoch, record.best_val_acc = result.best_epoch, result.best_val_acc
-    record.train_seconds = result.seconds
-    record.images_per_second = result.images_seen / max(result.seconds, 1e-9)
-    record.history = result.history
+    result = fit(model, train, val, cfg, seed=params.seed, augment=params.data.augment)
+    return _save(name, model, record, layout, result, val)
+
+
+def _save(
+    name: str, model: nn.Module, record: ModelRecord, layout: Layout, result: FitResult | None, val: Split
+) -> ModelRecord:
+    """Fill ``record`` from training (if any) and write the checkpoint and record."""
+    if result is not None:
+        record.epochs = len(result.history)
+        record.best_epoch = result.best_epoch
+        record.train_seconds = result.seconds
+        record.images_per_second = result.images_seen / max(result.seconds, 1e-9)
+        record.history = result.history
+    # The final model's own accuracy: a step after training (int8) changes it.
+    record.best_val_acc = evaluate(model, val)
     path = layout.checkpoint(name)
     record.sha256 = save_checkpoint(model, path, meta={"name": name, "strategy": record.strategy})
     record.checkpoint = str(path.relative_to(layout.root))
@@ -89,13 +103,10 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
     manifest = load_manifest(layout)
     channels, size, _ = manifest.input_shape
     spec = {
-        "arch": params.model.arch,
         "in_channels": channels,
         "image_size": size,
         "num_classes": manifest.num_classes,
-        "channels": list(params.model.channels),
-        "hidden": list(params.model.hidden),
-        "batch_norm": params.model.batch_norm,
+        **params.model.arch_options(),
     }
     with seeded(params.seed):
         model = build_model(spec)
@@ -111,23 +122,98 @@ def candidate_train_config(params: Params, name: str) -> TrainConfig:
     )
 
 
-def shrink_candidate(params: Params, layout: Layout, name: str) -> ModelRecord:
-    """Apply candidate ``name``'s strategy to the baseline, then train it with the same loop.
+@dataclass(frozen=True)
+class _Inputs:
+    """What every trial of a candidate starts from."""
+
+    baseline: ModelRecord
+    train: Split
+    val: Split
+    calibration: Split
+
+
+def _load_inputs(params: Params, layout: Layout) -> _Inputs:
+    x, y = load_split(layout, "train")
+    n = params.shrink.calibration_size
+    return _Inputs(load_record(layout, "baseline"), (x, y), load_split(layout, "val"), (x[:n], y[:n]))
+
+
+def _baseline(layout: Layout, inputs: _Inputs) -> nn.Module:
+    return load_checkpoint(layout.root / inputs.baseline.checkpoint, sha256=inputs.baseline.sha256)[0]
+
+
+def _shrink_and_train(
+    params: Params, layout: Layout, name: str, inputs: _Inputs, ratio: float | None
+) -> tuple[nn.Module, FitResult | None]:
+    """One candidate at one ratio: [sparsity fine-tune] -> strategy -> fine-tune (plain or
+    distilled, zeros kept where the strategy needs it) -> [int8]."""
+    cand, cfg = params.shrink.candidates[name], candidate_train_config(params, name)
+    info, baseline = STRATEGY_INFO[cand.strategy], _baseline(layout, inputs)
+    train_args = (inputs.train, inputs.val)
+    if phase := cand.sparsity_phase():
+        sparse_cfg = cfg.model_copy(update={"epochs": phase[0]})
+        fit(
+            baseline,
+            *train_args,
+            sparse_cfg,
+            params.seed,
+            params.data.augment,
+            Hooks(penalty=bn_l1_penalty(phase[1])),
+        )
+    options = cand.options() | ({"ratio": ratio} if ratio is not None else {})
+    with seeded(params.seed):
+        model = apply_strategy(cand.strategy, baseline, inputs.calibration, **options)
+    if not WARM_START[cand.strategy]:
+        log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
+    result = None
+    if info.trains:
+        teacher = cand.distill and distillation_loss(_baseline(layout, inputs), **cand.distill.model_dump())
+        hooks = Hooks(loss=teacher or None, after_step=keep_zeros(model) if info.keeps_zeros else None)
+        result = fit(model, *train_args, cfg, params.seed, params.data.augment, hooks)
+    if cand.quantize:
+        model = apply_strategy(cand.quantize, model, inputs.calibration)
+    return model, result
+
+
+def _search(
+    params: Params, layout: Layout, name: str, inputs: _Inputs, on_trial: Callable[[Trial], None] | None
+) -> tuple[nn.Module, FitResult | None, list[Trial]]:
+    """Try ratios as the candidate's ``search`` says; keep the largest within tolerance."""
+    from tasks.promote import within_tolerance_floor  # the promotion rule; late (promote imports us)
+
+    cfg = params.promote
+    floor = within_tolerance_floor(inputs.baseline.best_val_acc, cfg.tolerance, cfg.tolerance_mode)
+    built: dict[float, tuple[nn.Module, FitResult | None]] = {}
+
+    def trial(ratio: float) -> float:
+        built[ratio] = _shrink_and_train(params, layout, name, inputs, ratio)
+        return evaluate(built[ratio][0], inputs.val)
+
+    trials = search_ratio(params.shrink.candidates[name].search, trial, floor, on_trial)
+    best = best_trial(trials)
+    log.info("%s: search kept ratio %.4f after %d trials (floor %.2f)", name, best.ratio, len(trials), floor)
+    return *built[best.ratio], trials
+
+
+def shrink_candidate(
+    params: Params, layout: Layout, name: str, on_trial: Callable[[Trial], None] | None = None
+) -> ModelRecord:
+    """Apply candidate ``name``'s steps to the baseline, training with the same loop; with a
+    ``search``, repeat for each trial ratio (``on_trial`` hears each) and keep the best.
 
     A failure is recorded (status ``failed`` with the reason) before it is re-raised, so the
     evaluation table can show it."""
     cand = params.shrink.candidates[name]
-    record = ModelRecord(name=name, strategy=cand.strategy, options=cand.options())
+    record = ModelRecord(name=name, strategy=cand.strategy, options=cand.options(), steps=cand.steps())
     try:
-        base = load_record(layout, "baseline")
-        baseline, _ = load_checkpoint(layout.root / base.checkpoint, sha256=base.sha256)
-        x, y = load_split(layout, "train")
-        calibration = (x[: params.shrink.calibration_size], y[: params.shrink.calibration_size])
-        with seeded(params.seed):
-            model = apply_strategy(cand.strategy, baseline, calibration, **cand.options())
-            if not WARM_START[cand.strategy]:
-                log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
-        return _train_and_save(name, model, record, params, layout, candidate_train_config(params, name))
+        inputs = _load_inputs(params, layout)
+        if cand.search is None:
+            model, result = _shrink_and_train(params, layout, name, inputs, None)
+        else:
+            model, result, trials = _search(params, layout, name, inputs, on_trial)
+            record.trials = [asdict(t) for t in trials]
+            record.options["ratio"] = best_trial(trials).ratio
+        return _save(name, model, record, layout, result, inputs.val)
     except Exception as exc:
         record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
         layout.checkpoint(name).unlink(missing_ok=True)  # never leave an older model to be trusted

@@ -92,3 +92,40 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
         env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})},
         timeout=600,
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One ephemeral Prefect API for the whole session (it takes ~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained, tmp_path_factory):
+    """The small pipeline run up to and including evaluate (baseline, w50, l1-50), once."""
+    from tasks.evaluate import evaluate_models
+    from tasks.train import shrink_candidate
+
+    root = tmp_path_factory.mktemp("evaluated")
+    for sub in ("data", "artifacts"):
+        shutil.copytree(trained / sub, root / sub)
+    params = parse_params(small_raw())
+    layout = Layout.from_params(params, root)
+    for name in params.shrink.candidates:
+        shrink_candidate(params, layout, name)
+    evaluate_models(params, layout)
+    return root
+
+
+def copy_project(src: Path, dst: Path, *overrides: str):
+    """A private copy of a prepared project, with its own params; returns (params, layout)."""
+    for sub in ("data", "artifacts", "reports"):
+        if (src / sub).exists():
+            shutil.copytree(src / sub, dst / sub)
+    raw = small_raw(*overrides)
+    (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = parse_params(raw)
+    return params, Layout.from_params(params, dst)

@@ -11,7 +11,7 @@ import torch
 from models.checkpoint import load_checkpoint
 from tasks.config import TrainConfig, parse_params
 from tasks.engine import TrainingDiverged, evaluate, fit
-from tasks.evaluate import COLUMNS, evaluate_models
+from tasks.evaluate import COLUMNS, evaluate_models, load_table
 from tasks.layout import Layout
 from tasks.prepare import load_manifest, load_split, prepare
 from tasks.promote import select_winner
@@ -112,7 +112,7 @@ def test_evaluate_measures_every_model_and_marks_failures(trained_layout, small_
     assert pruned["params"] < base["params"] and pruned["flops"] < base["flops"]
     assert pruned["size_bytes"] < base["size_bytes"] and pruned["latency_ms"] > 0
     assert base["param_ratio"] == 1.0 and pruned["param_ratio"] > 3
-    on_disk = pd.read_csv(trained_layout.candidates_csv)
+    on_disk = load_table(trained_layout.candidates_csv)
     assert list(on_disk["name"]) == list(table["name"])
     metrics = json.loads(trained_layout.metrics_json.read_text())
     assert metrics["baseline"]["test_acc"] == base["test_acc"]

@@ -1,0 +1,201 @@
+"""Raw data sets by name (``data.source``): each loader turns one kind of data directory into
+uint8 images, labels and class names; :func:`load_source` then gives them the configured
+channel count and size. A new source is one function and one line in :data:`LOADERS`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import get_args
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from tasks.config import DataConfig
+from tasks.errors import ShrinkflowError
+
+log = logging.getLogger(__name__)
+
+IMAGE_LAYOUT = "<root>/<class>/*.png|jpg, or <root>/train/<class>/... and <root>/test/<class>/..."
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+
+
+class DataError(ShrinkflowError, RuntimeError):
+    """A data directory that is missing, empty or not in the layout its source expects."""
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A whole data set in memory, compactly: the source's own test split, if it has one, last."""
+
+    images: np.ndarray  # uint8, N x C x H x W
+    labels: np.ndarray  # int64, N
+    classes: list[str]
+    scale: float  # the pixel value that means full intensity (255; 16 for sklearn's digits)
+    n_test: int = 0  # the last n_test rows are the source's own test split
+
+
+Loader = Callable[[DataConfig, Path], RawData]
+
+
+def load_digits_source(cfg: DataConfig, root: Path) -> RawData:
+    """scikit-learn's bundled 8x8 digits (offline); ``root`` is not used."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)[:, None, :, :]  # integer intensities 0..16
+    return RawData(images, digits.target.astype(np.int64), [str(c) for c in digits.target_names], 16.0)
+
+
+def load_image_folder(cfg: DataConfig, root: Path) -> RawData:
+    """torchvision's ImageFolder layout, with or without its own ``train/`` and ``test/`` trees."""
+    if not root.is_dir():
+        raise DataError(f"data.root {root} is not a directory; expected images as {IMAGE_LAYOUT}")
+    split = [(root / name).is_dir() for name in ("train", "test")]
+    if split[0] != split[1]:  # e.g. train/ and val/: read as two classes, a silent mix-up
+        half = "train/" if split[0] else "test/"
+        raise DataError(f"{root} has {half} without its pair; expected images as {IMAGE_LAYOUT}")
+    trees = [root / "train", root / "test"] if all(split) else [root]
+    found = [_scan(tree) for tree in trees]
+    classes = found[0][0]
+    if any(c != classes for c, _ in found):
+        raise DataError(f"{root}: train/ and test/ must hold the same class folders")
+    files = [f for _, tree_files in found for f in tree_files]
+    mode, size = _common_format(files, cfg)
+    images = np.stack([_read(path, mode, size) for path, _ in files])
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    n_test = len(found[1][1]) if len(found) == 2 else 0
+    log.info("read %d images of %d classes from %s", len(files), len(classes), root)
+    return RawData(images, labels, classes, 255.0, n_test)
+
+
+def _scan(tree: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(tree)
+        return classes, make_dataset(tree, class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as exc:
+        raise DataError(f"{exc} Expected images as {IMAGE_LAYOUT}") from None
+
+
+def _common_format(files: list[tuple[str, int]], cfg: DataConfig) -> tuple[str, int]:
+    """The PIL mode and square size every image is converted to (headers only, no decoding)."""
+    if cfg.channels and cfg.image_size:
+        return ("L" if cfg.channels == 1 else "RGB"), cfg.image_size
+    modes, sizes = set(), set()
+    for path, _ in files:
+        with _open(path) as img:
+            modes.add(img.mode)
+            sizes.add(img.size)
+    channels = cfg.channels or (1 if modes <= _GRAY_MODES else 3)
+    if cfg.image_size:
+        return ("L" if channels == 1 else "RGB"), cfg.image_size
+    (width, height), *others = sorted(sizes)
+    if others or width != height:
+        shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes)[:3])
+        raise DataError(f"images are not all one square size ({shown}); set data.image_size to resize them")
+    return ("L" if channels == 1 else "RGB"), width
+
+
+def _open(path: str) -> Image.Image:
+    try:
+        return Image.open(path)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path} is not a readable image: {exc}") from None
+
+
+def _read(path: str, mode: str, size: int) -> np.ndarray:
+    with _open(path) as img:
+        img = img.convert(mode)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(img, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def torchvision_loader(class_name: str) -> Loader:
+    """A loader for one of torchvision's data set classes (train and test splits, local root)."""
+
+    def load(cfg: DataConfig, root: Path) -> RawData:
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, class_name)
+        try:
+            train = cls(str(root), train=True, download=cfg.download)
+            test = cls(str(root), train=False, download=cfg.download)
+        except (RuntimeError, OSError) as exc:
+            hint = "" if cfg.download else " (set data.download: true to fetch them)"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DataError(
+                f"data.source {cfg.source}: {first}; expected {_expected_files(cls, root)}{hint}"
+            ) from None
+        images = np.concatenate([_as_nchw(train.data), _as_nchw(test.data)])
+        labels = np.concatenate([np.asarray(train.targets), np.asarray(test.targets)]).astype(np.int64)
+        return RawData(images, labels, [str(c) for c in train.classes], 255.0, n_test=len(test.data))
+
+    return load
+
+
+def _expected_files(cls: type, root: Path) -> str:
+    """Where torchvision looks for ``cls``'s files under ``root``, read off the class itself."""
+    if hasattr(cls, "resources"):  # MNIST and its relatives: decompressed IDX files
+        names = [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+        return f"{root / cls.__name__ / 'raw'}/{{{','.join(names)}}}"
+    names = [name for name, _ in (*cls.train_list, *cls.test_list)]  # CIFAR: pickled batches
+    return f"{root / cls.base_folder}/{{{','.join(names)}}}"
+
+
+def _as_nchw(data) -> np.ndarray:
+    array = np.asarray(data, dtype=np.uint8)
+    return array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+
+
+LOADERS: dict[str, Loader] = {
+    "digits": load_digits_source,
+    "imagefolder": load_image_folder,
+    "mnist": torchvision_loader("MNIST"),
+    "fashion_mnist": torchvision_loader("FashionMNIST"),
+    "cifar10": torchvision_loader("CIFAR10"),
+}
+# Every source params.yaml accepts has a loader, and nothing else does.
+assert set(LOADERS) == set(get_args(DataConfig.model_fields["source"].annotation)), "sources disagree"
+
+
+def load_source(cfg: DataConfig, root: Path) -> RawData:
+    """The data set ``cfg.source`` names, read from ``root``, with the configured channels and size."""
+    raw = LOADERS[cfg.source](cfg, root)
+    if len(raw.labels) == 0:
+        raise DataError(f"data.source {cfg.source} at {root} holds no images")
+    return conform(raw, cfg)
+
+
+def conform(raw: RawData, cfg: DataConfig) -> RawData:
+    """Convert to ``cfg.channels`` and resize to ``cfg.image_size`` (no-ops when already so)."""
+    images = raw.images
+    if cfg.channels and images.shape[1] != cfg.channels:
+        images = _to_channels(images, cfg.channels)
+    if cfg.image_size and images.shape[2:] != (cfg.image_size, cfg.image_size):
+        images = _resize(images, cfg.image_size, raw.scale)
+    return replace(raw, images=images)
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if channels == 3:
+        return np.repeat(images, 3, axis=1)
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)  # ITU-R 601, as PIL "L"
+    return np.rint((images.astype(np.float32) * luma).sum(1, keepdims=True)).astype(np.uint8)
+
+
+def _resize(images: np.ndarray, size: int, scale: float, chunk: int = 4096) -> np.ndarray:
+    """Antialiased bilinear resize in chunks, so a large data set never exists as float at once."""
+    out = []
+    for start in range(0, len(images), chunk):
+        x = torch.from_numpy(images[start : start + chunk]).float()
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        out.append(x.round().clamp(0, scale).to(torch.uint8).numpy())
+    return np.concatenate(out)

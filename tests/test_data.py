@@ -1,0 +1,289 @@
+"""Data sources on real files: an ImageFolder of real CIFAR-10 JPEGs (read from the shared tarball
+in place), MNIST's IDX files through torchvision, the one-line errors for missing or malformed
+data directories, seeded augmentation, and the key that lets the flow reuse a baseline."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from models.checkpoint import load_checkpoint
+from tasks.cache import baseline_key, intact
+from tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
+from tasks.engine import augment_batch, fit
+from tasks.layout import Layout
+from tasks.prepare import load_split, prepare
+from tasks.sources import LOADERS, DataError
+from tasks.stages import Context
+from tasks.train import load_record, train_baseline
+from tests.conftest import REPO, run_cli, small_raw
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR_TAR = SHARED / "cifar10-jpg.tar.gz"
+MNIST_T10K = SHARED / "mnist-t10k"
+CIFAR_CLASSES = sorted(
+    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+)
+TINY_MODEL = ("model.channels=[8, 16]", "model.hidden=[32]", "train.epochs=2")
+
+
+def _params(*overrides: str):
+    return parse_params(small_raw(*overrides))
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory) -> Path:
+    """320 real CIFAR-10 JPEGs in ImageFolder layout: train/<class>/ (24 each), test/<class>/ (8 each)."""
+    root = tmp_path_factory.mktemp("cifar")
+    keep = {"train": 24, "test": 8}
+    with tarfile.open(CIFAR_TAR, "r:gz") as tar:
+        for member in tar:  # streamed: only the wanted members are written
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 3 and int(Path(parts[2]).stem) < keep.get(parts[0], 0):
+                tar.extract(member, root, filter="data")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A torchvision MNIST root from the real t10k IDX files. The shared copy has no training
+    files, so the test set stands in for both (torchvision insists on all four)."""
+    raw = tmp_path_factory.mktemp("mnist") / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for kind in ("images-idx3", "labels-idx1"):
+        with gzip.open(MNIST_T10K / f"t10k-{kind}-ubyte.gz") as src:
+            (raw / f"t10k-{kind}-ubyte").write_bytes(src.read())
+        (raw / f"train-{kind}-ubyte").symlink_to(raw / f"t10k-{kind}-ubyte")
+    return raw.parents[1]
+
+
+def test_image_folder_runs_through_prepare_and_baseline(cifar_folder, tmp_path):
+    params = _params("data.source=imagefolder", f"data.root={cifar_folder}", *TINY_MODEL)
+    layout = Layout.from_params(params, tmp_path)
+    manifest = prepare(params, layout)
+    assert manifest.classes == CIFAR_CLASSES and manifest.input_shape == [3, 32, 32]
+    assert manifest.sizes["test"] == 80, "the folder's own test/ tree is the test split"
+    assert manifest.sizes["train"] + manifest.sizes["val"] == 240
+    stored = torch.load(layout.split("train"), weights_only=True)
+    assert stored["x"].dtype == torch.uint8, "images are stored compactly"
+    x, y = load_split(layout, "train")
+    assert x.dtype == torch.float32 and x.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    counts = torch.bincount(y)
+    assert len(counts) == 10 and counts.max() - counts.min() <= 1, "stratified"
+
+    record = train_baseline(params, layout)
+    model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
+    assert (model.in_channels, model.image_size, model.num_classes) == (3, 32, 10)
+    assert record.status == "ok" and len(record.history) == 2
+
+
+def test_image_folder_resizes_converts_and_subsets(cifar_folder, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cifar_folder / "train", mixed)
+    # Real images in other sizes, channel counts and formats, as a user's folder would have them.
+    Image.open(mixed / "cat/0000.jpg").convert("L").resize((48, 40)).save(mixed / "cat/grey.png")
+    Image.open(mixed / "dog/0000.jpg").convert("RGBA").resize((64, 64)).save(mixed / "dog/big.png")
+
+    native = _params("data.source=imagefolder", f"data.root={mixed}")
+    with pytest.raises(DataError, match="not all one square size.*48x40.*set data.image_size"):
+        prepare(native, Layout.from_params(native, tmp_path / "a"))
+
+    params = _params(
+        "data.source=imagefolder", f"data.root={mixed}", "data.image_size=16", "data.max_train_samples=50"
+    )
+    manifest = prepare(params, Layout.from_params(params, tmp_path / "b"))
+    assert manifest.input_shape == [3, 16, 16] and manifest.sizes["train"] == 50
+    assert sum(manifest.sizes.values()) < 242, "no test/ tree: val and test are carved out, train subset"
+
+    grey = _params("data.source=imagefolder", f"data.root={mixed}", "data.image_size=12", "data.channels=1")
+    assert prepare(grey, Layout.from_params(grey, tmp_path / "c")).input_shape == [1, 12, 12]
+
+
+def test_mnist_through_torchvision_from_local_idx_files(mnist_root, tmp_path):
+    params = _params("data.source=mnist", f"data.root={mnist_root}", "data.max_train_samples=500")
+    layout = Layout.from_params(params, tmp_path / "native")
+    manifest = prepare(params, layout)
+    assert manifest.input_shape == [1, 28, 28] and manifest.num_classes == 10
+    assert manifest.sizes == {"train": 500, "val": 1500, "test": 10000}
+    assert manifest.classes[0] == "0 - zero"
+    x, _ = load_split(layout, "test")
+    assert abs(float(x.mean())) < 0.2 and x.shape == (10000, 1, 28, 28)
+
+    resized = _params(
+        "data.source=mnist", f"data.root={mnist_root}", "data.image_size=14", "data.channels=3",
+        "data.max_train_samples=200",
+    )  # fmt: skip
+    assert prepare(resized, Layout.from_params(resized, tmp_path / "small")).input_shape == [3, 14, 14]
+
+
+def _loose_files(root: Path) -> None:
+    root.mkdir()
+    (root / "0001.jpg").write_bytes(b"not in a class folder")
+
+
+def _empty_class(root: Path) -> None:
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    (root / "cat/a.png").write_bytes(b"")
+    (root / "dog/notes.txt").write_text("no images here")
+
+
+def _train_and_val(root: Path) -> None:
+    for tree in ("train/cat", "val/cat"):
+        (root / tree).mkdir(parents=True)
+
+
+def _corrupt_image(root: Path) -> None:
+    (root / "cat").mkdir(parents=True)
+    (root / "cat/broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+
+
+BAD_DATA = [
+    ("imagefolder", None, r"is not a directory; expected images as <root>/<class>/\*.png\|jpg"),
+    ("imagefolder", _loose_files, "Couldn't find any class folder.*Expected images as <root>/<class>/"),
+    ("imagefolder", _empty_class, "Found no valid file for the classes dog.*Expected images as"),
+    ("imagefolder", _corrupt_image, r"broken.jpg is not a readable image"),
+    ("imagefolder", _train_and_val, r"has train/ without its pair; expected images as"),
+    ("mnist", None, r"expected .*/MNIST/raw/\{train-images-idx3-ubyte,.*\(set data.download: true"),
+    ("fashion_mnist", None, r"expected .*/FashionMNIST/raw/\{train-images-idx3-ubyte"),
+    ("cifar10", None, r"expected .*/cifar-10-batches-py/\{data_batch_1,.*test_batch"),
+]
+
+
+@pytest.mark.parametrize(
+    "source,make,message", BAD_DATA, ids=[f"{s}-{m and m.__name__}" for s, m, _ in BAD_DATA]
+)
+def test_missing_or_malformed_data_gives_a_clear_error(tmp_path, source, make, message):
+    root = tmp_path / "raw"
+    if make:
+        make(root)
+    params = _params(f"data.source={source}", f"data.root={root}")
+    with pytest.raises(DataError, match=message) as info:
+        prepare(params, Layout.from_params(params, tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_every_source_is_registered_and_declared():
+    for source in LOADERS:
+        assert _params(f"data.source={source}").data.source == source
+    with pytest.raises(ConfigError, match="data.source.*'digits'.*'cifar10'"):
+        _params("data.source=imagenet")
+    with pytest.raises(ConfigError, match="unknown key 'data.colour'"):
+        _params("data.colour=red")
+    with pytest.raises(ConfigError, match="data.download applies to torchvision sources only"):
+        _params("data.download=true")
+    with pytest.raises(ConfigError, match="data.augment"):
+        _params("data.augment=rotate")
+
+
+def test_dvc_stages_depend_on_every_data_key_they_read():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    keys = {f"data.{name}" for name in DataConfig.model_fields}
+    assert {p for p in stages["prepare"]["params"] if p.startswith("data")} == keys - {"data.augment"}
+    assert "${data.root}" in stages["prepare"]["deps"], "new or changed raw files re-run prepare"
+    for training in (stages["baseline"], stages["shrink"]["do"]):
+        assert "data.augment" in training["params"] and "data" not in training["params"]
+    # DVC refuses a stage whose params are missing from params.yaml, so every key is spelled out.
+    assert {f"data.{k}" for k in yaml.safe_load((REPO / "params.yaml").read_text())["data"]} == keys
+
+
+def test_cli_reports_a_missing_data_directory_in_one_line(tmp_path):
+    raw = small_raw("data.source=cifar10", "data.root=nowhere")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = run_cli("stage", "prepare", cwd=tmp_path)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: data.source cifar10: ") and f"{tmp_path}/nowhere/cifar-10-batches-py" in last
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_augmentation_is_a_seeded_crop_and_flip_of_each_image():
+    x = torch.arange(4 * 3 * 16 * 16, dtype=torch.float32).view(4, 3, 16, 16)
+    out = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0))
+    again = augment_batch(x, "crop_flip", torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    windows = [padded[:, :, t : t + 16, s : s + 16] for t in range(5) for s in range(5)]
+    for i in range(4):  # each output is a window of its own padded image, possibly mirrored
+        assert any(torch.equal(out[i], w[i]) or torch.equal(out[i], w[i].flip(-1)) for w in windows)
+    assert augment_batch(x, "none", torch.Generator()) is x
+
+
+def test_augmented_training_is_deterministic_even_in_concurrent_threads(tmp_path):
+    params = _params()
+    layout = Layout.from_params(params, tmp_path)
+    manifest = prepare(params, layout)
+    train, val = load_split(layout, "train"), load_split(layout, "val")
+    models = []
+    for _ in range(4):
+        torch.manual_seed(0)
+        models.append(_tiny_model(manifest))
+
+    def train_one(model, augment="crop_flip"):
+        result = fit(model, train, val, TrainConfig(epochs=1), seed=0, augment=augment)
+        return result.history, model.state_dict()
+
+    alone = train_one(models[0])
+    with ThreadPoolExecutor(2) as pool:  # as shrink candidates train: side by side, in threads
+        together = list(pool.map(train_one, models[1:3]))
+    for history, state in together:
+        assert history == alone[0] and all(torch.equal(state[k], alone[1][k]) for k in state)
+    assert train_one(models[3], augment="none")[0] != alone[0], "augmentation changes what is learnt"
+
+
+def _tiny_model(manifest):
+    from models import build_model
+
+    c, size, _ = manifest.input_shape
+    return build_model(
+        {"arch": "basenet", "in_channels": c, "image_size": size, "num_classes": manifest.num_classes,
+         "channels": [8, 16], "hidden": [32]}
+    )  # fmt: skip
+
+
+def test_baseline_key_follows_data_config_and_checkpoint(trained_layout):
+    root = trained_layout.root
+
+    def key(*overrides):
+        params = _params(*overrides)
+        return baseline_key(Context(params, Layout.from_params(params, root), tracker=None))
+
+    assert key() == key(), "stable"
+    assert key("train.lr=0.01") != key() and key("model.hidden=[64]") != key()
+    assert key("data.augment=crop") != key()
+    assert key("promote.tolerance=3") == key(), "sections the baseline does not read do not matter"
+    before = key()
+    manifest = json.loads(trained_layout.manifest.read_text())
+    trained_layout.manifest.write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
+    assert key() != before, "other data, other key"
+
+    ctx = Context(_params(), trained_layout, tracker=None)
+    record = load_record(trained_layout, "baseline")
+    assert intact(ctx, "baseline", record)
+    with open(trained_layout.checkpoint("baseline"), "ab") as fh:
+        fh.write(b"tampered")
+    assert not intact(ctx, "baseline", record)
+    trained_layout.checkpoint("baseline").unlink()
+    assert not intact(ctx, "baseline", record)
+
+
+def test_stored_digits_are_exact_integers_with_their_scale(tmp_path):
+    params = _params()
+    layout = Layout.from_params(params, tmp_path)
+    manifest = prepare(params, layout)
+    stored = torch.load(layout.split("train"), weights_only=True)["x"]
+    assert stored.dtype == torch.uint8 and int(stored.max()) == 16 and manifest.scale == 16.0
+    x, _ = load_split(layout, "train")
+    assert np.isclose(float(x.mean()), 0.0, atol=1e-5) and np.isclose(float(x.std()), 1.0, atol=1e-3)

@@ -1,0 +1,62 @@
+"""What people look at: the Pareto PNG, the Markdown report, the CLI's help and `report`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.evaluate import load_table
+from tasks.promote import select_winner
+from tasks.report import format_table, markdown_report, pareto_plot
+from tests.conftest import copy_project
+
+
+def test_pareto_plot_is_a_png_showing_exactly_the_table(evaluated, tmp_path):
+    params, layout = copy_project(evaluated, tmp_path, "promote.tolerance=50")
+    table = load_table(layout.candidates_csv)
+    decision = select_winner(table, params.promote)
+    path = pareto_plot(table, decision, tmp_path / "pareto.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] > 800
+        points = json.loads(image.info["Description"])
+    ok = table[table["status"] == "ok"]
+    assert [p["name"] for p in points] == list(ok["name"])
+    assert [p["test_acc"] for p in points] == list(ok["test_acc"])
+    assert [p["params"] for p in points] == list(ok["params"])
+
+
+def test_markdown_report_names_the_winner_and_reason(evaluated, tmp_path):
+    params, layout = copy_project(evaluated, tmp_path)
+    table = load_table(layout.candidates_csv)
+    decision = select_winner(table, params.promote)
+    text = markdown_report(table, decision)
+    assert f"`{decision.winner}`" in text and decision.reason in text
+    star_rows = [line for line in format_table(table, decision.winner).splitlines() if line.startswith("| *")]
+    assert len(star_rows) == 1 and decision.winner in star_rows[0]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["stage"], ["serve"], ["report"]])
+def test_every_command_explains_itself(command):
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+    if command:
+        assert "Example" in result.output or command == ["report"]
+
+
+def test_report_reprints_the_last_table(evaluated, tmp_path):
+    params, layout = copy_project(evaluated, tmp_path)
+    result = CliRunner().invoke(app, ["report", "-p", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert format_table(load_table(layout.candidates_csv)) in result.output
+
+
+def test_report_without_a_run_says_so(tmp_path, evaluated):
+    copy_project(evaluated, tmp_path)
+    (tmp_path / "reports" / "candidates.csv").unlink()
+    result = CliRunner().invoke(app, ["report", "-p", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
+    assert result.exit_code != 0 and "run the pipeline first" in result.stderr

@@ -1,0 +1,183 @@
+"""Reproducibility with real DVC and real Prefect on digits: forced reproductions agree byte for
+byte, a change to one candidate re-runs only what depends on it, metrics/plots/experiments work,
+and a flow re-run reuses its cached baseline.
+
+The DVC tests share one repository (a git copy of the project in a temporary directory); each
+leaves it reproduced, so they hold in any order."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tasks.evaluate import MACHINE_COLUMNS
+from tests.conftest import BIN, REPO, small_raw
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ("dvc.yaml", "pyproject.toml", ".dvc", ".dvcignore", ".gitignore", "tasks", "models", "flows")
+SMALL = ("train.epochs=3", "shrink.epochs=2", "promote.model_name=repro-e2e")
+
+
+def _dvc(root, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    done = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def _ran(done: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def _write_params(root, *overrides: str) -> None:
+    (root / "params.yaml").write_text(yaml.safe_dump(small_raw(*SMALL, *overrides), sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of the project with small params, reproduced once up to evaluate."""
+    root = tmp_path_factory.mktemp("repro")
+    for item in PROJECT_FILES:
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
+    (root / "data/raw").mkdir(parents=True)
+    shutil.copy(REPO / "data/raw/README.md", root / "data/raw/README.md")
+    shutil.rmtree(root / ".dvc/tmp", ignore_errors=True)
+    shutil.rmtree(root / ".dvc/cache", ignore_errors=True)
+    _write_params(root)
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    subprocess.run([*git, "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], cwd=root, check=True)
+    assert _ran(_dvc(root, "repro", "evaluate")) == [
+        "prepare",
+        "baseline",
+        "shrink@w50",
+        "shrink@l1-50",
+        "evaluate",
+    ]
+    return root
+
+
+def _deterministic_outputs(root) -> dict[str, bytes]:
+    """Every file that must be identical across runs; candidates.csv without its machine columns."""
+    rows = list(csv.reader(io.StringIO((root / "reports/candidates.csv").read_text())))
+    keep = [i for i, column in enumerate(rows[0]) if column not in MACHINE_COLUMNS]
+    table = "\n".join(",".join(row[i] for i in keep) for row in rows)
+    files = {
+        "candidates.csv (latency aside)": table.encode(),
+        "metrics.json": (root / "reports/metrics.json").read_bytes(),
+    }
+    for path in sorted((root / "reports/curves").glob("*.csv")):
+        files[f"curves/{path.name}"] = path.read_bytes()
+    for path in sorted((root / "data/prepared").iterdir()):
+        files[f"prepared/{path.name}"] = path.read_bytes()
+    for path in sorted((root / "artifacts").rglob("model.pt")):
+        files[str(path.relative_to(root))] = path.read_bytes()
+    return files
+
+
+def test_forced_reproductions_are_byte_identical(repo):
+    before = _deterministic_outputs(repo)
+    assert _ran(_dvc(repo, "repro", "--force", "evaluate")) == [
+        "prepare", "baseline", "shrink@w50", "shrink@l1-50", "evaluate",
+    ]  # fmt: skip
+    after = _deterministic_outputs(repo)
+    assert sorted(after) == sorted(before) and len(after) >= 10
+    differing = [name for name in before if before[name] != after[name]]
+    assert not differing, f"not reproduced bit for bit: {differing}"
+
+
+def test_changing_one_candidate_reruns_only_it_evaluate_and_promote(repo):
+    _dvc(repo, "repro", "evaluate")  # up to date whatever ran before
+    _write_params(repo, "shrink.candidates.w50.ratio=0.625")
+    stale = set(json.loads(_dvc(repo, "status", "--json").stdout))
+    assert {"shrink@w50", "evaluate", "promote"} <= stale
+    assert not stale & {"prepare", "baseline", "shrink@l1-50"}, stale
+    assert _ran(_dvc(repo, "repro")) == ["shrink@w50", "evaluate", "promote"]
+    assert "Data and pipelines are up to date" in _dvc(repo, "status").stdout
+    assert _ran(_dvc(repo, "repro")) == [], "a second repro does nothing"
+    promotion = json.loads((repo / "reports/promotion.json").read_text())
+    champion = MlflowClient().get_model_version_by_alias("repro-e2e", "champion")
+    assert str(champion.version) == promotion["registry"]["version"], "dvc repro registered the winner"
+
+    metrics = json.loads(_dvc(repo, "metrics", "show", "--json").stdout)
+    shown = next(iter(metrics.values()))["data"]
+    assert shown["reports/metrics.json"]["data"]["baseline"]["val_acc"] > 80
+    assert shown["reports/promotion.json"]["data"]["winner"] in {"baseline", "w50", "l1-50"}
+
+
+def test_plots_and_experiments(repo):
+    plots = json.loads(_dvc(repo, "plots", "show", "--json").stdout)["data"]
+    points = plots["accuracy-vs-size"][0]["content"]["data"]["values"]  # per model and accuracy
+    assert {(p["name"], p["field"]) for p in points} == {
+        (model, field) for model in ("baseline", "w50", "l1-50") for field in ("val_acc", "test_acc")
+    }
+    for model in ("baseline", "w50", "l1-50"):
+        curve = plots[f"reports/curves/{model}.csv"][0]["content"]["data"]["values"]
+        assert [int(p["epoch"]) for p in curve] == list(range(1, len(curve) + 1)) and len(curve) >= 2
+    _dvc(repo, "plots", "show", "-o", "plots-html")
+    assert (repo / "plots-html/index.html").stat().st_size > 1000
+
+    done = _dvc(repo, "exp", "run", "-S", "evaluate.latency_repeats=3", "-n", "fewer-repeats", "evaluate")
+    assert _ran(done) == ["evaluate"], "a change to evaluate's params re-runs only evaluate"
+    table = _dvc(repo, "exp", "show", "--csv").stdout
+    assert "fewer-repeats" in table
+    assert yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["latency_repeats"] == 3
+
+
+class _Lines(logging.Handler):
+    """Collects what a flow says in its run log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def said(self, text: str) -> bool:
+        found, self.lines = any(text in line for line in self.lines), []
+        return found
+
+
+def test_flow_rerun_reuses_the_cached_baseline(tmp_path, prefect_server):
+    from prefect import flow
+
+    from flows.pipeline import prepare, reuse_or_train_baseline
+    from tasks.stages import Context
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(*SMALL), sort_keys=False))
+
+    @flow(name="prepare-and-baseline")
+    def prepare_and_baseline():
+        ctx = Context.load(tmp_path / "params.yaml", (), tmp_path)
+        prepare(ctx)
+        return reuse_or_train_baseline(ctx)
+
+    log = _Lines()
+    logging.getLogger("prefect.flow_runs").addHandler(log)
+    try:
+        first = prepare_and_baseline()
+        assert not log.said("baseline reused")
+        second = prepare_and_baseline()
+        assert log.said("baseline reused from cache: its inputs, config and code are unchanged")
+        assert second.run_id == first.run_id and second.record.sha256 == first.record.sha256
+
+        (tmp_path / "artifacts/baseline/model.pt").unlink()
+        third = prepare_and_baseline()
+        assert log.said("missing or changed on disk; retraining")
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(log)
+    assert third.run_id != first.run_id and (tmp_path / "artifacts/baseline/model.pt").is_file()
+    assert third.record.sha256 == first.record.sha256, "retrained bit for bit"

@@ -1,0 +1,109 @@
+"""The shrink fan-out on other engines: Prefect's process pool and real Dask clusters on
+127.0.0.1. Every engine must give the candidates table of the thread runner."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tasks.config import parse_params
+from tasks.evaluate import MACHINE_COLUMNS, load_table
+from tasks.layout import Layout
+from tasks.train import load_record
+from tests.conftest import BIN, small_raw
+
+pytestmark = pytest.mark.slow
+
+
+def _run(root, *overrides):
+    from flows.pipeline import run
+
+    root.mkdir(parents=True, exist_ok=True)
+    raw = small_raw("promote.model_name=scale", "shrink.workers=2", *overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    run(root / "params.yaml", root=root)
+    table = load_table(root / "reports/candidates.csv").drop(columns=list(MACHINE_COLUMNS))
+    layout = Layout.from_params(parse_params(raw), root)
+    workers = {name: load_record(layout, name).worker for name in raw["shrink"]["candidates"]}
+    return table, workers
+
+
+@pytest.fixture(scope="module")
+def thread_reference(tmp_path_factory, prefect_server):
+    table, workers = _run(tmp_path_factory.mktemp("thread"), "shrink.runner=thread")
+    assert {w.split(":")[1] for w in workers.values()} == {str(os.getpid())}  # threads of this process
+    return table
+
+
+def _pids(workers: dict[str, str]) -> set[int]:
+    return {int(w.rsplit(":", 1)[1]) for w in workers.values()}
+
+
+def test_process_pool_runner_matches_the_thread_runner(tmp_path, thread_reference):
+    table, workers = _run(tmp_path, "shrink.runner=process")
+    assert os.getpid() not in _pids(workers)
+    assert table.equals(thread_reference)
+
+
+def test_local_dask_cluster_runs_the_candidates_on_its_workers(tmp_path, thread_reference):
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        worker_pids = set(client.run(os.getpid).values())
+        table, workers = _run(
+            tmp_path, "shrink.runner=dask", f"shrink.dask_address={cluster.scheduler_address}"
+        )
+    assert _pids(workers) <= worker_pids, "every candidate ran inside a Dask worker process"
+    assert table.equals(thread_reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_dask_scheduler_and_workers_started_from_the_command_line(tmp_path, thread_reference):
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    log = (tmp_path / "dask.log").open("w")
+    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                  "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            [
+                str(BIN / "dask"),
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            worker_pids = set(client.run(os.getpid).values())
+        table, ran_on = _run(tmp_path / "run", "shrink.runner=dask", f"shrink.dask_address={address}")
+    finally:
+        for proc in [*workers, scheduler]:
+            proc.terminate()
+        for proc in [*workers, scheduler]:
+            proc.wait(timeout=30)
+        time.sleep(0.1)
+    assert _pids(ran_on) <= worker_pids and len(worker_pids) == 2
+    assert table.equals(thread_reference)

@@ -1,0 +1,155 @@
+"""Against real servers on 127.0.0.1: `mlflow server` (sqlite backend, over HTTP) and
+`prefect server start` with the flow served as a scheduled deployment."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import BIN, small_raw
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def _log(path: Path):
+    return path.open("w")  # noqa: SIM115 - handed to a server process that outlives this frame
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+           "--artifacts-destination", str(root / "art")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=_log(root / "server.log"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=_log(home / "server.log"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(f"{url}/health", proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _project(root: Path, *overrides: str) -> Path:
+    import yaml
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(small_raw(*overrides), sort_keys=False))
+    return root / "params.yaml"
+
+
+def _cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "shrinkflow"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+TRIGGER = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+async def wait_for_deployment():
+    async with get_client() as client:
+        for _ in range(240):
+            try:
+                return await client.read_deployment_by_name("shrinkflow/weekly")
+            except Exception:
+                await asyncio.sleep(0.5)
+    sys.exit("deployment never appeared")
+
+deployment = asyncio.run(wait_for_deployment())
+print("schedule", json.dumps([s.schedule.cron for s in deployment.schedules]))
+for overrides in json.loads(sys.argv[1]):
+    run = run_deployment("shrinkflow/weekly", parameters={"overrides": overrides}, timeout=600)
+    print("run", run.state.type.value, run.id)
+"""
+
+
+def test_scheduled_retraining_twice_against_real_servers(prefect_api, mlflow_server, tmp_path):
+    """`shrinkflow serve` registers a cron deployment; two runs triggered through the Prefect
+    server track to a real MLflow server over HTTP. The first winner (a small candidate) becomes
+    champion; the second run's winner (the bigger baseline, by tolerance 0) only challenger."""
+    params = _project(tmp_path, "promote.model_name=served", "shrink.workers=1")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server}
+    serve = subprocess.Popen(
+        [str(BIN / "shrinkflow"), "serve", "--cron", "0 3 * * 0", "--name", "weekly", "-p", str(params),
+         "--root", str(tmp_path)],
+        env=env, cwd=tmp_path, stdout=_log(tmp_path / "serve.log"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    runs = json.dumps([["promote.tolerance=50"], ["promote.tolerance=0"]])
+    try:
+        out = subprocess.run([sys.executable, "-c", TRIGGER, runs], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=900)  # fmt: skip
+    finally:
+        _stop(serve)
+    log = (tmp_path / "serve.log").read_text()[-4000:]
+    assert out.returncode == 0, out.stderr[-3000:] + log
+    assert 'schedule ["0 3 * * 0"]' in out.stdout
+    finished = [line.split() for line in out.stdout.splitlines() if line.startswith("run ")]
+    assert [state for _, state, _ in finished] == ["COMPLETED", "COMPLETED"], log
+
+    client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
+    versions = {int(v.version): v for v in client.search_model_versions("name='served'")}
+    assert sorted(versions) == [1, 2]
+    aliases = {k: int(v) for k, v in client.get_registered_model("served").aliases.items()}
+    assert aliases == {"champion": 1, "challenger": 2}
+    assert versions[1].tags["prefect_flow_run_id"] == finished[0][2]
+    assert versions[2].tags["prefect_flow_run_id"] == finished[1][2]
+    assert versions[1].tags["candidate"] != "baseline" and versions[2].tags["candidate"] == "baseline"
+    assert "not better than champion v1" in versions[2].description
+    assert not (tmp_path / "mlflow.db").exists(), "everything was tracked on the server"

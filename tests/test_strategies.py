@@ -1,0 +1,214 @@
+"""Every registered strategy on every architecture, the training modes, composition and the
+ratio search. Tiny widths and 8x8 inputs keep the whole file fast on two cores."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
+from models.checkpoint import load_checkpoint
+from models.quantize import Int8Net, dense_twin
+from tasks.config import ConfigError, SearchConfig, parse_params
+from tasks.engine import Hooks, bn_l1_penalty, distillation_loss, fit, keep_zeros
+from tasks.evaluate import count_flops, serialized_size, weight_sparsity
+from tasks.io import save_checkpoint
+from tasks.search import best_trial, search_ratio
+from tests.conftest import small_raw
+
+SPECS = {
+    "basenet": {"channels": [16, 32], "hidden": [32], "batch_norm": True},
+    "resnet18": {"width_mult": 0.125},
+    "mobilenet_v2": {"width_mult": 0.25, "blocks": [1, 2, 1, 2, 1, 1, 1]},  # few blocks: fast int8
+}
+# Strategies that cut every channel width by the ratio: params and FLOPs fall to about (1 - r)^2.
+CHANNEL = {"width", "prune_l1", "prune_taylor", "slim"}
+RATIO = 0.5
+
+
+def _batch(n: int = 16):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def base(request):
+    """An untrained net of each architecture, its BatchNorm scales spread as training would."""
+    torch.manual_seed(0)
+    model = build_model({"arch": request.param, "in_channels": 1, "image_size": 8, "num_classes": 10,
+                         **SPECS[request.param]})  # fmt: skip
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.1, 1.0)
+    return model.eval()
+
+
+def _size(model: nn.Module) -> tuple[int, int]:
+    x, _ = _batch()
+    dense = dense_twin(model)
+    return sum(p.numel() for p in dense.parameters()), count_flops(dense, x[:1])
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_strategy_on_every_architecture(strategy, base, tmp_path):
+    x, y = _batch()
+    options = {} if strategy == "int8" else {"ratio": RATIO}
+    shrunk = apply_strategy(strategy, copy.deepcopy(base), (x, y), **options)
+    assert shrunk(x).shape == base(x).shape == (16, 10)
+    (params, flops), (base_params, base_flops) = _size(shrunk), _size(base)
+    if strategy in CHANNEL:
+        # MobileNetV2's width multiplier rounds channels up to multiples of 8: tiny nets shrink less.
+        slack = 0.3 if (strategy, base.spec()["arch"]) == ("width", "mobilenet_v2") else 0.15
+        assert params < base_params * (1 - RATIO + slack) and flops < base_flops * (1 - RATIO + slack)
+    elif strategy == "depth":
+        assert params < base_params and flops <= base_flops
+    else:  # magnitude and int8 keep every shape; what falls is stored bits
+        assert (params, flops) == (base_params, base_flops)
+    if strategy == "magnitude":
+        assert weight_sparsity(shrunk) == pytest.approx(RATIO, abs=0.01)
+    if strategy == "int8":
+        assert isinstance(shrunk, Int8Net) and serialized_size(shrunk) < 0.5 * serialized_size(base)
+        assert (shrunk(x) - base(x)).abs().max() < 0.25 * base(x).abs().max() + 1e-3
+    path = tmp_path / "m.pt"
+    loaded, _ = load_checkpoint(path, sha256=save_checkpoint(shrunk, path))
+    assert torch.equal(loaded(x), shrunk(x))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_depth_keeps_the_surviving_blocks_weights(arch):
+    torch.manual_seed(0)
+    model = build_model({"arch": arch, "in_channels": 1, "image_size": 8, "num_classes": 10, **SPECS[arch]})
+    shallow = apply_strategy("depth", copy.deepcopy(model), _batch(), ratio=0.01)  # one block
+    assert sum(shallow.blocks) == sum(model.blocks) - 1
+    old, new = model.state_dict(), shallow.state_dict()
+    survivors = [k for k in new if k.startswith(shallow.block_prefix(0, 0))]  # stage 1 is untouched
+    assert survivors and all(torch.equal(new[k], old[k]) for k in survivors)
+    assert torch.equal(shallow.classifier_layer().weight, model.classifier_layer().weight)
+
+
+# --- refused up front, at config time ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["shrink.candidates={s: {strategy: slim, ratio: 0.5}}"], "needs BatchNorm"),
+        (["model={arch: basenet, channels: [8], hidden: []}",
+          "shrink.candidates={d: {strategy: depth, ratio: 0.5}}"], "needs a layer or block"),
+        (["model={arch: resnet18, channels: [8]}"], "model.channels does not apply to resnet18"),
+        (["shrink.candidates={q: {strategy: int8, distill: {}}}"], "'distill' does not apply"),
+        (["shrink.candidates={w: {strategy: width, ratio: 0.5, search: {}}}"], "exactly one of ratio"),
+        (["shrink.candidates={w: {strategy: width}}"], "exactly one of ratio"),
+        (["shrink.candidates={m: {strategy: magnitude, ratio: 0.5, sparsity: 0.1}}"], "unknown key"),
+        (["shrink.candidates={w: {strategy: width, search: {low: 0.8, high: 0.5}}}"], "low must be below"),
+    ],
+)  # fmt: skip
+def test_misfits_are_refused_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_params(small_raw(*overrides))
+
+
+def test_every_strategy_is_declarable_and_composes():
+    params = parse_params(small_raw(
+        "model.batch_norm=true",
+        "shrink.candidates={p: {strategy: prune_taylor, ratio: 0.5, distill: {alpha: 0.5}, quantize: int8},"
+        " s: {strategy: slim, search: {mode: step}}, q: {strategy: int8}}",
+    ))  # fmt: skip
+    cands = params.shrink.candidates
+    assert cands["p"].steps() == ["prune_taylor", "distill", "int8"]
+    assert cands["p"].options() == {"ratio": 0.5, "global_pruning": False, "iterative_steps": 1}
+    assert cands["s"].sparsity_phase() == (5, 1e-4) and "sparsity" not in cands["s"].options()
+    assert cands["q"].options() == {}
+
+
+# --- training modes of the one loop ------------------------------------------------------------
+
+
+def test_training_hooks_distill_sparsify_and_keep_zeros(base):
+    x, y = _batch(64)
+    cfg = parse_params(small_raw()).train.model_copy(update={"epochs": 2, "lr": 0.01})
+    teacher = copy.deepcopy(base)
+    loss = distillation_loss(teacher, temperature=2.0, alpha=0.0)
+    assert torch.allclose(loss(base(x), x, y), nn.functional.cross_entropy(base(x), y))
+    assert distillation_loss(teacher, 2.0, 1.0)(teacher(x), x, y).abs() < 1e-5  # student == teacher
+    sparse = apply_strategy("magnitude", copy.deepcopy(base), (x, y), ratio=0.6)
+    fit(sparse, (x, y), (x, y), cfg, seed=0, hooks=Hooks(loss=loss, after_step=keep_zeros(sparse)))
+    assert weight_sparsity(sparse) >= 0.6
+    penalised = copy.deepcopy(base)
+    before = bn_l1_penalty(1.0)(penalised)
+    fit(penalised, (x, y), (x, y), cfg.model_copy(update={"lr": 0.1}), seed=0,
+        hooks=Hooks(penalty=bn_l1_penalty(1.0)))  # fmt: skip
+    assert bn_l1_penalty(1.0)(penalised) < before
+
+
+# --- search to the tolerance -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["step", "bisect"])
+def test_search_stops_at_the_tolerance(mode):
+    """Accuracy falls linearly with the ratio, 100 - 20 * r; with a floor of 90 the largest ratio
+    within tolerance is 0.5."""
+    cfg = SearchConfig(mode=mode, low=0.1, high=0.9, step=0.1, trials=8)
+    trials = search_ratio(cfg, lambda r: 100 - 20 * r, floor=90.0)
+    best = best_trial(trials)
+    assert best.passed and best.ratio == pytest.approx(0.5, abs=0.01)
+    assert all(t.passed == (t.ratio <= 0.5 + 1e-9) for t in trials) and len(trials) <= 8
+    if mode == "step":
+        assert [t.passed for t in trials][-1] is False  # stopped at the first failure
+
+
+def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layout):
+    from tasks.train import load_record, shrink_candidate
+
+    params = parse_params(small_raw(
+        "shrink.candidates={s: {strategy: prune_l1, lr: 0.01, epochs: 2, search: {low: 0.3, high: 0.95,"
+        " trials: 3}}}", "promote.tolerance=2.0",
+    ))  # fmt: skip
+    heard = []
+    record = shrink_candidate(params, trained_layout, "s", on_trial=heard.append)
+    floor = load_record(trained_layout, "baseline").best_val_acc - 2.0
+    assert [t.ratio for t in heard] == [t["ratio"] for t in record.trials] and len(heard) == 3
+    passed = [t for t in heard if t.val_acc >= floor]
+    assert record.options["ratio"] == (max(t.ratio for t in passed) if passed else 0.3)
+    assert heard[1].ratio == 0.95 and not heard[1].passed  # 95% of the channels gone is too much
+    model, _ = load_checkpoint(trained_layout.root / record.checkpoint, sha256=record.sha256)
+    assert record.best_val_acc == next(t.val_acc for t in heard if t.ratio == record.options["ratio"])
+    assert model is not None
+
+
+def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
+    from tasks.evaluate import measure
+    from tasks.prepare import load_split
+    from tasks.train import shrink_candidate
+
+    params = parse_params(small_raw(
+        "shrink.candidates={c: {strategy: prune_l1, ratio: 0.5, lr: 0.01, epochs: 2, distill: {},"
+        " quantize: int8}}",
+    ))  # fmt: skip
+    record = shrink_candidate(params, trained_layout, "c")
+    assert record.steps == ["prune_l1", "distill", "int8"] and record.epochs == 2
+    model, _ = load_checkpoint(trained_layout.root / record.checkpoint, sha256=record.sha256)
+    assert isinstance(model, Int8Net)
+    val, test = load_split(trained_layout, "val"), load_split(trained_layout, "test")
+    figures = measure(model, val, test, params.evaluate)
+    assert figures.val_acc == record.best_val_acc > 80 and figures.params > 0 and figures.flops > 0
+
+
+def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
+    from tasks.stages import Context, run_candidate
+    from tasks.tracking import Tracker
+
+    params = parse_params(small_raw(
+        "shrink.candidates={s: {strategy: magnitude, epochs: 1, search: {mode: step, low: 0.5, step: 0.2,"
+        " trials: 2}}}", "promote.tolerance=100",
+    ))  # fmt: skip
+    ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "strategies-test"))
+    tracked = run_candidate(ctx, "s")
+    children = ctx.tracker.client.search_runs(
+        [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracked.run_id}'"
+    )
+    assert sorted(float(r.data.params["ratio"]) for r in children) == [0.5, 0.7]
+    assert all(r.data.metrics["passed"] == 1.0 for r in children) and tracked.record.options["ratio"] == 0.7
