@@ -195,7 +195,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
     """Register the winner under the registry rules, then draw and write what reviewers read."""
     run = ctx.tracker.start_run("promote", ctx.parent_run, tags={"shrinkflow.stage": "promote"})
     try:
-        tags = {"code_version": code_version(ctx.layout.root), **(extra_tags or {})}
+        tags = {"code_version": code_version(), **(extra_tags or {})}
         decision = promote(ctx.params, ctx.layout, ctx.tracker, run, tags, force)
     except Exception as exc:
         ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"})

@@ -37,8 +37,11 @@ class TrackingUnavailable(ShrinkflowError, RuntimeError):
     """The MLflow tracking server cannot be reached (after MLflow's own retries)."""
 
 
-def code_version(root: str | Path) -> str:
-    """The git commit the code runs from (``-dirty`` when it has local changes), if any."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_version(root: str | Path = PROJECT_ROOT) -> str:
+    """The git commit of the code that runs (``-dirty`` when it has local changes), if any."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
