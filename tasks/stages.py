@@ -125,8 +125,13 @@ def run_prepare(ctx: Context) -> Manifest:
     return manifest
 
 
-def run_baseline(ctx: Context) -> Tracked:
+def _all_cores() -> None:
+    """Stages that run alone use every core (a fan-out before them may have set fewer)."""
     torch.set_num_threads(os.cpu_count() or 1)
+
+
+def run_baseline(ctx: Context) -> Tracked:
+    _all_cores()
     return _model_stage(ctx, "baseline", lambda run: train_baseline(ctx.params, ctx.layout))
 
 
@@ -176,6 +181,7 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
 
 def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFrame:
     """Measure every model; its figures also go to the model's own run when ``runs`` names it."""
+    _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
     table = evaluate_models(ctx.params, ctx.layout)
     for row in table.to_dict("records"):

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure the pipeline against alternatives (not run by the test suite)."""

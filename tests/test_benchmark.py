@@ -1,0 +1,64 @@
+"""The compression benchmark's quick mode runs end to end and writes its tables (what it measures
+is reported, never asserted: timings depend on the machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.compress import makespan
+from tests.conftest import REPO
+
+CONTENDER_COLUMNS = [
+    "model", "how", "test acc %", "drop (pts)", "params", "params /", "FLOPs", "FLOPs /", "size (KB)",
+    "size /", "latency b1 (ms)", "latency /", "throughput b64 (img/s)", "throughput x",
+]  # fmt: skip
+CONTENDERS = ["baseline", "seed: AdjustedNet", "torch-pruning", "shrinkflow: "]
+EFFICIENCY = [
+    "orchestration overhead",
+    "shrink speed-up, 2 workers vs 1",
+    "training throughput, engine.fit / bare loop",
+    "`dvc repro`, nothing changed",
+]
+
+
+def test_makespan_is_a_thread_pool_schedule():
+    assert makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0
+    assert makespan([2.0, 2.0, 2.0], 1) == 6.0
+    assert makespan([], 2) == 0.0
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_column_row_and_target(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compress", "--quick", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    (md,) = tmp_path.glob("*.md")
+    (raw,) = tmp_path.glob("*.json")
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("# Compression benchmark: quick-digits")
+    assert any(line.startswith("Machine: ") and "torch" in line for line in lines)
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    assert _cells(lines[header]) == CONTENDER_COLUMNS
+    rows = [_cells(line) for line in lines[header + 2 : header + 6]]
+    assert [row[0] for row in rows][:3] == CONTENDERS[:3] and rows[3][0].startswith(CONTENDERS[3])
+    assert all(len(row) == len(CONTENDER_COLUMNS) for row in rows)
+    assert rows[0][5] == "1.00x"  # the baseline against itself
+    figures = {_cells(line)[0] for line in lines if line.startswith("| ")}
+    assert set(EFFICIENCY) <= figures
+    targets = [line for line in lines if line.startswith(("- PASS: ", "- FAIL: "))]
+    assert len(targets) == 8
+    data = json.loads(raw.read_text())
+    assert [c["name"] for c in data["contenders"]][:3] == CONTENDERS[:3]
+    assert set(data["efficiency"]) == {"overhead", "speedup", "throughput", "dvc"}
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] == torch.__version__
