@@ -45,8 +45,6 @@ class StrategyInfo:
 
 STRATEGY_INFO: dict[str, StrategyInfo] = {}
 STRATEGIES: dict[str, Strategy] = {}
-# Whether a strategy starts from the baseline's weights (fine-tune) or from a fresh init.
-WARM_START: dict[str, bool] = {}
 
 
 def register(name: str, *, warm_start: bool, **info: Any) -> Callable[[Strategy], Strategy]:
@@ -55,7 +53,6 @@ def register(name: str, *, warm_start: bool, **info: Any) -> Callable[[Strategy]
     def wrap(fn: Strategy) -> Strategy:
         STRATEGY_INFO[name] = StrategyInfo(fn, warm_start, **info)
         STRATEGIES[name] = fn
-        WARM_START[name] = warm_start
         return fn
 
     return wrap

@@ -7,10 +7,13 @@ processes never cross wires.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
+import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import infer_signature
 
+from models.checkpoint import load_checkpoint
 from tasks.errors import ShrinkflowError
 from tasks.prepare import Manifest
 from tasks.train import ModelRecord
@@ -166,12 +170,8 @@ class Tracker:
         tags: dict[str, Any], description: str,
     ) -> str:  # fmt: skip
         """Log ``checkpoint`` as a pyfunc model in ``run_id``, register it; return the version."""
-        from tasks.serving import ShrinkflowClassifier  # noqa: F401 - validates the module imports
-
         x = example.numpy().astype(np.float32)
         with torch.inference_mode():
-            from models.checkpoint import load_checkpoint
-
             probs = load_checkpoint(checkpoint)[0](example).softmax(1).numpy()
         with _tracking(self.uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -219,22 +219,17 @@ class Tracker:
 
 
 def _now() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
-class _tracking:
+@contextlib.contextmanager
+def _tracking(uri: str) -> Iterator[None]:
     """Point the fluent API at ``uri`` for a block (``log_model`` and ``load_model`` need it)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-
-    def __enter__(self) -> None:
-        self.previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
-
-    def __exit__(self, *exc) -> None:
-        mlflow.set_tracking_uri(self.previous[0])
-        mlflow.set_registry_uri(self.previous[1])
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])

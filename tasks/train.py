@@ -14,9 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import WARM_START, apply_strategy, build_model
+from models import STRATEGY_INFO, apply_strategy, build_model
 from models.checkpoint import load_checkpoint
-from models.strategies import STRATEGY_INFO
 from tasks.config import Params, TrainConfig
 from tasks.engine import FitResult, Hooks, Split, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
 from tasks.io import read_json, save_checkpoint, write_json
@@ -163,7 +162,7 @@ def _shrink_and_train(
     options = cand.options() | ({"ratio": ratio} if ratio is not None else {})
     with seeded(params.seed):
         model = apply_strategy(cand.strategy, baseline, inputs.calibration, **options)
-    if not WARM_START[cand.strategy]:
+    if not STRATEGY_INFO[cand.strategy].warm_start:
         log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
     result = None
     if info.trains:

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from models import WARM_START, apply_strategy, build_model, model_spec
+from models import STRATEGY_INFO, apply_strategy, build_model, model_spec
 from models.basenet import BaseNet
 from models.checkpoint import CheckpointError, load_checkpoint
 from tasks.evaluate import count_flops
@@ -73,7 +73,7 @@ def test_strategy_shrinks_and_keeps_the_output_shape(strategy, ratio, tmp_path):
     assert torch.equal(loaded(x), shrunk.eval()(x))
 
 
-@pytest.mark.parametrize("strategy", sorted(s for s in CHANNEL_STRATEGIES if WARM_START[s]))
+@pytest.mark.parametrize("strategy", sorted(s for s in CHANNEL_STRATEGIES if STRATEGY_INFO[s].warm_start))
 def test_warm_start_strategies_keep_the_baselines_weights(strategy):
     """Pruning removes channels but keeps the survivors' trained weights (a tiny ratio keeps
     the outputs close), unlike a fresh re-initialisation."""
