@@ -153,7 +153,7 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
     from tasks.evaluate import load_table
     from tasks.layout import Layout
     from tasks.promote import load_decision
-    from tasks.report import format_table
+    from tasks.report import decision_lines, format_table
 
     with _user_errors():
         layout = Layout.from_params(load_params(params), root)
@@ -162,10 +162,7 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
     decision = load_decision(layout) if layout.promotion_json.exists() else None
     typer.echo(format_table(load_table(layout.candidates_csv), decision.winner if decision else None))
     if decision:
-        reg = decision.registry
-        where = f"{reg.get('model_name')} v{reg.get('version')} @{reg.get('alias')}"
-        typer.echo(f"\nwinner: {decision.winner} -> {where} ({decision.verdict}: {decision.verdict_reason})")
-        typer.echo(f"why this model: {decision.reason}")
+        typer.echo("\n" + "\n".join(line.replace("**", "") for line in decision_lines(decision) if line))
 
 
 # MLflow retries failed HTTP calls with exponential back-off; its defaults (7 retries, factor 2,

@@ -21,7 +21,7 @@ from tasks.train import ModelRecord, load_record
 PROJECT = Path(__file__).resolve().parents[1]
 # The same code dvc.yaml's baseline stage depends on.
 BASELINE_CODE = ("models", "tasks/prepare.py", "tasks/train.py", "tasks/engine.py", "tasks/io.py")
-CANDIDATE_CODE = (*BASELINE_CODE, "tasks/search.py")
+CANDIDATE_CODE = (*BASELINE_CODE, "tasks/search.py", "tasks/gate.py", "tasks/stats.py")
 
 
 def code_digest(paths: tuple[str, ...] = BASELINE_CODE) -> str:
@@ -64,7 +64,7 @@ def candidate_key(ctx: Context, name: str) -> str:
             mode="json", include={"workers", "epochs", "lr", "calibration_size"}
         ),
         "candidate": params.shrink.candidates[name].model_dump(mode="json"),
-        "tolerance": [params.promote.tolerance, params.promote.tolerance_mode],
+        "gate": [params.promote.tolerance, params.promote.tolerance_mode, params.promote.confidence],
         "code": code_digest(CANDIDATE_CODE),
         "checkpoint": str(ctx.layout.checkpoint(name)),
     }

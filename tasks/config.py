@@ -40,15 +40,18 @@ class DataConfig(_Section):
     download: bool = False  # torchvision sources only: fetch into `root` when the files are missing
     image_size: Annotated[int, Field(ge=4)] | None = None  # None: keep the source's own size
     channels: Literal[1, 3] | None = None  # None: the source's own (1 if every image is grayscale)
-    val_fraction: Fraction = 0.15
+    # Validation is two disjoint parts: `val` picks each model's epoch and steers ratio searches;
+    # `gate` only certifies promotion (nothing is ever chosen on it).
+    val_fraction: Fraction = 0.1
+    gate_fraction: Fraction = 0.3
     test_fraction: Fraction = 0.2  # ignored when the source has its own test split
     max_train_samples: Annotated[int, Field(ge=1)] | None = None  # a stratified subset of train
     augment: Literal["none", "crop", "crop_flip"] = "none"  # random crop with padding [+ h-flip]
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> DataConfig:
-        if self.val_fraction + self.test_fraction >= 0.9:
-            raise ValueError("data.val_fraction + data.test_fraction must stay below 0.9")
+        if self.val_fraction + self.gate_fraction + self.test_fraction >= 0.9:
+            raise ValueError("data.val_fraction + gate_fraction + test_fraction must stay below 0.9")
         if self.download and self.source not in ("mnist", "fashion_mnist", "cifar10"):
             raise ValueError(f"data.download applies to torchvision sources only, not {self.source}")
         return self
@@ -94,6 +97,9 @@ class TrainConfig(_Section):
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
     scheduler: Literal["cosine", "step", "none"] = "cosine"
+    # Which epoch's weights a model keeps: the last (where the schedule converges), or the one
+    # with the best validation accuracy (on a small validation split that rewards noise spikes).
+    keep: Literal["last", "best"] = "last"
     # Where training and evaluation run; data stays in CPU memory and checkpoints are saved from
     # CPU tensors either way. auto: cuda when torch sees a GPU, else cpu.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -281,14 +287,22 @@ class ShrinkConfig(_Section):
 
 
 class PromoteConfig(_Section):
-    tolerance: Annotated[float, Field(ge=0)] = 1.0
+    """Which model wins a run, and what the registry does with it (see tasks/gate.py)."""
+
+    tolerance: Annotated[float, Field(ge=0)] = 2.0
     tolerance_mode: Literal["absolute", "relative"] = "absolute"
+    # One-sided confidence of the non-inferiority gate; null: the point rule (observed drop
+    # within tolerance), with no statistical guarantee.
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] | None = 0.95
+    # Planning assumption for "what can the gate split certify": the share of gate images on which
+    # a model as accurate as the baseline disagrees with it.
+    planning_disagreement: Annotated[float, Field(gt=0, lt=1)] = 0.05
     objective: Literal["params", "flops", "size_bytes", "latency_ms"] = "params"
-    model_name: Annotated[str, Field(min_length=1)] = "shrinkflow-digits"
+    model_name: Annotated[str, Field(min_length=1)] = "shrinkflow-digits"  # default: shrinkflow-<data.source>
     alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")] = "champion"
     challenger_alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")] = "challenger"
     # Against the current champion, re-measured on the current test data:
-    champion_tolerance: Annotated[float, Field(ge=0)] = 0.5  # test points a smaller model may lose
+    champion_tolerance: Annotated[float, Field(ge=0)] = 2.0  # test points a smaller model may lose
     comparable_size: Annotated[float, Field(ge=0)] = 0.05  # relative size band that counts as "the same"
 
     @model_validator(mode="after")
@@ -326,6 +340,18 @@ class Params(_Section):
     promote: PromoteConfig = PromoteConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_name_names_the_data(cls, raw: Any) -> Any:
+        # A registered model is one task: by default it is named after the data it classifies.
+        if isinstance(raw, dict) and isinstance(raw.get("promote", {}), dict):
+            promote = raw.get("promote") or {}
+            if "model_name" not in promote:
+                data = raw.get("data")
+                source = data.get("source", "digits") if isinstance(data, dict) else "digits"
+                raw = {**raw, "promote": {**promote, "model_name": f"shrinkflow-{source}"}}
+        return raw
 
     @model_validator(mode="after")
     def _strategies_fit_the_arch(self) -> Params:

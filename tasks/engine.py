@@ -215,14 +215,15 @@ def fit(
     model: nn.Module, train: Split, val: Split, cfg: TrainConfig, seed: int, augment: str = "none",
     hooks: Hooks = Hooks(),
 ) -> FitResult:  # fmt: skip
-    """Train ``model`` in place and leave it holding its best-on-validation weights; ``hooks``
+    """Train ``model`` in place and leave it holding its last (``cfg.keep == "last"``) or its
+    best-on-validation weights; ``hooks``
     select the training mode (plain, distillation, sparsity, fixed zeros). Training runs on
     ``cfg.device``; the model is handed back on the CPU, where checkpoints and latency are taken."""
     generator = torch.Generator().manual_seed(seed)
     model.to(resolve_device(cfg.device))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    result, best_state = FitResult(), copy.deepcopy(model.state_dict())
+    result, best_state = FitResult(), None
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
@@ -231,14 +232,16 @@ def fit(
         val_acc = evaluate(model, val)
         result.history.append({"epoch": epoch, "train_loss": loss, "val_acc": val_acc, "lr": lr})
         result.images_seen += len(train[1])
-        if val_acc > result.best_val_acc or epoch == 1:
-            result.best_epoch, result.best_val_acc = epoch, val_acc
-            best_state = copy.deepcopy(model.state_dict())
+        if cfg.keep == "last" or epoch == 1 or val_acc > result.best_val_acc:
+            result.best_epoch, result.best_val_acc = epoch, val_acc  # the epoch kept
+            if cfg.keep == "best":
+                best_state = copy.deepcopy(model.state_dict())
         log.debug("epoch %d loss %.4f val_acc %.2f", epoch, loss, val_acc)
         progress.epoch_done(epoch, cfg.epochs, result.history[-1])
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} in epoch {epoch}")
-    model.load_state_dict(best_state)
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.to("cpu")
     result.seconds = time.perf_counter() - start
     return result

@@ -1,4 +1,10 @@
-"""Stage 4: measure every model, baseline included, with one function, and write the table."""
+"""Stage 4: measure every model, baseline included, with one function, and write the table.
+
+Every model predicts every validation, gate and test image once; accuracies, macro-F1 and the
+paired comparisons with the baseline (the promotion gate, :mod:`tasks.gate`) all derive from
+those predictions, which are kept in ``predictions.csv`` so any two models can be compared on
+the same images later (the champion rule does).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import f1_score
@@ -20,8 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.checkpoint import load_checkpoint
 from models.quantize import dense_twin
 from models.strategies import STRATEGY_INFO
-from tasks.config import EvaluateConfig, Params
-from tasks.engine import Split, evaluate, predict
+from tasks.config import EvaluateConfig, Params, PromoteConfig
+from tasks.engine import Split, accuracy, predict
+from tasks.gate import versus_baseline
 from tasks.io import atomic_path, write_json
 from tasks.layout import Layout
 from tasks.prepare import load_manifest, load_split
@@ -29,13 +37,20 @@ from tasks.train import ModelRecord, load_record
 
 log = logging.getLogger(__name__)
 
+# The splits every model is measured on. The paired statistics against the baseline are computed
+# on the gate (it decides promotion) and on test (it may only veto).
+MEASURED_SPLITS = ("val", "gate", "test")
+PAIRED_SPLITS = ("gate", "test")
+PAIRED_STATS = ("delta", "lower", "upper", "p")
+
 # Every column but latency_ms is a function of data, params, seed and code alone, so two runs
 # write the same bytes; latency is a measurement of the machine (training time is left to the
 # records and MLflow for the same reason).
 COLUMNS = [
-    "name", "strategy", "ratio", "status", "val_acc", "test_acc", "macro_f1", "params", "flops",
-    "size_bytes", "latency_ms", "param_ratio", "acc_drop", "epochs", "error",
-    "sparsity", "compressed_bytes", "steps", "note",
+    "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
+    "params", "flops", "size_bytes", "latency_ms", "param_ratio", "acc_drop",
+    *(f"{split}_{stat}" for split in PAIRED_SPLITS for stat in PAIRED_STATS),
+    "eligible", "epochs", "error", "sparsity", "compressed_bytes", "steps", "note",
 ]  # fmt: skip
 MACHINE_COLUMNS = ("latency_ms",)
 
@@ -43,8 +58,10 @@ MACHINE_COLUMNS = ("latency_ms",)
 @dataclass(frozen=True)
 class Measurement:
     val_acc: float
+    gate_acc: float
     test_acc: float
-    macro_f1: float
+    val_f1: float  # macro-F1, percent
+    test_f1: float
     params: int
     flops: int
     size_bytes: int
@@ -106,15 +123,16 @@ def latency_ms(model: nn.Module, example: Tensor, cfg: EvaluateConfig) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(model: nn.Module, val: Split, test: Split, cfg: EvaluateConfig) -> Measurement:
-    """Everything the promotion rule and a reviewer need to know about one model."""
+def measure(model: nn.Module, splits: dict[str, Split], cfg: EvaluateConfig) -> tuple[Measurement, dict]:
+    """Everything the promotion rule and a reviewer need to know about one model, and its
+    predicted class for every image of ``splits`` (val, gate and test)."""
     model.eval()
-    example = test[0][:1]
+    example = splits["test"][0][:1]
     dense = dense_twin(model)  # the counters do not see int8 kernels; count its float twin
-    return Measurement(
-        val_acc=evaluate(model, val),
-        test_acc=evaluate(model, test),
-        macro_f1=float(f1_score(test[1].numpy(), predict(model, test[0]).numpy(), average="macro")) * 100,
+    predicted = {split: predict(model, x) for split, (x, _) in splits.items()}
+    measurement = Measurement(
+        **{f"{s}_acc": accuracy(predicted[s], splits[s][1]) for s in MEASURED_SPLITS},
+        **{f"{s}_f1": macro_f1(predicted[s], splits[s][1]) for s in ("val", "test")},
         params=sum(p.numel() for p in dense.parameters()),
         flops=count_flops(dense, example),
         size_bytes=serialized_size(model),
@@ -122,6 +140,12 @@ def measure(model: nn.Module, val: Split, test: Split, cfg: EvaluateConfig) -> M
         sparsity=weight_sparsity(model),
         compressed_bytes=compressed_size(model),
     )
+    return measurement, {split: p.numpy() for split, p in predicted.items()}
+
+
+def macro_f1(predictions: Tensor, targets: Tensor) -> float:
+    """Macro-averaged F1 in percent: every class counts the same, however many images it has."""
+    return round(100 * float(f1_score(targets.numpy(), predictions.numpy(), average="macro")), 4)
 
 
 def _note(steps: list[str]) -> str:
@@ -129,7 +153,9 @@ def _note(steps: list[str]) -> str:
     return "; ".join(notes)
 
 
-def _row(record: ModelRecord, layout: Layout, val: Split, test: Split, cfg: EvaluateConfig) -> dict:
+def _row(
+    record: ModelRecord, layout: Layout, splits: dict[str, Split], cfg: EvaluateConfig
+) -> tuple[dict, dict[str, np.ndarray]]:
     row = {
         "name": record.name,
         "strategy": record.strategy,
@@ -140,10 +166,11 @@ def _row(record: ModelRecord, layout: Layout, val: Split, test: Split, cfg: Eval
         "steps": ">".join(record.steps),
         "note": _note(record.steps),
     }
-    if record.status == "ok":
-        model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
-        row |= vars(measure(model, val, test, cfg))
-    return row
+    if record.status != "ok":
+        return row, {}
+    model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
+    measurement, predicted = measure(model, splits, cfg)
+    return row | vars(measurement), predicted
 
 
 def load_table(path: str | Path) -> pd.DataFrame:
@@ -152,21 +179,68 @@ def load_table(path: str | Path) -> pd.DataFrame:
 
 
 def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
-    """Measure the baseline and every declared candidate; write ``candidates.csv`` and
-    ``metrics.json``. A candidate whose training failed keeps its row with ``status=failed``."""
-    val, test = load_split(layout, "val"), load_split(layout, "test")
+    """Measure the baseline and every declared candidate; write ``candidates.csv``, every model's
+    predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed
+    keeps its row with ``status=failed``."""
+    splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
     names = ["baseline", *params.shrink.candidates]
     records = [_record(params, layout, name) for name in names]
-    rows = [_row(record, layout, val, test, params.evaluate) for record in records]
+    rows, predictions = [], {}
+    for record in records:
+        row, predicted = _row(record, layout, splits, params.evaluate)
+        rows.append(row)
+        if predicted:
+            predictions[record.name] = predicted
     write_curves(layout.curves, records)
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     base = table.iloc[0]
     table["param_ratio"] = (base["params"] / table["params"]).round(3)
     table["acc_drop"] = (base["test_acc"] - table["test_acc"]).round(3)
+    labels = {split: y.numpy() for split, (_, y) in splits.items()}
+    compare_with_baseline(table, predictions, labels, params.promote)
     with atomic_path(layout.candidates_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
+    write_predictions(layout.predictions_csv, predictions, labels)
     write_json(layout.metrics_json, metrics_summary(table, load_manifest(layout).fingerprint))
     return table
+
+
+def compare_with_baseline(
+    table: pd.DataFrame, predictions: dict[str, dict], labels: dict[str, np.ndarray], cfg: PromoteConfig
+) -> None:
+    """Fill each measured model's paired comparison with the baseline on gate and test, and
+    ``eligible``: it passes the gate (the baseline, the reference, always does)."""
+    if "baseline" not in predictions:
+        return
+    table["eligible"] = table["eligible"].astype(object)
+    for i, name in enumerate(table["name"]):
+        if name not in predictions:
+            continue
+        for split in PAIRED_SPLITS:
+            c = versus_baseline(predictions[name][split], predictions["baseline"][split], labels[split], cfg)
+            for stat, value in zip(PAIRED_STATS, (c.delta, c.lower, c.upper, c.p_value), strict=True):
+                table.loc[i, f"{split}_{stat}"] = value
+            if split == "gate":
+                table.loc[i, "eligible"] = bool(name == "baseline" or c.passed)
+
+
+def write_predictions(path: Path, predictions: dict[str, dict], labels: dict[str, np.ndarray]) -> None:
+    """One row per val/gate/test image: its split, index, label and each model's predicted class
+    (a model that did not train has no column). Small: one integer per image per model."""
+    frames = []
+    for split in MEASURED_SPLITS:
+        frame = pd.DataFrame({"split": split, "index": np.arange(len(labels[split])), "label": labels[split]})
+        for name, predicted in predictions.items():
+            frame[name] = predicted[split]
+        frames.append(frame)
+    with atomic_path(path) as tmp:
+        pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)
+
+
+def load_predictions(path: str | Path, split: str) -> pd.DataFrame:
+    """One split of ``predictions.csv``: ``label`` and one predicted-class column per model."""
+    frame = pd.read_csv(path, dtype={"split": str})
+    return frame[frame["split"] == split].drop(columns=["split", "index"]).reset_index(drop=True)
 
 
 def _record(params: Params, layout: Layout, name: str) -> ModelRecord:
@@ -191,12 +265,15 @@ def _strategy(params: Params, name: str) -> str:
     return "baseline" if name == "baseline" else params.shrink.candidates[name].strategy
 
 
+SUMMARY = ("val_acc", "gate_acc", "test_acc", "test_f1", "params", "flops")
+
+
 def metrics_summary(table: pd.DataFrame, fingerprint: str) -> dict:
     base = table.iloc[0]
     ok = table[table["status"] == "ok"]
     return {
         "data_fingerprint": fingerprint,
-        "baseline": {k: _plain(base[k]) for k in ("val_acc", "test_acc", "macro_f1", "params", "flops")},
+        "baseline": {k: _plain(base[k]) for k in SUMMARY},
         "candidates": {
             "declared": len(table) - 1,
             "ok": len(ok) - 1,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tasks.config import Params
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "gate", "test")
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ class Layout:
     @property
     def candidates_csv(self) -> Path:
         return self.reports / "candidates.csv"
+
+    @property
+    def predictions_csv(self) -> Path:
+        """Every model's predicted class for every val, gate and test image (paired outcomes)."""
+        return self.reports / "predictions.csv"
 
     @property
     def curves(self) -> Path:

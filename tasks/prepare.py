@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from tasks.config import DataConfig, Params
+from tasks.gate import certifiable
 from tasks.io import read_json, write_json, write_torch
 from tasks.layout import SPLITS, Layout
 from tasks.sources import DataError, load_source
@@ -36,20 +37,24 @@ class Manifest:
 
 
 def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int, n_test: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic stratified train/val/test indices. A source with its own test split (its last
-    ``n_test`` rows) keeps it, and validation is ``val_fraction`` of its training rows."""
+    """Deterministic stratified train/val/gate/test indices. A source with its own test split (its
+    last ``n_test`` rows) keeps it, and ``val_fraction`` and ``gate_fraction`` are then shares of
+    its training rows; otherwise all three fractions are shares of the whole data set."""
     idx = np.arange(len(labels))
     if n_test:
-        rest, test, val_share = idx[:-n_test], idx[-n_test:], cfg.val_fraction
+        rest, test, share = idx[:-n_test], idx[-n_test:], 1.0
     else:
         rest, test = _stratified(idx, labels, "data.test_fraction", test_size=cfg.test_fraction, seed=seed)
-        val_share = cfg.val_fraction / (1 - cfg.test_fraction)
-    train, val = _stratified(rest, labels, "data.val_fraction", test_size=val_share, seed=seed)
+        share = 1 / (1 - cfg.test_fraction)
+    held_out = (cfg.val_fraction + cfg.gate_fraction) * share
+    train, held = _stratified(rest, labels, "data.val_fraction", test_size=held_out, seed=seed)
+    gate_share = cfg.gate_fraction / (cfg.val_fraction + cfg.gate_fraction)
+    val, gate = _stratified(held, labels, "data.gate_fraction", test_size=gate_share, seed=seed)
     if cfg.max_train_samples and cfg.max_train_samples < len(train):
         train, _ = _stratified(
             train, labels, "data.max_train_samples", train_size=cfg.max_train_samples, seed=seed
         )
-    return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    return {"train": np.sort(train), "val": np.sort(val), "gate": np.sort(gate), "test": np.sort(test)}
 
 
 def _stratified(idx: np.ndarray, labels: np.ndarray, key: str, seed: int, **size) -> list[np.ndarray]:
@@ -74,6 +79,8 @@ def prepare(params: Params, layout: Layout) -> Manifest:
     """Read ``data.source``, split it, and write ``{train,val,test}.pt`` (uint8) + manifest."""
     raw = load_source(params.data, layout.root / params.data.root)
     parts = split_indices(raw.labels, params.data, params.seed, raw.n_test)
+    if too_small := certifiable(params.promote, len(parts["gate"])):
+        log.warning(too_small)
     tensors = {
         split: {"x": torch.from_numpy(raw.images[idx]), "y": torch.from_numpy(raw.labels[idx])}
         for split, idx in parts.items()

@@ -1,28 +1,39 @@
-"""Stage 5: pick the smallest model within tolerance of the baseline, judge it against the
+"""Stage 5: pick the smallest model that passes the gate, let test veto it, judge it against the
 registry's current champion, register it, validate it, and only then move an alias.
 
-Selection uses validation accuracy (the test set stays out of every choice within a run). The
-run's winner then meets the current champion on the *current* test data: it takes the champion
-alias only if it is smaller without being worse beyond ``champion_tolerance``, or more accurate
-at comparable size; otherwise it becomes the challenger. Either way the new version is loaded
-back from the registry and must reproduce its test accuracy before any alias moves.
+Every decision is a paired comparison on shared images (:mod:`tasks.gate`):
+
+- **choose** on the gate split: a model is eligible when the one-sided lower confidence bound of
+  its accuracy minus the baseline's is above ``-tolerance``; the smallest eligible model wins.
+  Nothing else is ever chosen on the gate split (epochs and ratio searches use validation).
+- **veto** on test: when the winner's whole test interval against the baseline lies beyond the
+  tolerance, test disagrees with the gate and nothing is registered (unless forced).
+- **against the champion** on the current test images: the winner takes the alias when it is
+  smaller and non-inferior by ``champion_tolerance``, or better at comparable size (lower bound
+  above zero); otherwise it becomes the challenger.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+import mlflow
+import numpy as np
 import pandas as pd
 import torch
 
+from models.checkpoint import CheckpointError
 from tasks.config import Params, PromoteConfig
-from tasks.engine import Split, accuracy
+from tasks.engine import accuracy
 from tasks.errors import ShrinkflowError
-from tasks.evaluate import load_table
+from tasks.evaluate import load_predictions, load_table
+from tasks.gate import certifiable, versus_baseline
 from tasks.io import read_json, write_json
 from tasks.layout import Layout
-from tasks.prepare import load_manifest, load_split
+from tasks.prepare import Manifest, load_manifest, load_split
+from tasks.stats import Comparison, compare
 from tasks.tracking import Tracker
 from tasks.train import load_record
 
@@ -41,55 +52,63 @@ class Decision:
     objective: str
     objective_value: float
     val_acc: float
+    gate_acc: float
     test_acc: float
     baseline_val_acc: float
+    baseline_gate_acc: float
     baseline_test_acc: float
-    min_val_acc: float
     tolerance: float
     tolerance_mode: str
+    confidence: float | None
     eligible: list[str]
     reason: str
-    verdict: str = ""  # champion | challenger | unchanged
+    gate: dict = field(default_factory=dict)  # the winner against the baseline on gate (Comparison)
+    test: dict = field(default_factory=dict)  # ... and on test: the veto's evidence
+    summary: str = ""  # "l1-75: -0.4 points (95% bound -1.3 > -2.0) on 540 gate images"
+    warning: str = ""  # e.g. the gate split is too small to certify the tolerance
+    verdict: str = ""  # champion | challenger | unchanged | vetoed
     verdict_reason: str = ""
     forced: bool = False
     champion_before: dict = field(default_factory=dict)
+    champion_comparison: dict = field(default_factory=dict)
     registry: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Champion:
     version: str
-    test_acc: float | None  # None: it no longer loads
+    predictions: np.ndarray | None  # on the current test images; None: its files are gone or refused
     size: float
     sha256: str
+    tags: dict[str, str]
     error: str = ""
 
-
-def within_tolerance_floor(baseline_acc: float, tolerance: float, mode: str) -> float:
-    """The lowest accuracy still within ``tolerance`` (points, or percent when relative)."""
-    if mode == "relative":
-        return baseline_acc * (1 - tolerance / 100)
-    return baseline_acc - tolerance
+    def describe(self) -> dict:
+        return {"version": self.version, "loads": self.predictions is not None, "size": self.size,
+                "sha256": self.sha256, "error": self.error}  # fmt: skip
 
 
 def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
-    """Among healthy models within tolerance (the baseline always is), the smallest by
-    ``cfg.objective``; ties go to the higher validation accuracy, then the name."""
+    """Among healthy models that pass the gate (``eligible``; the baseline always does), the
+    smallest by ``cfg.objective``; ties go to the higher gate accuracy, then the name."""
     base = table[table["name"] == "baseline"].iloc[0]
     if base["status"] != "ok":
         raise PromotionError("the baseline has no measurements; nothing can be promoted")
-    floor = within_tolerance_floor(float(base["val_acc"]), cfg.tolerance, cfg.tolerance_mode)
     ok = table[table["status"] == "ok"]
     if len(ok) == 1:
         raise PromotionError(f"all {len(table) - 1} candidates failed; nothing promoted, no alias moved")
-    eligible = ok[ok["val_acc"] >= floor - 1e-9]
-    best = eligible.sort_values([cfg.objective, "val_acc", "name"], ascending=[True, False, True]).iloc[0]
+    eligible = ok[ok["eligible"].astype(bool)]
+    best = eligible.sort_values([cfg.objective, "gate_acc", "name"], ascending=[True, False, True]).iloc[0]
     rejected = sorted(set(ok["name"]) - set(eligible["name"]))
+    rule = (
+        f"whose {cfg.confidence:.0%} lower bound of gate accuracy minus the baseline's is above "
+        if cfg.confidence
+        else "whose gate accuracy minus the baseline's (point rule, no confidence bound) is at least "
+    )
     reason = (
         f"{best['name']} has the fewest {cfg.objective} ({best[cfg.objective]:g}) of the "
-        f"{len(eligible)} models whose validation accuracy is at least {floor:.2f} "
-        f"(baseline {base['val_acc']:.2f} - {cfg.tolerance} {cfg.tolerance_mode})"
-        + (f"; outside tolerance: {', '.join(rejected)}" if rejected else "")
+        f"{len(eligible)} models {rule}-{cfg.tolerance:g} ({cfg.tolerance_mode})"
+        + (f"; failed the gate: {', '.join(rejected)}" if rejected else "")
     )
     return Decision(
         winner=str(best["name"]),
@@ -98,45 +117,97 @@ def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
         objective=cfg.objective,
         objective_value=float(best[cfg.objective]),
         val_acc=float(best["val_acc"]),
+        gate_acc=float(best["gate_acc"]),
         test_acc=float(best["test_acc"]),
         baseline_val_acc=float(base["val_acc"]),
+        baseline_gate_acc=float(base["gate_acc"]),
         baseline_test_acc=float(base["test_acc"]),
-        min_val_acc=round(floor, 4),
         tolerance=cfg.tolerance,
         tolerance_mode=cfg.tolerance_mode,
+        confidence=cfg.confidence,
         eligible=sorted(eligible["name"]),
         reason=reason,
     )
 
 
-def judge(decision: Decision, champion: Champion | None, cfg: PromoteConfig) -> tuple[str, str]:
-    """Which alias the run's winner deserves against the current champion, and why."""
+def vetoed_by_test(test: Comparison) -> bool:
+    """Test vetoes the gate's choice when even its upper bound lies beyond the tolerance."""
+    return test.upper < -test.margin
+
+
+def judge(
+    decision: Decision, champion: Champion | None, versus: Comparison | None, cfg: PromoteConfig
+) -> tuple[str, str]:
+    """Which alias the run's winner deserves against the current champion, and why; ``versus``
+    is the winner against the champion on the current test images."""
     if champion is None:
         return cfg.alias, f"there is no {cfg.alias} yet"
-    if champion.test_acc is None:
+    if versus is None:
         return cfg.alias, f"the current {cfg.alias} v{champion.version} no longer loads ({champion.error})"
-    ours, theirs = (decision.test_acc, decision.objective_value), (champion.test_acc, champion.size)
-    vs = f"v{champion.version} ({theirs[0]:.2f}% test, {theirs[1]:g} {cfg.objective})"
-    me = f"{ours[0]:.2f}% test, {ours[1]:g} {cfg.objective}"
-    if ours[1] < theirs[1] and ours[0] >= theirs[0] - cfg.champion_tolerance:
-        return cfg.alias, f"smaller than {cfg.alias} {vs} and within {cfg.champion_tolerance} points ({me})"
-    if ours[0] > theirs[0] and ours[1] <= theirs[1] * (1 + cfg.comparable_size):
-        return cfg.alias, f"more accurate than {cfg.alias} {vs} at comparable size ({me})"
-    return cfg.challenger_alias, f"not better than {cfg.alias} {vs}: {me}"
+    ours, theirs = decision.objective_value, champion.size
+    vs = f"{cfg.alias} v{champion.version} ({theirs:g} {cfg.objective}; ours {ours:g})"
+    evidence = versus.line(decision.winner, "test")
+    if ours < theirs and versus.passed:
+        return cfg.alias, f"smaller than {vs} and not worse by {cfg.champion_tolerance:g} points: {evidence}"
+    if versus.lower > 0 and ours <= theirs * (1 + cfg.comparable_size):
+        return cfg.alias, f"more accurate than {vs} at comparable size: {evidence}"
+    return cfg.challenger_alias, f"not better than {vs}: {evidence}"
 
 
-def current_champion(tracker: Tracker, cfg: PromoteConfig, test: Split) -> Champion | None:
-    """The registry's current champion, re-measured on today's test data."""
+def current_champion(tracker: Tracker, cfg: PromoteConfig, test_x: np.ndarray) -> Champion | None:
+    """The registry's current champion and its predictions on today's test images.
+
+    Only a champion whose files are gone or refused counts as "no longer loads"; any other
+    failure (the tracking server, the network) is raised, so nothing moves on a blip."""
     version = tracker.version_by_alias(cfg.model_name, cfg.alias)
     if version is None:
         return None
     size = float(version.tags.get(cfg.objective, "inf"))
-    sha = version.tags.get("checkpoint_sha256", "")
+    sha, tags = version.tags.get("checkpoint_sha256", ""), dict(version.tags)
+    gone = Champion(str(version.version), None, size, sha, tags)
     try:
-        probs = tracker.load_version(cfg.model_name, version.version).predict(test[0].numpy())
-    except Exception as exc:  # a champion that cannot load is reported and replaced
-        return Champion(str(version.version), None, size, sha, error=f"{type(exc).__name__}: {exc}"[:300])
-    return Champion(str(version.version), accuracy(torch.from_numpy(probs.argmax(1)), test[1]), size, sha)
+        model = tracker.load_version(cfg.model_name, version.version)
+    except (FileNotFoundError, CheckpointError) as exc:
+        return replace(gone, error=f"{type(exc).__name__}: {exc}"[:300])
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such file" not in str(exc):
+            raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
+        return replace(gone, error=f"{type(exc).__name__}: {exc}"[:300])
+    except Exception as exc:
+        raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
+    return replace(gone, predictions=model.predict(test_x).argmax(1))
+
+
+def _unreachable(cfg: PromoteConfig, version: str, exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (
+        f"could not load {cfg.model_name}@{cfg.alias} v{version} to compare with it "
+        f"({type(exc).__name__}: {first}); nothing registered, no alias moved"
+    )
+
+
+def task_identity(manifest: Manifest) -> dict[str, str]:
+    """What a registered model classifies: a model name holds one task."""
+    return {
+        "task_source": manifest.source,
+        "task_classes": json.dumps(manifest.classes),
+        "task_input_shape": "x".join(str(d) for d in manifest.input_shape),
+    }
+
+
+def identity_mismatch(ours: dict[str, str], champion: dict[str, str], cfg: PromoteConfig) -> str | None:
+    """Why the winner cannot join the champion's model name (``None``: same task). Versions
+    registered before identity tags existed are not compared."""
+    differ = [key for key in ours if key in champion and champion[key] != ours[key]]
+    if not differ:
+        return None
+    shown = "; ".join(f"{key.removeprefix('task_')} {champion[key]} vs {ours[key]}" for key in differ)
+    n_classes, shape = len(json.loads(ours["task_classes"])), ours["task_input_shape"]
+    suggestion = f"{cfg.model_name}-{n_classes}c-{shape}"
+    return (
+        f"this run's task differs from {cfg.model_name}@{cfg.alias}'s ({shown}); refusing to register "
+        f"it under that name: set promote.model_name, e.g. {suggestion}"
+    )
 
 
 def promote(
@@ -151,44 +222,79 @@ def promote(
     cfg = params.promote
     table = load_table(layout.candidates_csv)
     decision = select_winner(table, cfg)
-    record = load_record(layout, decision.winner)
-    test = load_split(layout, "test")
-    champion = current_champion(tracker, cfg, test)
-    decision.champion_before = asdict(champion) if champion else {}
-    if champion and champion.sha256 == record.sha256 and not force:
+    gate, test = (load_predictions(layout.predictions_csv, split) for split in ("gate", "test"))
+    won, on_test = _versus_baseline(gate, decision.winner, cfg), _versus_baseline(test, decision.winner, cfg)
+    decision.gate, decision.test = won.as_dict(), on_test.as_dict()
+    decision.summary, decision.warning = won.line(decision.winner), certifiable(cfg, won.n) or ""
+
+    manifest, record = load_manifest(layout), load_record(layout, decision.winner)
+    identity = task_identity(manifest)
+    test_x, test_y = load_split(layout, "test")
+    champion = current_champion(tracker, cfg, test_x.numpy())
+    if champion and (mismatch := identity_mismatch(identity, champion.tags, cfg)):
+        raise PromotionError(mismatch)
+    decision.champion_before = champion.describe() if champion else {}
+    versus = None
+    if champion is not None and champion.predictions is not None:
+        correct = test[decision.winner].to_numpy() == test["label"].to_numpy()
+        versus = compare(
+            correct, champion.predictions == test_y.numpy(), cfg.champion_tolerance, cfg.confidence
+        )
+        decision.champion_comparison = versus.as_dict()
+
+    vetoed = vetoed_by_test(on_test)
+    if vetoed and not force:
+        decision.verdict = "vetoed"
+        decision.verdict_reason = (
+            f"test disagrees: {on_test.line(decision.winner, 'test')}, and even its upper bound "
+            f"{on_test.upper:+.2f} lies beyond the tolerance; nothing registered, no alias moved"
+        )
+        return _written(layout, decision)
+    if champion and champion.predictions is not None and champion.sha256 == record.sha256 and not force:
         decision.verdict, decision.verdict_reason = (
             "unchanged",
             f"identical to {cfg.alias} v{champion.version}",
         )
         decision.registry = {"model_name": cfg.model_name, "version": champion.version, "alias": cfg.alias}
-        write_json(layout.promotion_json, asdict(decision))
-        return decision
-    alias, why = judge(decision, champion, cfg)
-    if force and alias != cfg.alias:
+        return _written(layout, decision)
+    alias, why = judge(decision, champion, versus, cfg)
+    if vetoed:
+        why = f"{why}; test disagrees ({on_test.line(decision.winner, 'test')})"
+    if force and (alias != cfg.alias or vetoed):
         alias, why, decision.forced = cfg.alias, f"forced by the operator (rules said: {why})", True
     decision.verdict, decision.verdict_reason = ("champion" if alias == cfg.alias else "challenger"), why
+    tags = {**identity, **(extra_tags or {})}
+    if champion:
+        tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row = table[table["name"] == decision.winner].iloc[0]
-    tags = version_tags(decision, row, load_manifest(layout).fingerprint, record.sha256, extra_tags or {})
     version = tracker.register_model(
-        run_id, layout.root / record.checkpoint, cfg.model_name, example=test[0][:2], tags=tags,
+        run_id, layout.root / record.checkpoint, cfg.model_name, example=test_x[:2],
+        tags=version_tags(decision, row, manifest.fingerprint, record.sha256, tags),
         description=describe(decision, table, alias),
     )  # fmt: skip
-    validate(tracker, cfg.model_name, version, test, decision.test_acc)
+    validate(tracker, cfg.model_name, version, (test_x, test_y), decision.test_acc)
     tracker.set_alias(cfg.model_name, alias, version)
-    decision.registry = {
-        "model_name": cfg.model_name,
-        "version": str(version),
-        "alias": alias,
-        "run_id": run_id,
-    }
-    write_json(layout.promotion_json, asdict(decision))
+    decision.registry = {"model_name": cfg.model_name, "version": version, "alias": alias, "run_id": run_id}
     log.info("registered %s as %s v%s @%s: %s", decision.winner, cfg.model_name, version, alias, why)
+    return _written(layout, decision)
+
+
+def _versus_baseline(frame: pd.DataFrame, name: str, cfg: PromoteConfig) -> Comparison:
+    """Model ``name`` against the baseline on one split of ``predictions.csv``."""
+    return versus_baseline(
+        frame[name].to_numpy(), frame["baseline"].to_numpy(), frame["label"].to_numpy(), cfg
+    )
+
+
+def _written(layout: Layout, decision: Decision) -> Decision:
+    write_json(layout.promotion_json, asdict(decision))
     return decision
 
 
 def version_tags(
     decision: Decision, row: pd.Series, fingerprint: str, sha256: str, extra: dict[str, str]
 ) -> dict[str, str]:
+    gate = decision.gate
     tags = {
         "strategy": decision.strategy,
         "ratio": decision.ratio,
@@ -198,11 +304,21 @@ def version_tags(
         "size_bytes": int(row["size_bytes"]),
         "latency_ms": round(float(row["latency_ms"]), 4),
         "val_acc": round(decision.val_acc, 4),
+        "gate_acc": round(decision.gate_acc, 4),
         "test_acc": round(decision.test_acc, 4),
         "baseline_val_acc": round(decision.baseline_val_acc, 4),
+        "baseline_gate_acc": round(decision.baseline_gate_acc, 4),
         "baseline_test_acc": round(decision.baseline_test_acc, 4),
         "acc_drop": round(decision.baseline_test_acc - decision.test_acc, 4),
         "tolerance": f"{decision.tolerance} {decision.tolerance_mode}",
+        "confidence": decision.confidence if decision.confidence is not None else "off (point rule)",
+        "gate_delta": gate["delta"],
+        "gate_lower": gate["lower"],
+        "gate_p_value": f"{gate['p_value']:.3g}",
+        "gate_images": gate["n"],
+        "test_delta": decision.test["delta"],
+        "test_interval": f"[{decision.test['lower']}, {decision.test['upper']}]",
+        "gate_summary": decision.summary,
         "data_fingerprint": fingerprint,
         "checkpoint_sha256": sha256,
         "verdict": decision.verdict,
@@ -217,17 +333,24 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
     row = table[table["name"] == decision.winner].iloc[0]
     base = table[table["name"] == "baseline"].iloc[0]
     before = decision.champion_before
-    champ = f"v{before['version']} ({before['test_acc']}% test)" if before else "none"
+    champ = f"v{before['version']}" if before else "none"
+    gate, test = decision.gate, decision.test
     return "\n".join(
         [
             f"**Registered as `{alias}`**{' (forced)' * decision.forced}: {decision.verdict_reason}.",
+            "",
+            f"**Gate:** {decision.summary} (p = {gate['p_value']:.3g} for a drop of "
+            f"{gate['margin']:g} points or more).",
             "",
             f"Selected in its run because {decision.reason}.",
             "",
             "| | this version | baseline |",
             "|---|---|---|",
-            f"| test accuracy | {decision.test_acc:.2f} | {decision.baseline_test_acc:.2f} |",
-            f"| val accuracy | {decision.val_acc:.2f} | {decision.baseline_val_acc:.2f} |",
+            f"| gate accuracy (certifies) | {decision.gate_acc:.2f} | {decision.baseline_gate_acc:.2f} |",
+            f"| test accuracy (may veto) | {decision.test_acc:.2f} | {decision.baseline_test_acc:.2f} |",
+            f"| test difference [interval] | {test['delta']:+.2f} "
+            f"[{test['lower']:+.2f}, {test['upper']:+.2f}] | |",
+            f"| val accuracy (tunes) | {decision.val_acc:.2f} | {decision.baseline_val_acc:.2f} |",
             f"| params | {int(row['params'])} | {int(base['params'])} |",
             f"| FLOPs | {int(row['flops'])} | {int(base['flops'])} |",
             f"| size (bytes) | {int(row['size_bytes'])} | {int(base['size_bytes'])} |",
@@ -235,19 +358,21 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
             "",
             f"Champion before this run: {champ}. "
             f"Strategy `{decision.strategy}`, candidate `{decision.winner}`.",
+            *(["", f"**Warning:** {decision.warning}."] if decision.warning else []),
         ]
     )
 
 
-def validate(tracker: Tracker, name: str, version: str, test: Split, expected_acc: float) -> None:
+def validate(tracker: Tracker, name: str, version: str, test, expected_acc: float) -> None:
     """Load the version back from the registry and check it reproduces its test accuracy."""
+    x, y = test
     try:
-        probs = tracker.load_version(name, version).predict(test[0].numpy())
+        predicted = tracker.load_version(name, version).predict(x.numpy()).argmax(1)
     except Exception as exc:
         raise PromotionError(
             f"registered {name} v{version} failed to load back; no alias moved: {exc}"
         ) from exc
-    measured = accuracy(torch.from_numpy(probs.argmax(1)), test[1])
+    measured = accuracy(torch.from_numpy(predicted), y)
     if measured != expected_acc:
         raise PromotionError(
             f"registered {name} v{version} scores {measured:.4f} on the test set, "

@@ -11,22 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tasks.io import atomic_path  # noqa: E402
-from tasks.promote import Decision, within_tolerance_floor  # noqa: E402
+from tasks.promote import Decision  # noqa: E402
+from tasks.stats import margin_points  # noqa: E402
 
 SHOWN = [
-    "name",
-    "strategy",
-    "ratio",
-    "status",
-    "val_acc",
-    "test_acc",
-    "params",
-    "flops",
-    "size_bytes",
-    "latency_ms",
-    "param_ratio",
-    "acc_drop",
-]
+    "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
+    "gate_delta", "gate_lower", "gate_p", "eligible", "test_delta", "test_lower", "test_upper",
+    "params", "flops", "size_bytes", "latency_ms", "param_ratio",
+]  # fmt: skip
 
 
 def format_table(table: pd.DataFrame, winner: str | None = None) -> str:
@@ -34,28 +26,47 @@ def format_table(table: pd.DataFrame, winner: str | None = None) -> str:
     shown = table.reindex(columns=SHOWN).copy()
     for column in ("params", "flops", "size_bytes"):  # counts, even with a failed row's blanks
         shown[column] = shown[column].astype("Int64")
+    shown["gate_p"] = [f"{p:.2g}" if p == p else "" for p in shown["gate_p"]]
     shown = shown.astype(object).where(shown.notna(), "")
     shown.insert(0, " ", ["*" if name == winner else "" for name in shown["name"]])
-    return shown.to_markdown(index=False, floatfmt=".3f")
+    return shown.to_markdown(index=False, floatfmt=".2f")
+
+
+def decision_lines(decision: Decision) -> list[str]:
+    """The decision in a few sentences: the printed summary, report.md and Prefect's artefact."""
+    reg = decision.registry
+    where = f"`{reg.get('model_name')}` v{reg.get('version')} as `@{reg.get('alias')}`" if reg else "nothing"
+    lines = [f"**Winner:** `{decision.winner}` ({decision.strategy}), registered {where}."]
+    if decision.gate:
+        p_value = decision.gate.get("p_value")
+        p_text = f"; p = {p_value:.3g}" if p_value is not None else ""
+        lines.append(f"**Gate:** {decision.summary}{p_text}.")
+    lines.append(f"**Why this model:** {decision.reason}.")
+    if test := decision.test:
+        lines.append(
+            f"**Test (may only veto):** {test['delta']:+.2f} points against the baseline, interval "
+            f"[{test['lower']:+.2f}, {test['upper']:+.2f}] on {test['n']} test images "
+            f"({decision.test_acc:.2f}% vs {decision.baseline_test_acc:.2f}%)."
+        )
+    if decision.verdict:
+        lines.append(f"**Against the registry:** {decision.verdict} - {decision.verdict_reason}.")
+    if decision.warning:
+        lines.append(f"**Warning:** {decision.warning}.")
+    return lines
 
 
 def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
     """The run's decision, its reason and the whole table, for Prefect and MLflow."""
-    reg = decision.registry
-    where = f"`{reg.get('model_name')}` v{reg.get('version')} as `@{reg.get('alias')}`" if reg else "nothing"
     return "\n".join(
         [
             "# shrinkflow run",
             "",
-            f"**Winner:** `{decision.winner}` ({decision.strategy}), registered {where}.",
-            "",
-            f"**Why this model:** {decision.reason}.",
-            "",
-            f"**Against the registry:** {decision.verdict} - {decision.verdict_reason}.",
-            "",
-            f"Test accuracy {decision.test_acc:.2f} against the baseline's {decision.baseline_test_acc:.2f}.",
+            "\n\n".join(decision_lines(decision)),
             "",
             "## Candidates (`*` = this run's winner)",
+            "",
+            "`gate_*`: paired comparison with the baseline on the gate split (delta, one-sided lower "
+            "bound, p-value of the non-inferiority test); `test_*`: the same on test, with both bounds.",
             "",
             format_table(table, decision.winner),
         ]
@@ -69,7 +80,9 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
     """Test accuracy against params (log) and against latency; tolerance band and winner marked."""
     ok = table[table["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, constrained_layout=True)
-    floor = within_tolerance_floor(decision.baseline_test_acc, decision.tolerance, decision.tolerance_mode)
+    floor = decision.baseline_test_acc - margin_points(
+        decision.baseline_test_acc, decision.tolerance, decision.tolerance_mode
+    )
     panels = [("params", "parameters (log scale)"), ("latency_ms", "CPU latency, batch 1 (ms)")]
     for ax, (column, label) in zip(axes, panels, strict=True):
         ax.axhspan(
@@ -81,6 +94,13 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
         )
         ax.axhline(decision.baseline_test_acc, color="tab:green", lw=1, ls="--")
         for i, (strategy, group) in enumerate(ok.groupby("strategy", sort=True)):
+            # Error bars: the paired test interval against the baseline, around the model's accuracy.
+            below = (group["test_delta"] - group["test_lower"]).clip(lower=0)
+            above = (group["test_upper"] - group["test_delta"]).clip(lower=0)
+            bars = ax.errorbar(
+                group[column], group["test_acc"], yerr=[below, above], fmt="none", elinewidth=1,
+                capsize=2, alpha=0.6, zorder=2,
+            )  # fmt: skip
             ax.scatter(
                 group[column],
                 group["test_acc"],
@@ -88,6 +108,7 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
                 s=45,
                 label=strategy,
                 zorder=3,
+                color=bars.lines[2][0].get_color(),
             )
             for _, row in group.iterrows():
                 ax.annotate(
@@ -114,10 +135,13 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Accuracy against size: every candidate (selection uses validation accuracy)")
+    confidence = f"{decision.confidence:.0%} paired intervals" if decision.confidence else "point rule"
+    fig.suptitle(f"Test accuracy against size: every model (chosen on the gate split; bars: {confidence})")
     # The plotted points ride along in the PNG's text metadata, so the file can be checked
     # against the table it claims to show.
-    points = ok[["name", "strategy", "params", "latency_ms", "test_acc"]].to_json(orient="records")
+    points = ok[["name", "strategy", "params", "latency_ms", "test_acc", "test_lower", "test_upper"]].to_json(
+        orient="records"
+    )
     with atomic_path(path) as tmp:
         fig.savefig(
             tmp, format="png", dpi=110, metadata={"Title": "shrinkflow pareto", "Description": points}

@@ -1,5 +1,10 @@
-"""Search a strategy's ratio for the largest reduction whose validation accuracy stays within
-the promotion tolerance, under a budget of trials (the seed's "iterate the adjustment")."""
+"""Search a strategy's ratio for the largest reduction that passes the promotion gate on the
+validation split, under a budget of trials (the seed's "iterate the adjustment").
+
+Accuracy is not monotonic in the ratio once noise is involved (a larger ratio can pass where a
+smaller one failed), so the search never trusts a bracket: it keeps the largest ratio that
+passed among all the trials it ran.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tasks.config import SearchConfig
+from tasks.stats import Comparison
 
 
 @dataclass(frozen=True)
@@ -14,27 +20,30 @@ class Trial:
     index: int
     ratio: float
     val_acc: float
-    passed: bool  # val_acc >= the floor
+    delta: float  # val accuracy minus the baseline's, points
+    lower: float  # the gate's one-sided lower confidence bound of delta
+    p_value: float
+    passed: bool  # lower > -tolerance: the trial passes the same gate promotion applies
 
 
 def search_ratio(
     cfg: SearchConfig,
-    val_acc_at: Callable[[float], float],
-    floor: float,
+    judge: Callable[[float], tuple[float, Comparison]],
     on_trial: Callable[[Trial], None] | None = None,
 ) -> list[Trial]:
-    """Run trials (``val_acc_at(ratio)`` shrinks, fine-tunes and measures) until the search ends
-    or ``cfg.trials`` are spent. ``step`` walks up from ``low`` and stops at the first failure;
-    ``bisect`` tries ``low``, then ``high``, then halves the gap between the largest pass and the
-    smallest fail. Returns the trials in the order run."""
+    """Run trials until the search ends or ``cfg.trials`` are spent; ``judge(ratio)`` shrinks,
+    fine-tunes and returns the trial's val accuracy and its gate comparison with the baseline.
+    ``step`` walks up from ``low`` and stops at the first failure; ``bisect`` tries ``low``, then
+    ``high``, then halves the gap between the largest pass and the smallest failure above it.
+    Returns the trials in the order run."""
     trials: list[Trial] = []
 
     def passes(ratio: float) -> bool:
-        acc = val_acc_at(ratio)
-        trials.append(Trial(len(trials), ratio, acc, acc >= floor))
+        acc, gate = judge(ratio)
+        trials.append(Trial(len(trials), ratio, acc, gate.delta, gate.lower, gate.p_value, gate.passed))
         if on_trial is not None:
             on_trial(trials[-1])
-        return trials[-1].passed
+        return gate.passed
 
     if cfg.mode == "step":
         ratio = cfg.low
@@ -43,10 +52,10 @@ def search_ratio(
         return trials
     if not passes(cfg.low) or len(trials) == cfg.trials or passes(cfg.high):
         return trials
-    good, bad = cfg.low, cfg.high
     while len(trials) < cfg.trials:
-        mid = round((good + bad) / 2, 6)
-        good, bad = (mid, bad) if passes(mid) else (good, mid)
+        good = max(t.ratio for t in trials if t.passed)
+        bad = min(t.ratio for t in trials if not t.passed and t.ratio > good)
+        passes(round((good + bad) / 2, 6))
     return trials
 
 

@@ -153,7 +153,8 @@ def _trial_logger(ctx: Context, name: str, candidate_run: str):
             tags={"shrinkflow.stage": "search-trial", "shrinkflow.candidate": name},
         )  # fmt: skip
         ctx.tracker.log(run, params={"trial": trial.index, "ratio": trial.ratio},
-                        metrics={"val_acc": trial.val_acc, "passed": float(trial.passed)})  # fmt: skip
+                        metrics={"val_acc": trial.val_acc, "val_delta": trial.delta, "val_lower": trial.lower,
+                                 "p_value": trial.p_value, "passed": float(trial.passed)})  # fmt: skip
         ctx.tracker.end_run(run)
 
     return log_trial
@@ -193,8 +194,9 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     return table
 
 
-_MEASURED = ("val_acc", "test_acc", "macro_f1", "params", "flops", "size_bytes", "latency_ms", "sparsity",
-             "compressed_bytes")  # fmt: skip
+_MEASURED = ("val_acc", "gate_acc", "test_acc", "val_f1", "test_f1", "params", "flops", "size_bytes",
+             "latency_ms", "sparsity", "compressed_bytes", "gate_delta", "gate_lower", "gate_upper", "gate_p",
+             "test_delta", "test_lower", "test_upper")  # fmt: skip
 
 
 def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:
@@ -213,8 +215,14 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
     ctx.tracker.log(
         run,
         params={"winner": decision.winner, **ctx.params.promote.model_dump()},
-        metrics={"val_acc": decision.val_acc, "test_acc": decision.test_acc},
-        tags={"verdict": decision.verdict},
+        metrics={
+            "val_acc": decision.val_acc,
+            "gate_acc": decision.gate_acc,
+            "test_acc": decision.test_acc,
+            **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
+            **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
+        },
+        tags={"verdict": decision.verdict, "gate_summary": decision.summary},
     )
     for path in (ctx.layout.promotion_json, ctx.layout.pareto_png, ctx.layout.report_md):
         ctx.tracker.log_artifact(run, path)

@@ -117,7 +117,7 @@ class Tracker:
             tags: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.client.log_batch(
             run_id,
-            metrics=[Metric(k, float(v), _now(), 0) for k, v in (metrics or {}).items() if v == v],
+            metrics=[Metric(k, float(v), _now(), 0) for k, v in (metrics or {}).items() if _number(v)],
             params=[Param(k, str(v)) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
@@ -216,6 +216,11 @@ class Tracker:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def _number(value: Any) -> bool:
+    """Whether ``value`` can be logged as a metric (MLflow refuses None and NaN)."""
+    return value is not None and value == value
 
 
 def _now() -> int:

@@ -17,11 +17,24 @@ from torch import nn
 from models import STRATEGY_INFO, apply_strategy, build_model
 from models.checkpoint import load_checkpoint
 from tasks.config import Params, TrainConfig
-from tasks.engine import FitResult, Hooks, Split, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
+from tasks.engine import (
+    FitResult,
+    Hooks,
+    Split,
+    accuracy,
+    bn_l1_penalty,
+    distillation_loss,
+    evaluate,
+    fit,
+    keep_zeros,
+    predict,
+)
+from tasks.gate import versus_baseline
 from tasks.io import read_json, save_checkpoint, write_json
 from tasks.layout import Layout
 from tasks.prepare import load_manifest, load_split
 from tasks.search import Trial, best_trial, search_ratio
+from tasks.stats import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -177,20 +190,22 @@ def _shrink_and_train(
 def _search(
     params: Params, layout: Layout, name: str, inputs: _Inputs, on_trial: Callable[[Trial], None] | None
 ) -> tuple[nn.Module, FitResult | None, list[Trial]]:
-    """Try ratios as the candidate's ``search`` says; keep the largest within tolerance."""
-    from tasks.promote import within_tolerance_floor  # the promotion rule; late (promote imports us)
-
-    cfg = params.promote
-    floor = within_tolerance_floor(inputs.baseline.best_val_acc, cfg.tolerance, cfg.tolerance_mode)
+    """Try ratios as the candidate's ``search`` says; each trial faces the promotion gate against
+    the baseline on the validation split (never on the gate split); keep the largest that passed."""
+    x, y = inputs.val
+    baseline_predictions = predict(_baseline(layout, inputs), x).numpy()
     built: dict[float, tuple[nn.Module, FitResult | None]] = {}
 
-    def trial(ratio: float) -> float:
+    def judge(ratio: float) -> tuple[float, Comparison]:
         built[ratio] = _shrink_and_train(params, layout, name, inputs, ratio)
-        return evaluate(built[ratio][0], inputs.val)
+        predictions = predict(built[ratio][0], x)
+        gate = versus_baseline(predictions.numpy(), baseline_predictions, y.numpy(), params.promote)
+        return accuracy(predictions, y), gate
 
-    trials = search_ratio(params.shrink.candidates[name].search, trial, floor, on_trial)
+    trials = search_ratio(params.shrink.candidates[name].search, judge, on_trial)
     best = best_trial(trials)
-    log.info("%s: search kept ratio %.4f after %d trials (floor %.2f)", name, best.ratio, len(trials), floor)
+    log.info("%s: search kept ratio %.4f after %d trials (%s)", name, best.ratio, len(trials),
+             "passed the gate" if best.passed else "none passed the gate")  # fmt: skip
     return *built[best.ratio], trials
 
 
