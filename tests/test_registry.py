@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
+from urllib.parse import urlparse
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -11,7 +17,7 @@ from tasks.evaluate import load_table
 from tasks.promote import PromotionError
 from tasks.stages import Context, run_promote
 from tasks.tracking import Tracker, tracking_uri
-from tests.conftest import copy_project
+from tests.conftest import BIN, copy_project, free_port, stop, wait_http
 
 
 def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
@@ -20,6 +26,12 @@ def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
         tamper(layout)
     ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment))
     return run_promote(ctx, force=force)
+
+
+def _gate_refuses_all(layout):
+    table = load_table(layout.candidates_csv)
+    table.loc[table["name"] != "baseline", "eligible"] = False
+    table.to_csv(layout.candidates_csv, index=False)
 
 
 def _aliases(name):
@@ -47,14 +59,14 @@ def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, m
 def test_rules_worse_becomes_challenger_better_becomes_champion(evaluated, tmp_path, model_name):
     first = _promote(evaluated, tmp_path / "1", model_name, "promote.tolerance=50")  # a small candidate
     assert first.winner != "baseline" and _aliases(model_name) == {"champion": 1}
-    # Tolerance 0 makes the (bigger) baseline this run's winner: bigger and not clearly more
-    # accurate at comparable size, so it must not displace the champion.
-    second = _promote(evaluated, tmp_path / "2", model_name, "promote.tolerance=0")
+    # With every candidate failing the gate the (bigger) baseline is this run's winner: bigger and
+    # not at comparable size, so it must not displace the champion.
+    second = _promote(evaluated, tmp_path / "2", model_name, tamper=_gate_refuses_all)
     assert second.winner == "baseline" and second.verdict == "challenger"
     assert _aliases(model_name) == {"champion": 1, "challenger": 2}
     assert "not better than champion v1" in MlflowClient().get_model_version(model_name, "2").description
     # A forced promotion overrides the rules and says so.
-    third = _promote(evaluated, tmp_path / "3", model_name, "promote.tolerance=0", force=True)
+    third = _promote(evaluated, tmp_path / "3", model_name, tamper=_gate_refuses_all, force=True)
     assert third.forced and third.verdict == "champion"
     assert _aliases(model_name) == {"champion": 3, "challenger": 2}
     assert MlflowClient().get_model_version(model_name, "3").tags["forced"] == "true"
@@ -76,7 +88,7 @@ def test_identical_winner_registers_nothing_new(evaluated, tmp_path, model_name)
 
 
 def test_version_that_fails_validation_moves_no_alias(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name, "promote.tolerance=0")  # baseline is champion
+    _promote(evaluated, tmp_path / "1", model_name, tamper=_gate_refuses_all)  # baseline is champion
 
     def misreport(layout):  # the table claims an accuracy the registered model does not have
         table = load_table(layout.candidates_csv)
@@ -100,3 +112,86 @@ def test_all_candidates_failed_promotes_nothing(evaluated, tmp_path, model_name)
     with pytest.raises(PromotionError, match="all 2 candidates failed"):
         _promote(evaluated, tmp_path / "1", model_name, tamper=fail_all)
     assert _aliases(model_name) == {}
+
+
+def _predictions_wrong_on_test(layout, name_filter=lambda n: n != "baseline"):
+    """Every candidate misclassifies every test image (the gate, on other images, still passes)."""
+    frame = pd.read_csv(layout.predictions_csv)
+    test = frame["split"] == "test"
+    for column in [c for c in frame.columns if c not in ("split", "index", "label") and name_filter(c)]:
+        frame.loc[test, column] = (frame.loc[test, "label"] + 1) % 10
+    frame.to_csv(layout.predictions_csv, index=False)
+
+
+def test_test_vetoes_a_winner_it_disagrees_with(evaluated, tmp_path, model_name):
+    decision = _promote(evaluated, tmp_path / "1", model_name, "promote.tolerance=50",
+                        tamper=_predictions_wrong_on_test)  # fmt: skip
+    assert decision.winner != "baseline" and decision.verdict == "vetoed"
+    assert decision.verdict_reason.startswith("test disagrees") and decision.registry == {}
+    assert _aliases(model_name) == {} and not MlflowClient().search_model_versions(f"name='{model_name}'")
+    written = json.loads((tmp_path / "1/reports/promotion.json").read_text())
+    assert written["verdict"] == "vetoed" and written["test"]["upper"] < -written["test"]["margin"]
+    forced = _promote(evaluated, tmp_path / "2", model_name, "promote.tolerance=50",
+                      tamper=_predictions_wrong_on_test, force=True)  # fmt: skip
+    assert forced.forced and forced.verdict == "champion" and "test disagrees" in forced.verdict_reason
+
+
+def test_a_champion_whose_files_are_gone_is_replaced_not_kept(evaluated, tmp_path, model_name):
+    first = _promote(evaluated, tmp_path / "1", model_name)
+    version = MlflowClient().get_model_version(model_name, "1")
+    logged = MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
+    files = Path(urlparse(logged.artifact_location).path)
+    shutil.rmtree(files)  # the champion's artefacts are deleted from the store
+    again = _promote(evaluated, tmp_path / "2", model_name)  # the very same winner (same sha256)
+    assert again.winner == first.winner and again.verdict == "champion"
+    assert "no longer loads" in again.verdict_reason and _aliases(model_name) == {"champion": 2}
+
+
+def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, model_name, monkeypatch):
+    """The champion's artefacts sit behind a real artefact server that then goes down."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--artifacts-only", "--artifacts-destination", str(tmp_path / "art"),
+         "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server)
+        experiment = f"remote-{model_name}"
+        MlflowClient().create_experiment(
+            experiment, artifact_location=f"http://127.0.0.1:{port}/api/2.0/mlflow-artifacts/artifacts/x"
+        )
+        params, layout = copy_project(evaluated, tmp_path / "1", f"promote.model_name={model_name}")
+        run_promote(Context(params, layout, Tracker(tracking_uri(tmp_path), experiment)))
+    finally:
+        stop(server)
+    assert _aliases(model_name) == {"champion": 1}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    params, layout = copy_project(evaluated, tmp_path / "2", f"promote.model_name={model_name}",
+                                  "promote.tolerance=50")  # fmt: skip
+    ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), experiment))
+    with pytest.raises(PromotionError, match=r"could not load .*@champion v1.*no alias moved"):
+        run_promote(ctx)
+    assert _aliases(model_name) == {"champion": 1}
+    assert len(MlflowClient().search_model_versions(f"name='{model_name}'")) == 1
+    assert not layout.promotion_json.exists()
+    failed = ctx.tracker.client.search_runs(
+        [ctx.tracker.experiment_id], "tags.`shrinkflow.stage` = 'promote'"
+    )
+    assert sorted(run.info.status for run in failed) == ["FAILED", "FINISHED"]
+
+
+def test_a_winner_for_another_task_is_refused(evaluated, tmp_path, model_name):
+    _promote(evaluated, tmp_path / "1", model_name)
+
+    def three_classes(layout):  # the same files, but the manifest now describes another task
+        manifest = json.loads(layout.manifest.read_text())
+        layout.manifest.write_text(json.dumps({**manifest, "classes": ["cat", "dog", "fox"]}))
+
+    with pytest.raises(PromotionError, match=r"task differs .*classes .* vs .*set promote.model_name, e.g. "):
+        _promote(evaluated, tmp_path / "2", model_name, "promote.tolerance=50", tamper=three_classes)
+    assert _aliases(model_name) == {"champion": 1}
+    tags = MlflowClient().get_model_version(model_name, "1").tags
+    assert (
+        json.loads(tags["task_classes"]) == [str(d) for d in range(10)]
+        and tags["task_input_shape"] == "1x8x8"
+    )

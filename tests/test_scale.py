@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 
@@ -15,7 +14,7 @@ from tasks.config import parse_params
 from tasks.evaluate import MACHINE_COLUMNS, load_table
 from tasks.layout import Layout
 from tasks.train import load_record
-from tests.conftest import BIN, small_raw
+from tests.conftest import BIN, free_port, small_raw
 
 pytestmark = pytest.mark.slow
 
@@ -63,14 +62,8 @@ def test_local_dask_cluster_runs_the_candidates_on_its_workers(tmp_path, thread_
     assert table.equals(thread_reference)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_dask_scheduler_and_workers_started_from_the_command_line(tmp_path, thread_reference):
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     log = (tmp_path / "dask.log").open("w")
     scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),

@@ -5,73 +5,42 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, small_raw
+from tests.conftest import BIN, free_port, small_raw, stop, wait_http
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
 def _log(path: Path):
     return path.open("w")  # noqa: SIM115 - handed to a server process that outlives this frame
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
            "--artifacts-destination", str(root / "art")]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=_log(root / "server.log"))
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{url}/health", proc)
+        wait_http(f"{url}/health", proc)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}  # fmt: skip
     env.pop("PREFECT_API_URL", None)
@@ -79,10 +48,10 @@ def prefect_api(tmp_path_factory):
     proc = subprocess.Popen(cmd, env=env, stdout=_log(home / "server.log"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        _wait_http(f"{url}/health", proc)
+        wait_http(f"{url}/health", proc)
         yield url
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _project(root: Path, *overrides: str) -> Path:
@@ -136,7 +105,7 @@ def test_scheduled_retraining_twice_against_real_servers(prefect_api, mlflow_ser
         out = subprocess.run([sys.executable, "-c", TRIGGER, runs], env=env, cwd=tmp_path,
                              capture_output=True, text=True, timeout=900)  # fmt: skip
     finally:
-        _stop(serve)
+        stop(serve)
     log = (tmp_path / "serve.log").read_text()[-4000:]
     assert out.returncode == 0, out.stderr[-3000:] + log
     assert 'schedule ["0 3 * * 0"]' in out.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -116,3 +117,30 @@ def test_evaluate_measures_every_model_and_marks_failures(trained_layout, small_
     metrics = json.loads(trained_layout.metrics_json.read_text())
     assert metrics["baseline"]["test_acc"] == base["test_acc"]
     assert metrics["candidates"] == {"declared": 2, "ok": 1, "failed": 1}
+    # Paired outcomes: one predicted class per image and model, from which every figure derives.
+    predictions = pd.read_csv(trained_layout.predictions_csv)
+    assert list(predictions.columns) == ["split", "index", "label", "baseline", "l1-50"]
+    assert predictions.groupby("split").size().to_dict() == {"val": 179, "gate": 540, "test": 360}
+    for split in ("val", "gate", "test"):
+        rows = predictions[predictions["split"] == split]
+        assert pruned[f"{split}_acc"] == round(100 * (rows["l1-50"] == rows["label"]).mean(), 4)
+    gate = predictions[predictions["split"] == "gate"]
+    gain = int(((gate["l1-50"] == gate["label"]) & (gate["baseline"] != gate["label"])).sum())
+    loss = int(((gate["l1-50"] != gate["label"]) & (gate["baseline"] == gate["label"])).sum())
+    assert pruned["gate_delta"] == pytest.approx(100 * (gain - loss) / 540, abs=1e-3)
+    assert pruned["gate_lower"] < pruned["gate_delta"] < pruned["gate_upper"]
+    assert pruned["eligible"] == (pruned["gate_lower"] > -small_params.promote.tolerance)
+    assert base["eligible"] and base["gate_delta"] == 0 and base["test_delta"] == 0
+    assert pd.isna(table.iloc[1]["gate_lower"]) and pd.isna(table.iloc[1]["eligible"])
+
+
+def test_prepare_says_when_the_gate_cannot_certify_the_tolerance(tmp_path, caplog):
+    tight = parse_params(small_raw("promote.tolerance=0.5"))
+    with caplog.at_level("WARNING", logger="tasks.prepare"):
+        prepare(tight, Layout.from_params(tight, tmp_path / "tight"))
+    [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "promote.tolerance 0.5" in line and "540 gate images" in line and "data.gate_fraction" in line
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.prepare"):
+        prepare(parse_params(small_raw()), Layout.from_params(tight, tmp_path / "default"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], "the default tolerance is certifiable"

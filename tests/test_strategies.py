@@ -221,3 +221,9 @@ def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
     )
     assert sorted(float(r.data.params["ratio"]) for r in children) == [0.5, 0.7]
     assert all(r.data.metrics["passed"] == 1.0 for r in children) and tracked.record.options["ratio"] == 0.7
+    for run in children:  # each trial carries its interval, as record.json does
+        assert run.data.metrics["val_lower"] <= run.data.metrics["val_delta"] and "p_value" in run.data.metrics
+    assert [t["lower"] for t in tracked.record.trials] == [
+        next(r.data.metrics["val_lower"] for r in children if float(r.data.params["ratio"]) == t["ratio"])
+        for t in tracked.record.trials
+    ]
