@@ -38,7 +38,7 @@ from models import build_model, model_spec
 from models.checkpoint import load_checkpoint
 from tasks.config import Params, apply_override, load_params
 from tasks.engine import Split, fit, resolve_device
-from tasks.evaluate import evaluate_models, latency_ms, measure
+from tasks.evaluate import MEASURED_SPLITS, evaluate_models, latency_ms, measure
 from tasks.layout import Layout
 from tasks.prepare import load_split, prepare
 from tasks.stages import fan_out
@@ -77,7 +77,8 @@ CANDIDATES_QUICK = (
 
 def cifar_setup(data_root: Path, train_samples: int | None, base_epochs: int, tune_epochs: int) -> Setup:
     """The seed's BaseNet (64/128 channels, 1000 hidden) on 32x32 CIFAR-10: 2,000 validation
-    images (4% of the 50,000 training images), the full 10,000-image test split."""
+    images (4% of the 50,000 training images), a 5,000-image gate (10%) that certifies promotion,
+    the full 10,000-image test split."""
     return Setup(
         name="cifar10",
         data=f"CIFAR-10 JPEGs ({CIFAR_TARBALL.name}, unpacked to a temporary directory)",
@@ -85,6 +86,8 @@ def cifar_setup(data_root: Path, train_samples: int | None, base_epochs: int, tu
             "data.source=imagefolder",
             f"data.root={data_root}",
             "data.val_fraction=0.04",
+            "data.gate_fraction=0.1",
+            "promote.tolerance=1.0",
             f"data.max_train_samples={'null' if train_samples is None else train_samples}",
             "model.channels=[64, 128]",
             "model.hidden=[1000]",
@@ -107,14 +110,15 @@ QUICK = Setup(
         "shrink.epochs=3",
         f"shrink.candidates={CANDIDATES_QUICK}",
         "evaluate.latency_repeats=10",
+        "promote.tolerance=2.0",
         "promote.model_name=shrinkflow-bench-quick",
     ),
     speedup_candidates=("width-50", "l1-50"),
     speedup_epochs=2,
     throughput_epochs=2,
 )
-# What every setup shares: the issue's tolerance and two shrink workers.
-COMMON = ("promote.tolerance=1.0", "promote.tolerance_mode=absolute", "shrink.workers=2", "seed=0")
+# What every setup shares: an absolute tolerance and two shrink workers.
+COMMON = ("promote.tolerance_mode=absolute", "shrink.workers=2", "seed=0")
 
 
 @dataclass
@@ -320,10 +324,11 @@ def torch_pruning_peer(
     return model
 
 
-def measured(name: str, how: str, model: nn.Module, params: Params, val: Split, test: Split) -> Contender:
+def measured(name: str, how: str, model: nn.Module, params: Params, splits: dict[str, Split]) -> Contender:
     """One model through ``tasks.evaluate``: accuracy, params, FLOPs, size, batch-1 latency, and the
     same latency function on a batch of 64 for throughput."""
-    m = measure(model, val, test, params.evaluate)
+    m, _ = measure(model, splits, params.evaluate)
+    test = splits["test"]
     batch_ms = latency_ms(model, test[0][:THROUGHPUT_BATCH], params.evaluate)
     return Contender(
         name,
@@ -339,7 +344,8 @@ def measured(name: str, how: str, model: nn.Module, params: Params, val: Split, 
 
 def contenders(params: Params, layout: Layout, decision: dict) -> list[Contender]:
     """Baseline, the seed's manual adjustment, plain torch-pruning and shrinkflow's promoted model."""
-    val, test = load_split(layout, "val"), load_split(layout, "test")
+    splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
+    val, test = splits["val"], splits["test"]
     baseline, _ = load_checkpoint(layout.checkpoint("baseline"))
     seed_adjusted, _ = load_checkpoint(layout.checkpoint("width-50"))
     torch.set_num_threads(os.cpu_count() or 1)  # the shrink stage left each thread with its share
@@ -349,7 +355,7 @@ def contenders(params: Params, layout: Layout, decision: dict) -> list[Contender
     fit(pruned, train, val, candidate_train_config(params, "l1-50"), params.seed, params.data.augment)
     winner = decision["winner"]
     promoted, _ = load_checkpoint(layout.checkpoint(winner))
-    epochs, data = params.shrink.epochs, (params, val, test)
+    epochs, data = params.shrink.epochs, (params, splits)
     return [
         measured("baseline", f"BaseNet, {params.train.epochs} epochs", baseline, *data),
         measured("seed: AdjustedNet", f"width x0.5, fresh init, {epochs} epochs", seed_adjusted, *data),

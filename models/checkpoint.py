@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.quantize import Int8Net
 from models.registry import build_model, model_spec
 
 CHECKPOINT_FORMAT = "shrinkflow.checkpoint/1"
@@ -49,6 +50,13 @@ def _plain(value: Any) -> Any:
     return value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else value
 
 
+def rebuild(spec: dict[str, Any]) -> nn.Module:
+    """An untrained model of the shapes ``spec`` records (an int8 one rebuilt from its float spec)."""
+    if spec.get("arch") == Int8Net.ARCH:
+        return Int8Net(**{k: v for k, v in spec.items() if k != "arch"})
+    return build_model(spec)
+
+
 def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes; refuse it if ``sha256`` is given and differs."""
     path = Path(path)
@@ -63,7 +71,7 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Mod
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
-    model = build_model(payload["spec"])
+    model = rebuild(payload["spec"])
     state = OrderedDict(payload["state_dict"])
     state._metadata = OrderedDict(payload.get("state_versions", {}))  # read by load_state_dict
     model.load_state_dict(state)

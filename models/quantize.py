@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.registry import build_model
+
 SCHEME = "fx-static-int8"
 BACKEND = "x86"  # fbgemm's successor on x86 CPUs; per-channel int8 weights, uint8 activations
 
@@ -61,8 +63,6 @@ class Int8Net(nn.Module):
         super().__init__()
         if scheme != SCHEME:
             raise ValueError(f"unknown quantisation scheme {scheme!r}; only {SCHEME!r} is supported")
-        from models.registry import build_model
-
         self.float_spec = float_spec
         self.qmodel = (
             qmodel if qmodel is not None else quantize_int8(build_model(float_spec), float_spec, None)
@@ -71,14 +71,14 @@ class Int8Net(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.qmodel(x)
 
+    ARCH = "int8"  # in a spec only: rebuilt by models.checkpoint, never declared in params.yaml
+
     def spec(self) -> dict[str, Any]:
-        return {"arch": "int8", "scheme": SCHEME, "float_spec": self.float_spec}
+        return {"arch": self.ARCH, "scheme": SCHEME, "float_spec": self.float_spec}
 
     def float_equivalent(self) -> nn.Module:
         """An (untrained) float network of the same shapes: what FLOPs and params are counted on,
         since the counters do not see quantised kernels."""
-        from models.registry import build_model
-
         return build_model(self.float_spec).eval()
 
     def train(self, mode: bool = True) -> Int8Net:

@@ -10,14 +10,22 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal, Union
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from models import ARCHITECTURES, STRATEGIES
-from models.strategies import STRATEGY_INFO, refusal
+from models.strategies.base import Strategy
 from tasks.errors import ShrinkflowError
 
 
@@ -57,36 +65,12 @@ class DataConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
-    """The architecture and its options; each architecture reads only its own keys
-    (basenet: channels, hidden, batch_norm; resnet18 and mobilenet_v2: width_mult)."""
-
-    arch: str = "basenet"
-    channels: tuple[Annotated[int, Field(ge=1)], ...] = (32, 64)
-    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (128,)
-    batch_norm: bool = False
-    width_mult: Annotated[float, Field(gt=0, le=4)] = 1.0
-
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, arch: str) -> str:
-        if arch not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture; choose one of {sorted(ARCHITECTURES)}")
-        return arch
-
-    @model_validator(mode="after")
-    def _keys_the_arch_reads(self) -> ModelConfig:
-        # A key the architecture ignores would silently not do what its author meant.
-        reads = ARCHITECTURES[self.arch].OPTIONS
-        stray = sorted(self.model_fields_set - {"arch"} - set(reads))
-        if stray:
-            raise ValueError(f"model.{stray[0]} does not apply to {self.arch}, which reads {list(reads)}")
-        return self
-
-    def arch_options(self) -> dict[str, Any]:
-        """``{"arch": ..., **the options the architecture reads}``, JSON-ready."""
-        options = {k: getattr(self, k) for k in ARCHITECTURES[self.arch].OPTIONS}
-        return {"arch": self.arch, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+# The `model` section: one options model per architecture (each declared beside its network in
+# models/arch/), told apart by `arch`. A key the architecture does not read is refused.
+ModelConfig = Annotated[
+    Union[tuple(arch.Options for arch in ARCHITECTURES.values())],  # noqa: UP007 - built at run time
+    Field(discriminator="arch"),
+]
 
 
 class TrainConfig(_Section):
@@ -139,21 +123,41 @@ class SearchConfig(_Section):
 
 
 class _Candidate(_Section):
-    """Fields every candidate has; subclasses add their strategy's own options. Any candidate
-    may fine-tune with ``distill`` and end with ``quantize: int8`` (prune -> distill -> int8)."""
+    """Fields every candidate has, around its strategy's own options (each strategy declares those
+    beside itself, in models/strategies/). Any trainable candidate may fine-tune with ``distill``
+    and end with ``quantize: int8`` (prune -> distill -> int8); a ratio strategy takes a fixed
+    ``ratio`` or a ``search`` for the largest one that passes the gate."""
 
+    strategy: str
     epochs: Annotated[int, Field(ge=1)] | None = None
     lr: Annotated[float, Field(gt=0)] | None = None
     distill: DistillConfig | None = None
     quantize: Literal["int8"] | None = None
-    search: SearchConfig | None = None  # ratio strategies only
+    search: SearchConfig | None = None
 
-    # Fields the pipeline reads around the strategy rather than passing to it.
-    _PIPELINE_KEYS: ClassVar[set[str]] = {"strategy", "epochs", "lr", "distill", "quantize", "search"}
+    @property
+    def _strategy(self) -> Strategy:
+        return STRATEGIES[self.strategy]
+
+    @model_validator(mode="after")
+    def _fits_the_strategy(self) -> _Candidate:
+        if not self._strategy.trains:
+            stray = sorted(self.model_fields_set & {"epochs", "lr", "distill", "quantize", "search"})
+            if stray:
+                raise ValueError(
+                    f"{self.strategy} is a final post-training step, so {stray[0]!r} does not apply"
+                )
+        if "ratio" in self._strategy.options.model_fields:
+            if (self.ratio is None) == (self.search is None):
+                raise ValueError(f"{self.strategy}: set exactly one of ratio and search")
+        elif self.search is not None:
+            raise ValueError(f"{self.strategy} has no ratio to search")
+        return self
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for the strategy function."""
-        return self.model_dump(exclude=self._PIPELINE_KEYS)
+        """Keyword arguments for the strategy (its own options, less those of a pre-phase)."""
+        own = self._strategy.options
+        return {k: getattr(self, k) for k in own.model_fields if k not in own.PHASE_KEYS}
 
     def steps(self) -> list[str]:
         """The composed steps, in order, e.g. ``["prune_l1", "distill", "int8"]``."""
@@ -164,102 +168,24 @@ class _Candidate(_Section):
         ]
 
     def exclusive(self) -> bool:
-        """Whether a step must have its process to itself (see ``StrategyInfo.exclusive``)."""
-        return any(STRATEGY_INFO[step].exclusive for step in self.steps() if step in STRATEGY_INFO)
-
-    def sparsity_phase(self) -> tuple[int, float] | None:
-        """``(epochs, L1 strength on BatchNorm scales)`` to fine-tune with before the strategy."""
-        return None
+        """Whether a step must have its process to itself (see ``Strategy.exclusive``)."""
+        return any(STRATEGIES[step].exclusive for step in self.steps() if step in STRATEGIES)
 
 
-class _RatioCandidate(_Candidate):
-    """A strategy with a ``ratio`` knob: a fixed ratio, or a ``search`` for the largest one within
-    tolerance."""
-
-    ratio: Fraction | None = None
-
-    @model_validator(mode="after")
-    def _ratio_or_search(self) -> _RatioCandidate:
-        if (self.ratio is None) == (self.search is None):
-            raise ValueError(f"{self.strategy}: set exactly one of ratio and search")
-        return self
+def _candidate_model(strategy: Strategy) -> type[_Candidate]:
+    """The config entry of a candidate using ``strategy``: the common fields plus its options."""
+    return create_model(
+        f"{strategy.name}_candidate",
+        __base__=(_Candidate, strategy.options),
+        __doc__=(strategy.shrink.__doc__ or "").strip(),
+        strategy=(Literal[strategy.name], ...),
+    )
 
 
-class WidthCandidate(_RatioCandidate):
-    """The seed's AdjustedNet: every width multiplied by ``1 - ratio``, trained afresh."""
-
-    strategy: Literal["width"]
-
-
-class DepthCandidate(_RatioCandidate):
-    """Fewer layers/blocks (``ratio`` of the removable ones), then fine-tuning."""
-
-    strategy: Literal["depth"]
-
-
-class PruneCandidate(_RatioCandidate):
-    """Structured channel pruning of the trained baseline, then fine-tuning."""
-
-    strategy: Literal["prune_l1", "prune_taylor"]
-    global_pruning: bool = False
-    iterative_steps: Annotated[int, Field(ge=1, le=20)] = 1
-
-
-class SlimCandidate(_RatioCandidate):
-    """Network slimming: fine-tune with an L1 penalty on BatchNorm scales for ``sparsity_epochs``,
-    prune the channels with the smallest scales, fine-tune again."""
-
-    strategy: Literal["slim"]
-    global_pruning: bool = True
-    iterative_steps: Annotated[int, Field(ge=1, le=20)] = 1
-    sparsity: Annotated[float, Field(gt=0)] = 1e-4
-    sparsity_epochs: Annotated[int, Field(ge=1)] = 5
-    _PIPELINE_KEYS: ClassVar[set[str]] = _Candidate._PIPELINE_KEYS | {"sparsity", "sparsity_epochs"}
-
-    def exclusive(self) -> bool:
-        """Whether a step must have its process to itself (see ``StrategyInfo.exclusive``)."""
-        return any(STRATEGY_INFO[step].exclusive for step in self.steps() if step in STRATEGY_INFO)
-
-    def sparsity_phase(self) -> tuple[int, float] | None:
-        return self.sparsity_epochs, self.sparsity
-
-
-class MagnitudeCandidate(_RatioCandidate):
-    """Unstructured global magnitude pruning of ``ratio`` of the weights; fine-tuning keeps the
-    zeros."""
-
-    strategy: Literal["magnitude"]
-
-
-class Int8Candidate(_Candidate):
-    """The baseline quantised to int8 after training; it is not fine-tuned."""
-
-    strategy: Literal["int8"]
-
-    @model_validator(mode="after")
-    def _nothing_to_train(self) -> Int8Candidate:
-        stray = sorted(self.model_fields_set & {"epochs", "lr", "distill", "quantize", "search"})
-        if stray:
-            raise ValueError(f"int8 is a final post-training step, so {stray[0]!r} does not apply")
-        return self
-
-
-_CANDIDATES = (
-    WidthCandidate,
-    DepthCandidate,
-    PruneCandidate,
-    SlimCandidate,
-    MagnitudeCandidate,
-    Int8Candidate,
-)
 CandidateConfig = Annotated[
-    WidthCandidate | DepthCandidate | PruneCandidate | SlimCandidate | MagnitudeCandidate | Int8Candidate,
+    Union[tuple(_candidate_model(s) for s in STRATEGIES.values())],  # noqa: UP007 - built at run time
     Field(discriminator="strategy"),
 ]
-
-# Each registered strategy must be declarable in params.yaml, and nothing else may be.
-_DECLARED = {s for cls in _CANDIDATES for s in cls.model_fields["strategy"].annotation.__args__}
-assert set(STRATEGIES) == _DECLARED, f"config and strategy registry disagree: {_DECLARED ^ set(STRATEGIES)}"
 
 
 class ShrinkConfig(_Section):
@@ -333,7 +259,7 @@ class PathsConfig(_Section):
 class Params(_Section):
     seed: Annotated[int, Field(ge=0)] = 0
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = ARCHITECTURES["basenet"].Options()
     train: TrainConfig = TrainConfig()
     shrink: ShrinkConfig
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -343,7 +269,9 @@ class Params(_Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _model_name_names_the_data(cls, raw: Any) -> Any:
+    def _defaults_that_depend_on_other_keys(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and isinstance(raw.get("model"), dict) and "arch" not in raw["model"]:
+            raw = {**raw, "model": {"arch": "basenet", **raw["model"]}}  # the union needs its tag
         # A registered model is one task: by default it is named after the data it classifies.
         if isinstance(raw, dict) and isinstance(raw.get("promote", {}), dict):
             promote = raw.get("promote") or {}
@@ -358,7 +286,7 @@ class Params(_Section):
         # Refused here, before any training, rather than when the candidate's turn comes.
         for name, cand in self.shrink.candidates.items():
             for step in cand.steps():
-                why = refusal(step, self.model.arch_options()) if step in STRATEGY_INFO else None
+                why = STRATEGIES[step].refusal(self.model.arch_options()) if step in STRATEGIES else None
                 if why:
                     raise ValueError(f"shrink.candidates.{name}: {step} on {self.model.arch} {why}")
         return self
@@ -408,14 +336,22 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
 def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = list(err["loc"])
-    if loc[:2] == ["shrink", "candidates"] and len(loc) > 4:
+    if loc[:2] == ["shrink", "candidates"] and len(loc) > 3:
         del loc[3]  # pydantic inserts the strategy tag of the discriminated union
+    if loc[:1] == ["model"] and len(loc) > 2:
+        del loc[1]  # ... and the architecture's
     key = ".".join(str(p) for p in loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # a cross-section check names its own keys
         return msg
+    if err["type"] == "extra_forbidden" and loc[:1] == ["model"]:
+        return (
+            f"{key} does not apply to {exc.errors()[0]['loc'][1]}; each architecture reads only its own keys"
+        )
     if err["type"] == "extra_forbidden":
         return f"unknown key {key!r}"
+    if err["type"] == "union_tag_invalid":
+        return f"{key}: {msg}"
     if err["type"] == "missing":
         return f"missing key {key!r}"
     value = err.get("input")

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.checkpoint import load_checkpoint
 from models.quantize import dense_twin
-from models.strategies import STRATEGY_INFO
+from models.strategies import STRATEGIES
 from tasks.config import EvaluateConfig, Params, PromoteConfig
 from tasks.engine import Split, accuracy, predict
 from tasks.gate import versus_baseline
@@ -149,7 +149,7 @@ def macro_f1(predictions: Tensor, targets: Tensor) -> float:
 
 
 def _note(steps: list[str]) -> str:
-    notes = [STRATEGY_INFO[s].note for s in steps if s in STRATEGY_INFO and STRATEGY_INFO[s].note]
+    notes = [STRATEGIES[s].note for s in steps if s in STRATEGIES and STRATEGIES[s].note]
     return "; ".join(notes)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import STRATEGY_INFO, apply_strategy, build_model
+from models import STRATEGIES, apply_strategy, build_model
 from models.checkpoint import load_checkpoint
 from tasks.config import Params, TrainConfig
 from tasks.engine import (
@@ -160,7 +160,7 @@ def _shrink_and_train(
     """One candidate at one ratio: [sparsity fine-tune] -> strategy -> fine-tune (plain or
     distilled, zeros kept where the strategy needs it) -> [int8]."""
     cand, cfg = params.shrink.candidates[name], candidate_train_config(params, name)
-    info, baseline = STRATEGY_INFO[cand.strategy], _baseline(layout, inputs)
+    info, baseline = STRATEGIES[cand.strategy], _baseline(layout, inputs)
     train_args = (inputs.train, inputs.val)
     if phase := cand.sparsity_phase():
         sparse_cfg = cfg.model_copy(update={"epochs": phase[0]})
@@ -175,7 +175,7 @@ def _shrink_and_train(
     options = cand.options() | ({"ratio": ratio} if ratio is not None else {})
     with seeded(params.seed):
         model = apply_strategy(cand.strategy, baseline, inputs.calibration, **options)
-    if not STRATEGY_INFO[cand.strategy].warm_start:
+    if not STRATEGIES[cand.strategy].warm_start:
         log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
     result = None
     if info.trains:

@@ -8,8 +8,8 @@ import pickle
 import pytest
 import torch
 
-from models import STRATEGY_INFO, apply_strategy, build_model, model_spec
-from models.basenet import BaseNet
+from models import STRATEGIES, apply_strategy, build_model, model_spec
+from models.arch.basenet import BaseNet
 from models.checkpoint import CheckpointError, load_checkpoint
 from tasks.evaluate import count_flops
 from tasks.io import save_checkpoint
@@ -50,7 +50,7 @@ def test_unknown_architecture_lists_the_choices():
 
 # Strategies that cut every channel width by the ratio (the registry-wide checks, over every
 # architecture, are in test_strategies.py).
-CHANNEL_STRATEGIES = ("width", "prune_l1", "prune_taylor")
+CHANNEL_STRATEGIES = ("width", "prune_l1", "prune_taylor", "prune_fpgm")
 
 
 @pytest.mark.parametrize("strategy", CHANNEL_STRATEGIES)
@@ -73,7 +73,7 @@ def test_strategy_shrinks_and_keeps_the_output_shape(strategy, ratio, tmp_path):
     assert torch.equal(loaded(x), shrunk.eval()(x))
 
 
-@pytest.mark.parametrize("strategy", sorted(s for s in CHANNEL_STRATEGIES if STRATEGY_INFO[s].warm_start))
+@pytest.mark.parametrize("strategy", sorted(s for s in CHANNEL_STRATEGIES if STRATEGIES[s].warm_start))
 def test_warm_start_strategies_keep_the_baselines_weights(strategy):
     """Pruning removes channels but keeps the survivors' trained weights (a tiny ratio keeps
     the outputs close), unlike a fresh re-initialisation."""

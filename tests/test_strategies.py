@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
+from models.arch.basenet import BaseNet
 from models.checkpoint import load_checkpoint
 from models.quantize import Int8Net, dense_twin
 from tasks.config import ConfigError, SearchConfig, parse_params
@@ -26,10 +27,13 @@ SPECS = {
     "basenet": {"channels": [16, 32], "hidden": [32], "batch_norm": True},
     "resnet18": {"width_mult": 0.125},
     "mobilenet_v2": {"width_mult": 0.25, "blocks": [1, 2, 1, 2, 1, 1, 1]},  # few blocks: fast int8
+    "resnet56": {"width_mult": 0.5, "blocks": [2, 2, 2]},
 }
-# Strategies that cut every channel width by the ratio: params and FLOPs fall to about (1 - r)^2.
-CHANNEL = {"width", "prune_l1", "prune_taylor", "slim"}
 RATIO = 0.5
+
+
+def test_every_architecture_has_test_settings():
+    assert set(SPECS) == set(ARCHITECTURES)
 
 
 def _batch(n: int = 16):
@@ -55,24 +59,25 @@ def _size(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in dense.parameters()), count_flops(dense, x[:1])
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_strategy_on_every_architecture(strategy, base, tmp_path):
-    x, y = _batch()
-    options = {} if strategy == "int8" else {"ratio": RATIO}
-    shrunk = apply_strategy(strategy, copy.deepcopy(base), (x, y), **options)
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_strategy_on_every_architecture(name, base, tmp_path):
+    strategy, x, y = STRATEGIES[name], *_batch()
+    assert strategy.refusal(base.spec()) is None, "SPECS give every strategy something to shrink"
+    options = {"ratio": RATIO} if "ratio" in strategy.options.model_fields else {}
+    shrunk = apply_strategy(name, copy.deepcopy(base), (x, y), **options)
     assert shrunk(x).shape == base(x).shape == (16, 10)
     (params, flops), (base_params, base_flops) = _size(shrunk), _size(base)
-    if strategy in CHANNEL:
-        # MobileNetV2's width multiplier rounds channels up to multiples of 8: tiny nets shrink less.
-        slack = 0.3 if (strategy, base.spec()["arch"]) == ("width", "mobilenet_v2") else 0.15
-        assert params < base_params * (1 - RATIO + slack) and flops < base_flops * (1 - RATIO + slack)
-    elif strategy == "depth":
-        assert params < base_params and flops <= base_flops
-    else:  # magnitude and int8 keep every shape; what falls is stored bits
+    if not strategy.changes_shapes:  # what falls is stored bits (zeros, int8), not shapes
         assert (params, flops) == (base_params, base_flops)
-    if strategy == "magnitude":
+    elif strategy.needs_depth:  # whole layers go: params fall, FLOPs never rise
+        assert params < base_params and flops <= base_flops
+    else:  # every channel width falls by the ratio: params and FLOPs to about (1 - r)^2
+        # MobileNetV2's width multiplier rounds channels up to multiples of 8: tiny nets shrink less.
+        slack = 0.3 if (name, base.spec()["arch"]) == ("width", "mobilenet_v2") else 0.15
+        assert params < base_params * (1 - RATIO + slack) and flops < base_flops * (1 - RATIO + slack)
+    if strategy.keeps_zeros:
         assert weight_sparsity(shrunk) == pytest.approx(RATIO, abs=0.01)
-    if strategy == "int8":
+    if not strategy.trains:
         assert isinstance(shrunk, Int8Net) and serialized_size(shrunk) < 0.5 * serialized_size(base)
         assert (shrunk(x) - base(x)).abs().max() < 0.25 * base(x).abs().max() + 1e-3
     path = tmp_path / "m.pt"
@@ -80,7 +85,7 @@ def test_strategy_on_every_architecture(strategy, base, tmp_path):
     assert torch.equal(loaded(x), shrunk(x))
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "resnet56"])
 def test_depth_keeps_the_surviving_blocks_weights(arch):
     torch.manual_seed(0)
     model = build_model({"arch": arch, "in_channels": 1, "image_size": 8, "num_classes": 10, **SPECS[arch]})
@@ -125,6 +130,69 @@ def test_every_strategy_is_declarable_and_composes():
     assert cands["p"].options() == {"ratio": 0.5, "global_pruning": False, "iterative_steps": 1}
     assert cands["s"].sparsity_phase() == (5, 1e-4) and "sparsity" not in cands["s"].options()
     assert cands["q"].options() == {}
+
+
+# --- what tells each strategy apart ------------------------------------------------------------
+
+
+def _crafted() -> BaseNet:
+    """One conv stage of four channels feeding the classifier. Channel 0 has by far the largest
+    weights but the classifier ignores it; channels 1 and 2 are identical; channel 3 is tiny but
+    used."""
+    torch.manual_seed(0)
+    model = BaseNet(in_channels=1, image_size=8, num_classes=10, channels=(4,), hidden=())
+    conv, linear = model.features[0], model.classifier_layer()
+    with torch.no_grad():
+        conv.weight[0] *= 10
+        conv.weight[2] = conv.weight[1]
+        conv.bias[2] = conv.bias[1]
+        conv.weight[3] *= 0.05
+        linear.weight[:, :16] = 0  # channel 0's 4x4 outputs are the first 16 inputs
+    return model
+
+
+def _removed(name: str) -> set[int]:
+    """Which of the crafted net's four channels ``name`` removes at ratio 0.25."""
+    base = _crafted()
+    before = base.features[0].weight.detach().clone()
+    shrunk = apply_strategy(name, copy.deepcopy(base), _batch(64), ratio=0.25)
+    after = shrunk.features[0].weight.detach()
+    left = set(range(4))
+    for row in after:  # each survivor accounts for one original channel (1 and 2 are twins)
+        left.remove(next(i for i in sorted(left) if torch.equal(row, before[i])))
+    return left
+
+
+def test_importances_disagree_where_they_should():
+    assert _removed("prune_l1") == {3}, "L1 removes the channel of smallest norm"
+    assert _removed("prune_taylor") == {0}, "Taylor removes the channel the loss does not depend on"
+    assert _removed("prune_fpgm") in ({1}, {2}), "FPGM removes a duplicate: it is the most replaceable"
+
+
+def test_slim_removes_the_smallest_batchnorm_scales():
+    torch.manual_seed(0)
+    model = BaseNet(
+        in_channels=1, image_size=8, num_classes=10, channels=(8, 8), hidden=(16,), batch_norm=True
+    )
+    scales = torch.tensor([0.9, 0.01, 0.8, 0.02, 0.7, 0.03, 0.6, 0.04])
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.weight.data.copy_(scales)
+    shrunk = apply_strategy("slim", model, _batch(), ratio=0.5)
+    for bn in (m for m in shrunk.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert sorted(bn.weight.tolist()) == pytest.approx([0.6, 0.7, 0.8, 0.9])
+
+
+def test_distillation_temperature_shapes_the_soft_targets():
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(8, 5), nn.Linear(8, 5)
+    x, y = torch.randn(32, 8), torch.randint(0, 5, (32,))
+    logits = student(x)
+    cold, hot = (distillation_loss(teacher, t, alpha=1.0)(logits, x, y) for t in (1.0, 8.0))
+    assert cold.item() != pytest.approx(hot.item(), rel=0.05), "the temperature changes the loss"
+    mixed = distillation_loss(teacher, 4.0, alpha=0.5)(logits, x, y)
+    soft = distillation_loss(teacher, 4.0, alpha=1.0)(logits, x, y)
+    hard = nn.functional.cross_entropy(logits, y)
+    assert mixed.item() == pytest.approx(0.5 * soft.item() + 0.5 * hard.item(), rel=1e-5)
 
 
 # --- training modes of the one loop ------------------------------------------------------------
@@ -222,7 +290,8 @@ def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
     assert sorted(float(r.data.params["ratio"]) for r in children) == [0.5, 0.7]
     assert all(r.data.metrics["passed"] == 1.0 for r in children) and tracked.record.options["ratio"] == 0.7
     for run in children:  # each trial carries its interval, as record.json does
-        assert run.data.metrics["val_lower"] <= run.data.metrics["val_delta"] and "p_value" in run.data.metrics
+        metrics = run.data.metrics
+        assert metrics["val_lower"] <= metrics["val_delta"] and "p_value" in metrics
     assert [t["lower"] for t in tracked.record.trials] == [
         next(r.data.metrics["val_lower"] for r in children if float(r.data.params["ratio"]) == t["ratio"])
         for t in tracked.record.trials

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
+from pydantic import Field
 from torch import Tensor, nn
 
+from models.architecture import ArchOptions
 from models.shapes import copy_matching
+
+Width = Annotated[int, Field(ge=1)]
+
+
+class BaseNetOptions(ArchOptions):
+    """``model`` for BaseNet: conv stage widths, hidden layer widths, BatchNorm after each conv."""
+
+    arch: Literal["basenet"] = "basenet"
+    channels: tuple[Width, ...] = (32, 64)
+    hidden: tuple[Width, ...] = (128,)
+    batch_norm: bool = False
 
 
 class BaseNet(nn.Module):
     """``len(channels)`` conv(3x3)-[BN]-ReLU-maxpool stages, then ``len(hidden)`` fc-ReLU layers
     and a linear classifier. The seed is ``channels=(64, 128), hidden=(1000,)`` on 32x32 inputs."""
 
-    # The model-config keys this architecture reads.
-    OPTIONS: ClassVar[tuple[str, ...]] = ("channels", "hidden", "batch_norm")
+    ARCH: ClassVar[str] = "basenet"
+    Options: ClassVar[type[ArchOptions]] = BaseNetOptions
 
     def __init__(
         self,
@@ -26,7 +39,7 @@ class BaseNet(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        if image_size < 2 ** len(channels):
+        if image_size < self.min_image_size({"channels": channels}):
             raise ValueError(
                 f"image_size {image_size} is too small for {len(channels)} pooling stages "
                 f"(needs at least {2 ** len(channels)})"
@@ -73,6 +86,11 @@ class BaseNet(nn.Module):
     @classmethod
     def has_batch_norm(cls, options: dict[str, Any]) -> bool:
         return bool(options.get("batch_norm"))
+
+    @classmethod
+    def min_image_size(cls, options: dict[str, Any]) -> int:
+        """Each stage halves the image: ``len(channels)`` stages need ``2 ** len(channels)``."""
+        return 2 ** len(options.get("channels") or ())
 
     @classmethod
     def removable_blocks(cls, options: dict[str, Any]) -> int:

@@ -7,22 +7,36 @@ spec records every layer's shape (``layers``), so a pruned network rebuilds exac
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
+from pydantic import Field
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2, _make_divisible
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import Conv2dNormActivation
 
+from models.architecture import ArchOptions
 from models.shapes import copy_matching, layer_shapes, resize_layers
+
+WidthMult = Annotated[float, Field(gt=0, le=4)]
+
+
+class ResNet18Options(ArchOptions):
+    arch: Literal["resnet18"] = "resnet18"
+    width_mult: WidthMult = 1.0
+
+
+class MobileNetV2Options(ArchOptions):
+    arch: Literal["mobilenet_v2"] = "mobilenet_v2"
+    width_mult: WidthMult = 1.0
 
 
 class _Staged:
     """Spec and depth handling shared by the staged torchvision networks."""
 
     ARCH: ClassVar[str]
-    OPTIONS: ClassVar[tuple[str, ...]] = ("width_mult",)
     DEFAULT_BLOCKS: ClassVar[tuple[int, ...]]
+    DOWNSAMPLINGS: ClassVar[int]  # stride-2 stages: the image side must be at least 2 ** this
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments plus every layer's shape, so a pruned net describes itself."""
@@ -39,6 +53,10 @@ class _Staged:
     @classmethod
     def has_batch_norm(cls, options: dict[str, Any]) -> bool:
         return True
+
+    @classmethod
+    def min_image_size(cls, options: dict[str, Any]) -> int:
+        return 2**cls.DOWNSAMPLINGS
 
     @classmethod
     def removable_blocks(cls, options: dict[str, Any]) -> int:
@@ -78,23 +96,30 @@ class _Staged:
 
 
 class SmallResNet(_Staged, ResNet):
-    """ResNet-18 (BasicBlock, ``blocks`` per stage) with stage widths ``64..512 * width_mult``."""
+    """ResNet-18 (BasicBlock, ``blocks`` per stage) with stage widths ``64..512 * width_mult``.
+    Subclasses change ``WIDTHS`` and ``DEFAULT_BLOCKS`` for other BasicBlock ResNets (up to four
+    stages; the first keeps the resolution, each later one halves it)."""
 
     ARCH = "resnet18"
+    Options = ResNet18Options
+    WIDTHS: ClassVar[tuple[int, ...]] = (64, 128, 256, 512)
     DEFAULT_BLOCKS = (2, 2, 2, 2)
+    DOWNSAMPLINGS = 3
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width_mult: float = 1.0,
-                 blocks: tuple[int, ...] = DEFAULT_BLOCKS, layers: dict | None = None) -> None:  # fmt: skip
+                 blocks: tuple[int, ...] | None = None, layers: dict | None = None) -> None:  # fmt: skip
         nn.Module.__init__(self)  # ResNet.__init__ hard-codes the ImageNet stem and widths
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
-        self.width_mult, self.blocks = width_mult, tuple(blocks)
-        widths = [max(4, round(w * width_mult)) for w in (64, 128, 256, 512)]
+        self.width_mult, self.blocks = width_mult, tuple(blocks or self.DEFAULT_BLOCKS)
+        widths = [max(4, round(w * width_mult)) for w in self.WIDTHS]
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = widths[0]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True), nn.Identity()
         for i, (width, n) in enumerate(zip(widths, self.blocks, strict=True)):
             setattr(self, f"layer{i + 1}", self._make_layer(BasicBlock, width, n, stride=1 if i == 0 else 2))
+        for i in range(len(widths), 4):  # torchvision's forward runs layer1..layer4
+            setattr(self, f"layer{i + 1}", nn.Identity())
         self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(widths[-1], num_classes)
         for m in self.modules():  # torchvision's ResNet initialisation
             if isinstance(m, nn.Conv2d):
@@ -121,7 +146,9 @@ class SmallMobileNetV2(_Staged, MobileNetV2):
     and a last 1x1 conv scaled with ``width_mult`` too (torchvision keeps it at 1280)."""
 
     ARCH = "mobilenet_v2"
+    Options = MobileNetV2Options
     DEFAULT_BLOCKS = tuple(n for _, _, n, _ in _MOBILENET_SETTING)
+    DOWNSAMPLINGS = 4
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width_mult: float = 1.0,
                  blocks: tuple[int, ...] = DEFAULT_BLOCKS, layers: dict | None = None) -> None:  # fmt: skip

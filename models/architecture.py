@@ -1,0 +1,63 @@
+"""What a network must provide to go through the pipeline, and the options model it reads.
+
+Every architecture lives in its own module under ``models/arch/`` and is found there by
+:mod:`models.registry`; nothing else names it. Its ``Options`` (a pydantic model keyed on
+``arch``) is the ``model`` section of ``params.yaml`` for that architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class ArchOptions(BaseModel):
+    """The ``model`` section for one architecture; subclasses add ``arch: Literal[...]`` and the
+    keys that architecture reads (unknown keys are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str
+
+    def arch_options(self) -> dict[str, Any]:
+        """``{"arch": ..., **options}``, JSON-ready (tuples as lists): a model spec less the shape
+        of the data."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_dump().items()}
+
+
+@runtime_checkable
+class Architecture(Protocol):
+    """A network class the pipeline can build, shrink and checkpoint."""
+
+    ARCH: ClassVar[str]  # its name in params.yaml and in every spec
+    Options: ClassVar[type[ArchOptions]]
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+    def spec(self) -> dict[str, Any]:
+        """Constructor arguments (with ``arch``) that rebuild this exact network, pruned or not."""
+        ...
+
+    def classifier_layer(self) -> nn.Linear:
+        """The final linear layer, whose outputs (the classes) pruning must keep."""
+        ...
+
+    def shallower(self, drop: int) -> nn.Module:
+        """A copy with ``drop`` layers or blocks removed, surviving weights kept."""
+        ...
+
+    @classmethod
+    def has_batch_norm(cls, options: dict[str, Any]) -> bool: ...
+
+    @classmethod
+    def removable_blocks(cls, options: dict[str, Any]) -> int:
+        """How many layers or blocks ``shallower`` can drop for these options."""
+        ...
+
+    @classmethod
+    def min_image_size(cls, options: dict[str, Any]) -> int:
+        """The smallest input side these options can process."""
+        ...
