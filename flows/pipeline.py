@@ -23,13 +23,15 @@ from tasks.report import format_table
 prepare = task(stages.run_prepare, name="prepare", cache_policy=NO_CACHE)
 # Cached on what its weights depend on (data, config, code); see reuse_or_train_baseline.
 baseline = task(
-    stages.run_baseline, name="baseline", cache_key_fn=lambda _, args: cache.baseline_key(args["ctx"])
+    stages.run_baseline,
+    name="baseline",
+    cache_key_fn=lambda _, args: cache.baseline_key(args["ctx"].params, args["ctx"].layout),
 )
 shrink = task(
     stages.run_candidate,
     name="shrink",
     task_run_name="shrink-{name}",
-    cache_key_fn=lambda _, args: cache.candidate_key(args["ctx"], args["name"]),
+    cache_key_fn=lambda _, args: cache.candidate_key(args["ctx"].params, args["ctx"].layout, args["name"]),
 )
 evaluate = task(stages.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 promote = task(stages.run_promote, name="promote", cache_policy=NO_CACHE)
@@ -87,7 +89,7 @@ def _reusable(ctx: stages.Context, name: str, state) -> bool:
     if state.name != "Cached":
         return True
     tracked: stages.Tracked = state.result()
-    if cache.intact(ctx, name, tracked.record):
+    if cache.intact(ctx.layout, name, tracked.record):
         get_run_logger().info(
             "%s reused from cache: its inputs, config and code are unchanged (checkpoint %s, MLflow run %s)",
             name,
@@ -142,12 +144,3 @@ def run(
 ) -> dict:
     """Run the whole flow once, in this process."""
     return configured(params_file, overrides)(str(params_file), list(overrides), str(root), force)
-
-
-if __name__ == "__main__":  # `python -m flows.pipeline [run options]` == `shrinkflow run [options]`
-    import sys
-
-    from flows.cli import main
-
-    sys.argv[1:1] = ["run"]
-    main()

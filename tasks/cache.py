@@ -1,10 +1,11 @@
 """What a trained model is a function of, so an orchestrator can reuse it instead of retraining.
 
-A key covers everything the weights depend on: the prepared data (its fingerprint) or, for a
-candidate, the baseline checkpoint it starts from; the config sections training reads; and the
-source of the code that trains. :func:`intact` then checks that the checkpoint a cached result
-points at is still on disk, unchanged. A re-run after an interruption therefore redoes only the
-models that had not finished.
+A key hashes what the stage's spec in :mod:`tasks.stage_specs` declares, the very list
+``dvc.yaml`` is generated from: the source of its code, the values of its params, and its data
+(the prepared data's fingerprint or, for a candidate, the baseline checkpoint it starts from),
+plus where the checkpoint is written. :func:`intact` then checks that the checkpoint a cached
+result points at is still on disk, unchanged. A re-run after an interruption therefore redoes
+only the models that had not finished.
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ import json
 from pathlib import Path
 
 from models.checkpoint import sha256_file
+from tasks.config import Params
+from tasks.layout import Layout
 from tasks.prepare import load_manifest
-from tasks.stages import Context
+from tasks.stage_specs import KEY, STAGES, StageSpec, resolve
 from tasks.train import ModelRecord, load_record
 
 PROJECT = Path(__file__).resolve().parents[1]
-# The same code dvc.yaml's baseline stage depends on.
-BASELINE_CODE = ("models", "tasks/prepare.py", "tasks/train.py", "tasks/engine.py", "tasks/io.py")
-CANDIDATE_CODE = (*BASELINE_CODE, "tasks/search.py", "tasks/gate.py", "tasks/stats.py")
 
 
-def code_digest(paths: tuple[str, ...] = BASELINE_CODE) -> str:
+def code_digest(paths: tuple[str, ...]) -> str:
     """sha256 over the Python sources under ``paths`` (files or packages), by relative name."""
     digest = hashlib.sha256()
     for path in paths:
@@ -34,39 +34,33 @@ def code_digest(paths: tuple[str, ...] = BASELINE_CODE) -> str:
     return digest.hexdigest()
 
 
-def baseline_key(ctx: Context) -> str:
-    """A key that changes whenever the baseline's weights could: data, seed, augmentation, model,
-    training recipe, training code, or the project directory it is written to."""
-    params = ctx.params
+def _declared(spec: StageSpec, params: Params, item: str = "") -> dict:
+    raw = params.model_dump(mode="json")
+    return {
+        "code": code_digest(spec.code),
+        "params": {key.replace(KEY, item): resolve(raw, key.replace(KEY, item)) for key in spec.params},
+    }
+
+
+def baseline_key(params: Params, layout: Layout) -> str:
+    """Changes whenever the baseline's weights could: its data, declared code or params, or the
+    project directory it is written to."""
     inputs = {
-        "data_fingerprint": load_manifest(ctx.layout).fingerprint,
-        "seed": params.seed,
-        "augment": params.data.augment,
-        "model": params.model.model_dump(mode="json"),
-        "train": params.train.model_dump(mode="json"),
-        "code": code_digest(),
-        "checkpoint": str(ctx.layout.checkpoint("baseline")),
+        **_declared(STAGES["baseline"], params),
+        "data_fingerprint": load_manifest(layout).fingerprint,
+        "checkpoint": str(layout.checkpoint("baseline")),
     }
     return "shrinkflow-baseline-" + _digest(inputs)
 
 
-def candidate_key(ctx: Context, name: str) -> str:
-    """A key that changes whenever candidate ``name``'s weights could: the baseline checkpoint it
-    shrinks, its own options, the shared shrink budget, the training recipe, the tolerance (a
-    search reads it), the code, or where it is written."""
-    params = ctx.params
+def candidate_key(params: Params, layout: Layout, name: str) -> str:
+    """Changes whenever candidate ``name``'s weights could: the baseline checkpoint it shrinks,
+    its declared code or params (its own entry, the shared budget, the gate), or where it is
+    written."""
     inputs = {
-        "baseline_sha256": load_record(ctx.layout, "baseline").sha256,
-        "seed": params.seed,
-        "augment": params.data.augment,
-        "train": params.train.model_dump(mode="json"),
-        "shrink": params.shrink.model_dump(
-            mode="json", include={"workers", "epochs", "lr", "calibration_size"}
-        ),
-        "candidate": params.shrink.candidates[name].model_dump(mode="json"),
-        "gate": [params.promote.tolerance, params.promote.tolerance_mode, params.promote.confidence],
-        "code": code_digest(CANDIDATE_CODE),
-        "checkpoint": str(ctx.layout.checkpoint(name)),
+        **_declared(STAGES["shrink"], params, name),
+        "baseline_sha256": load_record(layout, "baseline").sha256,
+        "checkpoint": str(layout.checkpoint(name)),
     }
     return f"shrinkflow-candidate-{name}-" + _digest(inputs)
 
@@ -75,12 +69,12 @@ def _digest(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def intact(ctx: Context, name: str, record: ModelRecord) -> bool:
+def intact(layout: Layout, name: str, record: ModelRecord) -> bool:
     """Whether model ``name``'s checkpoint and record on disk are still the ones ``record``
     describes."""
-    path = ctx.layout.checkpoint(name)
+    path = layout.checkpoint(name)
     try:
-        on_disk = load_record(ctx.layout, name)
+        on_disk = load_record(layout, name)
     except (FileNotFoundError, TypeError, ValueError):
         return False
     return path.is_file() and on_disk.sha256 == record.sha256 and sha256_file(path) == record.sha256

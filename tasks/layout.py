@@ -1,5 +1,6 @@
-"""Every path a stage reads or writes, derived from ``params.paths`` (which ``dvc.yaml`` also
-interpolates), so file names are declared in one place."""
+"""Every path a stage reads or writes: directories from ``params.paths`` and file names from
+:class:`Files`, the one place either is spelled (``dvc.yaml`` is generated from both, see
+:mod:`tasks.stage_specs`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,21 @@ from pathlib import Path
 from tasks.config import Params
 
 SPLITS = ("train", "val", "gate", "test")
+
+
+class Files:
+    """File names inside the ``paths`` directories."""
+
+    MANIFEST = "manifest.json"  # in paths.prepared, beside <split>.pt
+    CHECKPOINT = "model.pt"  # in paths.baseline and in paths.candidates/<name>
+    RECORD = "record.json"
+    CANDIDATES = "candidates.csv"  # in paths.reports
+    PREDICTIONS = "predictions.csv"
+    CURVES = "curves"
+    METRICS = "metrics.json"
+    PARETO = "pareto.png"
+    REPORT = "report.md"
+    PROMOTION = "promotion.json"
 
 
 @dataclass(frozen=True)
@@ -36,44 +52,44 @@ class Layout:
 
     @property
     def manifest(self) -> Path:
-        return self.prepared / "manifest.json"
+        return self.prepared / Files.MANIFEST
 
     def model_dir(self, name: str) -> Path:
         """Directory of the baseline (``name == "baseline"``) or of one candidate."""
         return self.baseline if name == "baseline" else self.candidates / name
 
     def checkpoint(self, name: str) -> Path:
-        return self.model_dir(name) / "model.pt"
+        return self.model_dir(name) / Files.CHECKPOINT
 
     def record(self, name: str) -> Path:
-        return self.model_dir(name) / "record.json"
+        return self.model_dir(name) / Files.RECORD
 
     @property
     def candidates_csv(self) -> Path:
-        return self.reports / "candidates.csv"
+        return self.reports / Files.CANDIDATES
 
     @property
     def predictions_csv(self) -> Path:
         """Every model's predicted class for every val, gate and test image (paired outcomes)."""
-        return self.reports / "predictions.csv"
+        return self.reports / Files.PREDICTIONS
 
     @property
     def curves(self) -> Path:
         """One ``<model>.csv`` of per-epoch training history per model (``dvc plots`` data)."""
-        return self.reports / "curves"
+        return self.reports / Files.CURVES
 
     @property
     def metrics_json(self) -> Path:
-        return self.reports / "metrics.json"
+        return self.reports / Files.METRICS
 
     @property
     def pareto_png(self) -> Path:
-        return self.reports / "pareto.png"
+        return self.reports / Files.PARETO
 
     @property
     def report_md(self) -> Path:
-        return self.reports / "report.md"
+        return self.reports / Files.REPORT
 
     @property
     def promotion_json(self) -> Path:
-        return self.reports / "promotion.json"
+        return self.reports / Files.PROMOTION

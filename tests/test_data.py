@@ -24,7 +24,6 @@ from tasks.engine import augment_batch, fit
 from tasks.layout import Layout
 from tasks.prepare import load_split, prepare
 from tasks.sources import LOADERS, DataError
-from tasks.stages import Context
 from tasks.train import load_record, train_baseline
 from tests.conftest import REPO, run_cli, small_raw
 
@@ -258,7 +257,7 @@ def test_baseline_key_follows_data_config_and_checkpoint(trained_layout):
 
     def key(*overrides):
         params = _params(*overrides)
-        return baseline_key(Context(params, Layout.from_params(params, root), tracker=None))
+        return baseline_key(params, Layout.from_params(params, root))
 
     assert key() == key(), "stable"
     assert key("train.lr=0.01") != key() and key("model.hidden=[64]") != key()
@@ -269,14 +268,13 @@ def test_baseline_key_follows_data_config_and_checkpoint(trained_layout):
     trained_layout.manifest.write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))
     assert key() != before, "other data, other key"
 
-    ctx = Context(_params(), trained_layout, tracker=None)
     record = load_record(trained_layout, "baseline")
-    assert intact(ctx, "baseline", record)
+    assert intact(trained_layout, "baseline", record)
     with open(trained_layout.checkpoint("baseline"), "ab") as fh:
         fh.write(b"tampered")
-    assert not intact(ctx, "baseline", record)
+    assert not intact(trained_layout, "baseline", record)
     trained_layout.checkpoint("baseline").unlink()
-    assert not intact(ctx, "baseline", record)
+    assert not intact(trained_layout, "baseline", record)
 
 
 def test_stored_digits_are_exact_integers_with_their_scale(tmp_path):

@@ -1,0 +1,201 @@
+"""What each stage reads and writes, declared once: ``dvc.yaml`` is generated from these specs
+(``python -m tasks.stage_specs > dvc.yaml``; a test checks the committed file is what they
+generate), and Prefect's cache keys (:mod:`tasks.cache`) hash the same code and params, so DVC
+and Prefect always agree on what must re-run. Directories come from ``params.yaml``'s ``paths``
+section and file names from :class:`tasks.layout.Files`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from tasks.layout import Files
+
+PREPARED, BASELINE, CANDIDATES, REPORTS = (
+    f"${{paths.{p}}}" for p in ("prepared", "baseline", "candidates", "reports")
+)
+REPORT = {name: f"{REPORTS}/{getattr(Files, name)}" for name in vars(Files) if name.isupper()}
+# A foreach stage's item: one candidate's name.
+KEY = "${key}"
+
+
+@dataclass(frozen=True)
+class Out:
+    path: str
+    cache: bool = True  # False: small files kept in git rather than DVC's cache
+    metric: bool = False
+
+    def entry(self) -> str | dict:
+        return self.path if self.cache else {self.path: {"cache": False}}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    cmd: str
+    data: tuple[str, ...]  # data the stage reads (DVC deps; the cache keys use fingerprints)
+    code: tuple[str, ...]  # source files and packages whose change re-runs the stage
+    params: tuple[str, ...]  # params.yaml keys it reads (dotted; ${key} is a foreach item)
+    outs: tuple[Out, ...] = field(default=())
+    foreach: str | None = None
+
+    def dvc(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "cmd": self.cmd,
+            "deps": [*self.data, *self.code],
+            "params": list(self.params),
+        }
+        if outs := [o.entry() for o in self.outs if not o.metric]:
+            body["outs"] = outs
+        if metrics := [o.entry() for o in self.outs if o.metric]:
+            body["metrics"] = metrics
+        return {"foreach": self.foreach, "do": body} if self.foreach else body
+
+
+# The code every model stage runs: the networks, the config (which holds defaults), the data
+# loading, the one training loop and the checkpoint writer.
+TRAINING_CODE = (
+    "models",
+    "tasks/config.py",
+    "tasks/prepare.py",
+    "tasks/train.py",
+    "tasks/engine.py",
+    "tasks/io.py",
+)
+GATE_CODE = ("tasks/gate.py", "tasks/stats.py")
+# Every model's paired comparison with the baseline, and the ratio searches, read these.
+GATE_PARAMS = ("promote.tolerance", "promote.tolerance_mode", "promote.confidence")
+
+STAGES: dict[str, StageSpec] = {
+    "prepare": StageSpec(
+        cmd="shrinkflow stage prepare",
+        data=("${data.root}",),
+        code=("tasks/prepare.py", "tasks/sources.py", "tasks/config.py", "tasks/io.py"),
+        params=(
+            "seed",
+            *(
+                f"data.{k}"
+                for k in (
+                    "source",
+                    "root",
+                    "download",
+                    "image_size",
+                    "channels",
+                    "val_fraction",
+                    "gate_fraction",
+                    "test_fraction",
+                    "max_train_samples",
+                )
+            ),
+        ),
+        outs=(Out(PREPARED),),
+    ),  # fmt: skip
+    "baseline": StageSpec(
+        cmd="shrinkflow stage baseline",
+        data=(PREPARED,),
+        code=TRAINING_CODE,
+        params=("seed", "data.augment", "model", "train"),
+        outs=(Out(BASELINE),),
+    ),
+    "shrink": StageSpec(
+        cmd=f"shrinkflow stage shrink --candidate {KEY}",
+        foreach="${shrink.candidates}",
+        data=(PREPARED, BASELINE),
+        code=(*TRAINING_CODE, "tasks/search.py", *GATE_CODE),
+        params=(
+            "seed",
+            "data.augment",
+            "train",
+            "shrink.workers",
+            "shrink.epochs",
+            "shrink.lr",
+            "shrink.calibration_size",
+            f"shrink.candidates.{KEY}",
+            *GATE_PARAMS,
+        ),
+        outs=(Out(f"{CANDIDATES}/{KEY}"),),
+    ),  # fmt: skip
+    "evaluate": StageSpec(
+        cmd="shrinkflow stage evaluate",
+        data=(PREPARED, BASELINE, CANDIDATES),
+        code=("models", "tasks/config.py", "tasks/evaluate.py", "tasks/engine.py", "tasks/io.py", *GATE_CODE),
+        params=("shrink.candidates", "evaluate", *GATE_PARAMS),
+        outs=(
+            Out(REPORT["CANDIDATES"]),
+            Out(REPORT["PREDICTIONS"]),
+            Out(REPORT["CURVES"], cache=False),
+            Out(REPORT["METRICS"], cache=False, metric=True),
+        ),
+    ),
+    "promote": StageSpec(
+        cmd="shrinkflow stage promote",
+        data=(REPORT["CANDIDATES"], REPORT["PREDICTIONS"], PREPARED, BASELINE, CANDIDATES),
+        code=(
+            "models",
+            "tasks/config.py",
+            "tasks/promote.py",
+            *GATE_CODE,
+            "tasks/evaluate.py",
+            "tasks/tracking.py",
+            "tasks/serving.py",
+            "tasks/report.py",
+        ),
+        params=("promote",),
+        outs=(
+            Out(REPORT["PARETO"], cache=False),
+            Out(REPORT["REPORT"], cache=False),
+            Out(REPORT["PROMOTION"], cache=False, metric=True),
+        ),
+    ),  # fmt: skip
+}
+
+PLOTS = [
+    {
+        "accuracy-vs-size": {
+            "title": "Accuracy against model size (every model)",
+            "template": "scatter",
+            "x": "size_bytes",
+            "y": {REPORT["CANDIDATES"]: ["val_acc", "gate_acc", "test_acc"]},
+            "x_label": "checkpoint size (bytes)",
+            "y_label": "accuracy (%)",
+        }
+    },
+    REPORT["PARETO"],
+    {
+        REPORT["CURVES"]: {
+            "x": "epoch",
+            "y": "val_acc",
+            "x_label": "epoch",
+            "y_label": "validation accuracy (%)",
+        }
+    },
+]
+
+HEADER = """\
+# Generated by `python -m tasks.stage_specs > dvc.yaml` from tasks/stage_specs.py, which also
+# feeds Prefect's cache keys: edit the specs there, not this file. The same five stages as the
+# Prefect flow, each calling the same function (`shrinkflow stage`); directories come from
+# params.yaml's `paths` section.
+"""
+
+
+def dvc_yaml() -> str:
+    """The text of ``dvc.yaml``."""
+    stages = {name: spec.dvc() for name, spec in STAGES.items()}
+    body = yaml.safe_dump({"stages": stages, "plots": PLOTS}, sort_keys=False, width=110)
+    return HEADER + body
+
+
+def resolve(raw: dict[str, Any], key: str) -> Any:
+    """The value at a dotted ``params.yaml`` key (``None`` where it is absent)."""
+    node: Any = raw
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+if __name__ == "__main__":
+    sys.stdout.write(dvc_yaml())

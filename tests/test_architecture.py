@@ -1,0 +1,72 @@
+"""The structure itself: imports go one way with no cycles, dvc.yaml and Prefect's cache keys
+come from one declaration, and every registered strategy and architecture is usable."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from models import ARCHITECTURES, STRATEGIES, build_model
+from models.architecture import Architecture
+from tasks.cache import candidate_key
+from tasks.config import ConfigError, parse_params
+from tasks.layout import Layout
+from tasks.stage_specs import STAGES, dvc_yaml
+from tests.conftest import BIN, REPO, small_raw
+
+
+def test_import_contracts_hold():
+    """Layers flows -> tasks -> models, Prefect only in flows, models pure torch, no cycles
+    (function-level imports included): the contracts in pyproject.toml."""
+    done = subprocess.run([str(BIN / "lint-imports")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 kept, 0 broken" in done.stdout
+
+
+def test_committed_dvc_yaml_is_generated_from_the_stage_specs():
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run: python -m tasks.stage_specs > dvc.yaml"
+    for name, spec in STAGES.items():
+        for path in spec.code:
+            assert (REPO / path).exists(), f"{name} declares {path}, which does not exist"
+
+
+def test_candidate_cache_key_follows_exactly_what_the_shrink_stage_declares(trained_layout):
+    def key(*overrides):
+        params = parse_params(small_raw(*overrides))
+        return candidate_key(params, Layout.from_params(params, trained_layout.root), "l1-50")
+
+    assert key() == key()
+    for changed in ("promote.confidence=0.9", "promote.tolerance=3", "shrink.epochs=9", "train.lr=0.01",
+                    "shrink.candidates.l1-50.ratio=0.6"):  # fmt: skip
+        assert key(changed) != key(), changed
+    for unread in ("promote.alias=best", "evaluate.latency_repeats=3", "shrink.candidates.w50.ratio=0.6"):
+        assert key(unread) == key(), unread
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_is_declarable_in_params(name):
+    strategy = STRATEGIES[name]
+    entry = {"strategy": name, **({"ratio": 0.5} if "ratio" in strategy.options.model_fields else {})}
+    overrides = ["model.batch_norm=true"] if strategy.needs_batch_norm else []
+    params = parse_params(small_raw(*overrides, f"shrink.candidates={json.dumps({'c': entry})}"))
+    candidate = params.shrink.candidates["c"]
+    assert candidate.strategy == name and set(candidate.options()) <= set(strategy.options.model_fields)
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_params(small_raw(*overrides, f"shrink.candidates={json.dumps({'c': {**entry, 'colour': 1}})}"))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_is_declarable_and_keeps_the_protocol(arch):
+    cls = ARCHITECTURES[arch]
+    params = parse_params(
+        small_raw(f"model={{arch: {arch}}}", "shrink.candidates={w: {strategy: width, ratio: 0.5}}")
+    )
+    options = params.model.arch_options()
+    assert options["arch"] == arch and type(params.model) is cls.Options
+    size = max(cls.min_image_size(options), 8)
+    model = build_model({**options, "in_channels": 3, "image_size": size, "num_classes": 4})
+    assert isinstance(model, Architecture) and model.spec()["arch"] == arch
+    assert model.classifier_layer().out_features == 4
+    assert build_model(model.spec()).spec() == model.spec(), "a spec rebuilds its model"
