@@ -26,7 +26,7 @@ repro: install  ## the same pipeline stage by stage through DVC
 	$(BIN)/dvc repro
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:  ## remove pipeline outputs and local tracking state (not the venv)
 	rm -rf data/prepared artifacts reports/candidates.csv mlflow.db mlartifacts .prefect

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from tasks.io import atomic_path  # noqa: E402
-from tasks.promote import Decision  # noqa: E402
-from tasks.stats import margin_points  # noqa: E402
+from tasks.io import atomic_path
+from tasks.promote import Decision
+from tasks.stats import margin_points
 
 SHOWN = [
     "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
@@ -79,7 +76,9 @@ STRATEGY_MARKERS = "osD^v<>PXh*"
 def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
     """Test accuracy against params (log) and against latency; tolerance band and winner marked."""
     ok = table[table["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True, constrained_layout=True)
+    # A Figure of its own (no pyplot state machine, no global backend): safe in threads and servers.
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
     floor = decision.baseline_test_acc - margin_points(
         decision.baseline_test_acc, decision.tolerance, decision.tolerance_mode
     )
@@ -97,9 +96,10 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
             # Error bars: the paired test interval against the baseline, around the model's accuracy.
             below = (group["test_delta"] - group["test_lower"]).clip(lower=0)
             above = (group["test_upper"] - group["test_delta"]).clip(lower=0)
-            bars = ax.errorbar(
-                group[column], group["test_acc"], yerr=[below, above], fmt="none", elinewidth=1,
-                capsize=2, alpha=0.6, zorder=2,
+            color = f"C{i}"
+            ax.errorbar(
+                group[column], group["test_acc"], yerr=[below, above], fmt="none", ecolor=color,
+                elinewidth=1, capsize=2, alpha=0.6, zorder=2,
             )  # fmt: skip
             ax.scatter(
                 group[column],
@@ -108,7 +108,7 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
                 s=45,
                 label=strategy,
                 zorder=3,
-                color=bars.lines[2][0].get_color(),
+                color=color,
             )
             for _, row in group.iterrows():
                 ax.annotate(
@@ -146,5 +146,4 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
         fig.savefig(
             tmp, format="png", dpi=110, metadata={"Title": "shrinkflow pareto", "Description": points}
         )
-    plt.close(fig)
     return path

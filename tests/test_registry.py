@@ -147,6 +147,7 @@ def test_a_champion_whose_files_are_gone_is_replaced_not_kept(evaluated, tmp_pat
     assert "no longer loads" in again.verdict_reason and _aliases(model_name) == {"champion": 2}
 
 
+@pytest.mark.slow
 def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, model_name, monkeypatch):
     """The champion's artefacts sit behind a real artefact server that then goes down."""
     port = free_port()
