@@ -115,9 +115,24 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+@contextlib.contextmanager
+def ends_failed(ctx: Context, run: str) -> Iterator[None]:
+    """End ``run`` FAILED (KILLED when interrupted), with the error as a tag, if the block raises:
+    a stage that stops never leaves its MLflow run RUNNING."""
+    try:
+        yield
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        with contextlib.suppress(Exception):  # the tracking store may be what failed
+            ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
+            ctx.tracker.end_run(run, status)
+        raise
+
+
 def run_prepare(ctx: Context) -> Manifest:
     run = ctx.tracker.start_run("prepare", ctx.parent_run, tags={"shrinkflow.stage": "prepare"})
-    manifest = prepare(ctx.params, ctx.layout)
+    with ends_failed(ctx, run):
+        manifest = prepare(ctx.params, ctx.layout)
     ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags={"data_fingerprint": manifest.fingerprint})
     ctx.tracker.log_dataset(run, manifest, load_split(ctx.layout, "train")[0].numpy(), ctx.layout.prepared)
     ctx.tracker.log_artifact(run, ctx.layout.manifest)
@@ -183,7 +198,8 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     """Measure every model; its figures also go to the model's own run when ``runs`` names it."""
     _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
-    table = evaluate_models(ctx.params, ctx.layout)
+    with ends_failed(ctx, run):
+        table = evaluate_models(ctx.params, ctx.layout)
     for row in table.to_dict("records"):
         if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
             ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})

@@ -61,16 +61,37 @@ def tracking_uri(root: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def check_writable_store(uri: str) -> None:
+    """Refuse, in one line and before MLflow opens it, an sqlite store that cannot be written:
+    MLflow would otherwise fail deep inside its schema migration with a long traceback."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///file:"):
+        return  # a server, or an sqlite URI filename with its own options
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()  # sqlite:////abs or ///rel
+    where = db.parent
+    problem = None
+    if not where.is_dir():
+        problem = f"its directory {where} does not exist"
+    elif db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        problem = "the file is read-only"
+    elif not os.access(where, os.W_OK | os.X_OK):
+        problem = f"its directory {where} is read-only (sqlite writes a journal beside it)"
+    if problem:
+        raise TrackingUnavailable(
+            f"MLflow tracking store {db} cannot be written: {problem}; fix the permissions or point "
+            "MLFLOW_TRACKING_URI elsewhere"
+        )
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         location = artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
-        try:
+        check_writable_store(uri)
+        try:  # creating the client already opens (and migrates) an sqlite store
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             self.experiment_id = self._experiment(experiment, location)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise TrackingUnavailable(f"MLflow tracking at {uri} is unreachable: {first}") from None
+            raise TrackingUnavailable(_unusable(uri, exc)) from None
 
     def _experiment(self, name: str, location: str | None) -> str:
         for _ in range(3):  # another process may create it between our get and create
@@ -216,6 +237,13 @@ class Tracker:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def _unusable(uri: str, exc: Exception) -> str:
+    """One line for a tracking store that failed: a server is unreachable, a file store unusable."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    how = "is unreachable" if uri.startswith(("http:", "https:")) else "cannot be used"
+    return f"MLflow tracking at {uri} {how}: {first}"
 
 
 def _now() -> int:
