@@ -72,9 +72,9 @@ def test_second_writer_is_refused_naming_the_holder(digits_project):
 
 def test_lock_of_a_killed_holder_is_taken_over(digits_project):
     holder = _hold(digits_project)
-    with pytest.raises(ProjectLocked, match=f"pid {holder.pid}"):
-        with project_lock(digits_project, "stage prepare"):
-            pass
+    refused = pytest.raises(ProjectLocked, match=f"pid {holder.pid}")
+    with refused, project_lock(digits_project, "stage prepare"):
+        pass
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     assert (digits_project / LOCK_NAME).exists(), "SIGKILL leaves the lock file behind"
