@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from tasks.config import DataConfig, Params
+from tasks.datachecks import check_classes, check_splits
 from tasks.io import read_json, write_json, write_torch
 from tasks.layout import SPLITS, Layout
 from tasks.sources import DataError, load_source
@@ -73,7 +74,9 @@ def fingerprint(tensors: dict[str, dict[str, torch.Tensor]]) -> str:
 def prepare(params: Params, layout: Layout) -> Manifest:
     """Read ``data.source``, split it, and write ``{train,val,test}.pt`` (uint8) + manifest."""
     raw = load_source(params.data, layout.root / params.data.root)
+    check_classes(raw, params.data, layout.root / params.data.root)
     parts = split_indices(raw.labels, params.data, params.seed, raw.n_test)
+    check_splits(raw, parts, params.data)
     tensors = {
         split: {"x": torch.from_numpy(raw.images[idx]), "y": torch.from_numpy(raw.labels[idx])}
         for split, idx in parts.items()
