@@ -361,6 +361,24 @@ class PathsConfig(_Section):
     baseline: str = "artifacts/baseline"
     candidates: str = "artifacts/candidates"
     reports: str = "reports"
+    # Outputs stay inside the project unless this opts in (stages delete stale files they own).
+    outside_project: bool = False
+
+    @model_validator(mode="after")
+    def _inside_the_project(self) -> PathsConfig:
+        named = {k: getattr(self, k) for k in ("prepared", "baseline", "candidates", "reports")}
+        for key, value in named.items():
+            parts = Path(value).parts
+            if not value.strip() or Path(value) == Path("."):
+                raise ValueError(f"paths.{key} must name a directory below the project, not {value!r}")
+            if (Path(value).is_absolute() or ".." in parts) and not self.outside_project:
+                raise ValueError(
+                    f"paths.{key} {value!r} leaves the project; use a relative path below it, or set "
+                    "paths.outside_project: true"
+                )
+        if len({Path(v) for v in named.values()}) < len(named):
+            raise ValueError("paths.prepared, baseline, candidates and reports must all differ")
+        return self
 
 
 SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit

@@ -44,13 +44,19 @@ class TrackingUnavailable(ShrinkflowError, RuntimeError):
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def code_version(root: str | Path = PROJECT_ROOT) -> str:
-    """The git commit of the code that runs (``-dirty`` when it has local changes), if any."""
+# What a run itself rewrites: committed copies of these changing is not a change of code or params.
+PIPELINE_OUTPUTS = ("reports", "dvc.lock", "dvc_plots", "data/prepared", "artifacts")
+
+
+def code_version(root: str | Path = PROJECT_ROOT, outputs: tuple[str, ...] = PIPELINE_OUTPUTS) -> str:
+    """The git commit of the code that runs, ``-dirty`` when code or params differ from it (the
+    pipeline's own ``outputs`` do not count), or ``unknown`` outside git."""
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+    status += [f":(exclude){path}" for path in outputs]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}-dirty" if dirty else head
