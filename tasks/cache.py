@@ -36,7 +36,8 @@ def code_digest(paths: tuple[str, ...] = BASELINE_CODE) -> str:
 
 def baseline_key(ctx: Context) -> str:
     """A key that changes whenever the baseline's weights could: data, seed, augmentation, model,
-    training recipe, training code, or the project directory it is written to."""
+    training recipe, training code, the project directory it is written to, or the tracking
+    store its MLflow run is in."""
     params = ctx.params
     inputs = {
         "data_fingerprint": load_manifest(ctx.layout).fingerprint,
@@ -46,6 +47,7 @@ def baseline_key(ctx: Context) -> str:
         "train": params.train.model_dump(mode="json"),
         "code": code_digest(),
         "checkpoint": str(ctx.layout.checkpoint("baseline")),
+        "tracking": ctx.tracker.identity(),  # the cached result names a run in this store
     }
     return "shrinkflow-baseline-" + _digest(inputs)
 
@@ -53,7 +55,7 @@ def baseline_key(ctx: Context) -> str:
 def candidate_key(ctx: Context, name: str) -> str:
     """A key that changes whenever candidate ``name``'s weights could: the baseline checkpoint it
     shrinks, its own options, the shared shrink budget, the training recipe, the tolerance (a
-    search reads it), the code, or where it is written."""
+    search reads it), the code, where it is written, or the tracking store."""
     params = ctx.params
     inputs = {
         "baseline_sha256": load_record(ctx.layout, "baseline").sha256,
@@ -67,6 +69,7 @@ def candidate_key(ctx: Context, name: str) -> str:
         "tolerance": [params.promote.tolerance, params.promote.tolerance_mode],
         "code": code_digest(CANDIDATE_CODE),
         "checkpoint": str(ctx.layout.checkpoint(name)),
+        "tracking": ctx.tracker.identity(),
     }
     return f"shrinkflow-candidate-{name}-" + _digest(inputs)
 

@@ -126,6 +126,13 @@ class Tracker:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unreachable: {first}") from None
 
+    def identity(self) -> str:
+        """The store and experiment runs go to, down to this copy of it (a store deleted and
+        recreated at the same URI gets a new experiment creation time): a cached result's run ids
+        are valid only where this is unchanged."""
+        created = self.client.get_experiment(self.experiment_id).creation_time
+        return f"{self.uri}#{self.experiment_id}@{created}"
+
     @classmethod
     def for_project(cls, root: str | Path, experiment: str) -> Tracker:
         return cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
