@@ -63,12 +63,17 @@ def _user_errors() -> Iterator[None]:
 
 
 _details = logging.getLogger("shrinkflow.cli")
-# Prefect reports a failed task or flow run at ERROR with its traceback; under the CLI the failure
-# is already one `error:` line, so these records go to the log file only.
-_FILE_ONLY = ("prefect.flow_runs", "prefect.task_runs", _details.name)
+# Prefect reports a failed task or flow run, and MLflow a failed database write, at ERROR with a
+# traceback; under the CLI the failure is already one `error:` line, so these go to the log file only.
+_FILE_ONLY = ("prefect.flow_runs", "prefect.task_runs", "mlflow.store")
+# Loggers with console handlers of their own: the root (Prefect's handler, or basicConfig's) and
+# MLflow's, which does not propagate.
+_CONSOLE_LOGGERS = ("", "mlflow")
 
 
 def _console_quiet(record: logging.LogRecord) -> bool:
+    if record.name == _details.name:
+        return False
     return not (record.levelno >= logging.ERROR and record.name.startswith(_FILE_ONLY))
 
 
@@ -82,8 +87,10 @@ def _project_session(root: Path, command: str) -> Iterator[None]:
         handler = logging.FileHandler(Path(root) / STATE_DIR / "shrinkflow.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
-        consoles = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
-        logging.getLogger().addHandler(handler)
+        loggers = [logging.getLogger(name) for name in _CONSOLE_LOGGERS]
+        consoles = [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+        for lg in loggers:
+            lg.addHandler(handler)
         for console in consoles:
             console.addFilter(_console_quiet)
         _details.info("shrinkflow %s in %s", command, Path(root).resolve())
@@ -93,7 +100,8 @@ def _project_session(root: Path, command: str) -> Iterator[None]:
             _details.error("%s failed: %s", command, exc, exc_info=True)  # the log file only
             raise
         finally:
-            logging.getLogger().removeHandler(handler)
+            for lg in loggers:
+                lg.removeHandler(handler)
             handler.close()
             for console in consoles:
                 console.removeFilter(_console_quiet)

@@ -213,6 +213,15 @@ _MEASURED = ("val_acc", "test_acc", "macro_f1", "params", "flops", "size_bytes",
              "compressed_bytes")  # fmt: skip
 
 
+def discard_decision(layout: Layout) -> None:
+    """Remove a previous run's decision files (the promote stage's own outputs), so a failed
+    promotion never leaves an older winner beside a newer table."""
+    for path in (layout.promotion_json, layout.report_md, layout.pareto_png):
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            log.info("removed %s: it described an earlier promotion", path)
+
+
 def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:
     """Register the winner under the registry rules, then draw and write what reviewers read."""
     run = ctx.tracker.start_run("promote", ctx.parent_run, tags={"shrinkflow.stage": "promote"})
@@ -220,6 +229,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
         tags = {"code_version": code_version(), **(extra_tags or {})}
         decision = promote(ctx.params, ctx.layout, ctx.tracker, run, tags, force)
     except Exception as exc:
+        discard_decision(ctx.layout)
         ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"})
         ctx.tracker.end_run(run, "FAILED")
         raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import subprocess
 import time
 import warnings
@@ -135,14 +136,37 @@ class Tracker:
 
     @classmethod
     def for_project(cls, root: str | Path, experiment: str) -> Tracker:
-        return cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
+        tracker = cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's own mlflow.db
+            tracker.follow_project(Path(root))
+        return tracker
+
+    def follow_project(self, root: Path) -> None:
+        """Point the experiment's artefacts at ``<root>/mlartifacts`` when the project's own
+        store names another directory: MLflow stores the location as an absolute path, so a
+        copied (or moved) project would otherwise keep writing into the original's folder. Only
+        runs created from now on follow; MLflow has no API for this, so the sqlite row is updated."""
+        want = (root.resolve() / "mlartifacts").as_uri()
+        have = self.client.get_experiment(self.experiment_id).artifact_location
+        if have == want or not have.startswith("file:"):
+            return
+        db = self.uri.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            con.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                (want, int(self.experiment_id)),
+            )
+        log.warning("MLflow artefacts of this project now go to %s (the store said %s)", want, have)
 
     # runs -------------------------------------------------------------------------------
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        try:
+            return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        except Exception as exc:  # the first write a stage makes: a read-only store fails here
+            raise TrackingUnavailable(_unusable(self.uri, exc)) from exc
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -254,6 +278,8 @@ class Tracker:
 
 def _unusable(uri: str, exc: Exception) -> str:
     """One line for a tracking store that failed: a server is unreachable, a file store unusable."""
+    while exc.__cause__ is not None:  # MLflow wraps the database's own, clearer, error
+        exc = exc.__cause__
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     how = "is unreachable" if uri.startswith(("http:", "https:")) else "cannot be used"
     return f"MLflow tracking at {uri} {how}: {first}"
