@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from flows import reaper
 from tasks import progress
 from tasks.config import load_params
 
@@ -107,6 +108,9 @@ def _project_session(root: Path, command: str) -> Iterator[None]:
                 console.removeFilter(_console_quiet)
 
 
+_watchers: list = []  # kept referenced, so their pipes stay open until this process exits
+
+
 def check_prefect_home() -> None:
     """Refuse, in one line, a Prefect home that cannot be written (Prefect would retry its
     database for half a minute and then print a thousand lines)."""
@@ -145,6 +149,7 @@ def run(
             from tasks.tracking import Tracker
 
             Tracker.for_project(root, cfg.tracking.experiment).check()  # before Prefect starts
+            _watchers.append(reaper.watch(os.getpid()))  # its pipe closes when this process ends
             from flows.pipeline import configured
 
             flow = configured(params, tuple(set_ or ()))

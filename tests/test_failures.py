@@ -4,7 +4,10 @@ decision after a failed promotion, and artefacts that follow a copied project.""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,11 +17,12 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
+from flows import reaper
 from tasks.evaluate import load_table
 from tasks.promote import PromotionError
 from tasks.stages import Context, run_promote
 from tasks.tracking import Tracker, tracking_uri
-from tests.conftest import copy_project, run_cli, small_raw
+from tests.conftest import BIN, copy_project, run_cli, small_raw
 
 
 def _one_class_project(root: Path, *overrides: str) -> Path:
@@ -141,3 +145,38 @@ def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypat
         Tracker.for_project(original, "follow").client.get_experiment(first.experiment_id).artifact_location
         == (original / "mlartifacts").as_uri()
     ), "the original is untouched"
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw("train.epochs=300")))  # long enough
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
+    run = subprocess.Popen(
+        [str(BIN / "shrinkflow"), "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    servers: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not servers and run.poll() is None and time.monotonic() < deadline:
+            servers = reaper.servers_of(run.pid)
+            time.sleep(0.2)
+        assert servers, "the run started a temporary Prefect server"
+        time.sleep(1.5)  # the watcher polls every 0.5 s
+        run.send_signal(signal.SIGKILL)  # the run alone, as the OOM killer would
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = lambda: [pid for pid, cmd in servers.items() if reaper.still_running(pid, cmd)]  # noqa: E731
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(), "the server died with its run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid, cmd in servers.items():
+            if reaper.still_running(pid, cmd):
+                os.kill(pid, signal.SIGKILL)
