@@ -214,6 +214,7 @@ def serve(
     """
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
     with _user_errors():
+        check_prefect_home()
         from flows.pipeline import configured
 
         flow = configured(params, tuple(set_ or ()))

@@ -133,9 +133,11 @@ def run_prepare(ctx: Context) -> Manifest:
     run = ctx.tracker.start_run("prepare", ctx.parent_run, tags={"shrinkflow.stage": "prepare"})
     with ends_failed(ctx, run):
         manifest = prepare(ctx.params, ctx.layout)
-    ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags={"data_fingerprint": manifest.fingerprint})
-    ctx.tracker.log_dataset(run, manifest, load_split(ctx.layout, "train")[0].numpy(), ctx.layout.prepared)
-    ctx.tracker.log_artifact(run, ctx.layout.manifest)
+        tags = {"data_fingerprint": manifest.fingerprint}
+        ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags=tags)
+        train_x = load_split(ctx.layout, "train")[0].numpy()
+        ctx.tracker.log_dataset(run, manifest, train_x, ctx.layout.prepared)
+        ctx.tracker.log_artifact(run, ctx.layout.manifest)
     ctx.tracker.end_run(run)
     return manifest
 
@@ -200,11 +202,11 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
     with ends_failed(ctx, run):
         table = evaluate_models(ctx.params, ctx.layout)
-    for row in table.to_dict("records"):
-        if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
-            ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})
-    ctx.tracker.log_artifact(run, ctx.layout.candidates_csv)
-    ctx.tracker.log_artifact(run, ctx.layout.metrics_json)
+        for row in table.to_dict("records"):
+            if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
+                ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})
+        ctx.tracker.log_artifact(run, ctx.layout.candidates_csv)
+        ctx.tracker.log_artifact(run, ctx.layout.metrics_json)
     ctx.tracker.end_run(run)
     return table
 
