@@ -327,8 +327,8 @@ class PromoteConfig(_Section):
     # Registry syntax, checked here rather than by MLflow after training (issue #13).
     @field_validator("model_name")
     @classmethod
-    def _registrable_name(cls, name: str) -> str:
-        return registrable_model_name(name)
+    def _registrable_name(cls, name: str | None) -> str | None:
+        return name if name is None else registrable_model_name(name)  # None: a derived default
 
     @field_validator("alias", "challenger_alias")
     @classmethod
