@@ -64,6 +64,7 @@ def _user_errors() -> Iterator[None]:
 
 
 _details = logging.getLogger("shrinkflow.cli")
+_details.setLevel(logging.INFO)  # its records reach only the log file (see _console_quiet)
 # Prefect reports a failed task or flow run, and MLflow a failed database write, at ERROR with a
 # traceback; under the CLI the failure is already one `error:` line, so these go to the log file only.
 _FILE_ONLY = ("prefect.flow_runs", "prefect.task_runs", "mlflow.store")

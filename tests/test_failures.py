@@ -68,6 +68,8 @@ def test_failed_run_is_one_line_and_leaves_no_mlflow_run_running(tmp_path):
     assert "Task run failed" not in done.stderr and "has one class" in done.stderr
     statuses = sorted(run.info.status for run in _runs("failed-run"))
     assert statuses == ["FAILED", "FAILED"], "the pipeline's parent run and its prepare run"
+    log = (root / ".shrinkflow/shrinkflow.log").read_text()
+    assert "shrinkflow run in" in log and "Task run failed with exception" in log and "Traceback" in log
 
 
 def test_read_only_tracking_store_is_one_line_within_seconds(tmp_path):
