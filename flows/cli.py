@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from flows import reaper
 from tasks import progress
 from tasks.config import load_params
 
@@ -61,6 +63,72 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+_details = logging.getLogger("shrinkflow.cli")
+_details.setLevel(logging.INFO)  # its records reach only the log file (see _console_quiet)
+# Prefect reports a failed task or flow run, and MLflow a failed database write, at ERROR with a
+# traceback; under the CLI the failure is already one `error:` line, so these go to the log file only.
+_FILE_ONLY = ("prefect.flow_runs", "prefect.task_runs", "mlflow.store")
+# Loggers with console handlers of their own: the root (Prefect's handler, or basicConfig's) and
+# MLflow's, which does not propagate.
+_CONSOLE_LOGGERS = ("", "mlflow")
+
+
+def _console_quiet(record: logging.LogRecord) -> bool:
+    if record.name == _details.name:
+        return False
+    return not (record.levelno >= logging.ERROR and record.name.startswith(_FILE_ONLY))
+
+
+@contextlib.contextmanager
+def _project_session(root: Path, command: str) -> Iterator[None]:
+    """One writer per project (see tasks/lock.py), with every log record of the command appended
+    to ``<root>/.shrinkflow/shrinkflow.log`` and expected failures kept off the console."""
+    from tasks.lock import STATE_DIR, project_lock
+
+    with project_lock(root, command):
+        handler = logging.FileHandler(Path(root) / STATE_DIR / "shrinkflow.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        loggers = [logging.getLogger(name) for name in _CONSOLE_LOGGERS]
+        consoles = [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+        for lg in loggers:
+            lg.addHandler(handler)
+        for console in consoles:
+            console.addFilter(_console_quiet)
+        _details.info("shrinkflow %s in %s", command, Path(root).resolve())
+        try:
+            yield
+        except Exception as exc:
+            _details.error("%s failed: %s", command, exc, exc_info=True)  # the log file only
+            raise
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+            handler.close()
+            for console in consoles:
+                console.removeFilter(_console_quiet)
+
+
+_watchers: list = []  # kept referenced, so their pipes stay open until this process exits
+
+
+def check_prefect_home() -> None:
+    """Refuse, in one line, a Prefect home that cannot be written (Prefect would retry its
+    database for half a minute and then print a thousand lines)."""
+    from tasks.errors import ShrinkflowError
+
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as exc:
+        raise ShrinkflowError(
+            f"PREFECT_HOME {home} is not a writable directory ({exc.strerror or exc}); "
+            "point PREFECT_HOME at one"
+        ) from None
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
@@ -76,14 +144,20 @@ def run(
     """
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
     with _user_errors():
-        load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
-        from flows.pipeline import configured
+        cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
+        check_prefect_home()
+        with _project_session(root, "run"):
+            from tasks.tracking import Tracker
 
-        flow = configured(params, tuple(set_ or ()))
-        try:
-            flow(str(params), list(set_ or ()), str(root), force)
-        finally:
-            progress.stop()
+            Tracker.for_project(root, cfg.tracking.experiment).check()  # before Prefect starts
+            _watchers.append(reaper.watch(os.getpid()))  # its pipe closes when this process ends
+            from flows.pipeline import configured
+
+            flow = configured(params, tuple(set_ or ()))
+            try:
+                flow(str(params), list(set_ or ()), str(root), force)
+            finally:
+                progress.stop()
     report(params=params, root=root)
 
 
@@ -106,18 +180,24 @@ def stage(
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with _user_errors():
-        ctx = stages.Context.load(params, tuple(set_ or ()), root)
-        if name is Stage.shrink:
-            if candidate not in ctx.params.shrink.candidates:
-                known = ", ".join(ctx.params.shrink.candidates)
-                _fail(f"--candidate {candidate!r} is not in shrink.candidates ({known})")
-            stages.run_candidate(ctx, candidate)
-        elif name is Stage.promote:
-            stages.run_promote(ctx, force=force)
-        else:
-            {"prepare": stages.run_prepare, "baseline": stages.run_baseline, "evaluate": stages.run_evaluate}[
-                name.value
-            ](ctx)
+        cfg = load_params(params, tuple(set_ or ()))
+        if name is Stage.shrink and candidate not in cfg.shrink.candidates:
+            known = ", ".join(cfg.shrink.candidates)
+            _fail(f"--candidate {candidate!r} is not in shrink.candidates ({known})")
+        # A stage of a `shrinkflow run` (or `dvc repro` inside one) inherits the run's lock.
+        with _project_session(root, f"stage {name.value}"):
+            ctx = stages.Context.load(params, tuple(set_ or ()), root)
+            if name is Stage.shrink:
+                stages.run_candidate(ctx, candidate)
+            elif name is Stage.promote:
+                stages.run_promote(ctx, force=force)
+            else:
+                runners = {
+                    "prepare": stages.run_prepare,
+                    "baseline": stages.run_baseline,
+                    "evaluate": stages.run_evaluate,
+                }
+                runners[name.value](ctx)
 
 
 @app.command()
@@ -135,6 +215,7 @@ def serve(
     """
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
     with _user_errors():
+        check_prefect_home()
         from flows.pipeline import configured
 
         flow = configured(params, tuple(set_ or ()))

@@ -20,19 +20,21 @@ from tasks.config import ShrinkConfig, load_params
 from tasks.promote import Decision
 from tasks.report import format_table
 
+def _baseline_key(_, args: dict) -> str:
+    ctx: stages.Context = args["ctx"]
+    return cache.baseline_key(ctx.params, ctx.layout, ctx.tracker.identity())
+
+
+def _candidate_key(_, args: dict) -> str:
+    ctx: stages.Context = args["ctx"]
+    return cache.candidate_key(ctx.params, ctx.layout, args["name"], ctx.tracker.identity())
+
+
 prepare = task(stages.run_prepare, name="prepare", cache_policy=NO_CACHE)
-# Cached on what its weights depend on (data, config, code); see reuse_or_train_baseline.
-baseline = task(
-    stages.run_baseline,
-    name="baseline",
-    cache_key_fn=lambda _, args: cache.baseline_key(args["ctx"].params, args["ctx"].layout),
-)
-shrink = task(
-    stages.run_candidate,
-    name="shrink",
-    task_run_name="shrink-{name}",
-    cache_key_fn=lambda _, args: cache.candidate_key(args["ctx"].params, args["ctx"].layout, args["name"]),
-)
+# Cached on what its weights depend on (data, config, code, tracking store); see
+# reuse_or_train_baseline.
+baseline = task(stages.run_baseline, name="baseline", cache_key_fn=_baseline_key)
+shrink = task(stages.run_candidate, name="shrink", task_run_name="shrink-{name}", cache_key_fn=_candidate_key)
 evaluate = task(stages.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 promote = task(stages.run_promote, name="promote", cache_policy=NO_CACHE)
 

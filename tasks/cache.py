@@ -42,25 +42,28 @@ def _declared(spec: StageSpec, params: Params, item: str = "") -> dict:
     }
 
 
-def baseline_key(params: Params, layout: Layout) -> str:
+def baseline_key(params: Params, layout: Layout, tracking: str) -> str:
     """Changes whenever the baseline's weights could: its data, declared code or params, or the
-    project directory it is written to."""
+    project directory it is written to; or when ``tracking`` (:meth:`Tracker.identity`), the store
+    its cached MLflow run lives in, changes."""
     inputs = {
         **_declared(STAGES["baseline"], params),
         "data_fingerprint": load_manifest(layout).fingerprint,
         "checkpoint": str(layout.checkpoint("baseline")),
+        "tracking": tracking,  # the cached result names a run in this store
     }
     return "shrinkflow-baseline-" + _digest(inputs)
 
 
-def candidate_key(params: Params, layout: Layout, name: str) -> str:
+def candidate_key(params: Params, layout: Layout, name: str, tracking: str) -> str:
     """Changes whenever candidate ``name``'s weights could: the baseline checkpoint it shrinks,
-    its declared code or params (its own entry, the shared budget, the gate), or where it is
-    written."""
+    its declared code or params (its own entry, the shared budget, the gate), where it is
+    written, or the tracking store."""
     inputs = {
         **_declared(STAGES["shrink"], params, name),
         "baseline_sha256": load_record(layout, "baseline").sha256,
         "checkpoint": str(layout.checkpoint(name)),
+        "tracking": tracking,
     }
     return f"shrinkflow-candidate-{name}-" + _digest(inputs)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import abc
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -212,6 +213,32 @@ class ShrinkConfig(_Section):
         return self
 
 
+# The image size each built-in source has before any resize (imagefolder's is known only later).
+SOURCE_IMAGE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+_ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,254}")
+
+
+def registrable_model_name(name: str) -> str:
+    """A registered-model name MLflow accepts and a ``models:/<name>@<alias>`` URI can carry."""
+    bad = sorted({c for c in name if c in "/:@" or not c.isprintable()})
+    if bad or name != name.strip():
+        shown = ", ".join(repr(c) for c in bad) or "leading or trailing spaces"
+        raise ValueError(f"a registered model name cannot contain {shown}")
+    if name == "." or name.startswith(".."):
+        raise ValueError("a registered model name cannot be '.' or start with '..'")
+    return name
+
+
+def settable_alias(alias: str) -> str:
+    """An alias MLflow lets a version carry: ``latest`` and ``v<digits>`` are reserved by MLflow
+    (``models:/<name>@latest`` and ``/v3`` mean something else)."""
+    if not _ALIAS.fullmatch(alias):
+        raise ValueError("an alias is a letter, then letters, digits, '_' or '-' (at most 255)")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise ValueError(f"{alias!r} is reserved by MLflow (latest, v<number>); choose another alias")
+    return alias
+
+
 class PromoteConfig(_Section):
     """Which model wins a run, and what the registry does with it (see tasks/gate.py)."""
 
@@ -237,6 +264,26 @@ class PromoteConfig(_Section):
             raise ValueError("promote.alias and promote.challenger_alias must differ")
         return self
 
+    # Registry syntax, checked here rather than by MLflow after training (issue #13).
+    @field_validator("model_name")
+    @classmethod
+    def _registrable_name(cls, name: str | None) -> str | None:
+        return name if name is None else registrable_model_name(name)  # None: a derived default
+
+    @field_validator("alias", "challenger_alias")
+    @classmethod
+    def _settable_alias(cls, alias: str) -> str:
+        return settable_alias(alias)
+
+    @model_validator(mode="after")
+    def _relative_tolerance_is_a_percentage(self) -> PromoteConfig:
+        if self.tolerance_mode == "relative" and self.tolerance > 100:
+            raise ValueError(
+                "tolerance is a percentage of the baseline's accuracy when tolerance_mode is relative, "
+                f"so at most 100 (got {self.tolerance})"
+            )
+        return self
+
 
 class EvaluateConfig(_Section):
     latency_warmup: Annotated[int, Field(ge=0)] = 10
@@ -254,10 +301,31 @@ class PathsConfig(_Section):
     baseline: str = "artifacts/baseline"
     candidates: str = "artifacts/candidates"
     reports: str = "reports"
+    # Outputs stay inside the project unless this opts in (stages delete stale files they own).
+    outside_project: bool = False
+
+    @model_validator(mode="after")
+    def _inside_the_project(self) -> PathsConfig:
+        named = {k: getattr(self, k) for k in ("prepared", "baseline", "candidates", "reports")}
+        for key, value in named.items():
+            parts = Path(value).parts
+            if not value.strip() or Path(value) == Path("."):
+                raise ValueError(f"paths.{key} must name a directory below the project, not {value!r}")
+            if (Path(value).is_absolute() or ".." in parts) and not self.outside_project:
+                raise ValueError(
+                    f"paths.{key} {value!r} leaves the project; use a relative path below it, or set "
+                    "paths.outside_project: true"
+                )
+        if len({Path(v) for v in named.values()}) < len(named):
+            raise ValueError("paths.prepared, baseline, candidates and reports must all differ")
+        return self
+
+
+SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
 
 
 class Params(_Section):
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ARCHITECTURES["basenet"].Options()
     train: TrainConfig = TrainConfig()
@@ -291,18 +359,31 @@ class Params(_Section):
                     raise ValueError(f"shrink.candidates.{name}: {step} on {self.model.arch} {why}")
         return self
 
+    @model_validator(mode="after")
+    def _arch_fits_the_input(self) -> Params:
+        size = self.data.image_size or SOURCE_IMAGE_SIZES.get(self.data.source)
+        options = self.model.arch_options()
+        need = ARCHITECTURES[self.model.arch].min_image_size(options)
+        if size and size < need:
+            key = "data.image_size" if self.data.image_size else f"data.source {self.data.source}"
+            raise ValueError(
+                f"model: {self.model.arch} {_shape(options)} needs images of at least {need}x{need}, "
+                f"but {key} gives {size}x{size}"
+            )
+        return self
+
+
+def _shape(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in options.items() if k != "arch")
+
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read ``path``, apply ``key.sub=value`` overrides (values parsed as YAML) and validate."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"params file {path} does not exist") from None
+        raw = _strict_yaml(_read_params_text(path)) or {}
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     for item in overrides:
@@ -322,8 +403,54 @@ def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part!r} is not a section")
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = _strict_yaml(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
     return raw
+
+
+def _read_params_text(path: Path) -> str:
+    """The params file as text, or one line saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"params file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"params file {path} is a directory; pass a YAML file with -p") from None
+    except PermissionError:
+        raise ConfigError(f"params file {path} is not readable (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"params file {path} is not UTF-8 text (byte {exc.start}); is it binary?") from None
+    except OSError as exc:
+        raise ConfigError(f"params file {path} cannot be read: {exc.strerror or exc}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, abc.Hashable):
+                continue  # PyYAML itself refuses an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (YAML keeps only the last)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _strict_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark else ""
+    return f"YAML syntax error{where}: {getattr(exc, 'problem', None) or exc}"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import statistics
 import time
 import zlib
@@ -250,15 +249,27 @@ def _record(params: Params, layout: Layout, name: str) -> ModelRecord:
         return ModelRecord(name=name, strategy=_strategy(params, name), options={}, status="missing")
 
 
+CURVE_HEADER = "epoch,train_loss,val_acc,lr"
+
+
 def write_curves(directory: Path, records: list[ModelRecord]) -> None:
     """Each trained model's per-epoch history as ``<name>.csv``; models that did not train, and
-    models no longer declared, leave no file behind."""
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
+    models no longer declared, leave no file behind. Only curve files this function wrote are
+    ever deleted: anything else in the directory is the user's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    keep = {f"{record.name}.csv" for record in records if record.history}
+    for stale in directory.glob("*.csv"):
+        if stale.name not in keep and stale.is_file() and not stale.is_symlink() and _is_curve(stale):
+            stale.unlink()
     for record in records:
         if record.history:
             with atomic_path(directory / f"{record.name}.csv") as tmp:
                 pd.DataFrame(record.history).to_csv(tmp, index=False)
+
+
+def _is_curve(path: Path) -> bool:
+    with path.open(errors="replace") as f:
+        return f.readline().strip() == CURVE_HEADER
 
 
 def _strategy(params: Params, name: str) -> str:

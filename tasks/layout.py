@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import Params
+from tasks.config import ConfigError, Params
 
 SPLITS = ("train", "val", "gate", "test")
 
@@ -39,13 +39,27 @@ class Layout:
     def from_params(cls, params: Params, root: str | Path = ".") -> Layout:
         root = Path(root).resolve()
         p = params.paths
-        return cls(
+        layout = cls(
             root=root,
             prepared=root / p.prepared,
             baseline=root / p.baseline,
             candidates=root / p.candidates,
             reports=root / p.reports,
         )
+        if not p.outside_project:
+            layout.check_inside()
+        return layout
+
+    def check_inside(self) -> None:
+        """Refuse an output directory that a symlink takes outside the project (the config
+        already refuses absolute and ``..`` paths)."""
+        for key in ("prepared", "baseline", "candidates", "reports"):
+            path = getattr(self, key)
+            if not path.resolve().is_relative_to(self.root):
+                raise ConfigError(
+                    f"paths.{key}: {path} resolves to {path.resolve()}, outside the project {self.root}; "
+                    "set paths.outside_project: true to write there"
+                )
 
     def split(self, name: str) -> Path:
         return self.prepared / f"{name}.pt"

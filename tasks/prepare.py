@@ -12,6 +12,7 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from tasks.config import DataConfig, Params
+from tasks.datachecks import check_classes, check_splits
 from tasks.gate import certifiable
 from tasks.io import read_json, write_json, write_torch
 from tasks.layout import SPLITS, Layout
@@ -78,7 +79,9 @@ def fingerprint(tensors: dict[str, dict[str, torch.Tensor]]) -> str:
 def prepare(params: Params, layout: Layout) -> Manifest:
     """Read ``data.source``, split it, and write ``{train,val,test}.pt`` (uint8) + manifest."""
     raw = load_source(params.data, layout.root / params.data.root)
+    check_classes(raw, params.data, layout.root / params.data.root)
     parts = split_indices(raw.labels, params.data, params.seed, raw.n_test)
+    check_splits(raw, parts, params.data)
     if too_small := certifiable(params.promote, len(parts["gate"])):
         log.warning(too_small)
     tensors = {

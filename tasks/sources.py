@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,9 +79,35 @@ def _scan(tree: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
     try:
         classes, class_to_idx = find_classes(tree)
-        return classes, make_dataset(tree, class_to_idx, extensions=IMG_EXTENSIONS)
+        return classes, unique_files(
+            make_dataset(tree, class_to_idx, extensions=IMG_EXTENSIONS), tree, class_to_idx
+        )
     except FileNotFoundError as exc:
         raise DataError(f"{exc} Expected images as {IMAGE_LAYOUT}") from None
+
+
+def unique_files(
+    files: list[tuple[str, int]], tree: Path, class_to_idx: dict[str, int]
+) -> list[tuple[str, int]]:
+    """Each image file once, however many paths reach it: torchvision follows symlinks, so a link
+    back up the tree (a loop) or a linked copy would repeat images across train, val and test. A
+    file inside the tree keeps the class of the folder it really is in; one from outside the tree
+    linked into two classes is refused, since it cannot have both labels."""
+    real_tree = tree.resolve()
+    first: dict[str, tuple[str, int]] = {}
+    for path, label in files:
+        real = Path(path).resolve()
+        if real.is_relative_to(real_tree) and (home := real.relative_to(real_tree).parts[0]) in class_to_idx:
+            label = class_to_idx[home]
+        seen = first.setdefault(str(real), (path, label))
+        if seen[1] != label:
+            raise DataError(f"{real} is linked from two class folders ({seen[0]} and {path}); remove one")
+    if len(first) < len(files):
+        log.warning(
+            "%d image path(s) lead to files already read (symlinks); each file is used once",
+            len(files) - len(first),
+        )
+    return list(first.values())  # in the order torchvision found them
 
 
 def _common_format(files: list[tuple[str, int]], cfg: DataConfig) -> tuple[str, int]:
@@ -104,14 +131,35 @@ def _common_format(files: list[tuple[str, int]], cfg: DataConfig) -> tuple[str, 
 
 def _open(path: str) -> Image.Image:
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():  # PIL only warns up to twice its pixel limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(
+            f"{path}: its header claims more pixels than PIL's limit of {Image.MAX_IMAGE_PIXELS:,} "
+            f"(a decompression bomb, or an image far too large to train on): {exc}"
+        ) from None
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path} is not a readable image: {exc}") from None
 
 
+# Integer modes wider than 8 bits, and the largest value a pixel of each can hold.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 0..255 at its real depth (PIL's convert("L") clips at 255, which
+    turns a 16-bit image into two grey levels)."""
+    if img.mode not in _WIDE_MODES:
+        return img
+    pixels = np.asarray(img, dtype=np.float64)
+    top = _WIDE_MODES[img.mode] if img.mode != "I" or pixels.max() > 255 else 255
+    return Image.fromarray(np.rint(pixels.clip(0, top) * (255 / top)).astype(np.uint8))
+
+
 def _read(path: str, mode: str, size: int) -> np.ndarray:
     with _open(path) as img:
-        img = img.convert(mode)
+        img = _to_8bit(img).convert(mode)
         if img.size != (size, size):
             img = img.resize((size, size), Image.Resampling.BILINEAR)
         pixels = np.asarray(img, dtype=np.uint8)

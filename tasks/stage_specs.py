@@ -73,7 +73,13 @@ STAGES: dict[str, StageSpec] = {
     "prepare": StageSpec(
         cmd="shrinkflow stage prepare",
         data=("${data.root}",),
-        code=("tasks/prepare.py", "tasks/sources.py", "tasks/config.py", "tasks/io.py"),
+        code=(
+            "tasks/prepare.py",
+            "tasks/sources.py",
+            "tasks/datachecks.py",
+            "tasks/config.py",
+            "tasks/io.py",
+        ),
         params=(
             "seed",
             *(

@@ -115,12 +115,29 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+@contextlib.contextmanager
+def ends_failed(ctx: Context, run: str) -> Iterator[None]:
+    """End ``run`` FAILED (KILLED when interrupted), with the error as a tag, if the block raises:
+    a stage that stops never leaves its MLflow run RUNNING."""
+    try:
+        yield
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        with contextlib.suppress(Exception):  # the tracking store may be what failed
+            ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
+            ctx.tracker.end_run(run, status)
+        raise
+
+
 def run_prepare(ctx: Context) -> Manifest:
     run = ctx.tracker.start_run("prepare", ctx.parent_run, tags={"shrinkflow.stage": "prepare"})
-    manifest = prepare(ctx.params, ctx.layout)
-    ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags={"data_fingerprint": manifest.fingerprint})
-    ctx.tracker.log_dataset(run, manifest, load_split(ctx.layout, "train")[0].numpy(), ctx.layout.prepared)
-    ctx.tracker.log_artifact(run, ctx.layout.manifest)
+    with ends_failed(ctx, run):
+        manifest = prepare(ctx.params, ctx.layout)
+        tags = {"data_fingerprint": manifest.fingerprint}
+        ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags=tags)
+        train_x = load_split(ctx.layout, "train")[0].numpy()
+        ctx.tracker.log_dataset(run, manifest, train_x, ctx.layout.prepared)
+        ctx.tracker.log_artifact(run, ctx.layout.manifest)
     ctx.tracker.end_run(run)
     return manifest
 
@@ -184,12 +201,13 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     """Measure every model; its figures also go to the model's own run when ``runs`` names it."""
     _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
-    table = evaluate_models(ctx.params, ctx.layout)
-    for row in table.to_dict("records"):
-        if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
-            ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})
-    ctx.tracker.log_artifact(run, ctx.layout.candidates_csv)
-    ctx.tracker.log_artifact(run, ctx.layout.metrics_json)
+    with ends_failed(ctx, run):
+        table = evaluate_models(ctx.params, ctx.layout)
+        for row in table.to_dict("records"):
+            if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
+                ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})
+        ctx.tracker.log_artifact(run, ctx.layout.candidates_csv)
+        ctx.tracker.log_artifact(run, ctx.layout.metrics_json)
     ctx.tracker.end_run(run)
     return table
 
@@ -199,6 +217,15 @@ _MEASURED = ("val_acc", "gate_acc", "test_acc", "val_f1", "test_f1", "params", "
              "test_delta", "test_lower", "test_upper")  # fmt: skip
 
 
+def discard_decision(layout: Layout) -> None:
+    """Remove a previous run's decision files (the promote stage's own outputs), so a failed
+    promotion never leaves an older winner beside a newer table."""
+    for path in (layout.promotion_json, layout.report_md, layout.pareto_png):
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            log.info("removed %s: it described an earlier promotion", path)
+
+
 def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:
     """Register the winner under the registry rules, then draw and write what reviewers read."""
     run = ctx.tracker.start_run("promote", ctx.parent_run, tags={"shrinkflow.stage": "promote"})
@@ -206,6 +233,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
         tags = {"code_version": code_version(), **(extra_tags or {})}
         decision = promote(ctx.params, ctx.layout, ctx.tracker, run, tags, force)
     except Exception as exc:
+        discard_decision(ctx.layout)
         ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"})
         ctx.tracker.end_run(run, "FAILED")
         raise

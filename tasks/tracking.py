@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import subprocess
 import time
 import warnings
@@ -44,13 +45,19 @@ class TrackingUnavailable(ShrinkflowError, RuntimeError):
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def code_version(root: str | Path = PROJECT_ROOT) -> str:
-    """The git commit of the code that runs (``-dirty`` when it has local changes), if any."""
+# What a run itself rewrites: committed copies of these changing is not a change of code or params.
+PIPELINE_OUTPUTS = ("reports", "dvc.lock", "dvc_plots", "data/prepared", "artifacts")
+
+
+def code_version(root: str | Path = PROJECT_ROOT, outputs: tuple[str, ...] = PIPELINE_OUTPUTS) -> str:
+    """The git commit of the code that runs, ``-dirty`` when code or params differ from it (the
+    pipeline's own ``outputs`` do not count), or ``unknown`` outside git."""
+    status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+    status += [f":(exclude){path}" for path in outputs]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head}-dirty" if dirty else head
@@ -61,16 +68,37 @@ def tracking_uri(root: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def check_writable_store(uri: str) -> None:
+    """Refuse, in one line and before MLflow opens it, an sqlite store that cannot be written:
+    MLflow would otherwise fail deep inside its schema migration with a long traceback."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///file:"):
+        return  # a server, or an sqlite URI filename with its own options
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0]).resolve()  # sqlite:////abs or ///rel
+    where = db.parent
+    problem = None
+    if not where.is_dir():
+        problem = f"its directory {where} does not exist"
+    elif db.exists() and not os.access(db, os.R_OK | os.W_OK):
+        problem = "the file is read-only"
+    elif not os.access(where, os.W_OK | os.X_OK):
+        problem = f"its directory {where} is read-only (sqlite writes a journal beside it)"
+    if problem:
+        raise TrackingUnavailable(
+            f"MLflow tracking store {db} cannot be written: {problem}; fix the permissions or point "
+            "MLFLOW_TRACKING_URI elsewhere"
+        )
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         location = artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
-        try:
+        check_writable_store(uri)
+        try:  # creating the client already opens (and migrates) an sqlite store
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
             self.experiment_id = self._experiment(experiment, location)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise TrackingUnavailable(f"MLflow tracking at {uri} is unreachable: {first}") from None
+            raise TrackingUnavailable(_unusable(uri, exc)) from None
 
     def _experiment(self, name: str, location: str | None) -> str:
         for _ in range(3):  # another process may create it between our get and create
@@ -99,16 +127,46 @@ class Tracker:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unreachable: {first}") from None
 
+    def identity(self) -> str:
+        """The store and experiment runs go to, down to this copy of it (a store deleted and
+        recreated at the same URI gets a new experiment creation time): a cached result's run ids
+        are valid only where this is unchanged."""
+        created = self.client.get_experiment(self.experiment_id).creation_time
+        return f"{self.uri}#{self.experiment_id}@{created}"
+
     @classmethod
     def for_project(cls, root: str | Path, experiment: str) -> Tracker:
-        return cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
+        tracker = cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
+        if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's own mlflow.db
+            tracker.follow_project(Path(root))
+        return tracker
+
+    def follow_project(self, root: Path) -> None:
+        """Point the experiment's artefacts at ``<root>/mlartifacts`` when the project's own
+        store names another directory: MLflow stores the location as an absolute path, so a
+        copied (or moved) project would otherwise keep writing into the original's folder. Only
+        runs created from now on follow; MLflow has no API for this, so the sqlite row is updated."""
+        want = (root.resolve() / "mlartifacts").as_uri()
+        have = self.client.get_experiment(self.experiment_id).artifact_location
+        if have == want or not have.startswith("file:"):
+            return
+        db = self.uri.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            con.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                (want, int(self.experiment_id)),
+            )
+        log.warning("MLflow artefacts of this project now go to %s (the store said %s)", want, have)
 
     # runs -------------------------------------------------------------------------------
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        try:
+            return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        except Exception as exc:  # the first write a stage makes: a read-only store fails here
+            raise TrackingUnavailable(_unusable(self.uri, exc)) from exc
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -221,6 +279,15 @@ class Tracker:
 def _number(value: Any) -> bool:
     """Whether ``value`` can be logged as a metric (MLflow refuses None and NaN)."""
     return value is not None and value == value
+
+
+def _unusable(uri: str, exc: Exception) -> str:
+    """One line for a tracking store that failed: a server is unreachable, a file store unusable."""
+    while exc.__cause__ is not None:  # MLflow wraps the database's own, clearer, error
+        exc = exc.__cause__
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    how = "is unreachable" if uri.startswith(("http:", "https:")) else "cannot be used"
+    return f"MLflow tracking at {uri} {how}: {first}"
 
 
 def _now() -> int:

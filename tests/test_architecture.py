@@ -35,7 +35,7 @@ def test_committed_dvc_yaml_is_generated_from_the_stage_specs():
 def test_candidate_cache_key_follows_exactly_what_the_shrink_stage_declares(trained_layout):
     def key(*overrides):
         params = parse_params(small_raw(*overrides))
-        return candidate_key(params, Layout.from_params(params, trained_layout.root), "l1-50")
+        return candidate_key(params, Layout.from_params(params, trained_layout.root), "l1-50", "store")
 
     assert key() == key()
     for changed in ("promote.confidence=0.9", "promote.tolerance=3", "shrink.epochs=9", "train.lr=0.01",

@@ -53,6 +53,24 @@ BAD = [
     ("zero epochs", ["train.epochs=0"], "train.epochs"),
     ("unknown optimizer", ["train.optimizer=lion"], "train.optimizer"),
     ("bad alias", ["promote.alias=9lives"], "promote.alias"),
+    ("model name with a slash", ["promote.model_name=team/digits"], "promote.model_name"),
+    ("model name with a colon", ["promote.model_name=digits:v2"], "cannot contain ':'"),
+    ("alias 'latest' is reserved by MLflow", ["promote.alias=latest"], "reserved by MLflow"),
+    ("alias 'v3' is reserved by MLflow", ["promote.alias=v3"], "'v3' is reserved"),
+    ("challenger alias 'V12' is reserved", ["promote.challenger_alias=V12"], "promote.challenger_alias"),
+    ("seed above 2^32-1", ["seed=4294967296"], "seed"),
+    ("negative seed", ["seed=-1"], "seed"),
+    (
+        "relative tolerance above 100",
+        ["promote.tolerance_mode=relative", "promote.tolerance=150"],
+        "at most 100",
+    ),
+    ("more conv stages than the digits' 8x8 allows", ["model.channels=[8, 8, 8, 8]"], "at least 16x16"),
+    (
+        "more conv stages than data.image_size allows",
+        ["data.source=imagefolder", "data.image_size=8", "model.channels=[8, 8, 8, 8]"],
+        "data.image_size gives 8x8",
+    ),
     (
         "strategy option on the wrong strategy",
         ["shrink.candidates.w50.global_pruning=true"],
@@ -83,3 +101,40 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="mapping"):
         load_params(tmp_path / "list.yaml")
+
+
+def test_largest_seed_and_relative_tolerance_of_100_are_accepted():
+    params = parse_params(
+        small_raw("seed=4294967295", "promote.tolerance_mode=relative", "promote.tolerance=100")
+    )
+    assert params.seed == 2**32 - 1 and params.promote.tolerance == 100
+
+
+def test_duplicate_keys_are_refused_in_the_file_and_in_overrides(tmp_path):
+    dup = tmp_path / "params.yaml"
+    dup.write_text("seed: 0\ntrain:\n  epochs: 3\n  epochs: 40\n")
+    with pytest.raises(ConfigError, match=r"line 4: duplicate key 'epochs'"):
+        load_params(dup)
+    with pytest.raises(ConfigError, match="duplicate key 'epochs'"):
+        load_params(REPO / "params.yaml", ["train={epochs: 3, epochs: 4}"])
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "named"),
+    [
+        ("a directory", lambda p: p.mkdir(), "is a directory"),
+        ("a binary file", lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00"), "not UTF-8 text"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_unreadable_params_file_is_one_line(tmp_path, case, make, named):
+    path = tmp_path / "params.yaml"
+    make(path)
+    with pytest.raises(ConfigError, match=named) as info:
+        load_params(path)
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_error_inside_an_override_value_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'train=\{epochs: 3': the value is not valid YAML"):
+        load_params(REPO / "params.yaml", ["train={epochs: 3"])

@@ -24,6 +24,7 @@ from tasks.engine import augment_batch, fit
 from tasks.layout import Layout
 from tasks.prepare import load_split, prepare
 from tasks.sources import LOADERS, DataError
+from tasks.tracking import Tracker
 from tasks.train import load_record, train_baseline
 from tests.conftest import REPO, run_cli, small_raw
 
@@ -254,15 +255,17 @@ def _tiny_model(manifest):
 
 def test_baseline_key_follows_data_config_and_checkpoint(trained_layout):
     root = trained_layout.root
+    tracker = Tracker(f"sqlite:///{root / 'keys.db'}", "keys")
 
-    def key(*overrides):
+    def key(*overrides, store=tracker):
         params = _params(*overrides)
-        return baseline_key(params, Layout.from_params(params, root))
+        return baseline_key(params, Layout.from_params(params, root), store.identity())
 
     assert key() == key(), "stable"
     assert key("train.lr=0.01") != key() and key("model.hidden=[64]") != key()
     assert key("data.augment=crop") != key()
     assert key("promote.tolerance=3") == key(), "sections the baseline does not read do not matter"
+    assert key(store=Tracker(f"sqlite:///{root / 'other.db'}", "keys")) != key(), "runs live in one store"
     before = key()
     manifest = json.loads(trained_layout.manifest.read_text())
     trained_layout.manifest.write_text(json.dumps({**manifest, "fingerprint": "0" * 64}))

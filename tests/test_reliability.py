@@ -109,7 +109,8 @@ def test_unreachable_mlflow_fails_fast_and_clearly(tmp_path):
     )
     assert out.returncode == 1
     assert f"error: MLflow tracking at http://127.0.0.1:{port} is unreachable" in out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shrinkflow", "params.yaml"]  # the log
+    assert [p.name for p in (tmp_path / ".shrinkflow").iterdir()] == ["shrinkflow.log"]
 
 
 def test_all_candidates_failing_moves_no_alias(tmp_path, prefect_server):

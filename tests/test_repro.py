@@ -181,3 +181,37 @@ def test_flow_rerun_reuses_the_cached_baseline(tmp_path, prefect_server):
         logging.getLogger("prefect.flow_runs").removeHandler(log)
     assert third.run_id != first.run_id and (tmp_path / "artifacts/baseline/model.pt").is_file()
     assert third.record.sha256 == first.record.sha256, "retrained bit for bit"
+
+
+@pytest.mark.slow
+def test_flow_rerun_against_another_tracking_store_retrains(tmp_path, prefect_server, monkeypatch):
+    """Prefect's cache outlives an MLflow store: after MLFLOW_TRACKING_URI moves, the cached baseline
+    names a run the new store does not have, so it is trained and logged again there."""
+    from prefect import flow
+
+    from flows.pipeline import prepare, reuse_or_train_baseline
+    from tasks.stages import Context
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(*SMALL), sort_keys=False))
+
+    @flow(name="prepare-and-baseline-two-stores")
+    def prepare_and_baseline():
+        ctx = Context.load(tmp_path / "params.yaml", (), tmp_path)
+        prepare(ctx)
+        return reuse_or_train_baseline(ctx)
+
+    log = _Lines()
+    logging.getLogger("prefect.flow_runs").addHandler(log)
+    try:
+        first = prepare_and_baseline()
+        other = f"sqlite:///{tmp_path / 'other-store.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+        second = prepare_and_baseline()
+        assert not log.said("baseline reused"), "the new store has none of the cached runs"
+        third = prepare_and_baseline()
+        assert log.said("baseline reused from cache")
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(log)
+    assert second.run_id != first.run_id and third.run_id == second.run_id
+    assert MlflowClient(tracking_uri=other).get_run(second.run_id).info.status == "FINISHED"
+    assert second.record.sha256 == first.record.sha256, "the same weights, logged again"

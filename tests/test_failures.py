@@ -1,0 +1,184 @@
+"""Failures under `shrinkflow run` and `shrinkflow stage`: one `error:` line (details in the log
+file and MLflow), no MLflow run left RUNNING, tracking and Prefect-home faults in seconds, no stale
+decision after a failed promotion, and artefacts that follow a copied project."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from flows import reaper
+from tasks.evaluate import load_table
+from tasks.promote import PromotionError
+from tasks.stages import Context, run_promote
+from tasks.tracking import Tracker, tracking_uri
+from tests.conftest import BIN, copy_project, run_cli, small_raw
+
+
+def _one_class_project(root: Path, *overrides: str) -> Path:
+    """A project whose data (a single class) prepare refuses."""
+    rng = np.random.default_rng(0)
+    (root / "raw/cat").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"raw/cat/{i}.png")
+    raw = small_raw("data.source=imagefolder", f"data.root={root / 'raw'}", *overrides)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+
+
+def _runs(experiment: str) -> list:
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def test_failed_stage_is_one_line_and_ends_its_mlflow_run_failed(tmp_path):
+    root = _one_class_project(tmp_path, "tracking.experiment=failed-stage")
+    done = run_cli("stage", "prepare", cwd=root)
+    assert done.returncode == 1
+    assert _error_lines(done.stderr) == [done.stderr.strip().splitlines()[-1]]
+    assert "has one class" in done.stderr
+    (run,) = _runs("failed-stage")
+    assert run.info.status == "FAILED" and "has one class" in run.data.tags["shrinkflow.error"]
+    assert "Traceback" in (root / ".shrinkflow/shrinkflow.log").read_text(), "details in the log file"
+
+
+@pytest.mark.slow
+def test_failed_run_is_one_line_and_leaves_no_mlflow_run_running(tmp_path):
+    root = _one_class_project(tmp_path, "tracking.experiment=failed-run")
+    # The temporary server's telemetry (offline here) is console noise of its own, issue #16's.
+    env = {"PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = run_cli("run", cwd=root, env=env)
+    assert done.returncode == 1
+    assert _error_lines(done.stderr) == [done.stderr.strip().splitlines()[-1]], done.stderr[-3000:]
+    assert "Task run failed" not in done.stderr and "has one class" in done.stderr
+    statuses = sorted(run.info.status for run in _runs("failed-run"))
+    assert statuses == ["FAILED", "FAILED"], "the pipeline's parent run and its prepare run"
+    log = (root / ".shrinkflow/shrinkflow.log").read_text()
+    assert "shrinkflow run in" in log and "Task run failed with exception" in log and "Traceback" in log
+
+
+def test_read_only_tracking_store_is_one_line_within_seconds(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    db = tmp_path / "store.db"
+    Tracker(f"sqlite:///{db}", "shrinkflow")  # a real store, then opened read-only
+    started = time.monotonic()
+    done = run_cli(
+        "stage", "prepare", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///file:{db}?mode=ro&uri=true"}
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip() and " INFO " not in line]
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert (
+        lines[0].startswith("error: MLflow tracking at sqlite:///file:") and "readonly database" in lines[0]
+    )
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    assert not (tmp_path / "data").exists()
+
+
+def test_tracking_store_in_a_missing_directory_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    done = run_cli("stage", "prepare", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite:////nowhere/x/m.db"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: MLflow tracking store /nowhere/x/m.db cannot be written: its directory /nowhere/x does not "
+        "exist; fix the permissions or point MLFLOW_TRACKING_URI elsewhere"
+    ]
+
+
+def test_unwritable_prefect_home_is_one_line_within_seconds(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    (tmp_path / "a-file").write_text("not a directory")
+    started = time.monotonic()
+    done = run_cli("run", cwd=tmp_path, env={"PREFECT_HOME": str(tmp_path / "a-file/prefect")})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: PREFECT_HOME {tmp_path / 'a-file/prefect'} is not a writable directory (Not a directory); "
+        "point PREFECT_HOME at one"
+    ]
+    assert time.monotonic() - started < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "params.yaml"]
+
+
+def test_failed_promotion_removes_the_previous_decision(evaluated, tmp_path):
+    params, layout = copy_project(evaluated, tmp_path, "promote.model_name=stale-decision")
+    layout.promotion_json.write_text('{"winner": "w50", "verdict": "champion"}\n')  # an earlier run's
+    layout.report_md.write_text("# earlier report\n")
+    table = load_table(layout.candidates_csv)
+    table.loc[table["name"] != "baseline", "status"] = "failed"
+    table.to_csv(layout.candidates_csv, index=False)
+    ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment))
+    with pytest.raises(PromotionError):
+        run_promote(ctx)
+    assert not layout.promotion_json.exists() and not layout.report_md.exists()
+    assert layout.candidates_csv.exists(), "only the promote stage's own outputs go"
+
+
+def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # each project's own mlflow.db
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    first = Tracker.for_project(original, "follow")
+    first.end_run(first.start_run("before the copy"))
+    shutil.copytree(original, copy)
+    tracker = Tracker.for_project(copy, "follow")
+    run = tracker.start_run("after the copy")
+    (tmp_path / "note.txt").write_text("hello")
+    tracker.log_artifact(run, tmp_path / "note.txt")
+    tracker.end_run(run)
+    assert list((copy / "mlartifacts").rglob("note.txt")), "the copy's artefacts stay in the copy"
+    assert not (original / "mlartifacts").exists() or not list((original / "mlartifacts").rglob("note.txt"))
+    assert (
+        Tracker.for_project(original, "follow").client.get_experiment(first.experiment_id).artifact_location
+        == (original / "mlartifacts").as_uri()
+    ), "the original is untouched"
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw("train.epochs=300")))  # long enough
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
+    run = subprocess.Popen(
+        [str(BIN / "shrinkflow"), "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    servers: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not servers and run.poll() is None and time.monotonic() < deadline:
+            servers = reaper.servers_of(run.pid)
+            time.sleep(0.2)
+        assert servers, "the run started a temporary Prefect server"
+        time.sleep(1.5)  # the watcher polls every 0.5 s
+        run.send_signal(signal.SIGKILL)  # the run alone, as the OOM killer would
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        alive = lambda: [pid for pid, cmd in servers.items() if reaper.still_running(pid, cmd)]  # noqa: E731
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(), "the server died with its run"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid, cmd in servers.items():
+            if reaper.still_running(pid, cmd):
+                os.kill(pid, signal.SIGKILL)
