@@ -20,6 +20,7 @@ from tasks.config import ShrinkConfig, load_params
 from tasks.promote import Decision
 from tasks.report import format_table
 
+
 def _baseline_key(_, args: dict) -> str:
     ctx: stages.Context = args["ctx"]
     return cache.baseline_key(ctx.params, ctx.layout, ctx.tracker.identity())
