@@ -73,7 +73,7 @@ def test_image_folder_runs_through_prepare_and_baseline(cifar_folder, tmp_path):
     manifest = prepare(params, layout)
     assert manifest.classes == CIFAR_CLASSES and manifest.input_shape == [3, 32, 32]
     assert manifest.sizes["test"] == 80, "the folder's own test/ tree is the test split"
-    assert manifest.sizes["train"] + manifest.sizes["val"] == 240
+    assert manifest.sizes["train"] + manifest.sizes["val"] + manifest.sizes["gate"] == 240
     stored = torch.load(layout.split("train"), weights_only=True)
     assert stored["x"].dtype == torch.uint8, "images are stored compactly"
     x, y = load_split(layout, "train")
@@ -114,7 +114,7 @@ def test_mnist_through_torchvision_from_local_idx_files(mnist_root, tmp_path):
     layout = Layout.from_params(params, tmp_path / "native")
     manifest = prepare(params, layout)
     assert manifest.input_shape == [1, 28, 28] and manifest.num_classes == 10
-    assert manifest.sizes == {"train": 500, "val": 1500, "test": 10000}
+    assert manifest.sizes == {"train": 500, "val": 1000, "gate": 3000, "test": 10000}
     assert manifest.classes[0] == "0 - zero"
     x, _ = load_split(layout, "test")
     assert abs(float(x.mean())) < 0.2 and x.shape == (10000, 1, 28, 28)

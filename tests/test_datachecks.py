@@ -61,16 +61,17 @@ def test_data_root_one_level_too_high_says_where_the_classes_are(tmp_path):
 @pytest.mark.parametrize("few", [1, 2])
 def test_a_class_too_small_for_every_split_is_named_with_the_minimum(tmp_path, few):
     root = _folder(tmp_path / "raw", {"cat": 12, "dog": 12, "rare": few})
-    message = _refused(tmp_path, root, rf"class 'rare' has {few} image\(s\) but needs at least 7 ")
-    assert "data.val_fraction 0.15, data.test_fraction 0.2" in message
+    message = _refused(tmp_path, root, rf"class 'rare' has {few} image\(s\) but needs at least 10 ")
+    assert "data.val_fraction 0.1, data.gate_fraction 0.3, data.test_fraction 0.2" in message
     assert "stratified" not in message, "no raw scikit-learn message with class indices"
 
 
 def test_the_minimum_follows_the_fractions(tmp_path):
     root = _folder(tmp_path / "raw", {"cat": 12, "dog": 4})
     _refused(tmp_path, root, "'dog' has 4 image.* at least 10 ", "data.val_fraction=0.1")
-    manifest, _ = _prepare(tmp_path, root, "data.val_fraction=0.25", "data.test_fraction=0.25")
-    assert manifest.sizes == {"train": 8, "val": 4, "test": 4}
+    quarters = ("data.val_fraction=0.25", "data.gate_fraction=0.25", "data.test_fraction=0.25")
+    manifest, _ = _prepare(tmp_path, root, *quarters)
+    assert manifest.sizes == {"train": 4, "val": 4, "gate": 4, "test": 4}
 
 
 def test_symlink_loop_reads_every_image_once(tmp_path):
@@ -79,7 +80,7 @@ def test_symlink_loop_reads_every_image_once(tmp_path):
     (root / "dog/up").symlink_to(root, target_is_directory=True)  # a loop through the root
     manifest, layout = _prepare(tmp_path, root)
     assert sum(manifest.sizes.values()) == 20
-    pixels = [torch.load(layout.split(s), weights_only=True)["x"] for s in ("train", "val", "test")]
+    pixels = [torch.load(layout.split(s), weights_only=True)["x"] for s in ("train", "val", "gate", "test")]
     rows = {bytes(x.numpy().tobytes()) for split in pixels for x in split}
     assert len(rows) == 20, "no image is repeated within or across splits"
 
@@ -98,7 +99,9 @@ def test_duplicates_across_splits_are_reported(tmp_path, caplog):
         (root / f"cat/copy-{i:03d}.png").write_bytes((root / f"cat/{i:03d}.png").read_bytes())
     with caplog.at_level(logging.WARNING, logger="tasks.datachecks"):
         _prepare(tmp_path, root)
-    warned = [r.getMessage() for r in caplog.records if "more than one of train/val/test" in r.getMessage()]
+    warned = [
+        r.getMessage() for r in caplog.records if "more than one of train/val/gate/test" in r.getMessage()
+    ]
     assert len(warned) == 1 and int(warned[0].split()[0]) > 0
 
 

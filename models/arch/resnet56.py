@@ -25,4 +25,3 @@ class CifarResNet56(SmallResNet):
     Options = ResNet56Options
     WIDTHS = (16, 32, 64)
     DEFAULT_BLOCKS = (9, 9, 9)
-    DOWNSAMPLINGS = 2

@@ -36,7 +36,6 @@ class _Staged:
 
     ARCH: ClassVar[str]
     DEFAULT_BLOCKS: ClassVar[tuple[int, ...]]
-    DOWNSAMPLINGS: ClassVar[int]  # stride-2 stages: the image side must be at least 2 ** this
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments plus every layer's shape, so a pruned net describes itself."""
@@ -56,7 +55,8 @@ class _Staged:
 
     @classmethod
     def min_image_size(cls, options: dict[str, Any]) -> int:
-        return 2**cls.DOWNSAMPLINGS
+        """Padded convolutions and adaptive pooling take any size (small ones lose resolution)."""
+        return 1
 
     @classmethod
     def removable_blocks(cls, options: dict[str, Any]) -> int:
@@ -104,7 +104,6 @@ class SmallResNet(_Staged, ResNet):
     Options = ResNet18Options
     WIDTHS: ClassVar[tuple[int, ...]] = (64, 128, 256, 512)
     DEFAULT_BLOCKS = (2, 2, 2, 2)
-    DOWNSAMPLINGS = 3
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width_mult: float = 1.0,
                  blocks: tuple[int, ...] | None = None, layers: dict | None = None) -> None:  # fmt: skip
@@ -148,7 +147,6 @@ class SmallMobileNetV2(_Staged, MobileNetV2):
     ARCH = "mobilenet_v2"
     Options = MobileNetV2Options
     DEFAULT_BLOCKS = tuple(n for _, _, n, _ in _MOBILENET_SETTING)
-    DOWNSAMPLINGS = 4
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, width_mult: float = 1.0,
                  blocks: tuple[int, ...] = DEFAULT_BLOCKS, layers: dict | None = None) -> None:  # fmt: skip
