@@ -22,6 +22,7 @@ from models.quantize import dense_twin
 from models.strategies import STRATEGY_INFO
 from tasks.config import EvaluateConfig, Params
 from tasks.engine import Split, evaluate, predict
+from tasks.export import check_onnx
 from tasks.io import atomic_path, write_json
 from tasks.layout import Layout
 from tasks.prepare import load_manifest, load_split
@@ -34,10 +35,10 @@ log = logging.getLogger(__name__)
 # records and MLflow for the same reason).
 COLUMNS = [
     "name", "strategy", "ratio", "status", "val_acc", "test_acc", "macro_f1", "params", "flops",
-    "size_bytes", "latency_ms", "param_ratio", "acc_drop", "epochs", "error",
+    "size_bytes", "latency_ms", "ort_latency_ms", "onnx", "param_ratio", "acc_drop", "epochs", "error",
     "sparsity", "compressed_bytes", "steps", "note",
 ]  # fmt: skip
-MACHINE_COLUMNS = ("latency_ms",)
+MACHINE_COLUMNS = ("latency_ms", "ort_latency_ms")
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,14 @@ def _row(record: ModelRecord, layout: Layout, val: Split, test: Split, cfg: Eval
     if record.status == "ok":
         model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
         row |= vars(measure(model, val, test, cfg))
+        row |= onnx_columns(model, test, cfg)
     return row
+
+
+def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig) -> dict:
+    """Whether the model exports to ONNX that onnxruntime runs like PyTorch, and how fast."""
+    check = check_onnx(model, test[0], cfg.latency_warmup, cfg.latency_repeats)
+    return {"onnx": check.status, "ort_latency_ms": check.ort_latency_ms}
 
 
 def load_table(path: str | Path) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tasks import progress
+from tasks import progress, tensorboard
 from tasks.config import Params, load_params
 from tasks.evaluate import evaluate_models, load_table
 from tasks.io import sweep_temporaries, write_text
@@ -26,7 +26,7 @@ from tasks.promote import Decision, promote
 from tasks.report import markdown_report, pareto_plot
 from tasks.search import Trial
 from tasks.tracking import Tracker, code_version
-from tasks.train import ModelRecord, shrink_candidate, threads_per_worker, train_baseline
+from tasks.train import ModelRecord, load_record, shrink_candidate, threads_per_worker, train_baseline
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class Context:
         tracker = Tracker.for_project(root, params.tracking.experiment)
         for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
             log.warning("removed %s, left half-written by an interrupted run", stale)
+        for run in tracker.close_orphaned_runs():
+            log.warning("marked MLflow run %s KILLED: an interrupted run left it RUNNING", run)
         return cls(params, layout, tracker)
 
 
@@ -184,6 +186,9 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
     table = evaluate_models(ctx.params, ctx.layout)
+    if ctx.params.tracking.tensorboard:
+        records = [load_record(ctx.layout, n) for n in table["name"] if ctx.layout.record(n).is_file()]
+        tensorboard.write_runs(ctx.layout.runs, records, table)
     for row in table.to_dict("records"):
         if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
             ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})
@@ -193,8 +198,8 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     return table
 
 
-_MEASURED = ("val_acc", "test_acc", "macro_f1", "params", "flops", "size_bytes", "latency_ms", "sparsity",
-             "compressed_bytes")  # fmt: skip
+_MEASURED = ("val_acc", "test_acc", "macro_f1", "params", "flops", "size_bytes", "latency_ms",
+             "ort_latency_ms", "sparsity", "compressed_bytes")  # fmt: skip
 
 
 def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,11 +26,15 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from models.checkpoint import load_checkpoint
 from tasks.errors import ShrinkflowError
+from tasks.export import ExportError, export_onnx, max_abs_diff, session
+from tasks.io import read_json
 from tasks.prepare import Manifest
+from tasks.serving import probability_columns
 from tasks.train import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -105,13 +111,30 @@ class Tracker:
 
     # runs -------------------------------------------------------------------------------
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+        tags = {PROCESS_TAG: this_process(), **(tags or {})}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def close_orphaned_runs(self) -> list[str]:
+        """Mark ``KILLED`` the runs still ``RUNNING`` whose process, on this machine, is gone (a
+        killed run cannot end its own runs); returns their ids. Runs of live processes and of
+        other machines are left alone."""
+        running = self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+        )
+        closed = []
+        for run in running:
+            owner = run.data.tags.get(PROCESS_TAG, "")
+            if owner and process_gone(owner):
+                reason = f"its process {owner} ended without finishing it; closed by {this_process()}"
+                self.client.set_tag(run.info.run_id, KILLED_TAG, reason)
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -145,7 +168,13 @@ class Tracker:
 
     def log_candidates(self, run_id: str, table: pd.DataFrame, runs: dict[str, str]) -> None:
         """The candidates table as an MLflow table and as Markdown linking each model's run."""
-        self.client.log_table(run_id, data=table, artifact_file="candidates_table.json")
+        # MLflow scans object columns for images; pandas 3 strings go as object, as it expects.
+        text = [
+            c for c in table.columns if pd.api.types.is_string_dtype(table[c]) and table[c].dtype != object
+        ]
+        self.client.log_table(
+            run_id, data=table.astype(dict.fromkeys(text, object)), artifact_file="candidates_table.json"
+        )
         links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
         links["run"] = [
             f"[{runs[n][:8]}](#/experiments/{self.experiment_id}/runs/{runs[n]})" if n in runs else ""
@@ -167,26 +196,35 @@ class Tracker:
     # registry ---------------------------------------------------------------------------
     def register_model(
         self, run_id: str, checkpoint: Path, name: str, example: torch.Tensor,
-        tags: dict[str, Any], description: str,
+        tags: dict[str, Any], description: str, manifest: Path | None = None,
     ) -> str:  # fmt: skip
-        """Log ``checkpoint`` as a pyfunc model in ``run_id``, register it; return the version."""
-        x = example.numpy().astype(np.float32)
-        with torch.inference_mode():
-            probs = load_checkpoint(checkpoint)[0](example).softmax(1).numpy()
-        with _tracking(self.uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(SERVING_CODE),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(MODELS_PACKAGE)],
-                signature=infer_signature(x, probs),
-                input_example=x,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}",
-                    "numpy",
-                ],
-            )
+        """Log ``checkpoint`` as a pyfunc model that takes raw images, with the ``manifest`` that
+        prepares them and its ONNX export, in ``run_id``; register it; return the version.
+        ``example`` is normalised images as the pipeline feeds models; ``manifest`` defaults to
+        the prepared data's beside the checkpoint's project (see :func:`find_manifest`)."""
+        manifest = manifest or find_manifest(checkpoint)
+        classes = read_json(manifest)["classes"]
+        with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
+            artifacts = {"checkpoint": str(checkpoint), "manifest": str(manifest)}
+            onnx = _exported_onnx(checkpoint, example, Path(tmp) / "model.onnx")
+            if isinstance(onnx, Path):
+                artifacts["onnx"] = str(onnx)
+            with _tracking(self.uri), mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(SERVING_CODE),
+                    artifacts=artifacts,
+                    code_paths=[str(MODELS_PACKAGE)],
+                    signature=serving_signature(classes),
+                    input_example=raw_pixels(example, read_json(manifest)),
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}",
+                        "numpy",
+                        "pandas",
+                    ],
+                )
+        tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
         version = self.client.create_model_version(
             name=self._ensure_registered(name), source=info.model_uri, run_id=run_id,
             tags={k: str(v) for k, v in tags.items()}, description=description, model_id=info.model_id,
@@ -210,12 +248,100 @@ class Tracker:
                 return None
             raise
 
-    def load_version(self, name: str, version: str):
+    def load_version(self, name: str, version: str) -> RegisteredClassifier:
         with _tracking(self.uri):
-            return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+            return RegisteredClassifier(mlflow.pyfunc.load_model(f"models:/{name}/{version}"))
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+class RegisteredClassifier:
+    """A registered version called as the pipeline's own checks call it: normalised float32
+    images in, class probabilities out. The images are turned back into the raw pixels a user
+    sends and go through the version's whole pyfunc (preparation, signature, model)."""
+
+    def __init__(self, model: mlflow.pyfunc.PyFuncModel) -> None:
+        self.pyfunc = model
+
+    def predict(self, normalised: np.ndarray) -> np.ndarray:
+        manifest = getattr(self.pyfunc.unwrap_python_model(), "manifest", None)
+        if manifest is None:  # registered before models took raw images: it takes normalised ones
+            return np.asarray(self.pyfunc.predict(normalised))
+        table = self.pyfunc.predict(raw_pixels(torch.as_tensor(normalised), manifest))
+        return table[probability_columns(manifest["classes"])].to_numpy()
+
+
+def find_manifest(checkpoint: Path) -> Path:
+    """The prepared data's manifest of the project a checkpoint belongs to, at the default
+    ``paths.prepared`` (or beside the checkpoint)."""
+    for directory in (checkpoint.parent, *checkpoint.parents):
+        for candidate in (directory / "manifest.json", directory / "data" / "prepared" / "manifest.json"):
+            if candidate.is_file():
+                return candidate
+    raise ShrinkflowError(f"no manifest.json for {checkpoint}; pass the prepared data's manifest")
+
+
+def raw_pixels(normalised: torch.Tensor, manifest: dict) -> np.ndarray:
+    """Normalised images back to the uint8 pixels they were prepared from (exactly: the float
+    error is far below half a pixel step)."""
+    mean = torch.tensor(manifest["mean"], dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(manifest["std"], dtype=torch.float64).view(1, -1, 1, 1)
+    pixels = ((normalised.to(torch.float64) * std + mean) * manifest["scale"]).round().clamp(0, 255)
+    return pixels.to(torch.uint8).numpy()
+
+
+def serving_signature(classes: list[str]) -> ModelSignature:
+    """uint8 images of any batch, layout and size in; the class name and its probabilities out."""
+    probabilities = [ColSpec("double", column) for column in probability_columns(classes)]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        outputs=Schema([ColSpec("string", "label"), *probabilities]),
+    )
+
+
+def _exported_onnx(checkpoint: Path, example: torch.Tensor, path: Path) -> Path | str:
+    """The checkpoint as ONNX checked against PyTorch, or why there is none."""
+    model = load_checkpoint(checkpoint)[0].eval()
+    try:
+        export_onnx(model, example, path)
+        max_abs_diff(model, session(path), example)
+    except ExportError as exc:
+        log.info("registering without ONNX: %s", exc)
+        return f"unavailable: {exc}"[:250]
+    return path
+
+
+PROCESS_TAG = "shrinkflow.process"  # host:pid:start-time of the process that opened the run
+KILLED_TAG = "shrinkflow.killed"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def process_gone(owner: str) -> bool:
+    """Whether the process ``host:pid:start`` has ended; unknowable (False) for another host."""
+    host, _, rest = owner.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(started) and _start_time(int(pid)) != started
 
 
 def _now() -> int:
