@@ -18,7 +18,6 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tasks import cache, stages
 from tasks.config import ShrinkConfig, load_params
 from tasks.promote import Decision
-from tasks.report import format_table
 
 prepare = task(stages.run_prepare, name="prepare", cache_policy=NO_CACHE)
 # Cached on what its weights depend on (data, config, code); see reuse_or_train_baseline.
@@ -60,7 +59,6 @@ def pipeline(
         decision: Decision = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)}, force)
         stages.summarise(ctx, runs)
         publish(ctx.layout.report_md.read_text(), table)
-    logger.info("candidates:\n%s", format_table(table, decision.winner))
     logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
     return asdict(decision)
 
