@@ -8,7 +8,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from tasks.evaluate import load_table
 from tasks.stages import Context, run_evaluate
-from tasks.tracking import Tracker, tracking_uri
+from tasks.tracking import Tracker
 from tasks.train import load_record
 from tests.conftest import copy_project
 
@@ -19,7 +19,7 @@ def _events(directory) -> EventAccumulator:
 
 def test_tensorboard_gets_every_models_curves_and_one_hparams_summary(evaluated, tmp_path):
     params, layout = copy_project(evaluated, tmp_path, "tracking.tensorboard=true")
-    ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment))
+    ctx = Context(params, layout, Tracker.for_project(tmp_path, params.tracking.experiment))
     run_evaluate(ctx)
     run_evaluate(ctx)  # a second run replaces the curves rather than doubling them
     table = load_table(layout.candidates_csv).set_index("name")
@@ -46,5 +46,5 @@ def test_tensorboard_gets_every_models_curves_and_one_hparams_summary(evaluated,
 def test_tensorboard_is_off_by_default(evaluated, tmp_path):
     params, layout = copy_project(evaluated, tmp_path)
     assert params.tracking.tensorboard is False
-    run_evaluate(Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment)))
+    run_evaluate(Context(params, layout, Tracker.for_project(tmp_path, params.tracking.experiment)))
     assert not layout.runs.exists()
