@@ -51,7 +51,8 @@ def overrides() -> list[str]:
             argv = shlex.split(snippet.split("#")[0])
         except ValueError:  # not a command
             continue
-        values += option_values(argv, "-s", "-S", "--set")
+        if argv and (argv[0] in ("shrinkflow", "dvc", "python") or argv[0] in ("-s", "-S")):
+            values += option_values(argv, "-s", "-S", "--set")
     return [v for v in values if v.split("=", 1)[0] not in PLACEHOLDERS]
 
 
