@@ -29,4 +29,4 @@ lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:  ## remove pipeline outputs and local tracking state (not the venv)
-	rm -rf data/prepared artifacts reports/candidates.csv mlflow.db mlartifacts .prefect
+	rm -rf data/prepared artifacts reports/candidates.csv mlflow.db mlartifacts .prefect runs

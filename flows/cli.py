@@ -256,8 +256,16 @@ MLFLOW_RETRY_DEFAULTS = {
 }
 
 
+# A pipeline run is a batch job: Prefect's temporary server sends no telemetry (offline, its
+# heartbeat also raced the flow for the sqlite database) and MLflow draws no progress bars.
+QUIET_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def main() -> None:
-    for key, value in MLFLOW_RETRY_DEFAULTS.items():
+    for key, value in {**MLFLOW_RETRY_DEFAULTS, **QUIET_DEFAULTS}.items():
         os.environ.setdefault(key, value)
     app(prog_name="shrinkflow")
 

@@ -18,7 +18,6 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tasks import cache, stages
 from tasks.config import ShrinkConfig, load_params
 from tasks.promote import Decision
-from tasks.report import format_table
 
 
 def _baseline_key(_, args: dict) -> str:
@@ -65,7 +64,6 @@ def pipeline(
         decision: Decision = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)}, force)
         stages.summarise(ctx, runs)
         publish(ctx.layout.report_md.read_text(), table)
-    logger.info("candidates:\n%s", format_table(table, decision.winner))
     logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
     return asdict(decision)
 

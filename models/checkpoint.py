@@ -7,6 +7,7 @@ is refused rather than executed; a recorded sha256 guards against a swapped or t
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,12 @@ def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Mod
     if sha256 is not None and (actual := sha256_file(path)) != sha256:
         raise CheckpointError(f"checkpoint {path} has sha256 {actual[:12]}..., expected {sha256[:12]}...")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch rebuilds the quantised tensors of int8 checkpoints through its own
+            # TypedStorage and quantised-tensor constructors, and warns about its own use of them.
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ... depending on the damage
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {first}") from None

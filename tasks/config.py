@@ -292,6 +292,7 @@ class EvaluateConfig(_Section):
 
 class TrackingConfig(_Section):
     experiment: Annotated[str, Field(min_length=1)] = "shrinkflow"
+    tensorboard: bool = False  # also write TensorBoard event files to runs/
 
 
 class PathsConfig(_Section):

@@ -28,6 +28,7 @@ from models.quantize import dense_twin
 from models.strategies import STRATEGIES
 from tasks.config import EvaluateConfig, Params, PromoteConfig
 from tasks.engine import Split, accuracy, predict
+from tasks.export import check_onnx
 from tasks.gate import versus_baseline
 from tasks.io import atomic_path, write_json
 from tasks.layout import Layout
@@ -47,11 +48,11 @@ PAIRED_STATS = ("delta", "lower", "upper", "p")
 # records and MLflow for the same reason).
 COLUMNS = [
     "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
-    "params", "flops", "size_bytes", "latency_ms", "param_ratio", "acc_drop",
+    "params", "flops", "size_bytes", "latency_ms", "ort_latency_ms", "onnx", "param_ratio", "acc_drop",
     *(f"{split}_{stat}" for split in PAIRED_SPLITS for stat in PAIRED_STATS),
     "eligible", "epochs", "error", "sparsity", "compressed_bytes", "steps", "note",
 ]  # fmt: skip
-MACHINE_COLUMNS = ("latency_ms",)
+MACHINE_COLUMNS = ("latency_ms", "ort_latency_ms")
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,13 @@ def _row(
         return row, {}
     model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
     measurement, predicted = measure(model, splits, cfg)
-    return row | vars(measurement), predicted
+    return row | vars(measurement) | onnx_columns(model, splits["test"], cfg), predicted
+
+
+def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig) -> dict:
+    """Whether the model exports to ONNX that onnxruntime runs like PyTorch, and how fast."""
+    check = check_onnx(model, test[0], cfg.latency_warmup, cfg.latency_repeats)
+    return {"onnx": check.status, "ort_latency_ms": check.ort_latency_ms}
 
 
 def load_table(path: str | Path) -> pd.DataFrame:

@@ -93,6 +93,11 @@ class Layout:
         return self.reports / Files.CURVES
 
     @property
+    def runs(self) -> Path:
+        """TensorBoard event files (``tracking.tensorboard``): ``tensorboard --logdir runs``."""
+        return self.root / "runs"
+
+    @property
     def metrics_json(self) -> Path:
         return self.reports / Files.METRICS
 

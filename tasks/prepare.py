@@ -126,8 +126,14 @@ def load_manifest(layout: Layout) -> Manifest:
 
 def load_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One split as float32 images normalised as the manifest says, and int64 labels."""
+    x, y = load_raw_split(layout, split)
+    return normalise(x, load_manifest(layout)), y
+
+
+def load_raw_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as stored: uint8 pixels (what a served model takes) and int64 labels."""
     data = torch.load(layout.split(split), map_location="cpu", weights_only=True)
-    return normalise(data["x"], load_manifest(layout)), data["y"]
+    return data["x"], data["y"]
 
 
 def normalise(x: torch.Tensor, manifest: Manifest) -> torch.Tensor:

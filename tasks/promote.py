@@ -32,9 +32,9 @@ from tasks.evaluate import load_predictions, load_table
 from tasks.gate import certifiable, versus_baseline
 from tasks.io import read_json, write_json
 from tasks.layout import Layout
-from tasks.prepare import Manifest, load_manifest, load_split
+from tasks.prepare import Manifest, load_manifest, load_raw_split, load_split
 from tasks.stats import Comparison, compare
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, predicted_classes
 from tasks.train import load_record
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,29 @@ class Decision:
     champion_before: dict = field(default_factory=dict)
     champion_comparison: dict = field(default_factory=dict)
     registry: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServedTest:
+    """The test split as a served model takes it (stored uint8 pixels) and as the pipeline's
+    models do (normalised), with its labels and class names."""
+
+    images: np.ndarray
+    normalised: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    @classmethod
+    def load(cls, layout: Layout) -> ServedTest:
+        (images, labels), (normalised, _) = load_raw_split(layout, "test"), load_split(layout, "test")
+        return cls(images.numpy(), normalised.numpy(), labels.numpy(), load_manifest(layout).classes)
+
+    def predict(self, model) -> np.ndarray:
+        """A registered version's predicted class for every test image."""
+        return predicted_classes(model, self.images, self.normalised, self.classes)
+
+    def accuracy(self, predictions: np.ndarray) -> float:
+        return accuracy(torch.from_numpy(predictions), torch.from_numpy(self.labels))
 
 
 @dataclass(frozen=True)
@@ -154,7 +177,7 @@ def judge(
     return cfg.challenger_alias, f"not better than {vs}: {evidence}"
 
 
-def current_champion(tracker: Tracker, cfg: PromoteConfig, test_x: np.ndarray) -> Champion | None:
+def current_champion(tracker: Tracker, cfg: PromoteConfig, test: ServedTest) -> Champion | None:
     """The registry's current champion and its predictions on today's test images.
 
     Only a champion whose files are gone or refused counts as "no longer loads"; any other
@@ -166,7 +189,7 @@ def current_champion(tracker: Tracker, cfg: PromoteConfig, test_x: np.ndarray) -
     sha, tags = version.tags.get("checkpoint_sha256", ""), dict(version.tags)
     gone = Champion(str(version.version), None, size, sha, tags)
     try:
-        model = tracker.load_version(cfg.model_name, version.version)
+        predictions = test.predict(tracker.load_version(cfg.model_name, version.version))
     except (FileNotFoundError, CheckpointError) as exc:
         return replace(gone, error=f"{type(exc).__name__}: {exc}"[:300])
     except mlflow.exceptions.MlflowException as exc:
@@ -175,7 +198,7 @@ def current_champion(tracker: Tracker, cfg: PromoteConfig, test_x: np.ndarray) -
         return replace(gone, error=f"{type(exc).__name__}: {exc}"[:300])
     except Exception as exc:
         raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
-    return replace(gone, predictions=model.predict(test_x).argmax(1))
+    return replace(gone, predictions=predictions)
 
 
 def _unreachable(cfg: PromoteConfig, version: str, exc: BaseException) -> str:
@@ -229,8 +252,8 @@ def promote(
 
     manifest, record = load_manifest(layout), load_record(layout, decision.winner)
     identity = task_identity(manifest)
-    test_x, test_y = load_split(layout, "test")
-    champion = current_champion(tracker, cfg, test_x.numpy())
+    served = ServedTest.load(layout)
+    champion = current_champion(tracker, cfg, served)
     if champion and (mismatch := identity_mismatch(identity, champion.tags, cfg)):
         raise PromotionError(mismatch)
     decision.champion_before = champion.describe() if champion else {}
@@ -238,7 +261,7 @@ def promote(
     if champion is not None and champion.predictions is not None:
         correct = test[decision.winner].to_numpy() == test["label"].to_numpy()
         versus = compare(
-            correct, champion.predictions == test_y.numpy(), cfg.champion_tolerance, cfg.confidence
+            correct, champion.predictions == served.labels, cfg.champion_tolerance, cfg.confidence
         )
         decision.champion_comparison = versus.as_dict()
 
@@ -268,11 +291,12 @@ def promote(
         tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row = table[table["name"] == decision.winner].iloc[0]
     version = tracker.register_model(
-        run_id, layout.root / record.checkpoint, cfg.model_name, example=test_x[:2],
+        run_id, layout.root / record.checkpoint, cfg.model_name, manifest=layout.manifest,
+        example=torch.from_numpy(served.normalised[:2]), raw_example=served.images[:2],
         tags=version_tags(decision, row, manifest.fingerprint, record.sha256, tags),
         description=describe(decision, table, alias),
     )  # fmt: skip
-    validate(tracker, cfg.model_name, version, (test_x, test_y), decision.test_acc)
+    validate(tracker, cfg.model_name, version, served, decision.test_acc)
     tracker.set_alias(cfg.model_name, alias, version)
     decision.registry = {"model_name": cfg.model_name, "version": version, "alias": alias, "run_id": run_id}
     log.info("registered %s as %s v%s @%s: %s", decision.winner, cfg.model_name, version, alias, why)
@@ -363,16 +387,15 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
     )
 
 
-def validate(tracker: Tracker, name: str, version: str, test, expected_acc: float) -> None:
-    """Load the version back from the registry and check it reproduces its test accuracy."""
-    x, y = test
+def validate(tracker: Tracker, name: str, version: str, test: ServedTest, expected_acc: float) -> None:
+    """Load the version back from the registry, feed it the raw test images as a user would, and
+    check it reproduces its test accuracy."""
     try:
-        predicted = tracker.load_version(name, version).predict(x.numpy()).argmax(1)
+        measured = test.accuracy(test.predict(tracker.load_version(name, version)))
     except Exception as exc:
         raise PromotionError(
             f"registered {name} v{version} failed to load back; no alias moved: {exc}"
         ) from exc
-    measured = accuracy(torch.from_numpy(predicted), y)
     if measured != expected_acc:
         raise PromotionError(
             f"registered {name} v{version} scores {measured:.4f} on the test set, "

@@ -1,28 +1,94 @@
 """The MLflow pyfunc model every registered version carries (logged as "models from code").
 
 It rebuilds the network from the shrinkflow checkpoint logged beside it, through the same safe
-loader the pipeline uses, so loading a registered model never unpickles anything. Input: float32
-images ``N x C x H x W`` normalised as in the manifest; output: class probabilities ``N x K``.
+loader the pipeline uses, so loading a registered model never unpickles anything, and it prepares
+images itself from the ``manifest.json`` logged beside the checkpoint, as ``tasks/sources.py`` and
+``tasks/prepare.py`` did for the training data.
+
+Input: uint8 images ``N x C x H x W`` or ``N x H x W x C`` (channels-first when dimension 1 is 1,
+3 or 4), pixel values on the manifest's ``scale`` (0-255; 0-16 for scikit-learn's digits), any
+size and 1, 3 or 4 (alpha dropped) channels: they are converted to the model's channels, resized
+(antialiased bilinear) and normalised. Output: a table with the predicted class name (``label``)
+and one probability column per class (``prob_<class>``).
+
+This file is self-contained (numpy, pandas, torch and the ``models`` package): it is what runs
+inside ``mlflow models serve``.
 """
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
 from models.checkpoint import load_checkpoint
 
+CHANNEL_COUNTS = (1, 3, 4)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L" and tasks/sources.py
+
+
+def probability_columns(classes: list[str]) -> list[str]:
+    return [f"prob_{name}" for name in classes]
+
+
+def channels_first(images: np.ndarray) -> np.ndarray:
+    """``N x C x H x W`` from either layout (channels-first wins when both could be channels)."""
+    if images.ndim != 4:
+        raise ValueError(f"expected N x C x H x W or N x H x W x C images, got shape {images.shape}")
+    if images.shape[1] in CHANNEL_COUNTS:
+        return images
+    if images.shape[3] in CHANNEL_COUNTS:
+        return images.transpose(0, 3, 1, 2)
+    raise ValueError(f"no channel dimension of 1, 3 or 4 in image shape {images.shape}")
+
+
+def to_model_input(images: np.ndarray, manifest: dict) -> torch.Tensor:
+    """Raw uint8 images -> the normalised float32 ``N x C x H x W`` the network was trained on."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
+    channels, height, width = manifest["input_shape"]
+    x = torch.from_numpy(np.ascontiguousarray(channels_first(images)))
+    if x.shape[1] == 4:
+        x = x[:, :3]
+    if x.shape[1] != channels:
+        if channels == 3:
+            x = x.repeat(1, 3, 1, 1)
+        else:
+            luma = torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)
+            x = (x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
+    if tuple(x.shape[2:]) != (height, width):
+        x = torch.nn.functional.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True)
+        x = x.round().clamp(0, manifest["scale"]).to(torch.uint8)
+    mean = torch.tensor(manifest["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(manifest["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return (x.to(torch.float32) / manifest["scale"] - mean) / std
+
+
+def prediction_table(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    table = pd.DataFrame(probs.astype(np.float64), columns=probability_columns(classes))
+    table.insert(0, "label", [classes[i] for i in probs.argmax(1)])
+    return table
+
 
 class ShrinkflowClassifier(PythonModel):
     def load_context(self, context) -> None:
         self.model, self.meta = load_checkpoint(context.artifacts["checkpoint"])
+        self.model.eval()
+        with open(context.artifacts["manifest"]) as fh:
+            self.manifest = json.load(fh)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        """Class probabilities of normalised float32 ``N x C x H x W`` images."""
         with torch.inference_mode():
             return self.model(x).softmax(dim=1).numpy()
+
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+        probs = self.probabilities(to_model_input(np.asarray(model_input), self.manifest))
+        return prediction_table(probs, self.manifest["classes"])
 
 
 mlflow.models.set_model(ShrinkflowClassifier())

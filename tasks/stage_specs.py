@@ -127,7 +127,15 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         cmd="shrinkflow stage evaluate",
         data=(PREPARED, BASELINE, CANDIDATES),
-        code=("models", "tasks/config.py", "tasks/evaluate.py", "tasks/engine.py", "tasks/io.py", *GATE_CODE),
+        code=(
+            "models",
+            "tasks/config.py",
+            "tasks/evaluate.py",
+            "tasks/export.py",
+            "tasks/engine.py",
+            "tasks/io.py",
+            *GATE_CODE,
+        ),  # fmt: skip
         params=("shrink.candidates", "evaluate", *GATE_PARAMS),
         outs=(
             Out(REPORT["CANDIDATES"]),
@@ -147,6 +155,7 @@ STAGES: dict[str, StageSpec] = {
             "tasks/evaluate.py",
             "tasks/tracking.py",
             "tasks/serving.py",
+            "tasks/export.py",
             "tasks/report.py",
         ),
         params=("promote",),

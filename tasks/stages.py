@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tasks import progress
+from tasks import progress, tensorboard
 from tasks.config import Params, load_params
-from tasks.evaluate import evaluate_models, load_table
+from tasks.evaluate import COLUMNS, evaluate_models, load_table
 from tasks.io import sweep_temporaries, write_text
 from tasks.layout import Layout
 from tasks.prepare import Manifest, load_split, prepare
@@ -26,7 +26,7 @@ from tasks.promote import Decision, promote
 from tasks.report import markdown_report, pareto_plot
 from tasks.search import Trial
 from tasks.tracking import Tracker, code_version
-from tasks.train import ModelRecord, shrink_candidate, threads_per_worker, train_baseline
+from tasks.train import ModelRecord, load_record, shrink_candidate, threads_per_worker, train_baseline
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class Context:
         tracker = Tracker.for_project(root, params.tracking.experiment)
         for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
             log.warning("removed %s, left half-written by an interrupted run", stale)
+        for run in tracker.close_orphaned_runs():
+            log.warning("marked MLflow run %s KILLED: an interrupted run left it RUNNING", run)
         return cls(params, layout, tracker)
 
 
@@ -203,6 +205,9 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
     with ends_failed(ctx, run):
         table = evaluate_models(ctx.params, ctx.layout)
+        if ctx.params.tracking.tensorboard:
+            records = [load_record(ctx.layout, n) for n in table["name"] if ctx.layout.record(n).is_file()]
+            tensorboard.write_runs(ctx.layout.runs, records, table)
         for row in table.to_dict("records"):
             if row["status"] == "ok" and (model_run := (runs or {}).get(row["name"])):
                 ctx.tracker.log(model_run, metrics={k: row[k] for k in _MEASURED})
@@ -212,9 +217,12 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     return table
 
 
-_MEASURED = ("val_acc", "gate_acc", "test_acc", "val_f1", "test_f1", "params", "flops", "size_bytes",
-             "latency_ms", "sparsity", "compressed_bytes", "gate_delta", "gate_lower", "gate_upper", "gate_p",
-             "test_delta", "test_lower", "test_upper")  # fmt: skip
+# Every measured figure of a model's row (not its labels, status or ratios to the baseline).
+_MEASURED = tuple(
+    c for c in COLUMNS
+    if c.endswith(("_acc", "_f1", "_ms", "_delta", "_lower", "_upper", "_p"))
+    or c in ("params", "flops", "size_bytes", "sparsity", "compressed_bytes")
+)  # fmt: skip
 
 
 def discard_decision(layout: Layout) -> None:

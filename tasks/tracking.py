@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sqlite3
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,11 +27,15 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from models.checkpoint import load_checkpoint
 from tasks.errors import ShrinkflowError
+from tasks.export import ExportError, export_onnx, max_abs_diff, session
+from tasks.io import read_json
 from tasks.prepare import Manifest
+from tasks.serving import probability_columns
 from tasks.train import ModelRecord
 
 log = logging.getLogger(__name__)
@@ -160,7 +166,7 @@ class Tracker:
 
     # runs -------------------------------------------------------------------------------
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        tags = dict(tags or {})
+        tags = {PROCESS_TAG: this_process(), **(tags or {})}
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         try:
@@ -170,6 +176,23 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def close_orphaned_runs(self) -> list[str]:
+        """Mark ``KILLED`` the runs still ``RUNNING`` whose process, on this machine, is gone (a
+        killed run cannot end its own runs); returns their ids. Runs of live processes and of
+        other machines are left alone."""
+        running = self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+        )
+        closed = []
+        for run in running:
+            owner = run.data.tags.get(PROCESS_TAG, "")
+            if owner and process_gone(owner):
+                reason = f"its process {owner} ended without finishing it; closed by {this_process()}"
+                self.client.set_tag(run.info.run_id, KILLED_TAG, reason)
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+        return closed
 
     def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
             tags: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -203,7 +226,13 @@ class Tracker:
 
     def log_candidates(self, run_id: str, table: pd.DataFrame, runs: dict[str, str]) -> None:
         """The candidates table as an MLflow table and as Markdown linking each model's run."""
-        self.client.log_table(run_id, data=table, artifact_file="candidates_table.json")
+        # MLflow scans object columns for images; pandas 3 strings go as object, as it expects.
+        text = [
+            c for c in table.columns if pd.api.types.is_string_dtype(table[c]) and table[c].dtype != object
+        ]
+        self.client.log_table(
+            run_id, data=table.astype(dict.fromkeys(text, object)), artifact_file="candidates_table.json"
+        )
         links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
         links["run"] = [
             f"[{runs[n][:8]}](#/experiments/{self.experiment_id}/runs/{runs[n]})" if n in runs else ""
@@ -224,27 +253,35 @@ class Tracker:
 
     # registry ---------------------------------------------------------------------------
     def register_model(
-        self, run_id: str, checkpoint: Path, name: str, example: torch.Tensor,
-        tags: dict[str, Any], description: str,
+        self, run_id: str, checkpoint: Path, name: str, manifest: Path, example: torch.Tensor,
+        raw_example: np.ndarray, tags: dict[str, Any], description: str,
     ) -> str:  # fmt: skip
-        """Log ``checkpoint`` as a pyfunc model in ``run_id``, register it; return the version."""
-        x = example.numpy().astype(np.float32)
-        with torch.inference_mode():
-            probs = load_checkpoint(checkpoint)[0](example).softmax(1).numpy()
-        with _tracking(self.uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(SERVING_CODE),
-                artifacts={"checkpoint": str(checkpoint)},
-                code_paths=[str(MODELS_PACKAGE)],
-                signature=infer_signature(x, probs),
-                input_example=x,
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",
-                    f"mlflow=={mlflow.__version__}",
-                    "numpy",
-                ],
-            )
+        """Log ``checkpoint`` as a pyfunc model that takes raw images, with the ``manifest`` that
+        prepares them and its ONNX export, in ``run_id``; register it; return the version.
+        ``example`` is normalised images as the pipeline feeds models (the ONNX parity check runs
+        on them); ``raw_example`` is the same images as stored uint8 pixels (the input example)."""
+        classes = read_json(manifest)["classes"]
+        with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
+            artifacts = {"checkpoint": str(checkpoint), "manifest": str(manifest)}
+            onnx = _exported_onnx(checkpoint, example, Path(tmp) / "model.onnx")
+            if isinstance(onnx, Path):
+                artifacts["onnx"] = str(onnx)
+            with _tracking(self.uri), mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(SERVING_CODE),
+                    artifacts=artifacts,
+                    code_paths=[str(MODELS_PACKAGE)],
+                    signature=serving_signature(classes),
+                    input_example=raw_example,
+                    pip_requirements=[
+                        f"torch=={torch.__version__.split('+')[0]}",
+                        f"mlflow=={mlflow.__version__}",
+                        "numpy",
+                        "pandas",
+                    ],
+                )
+        tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
         version = self.client.create_model_version(
             name=self._ensure_registered(name), source=info.model_uri, run_id=run_id,
             tags={k: str(v) for k, v in tags.items()}, description=description, model_id=info.model_id,
@@ -268,7 +305,7 @@ class Tracker:
                 return None
             raise
 
-    def load_version(self, name: str, version: str):
+    def load_version(self, name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
         with _tracking(self.uri):
             return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
 
@@ -288,6 +325,72 @@ def _unusable(uri: str, exc: Exception) -> str:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     how = "is unreachable" if uri.startswith(("http:", "https:")) else "cannot be used"
     return f"MLflow tracking at {uri} {how}: {first}"
+
+
+def predicted_classes(
+    model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, normalised: np.ndarray, classes: list[str]
+) -> np.ndarray:
+    """A registered version's predicted class indices for ``images`` (uint8, as stored). Versions
+    registered before models took raw images take the ``normalised`` floats and return
+    probabilities."""
+    inputs = model.metadata.get_input_schema()
+    if inputs is not None and inputs.inputs[0].type == np.dtype(np.uint8):
+        labels = model.predict(images)["label"]
+        return np.array([classes.index(label) for label in labels])
+    return np.asarray(model.predict(normalised)).argmax(1)
+
+
+def serving_signature(classes: list[str]) -> ModelSignature:
+    """uint8 images of any batch, layout and size in; the class name and its probabilities out."""
+    probabilities = [ColSpec("double", column) for column in probability_columns(classes)]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        outputs=Schema([ColSpec("string", "label"), *probabilities]),
+    )
+
+
+def _exported_onnx(checkpoint: Path, example: torch.Tensor, path: Path) -> Path | str:
+    """The checkpoint as ONNX checked against PyTorch, or why there is none."""
+    model = load_checkpoint(checkpoint)[0].eval()
+    try:
+        export_onnx(model, example, path)
+        max_abs_diff(model, session(path), example)
+    except ExportError as exc:
+        log.info("registering without ONNX: %s", exc)
+        return f"unavailable: {exc}"[:250]
+    return path
+
+
+PROCESS_TAG = "shrinkflow.process"  # host:pid:start-time of the process that opened the run
+KILLED_TAG = "shrinkflow.killed"
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+
+
+def process_gone(owner: str) -> bool:
+    """Whether the process ``host:pid:start`` has ended; unknowable (False) for another host."""
+    host, _, rest = owner.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return bool(started) and _start_time(int(pid)) != started
 
 
 def _now() -> int:

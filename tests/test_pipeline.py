@@ -40,10 +40,12 @@ import mlflow, torch
 from tasks.config import load_params
 from tasks.engine import accuracy
 from tasks.layout import Layout
-from tasks.prepare import load_split
-model = mlflow.pyfunc.load_model({uri!r})
-x, y = load_split(Layout.from_params(load_params("params.yaml"), "."), "test")  # normalised inputs
-print(accuracy(torch.from_numpy(model.predict(x.numpy()).argmax(1)), y))
+from tasks.prepare import load_manifest
+layout = Layout.from_params(load_params("params.yaml"), ".")
+test = torch.load(layout.split("test"), weights_only=True)  # raw uint8 pixels, as a user has them
+labels = mlflow.pyfunc.load_model({uri!r}).predict(test["x"].numpy())["label"]
+classes = load_manifest(layout).classes
+print(accuracy(torch.tensor([classes.index(label) for label in labels]), test["y"]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     return float(out.stdout.strip().splitlines()[-1])
