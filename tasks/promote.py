@@ -177,14 +177,26 @@ def judge(
     return cfg.challenger_alias, f"not better than {vs}: {evidence}"
 
 
-def current_champion(tracker: Tracker, cfg: PromoteConfig, test: ServedTest) -> Champion | None:
-    """The registry's current champion and its predictions on today's test images.
+def current_champion(
+    tracker: Tracker, cfg: PromoteConfig, test: ServedTest, identity: dict[str, str]
+) -> Champion | None:
+    """The registry's current champion and its predictions on today's test images, once its task
+    is known to be this run's (``identity``; a different one is refused before anything loads).
 
     Only a champion whose files are gone or refused counts as "no longer loads"; any other
     failure (the tracking server, the network) is raised, so nothing moves on a blip."""
-    version = tracker.version_by_alias(cfg.model_name, cfg.alias)
+    try:
+        version = tracker.version_by_alias(cfg.model_name, cfg.alias)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PromotionError(
+            f"could not read {cfg.model_name}@{cfg.alias} from the registry ({first}); "
+            "nothing registered, no alias moved"
+        ) from exc
     if version is None:
         return None
+    if mismatch := identity_mismatch(identity, dict(version.tags), cfg):
+        raise PromotionError(mismatch)
     size = float(version.tags.get(cfg.objective, "inf"))
     sha, tags = version.tags.get("checkpoint_sha256", ""), dict(version.tags)
     gone = Champion(str(version.version), None, size, sha, tags)
@@ -253,9 +265,7 @@ def promote(
     manifest, record = load_manifest(layout), load_record(layout, decision.winner)
     identity = task_identity(manifest)
     served = ServedTest.load(layout)
-    champion = current_champion(tracker, cfg, served)
-    if champion and (mismatch := identity_mismatch(identity, champion.tags, cfg)):
-        raise PromotionError(mismatch)
+    champion = current_champion(tracker, cfg, served, identity)
     decision.champion_before = champion.describe() if champion else {}
     versus = None
     if champion is not None and champion.predictions is not None:

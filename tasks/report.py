@@ -14,7 +14,7 @@ from tasks.stats import margin_points
 SHOWN = [
     "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
     "gate_delta", "gate_lower", "gate_p", "eligible", "test_delta", "test_lower", "test_upper",
-    "params", "flops", "size_bytes", "latency_ms", "param_ratio",
+    "params", "flops", "size_bytes", "latency_ms", "ort_latency_ms", "onnx", "param_ratio",
 ]  # fmt: skip
 
 
