@@ -47,21 +47,24 @@ def small_raw(*extra: str) -> dict:
     return raw
 
 
+def write_params(root: Path, *overrides: str, raw: dict | None = None) -> Path:
+    """``root/params.yaml``: the small params with ``overrides`` (or ``raw`` as given)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw if raw is not None else small_raw(*overrides), sort_keys=False))
+    return path
+
+
 @pytest.fixture
 def small_params():
     return parse_params(small_raw())
 
 
 @pytest.fixture
-def project(tmp_path, small_params):
+def project(tmp_path):
     """A temporary project root with the small params written to params.yaml."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(), sort_keys=False))
+    write_params(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def layout(project, small_params) -> Layout:
-    return Layout.from_params(small_params, project)
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +82,9 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture
-def trained_layout(trained, tmp_path, small_params) -> Layout:
-    for sub in ("data", "artifacts"):
-        shutil.copytree(trained / sub, tmp_path / sub)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(), sort_keys=False))
-    return Layout.from_params(small_params, tmp_path)
+def trained_layout(trained, tmp_path) -> Layout:
+    """A private copy of the trained project (prepared data and baseline)."""
+    return copy_project(trained, tmp_path)[1]
 
 
 def free_port() -> int:
@@ -142,15 +143,11 @@ def evaluated(trained, tmp_path_factory):
     from tasks.evaluate import evaluate_models
     from tasks.train import shrink_candidate
 
-    root = tmp_path_factory.mktemp("evaluated")
-    for sub in ("data", "artifacts"):
-        shutil.copytree(trained / sub, root / sub)
-    params = parse_params(small_raw())
-    layout = Layout.from_params(params, root)
+    params, layout = copy_project(trained, tmp_path_factory.mktemp("evaluated"))
     for name in params.shrink.candidates:
         shrink_candidate(params, layout, name)
     evaluate_models(params, layout)
-    return root
+    return layout.root
 
 
 def copy_project(src: Path, dst: Path, *overrides: str):
@@ -158,7 +155,5 @@ def copy_project(src: Path, dst: Path, *overrides: str):
     for sub in ("data", "artifacts", "reports"):
         if (src / sub).exists():
             shutil.copytree(src / sub, dst / sub)
-    raw = small_raw(*overrides)
-    (dst / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = parse_params(raw)
+    params = parse_params(yaml.safe_load(write_params(dst, *overrides).read_text()))
     return params, Layout.from_params(params, dst)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from models import STRATEGIES
 from tasks.config import ConfigError, load_params, parse_params
@@ -28,7 +29,7 @@ def test_overrides_apply_and_are_validated(tmp_path):
 
 def test_params_are_frozen():
     params = load_params(REPO / "params.yaml")
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ValidationError, match="frozen"):
         params.train.epochs = 1
 
 

@@ -26,7 +26,7 @@ from tasks.prepare import load_split, prepare
 from tasks.sources import LOADERS, DataError
 from tasks.tracking import Tracker
 from tasks.train import load_record, train_baseline
-from tests.conftest import REPO, run_cli, small_raw
+from tests.conftest import REPO, run_cli, small_raw, write_params
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CIFAR_TAR = SHARED / "cifar10-jpg.tar.gz"
@@ -199,7 +199,7 @@ def test_dvc_stages_depend_on_every_data_key_they_read():
 
 def test_cli_reports_a_missing_data_directory_in_one_line(tmp_path):
     raw = small_raw("data.source=cifar10", "data.root=nowhere")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_params(tmp_path, raw=raw)
     done = run_cli("stage", "prepare", cwd=tmp_path)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from tasks.config import parse_params
 from tasks.layout import Layout
 from tasks.prepare import prepare
 from tasks.sources import DataError
-from tests.conftest import run_cli, small_raw
+from tests.conftest import run_cli, small_raw, write_params
 
 
 def _folder(root: Path, counts: dict[str, int], size: int = 8, seed: int = 0) -> Path:
@@ -140,7 +139,7 @@ def test_decompression_bomb_is_a_clean_error(tmp_path):
 def test_cli_refuses_a_single_class_in_one_line(tmp_path):
     root = _folder(tmp_path / "raw", {"cat": 12})
     raw = small_raw("data.source=imagefolder", f"data.root={root}")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, raw=raw)
     done = run_cli("stage", "prepare", cwd=tmp_path)
     assert done.returncode == 1
     assert [line for line in done.stderr.splitlines() if line.startswith(("error", "Traceback"))] == [

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -22,7 +21,7 @@ from tasks.evaluate import load_table
 from tasks.promote import PromotionError
 from tasks.stages import Context, run_promote
 from tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, copy_project, run_cli, small_raw
+from tests.conftest import BIN, copy_project, run_cli, small_raw, write_params
 
 
 def _one_class_project(root: Path, *overrides: str) -> Path:
@@ -32,7 +31,7 @@ def _one_class_project(root: Path, *overrides: str) -> Path:
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"raw/cat/{i}.png")
     raw = small_raw("data.source=imagefolder", f"data.root={root / 'raw'}", *overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(root, raw=raw)
     return root
 
 
@@ -73,7 +72,7 @@ def test_failed_run_is_one_line_and_leaves_no_mlflow_run_running(tmp_path):
 
 
 def test_read_only_tracking_store_is_one_line_within_seconds(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    write_params(tmp_path)
     db = tmp_path / "store.db"
     Tracker(f"sqlite:///{db}", "shrinkflow")  # a real store, then opened read-only
     started = time.monotonic()
@@ -92,7 +91,7 @@ def test_read_only_tracking_store_is_one_line_within_seconds(tmp_path):
 
 
 def test_tracking_store_in_a_missing_directory_is_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    write_params(tmp_path)
     done = run_cli("stage", "prepare", cwd=tmp_path, env={"MLFLOW_TRACKING_URI": "sqlite:////nowhere/x/m.db"})
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
@@ -102,7 +101,7 @@ def test_tracking_store_in_a_missing_directory_is_one_line(tmp_path):
 
 
 def test_unwritable_prefect_home_is_one_line_within_seconds(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    write_params(tmp_path)
     (tmp_path / "a-file").write_text("not a directory")
     started = time.monotonic()
     done = run_cli("run", cwd=tmp_path, env={"PREFECT_HOME": str(tmp_path / "a-file/prefect")})
@@ -151,7 +150,7 @@ def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw("train.epochs=300")))  # long enough
+    write_params(tmp_path, "train.epochs=300")  # long enough
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
     run = subprocess.Popen(
         [str(BIN / "shrinkflow"), "run"],

@@ -8,18 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from tasks.evaluate import load_table
-from tests.conftest import small_raw
+from tests.conftest import write_params
 
 pytestmark = pytest.mark.slow
-
-
-def _write_params(root, *overrides):
-    (root / "params.yaml").write_text(yaml.safe_dump(small_raw(*overrides), sort_keys=False))
-    return root / "params.yaml"
 
 
 def _artifact_keys(flow_run_id: str) -> set[str]:
@@ -56,7 +50,7 @@ def test_flow_registers_the_smallest_model_within_tolerance(tmp_path, prefect_se
     from flows.pipeline import run
 
     name = "flow-e2e"
-    params_file = _write_params(
+    params_file = write_params(
         tmp_path,
         f"promote.model_name={name}",
         # "nan" diverges, and is also a name pandas reads as missing unless told otherwise

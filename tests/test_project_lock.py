@@ -11,10 +11,9 @@ import sys
 import textwrap
 
 import pytest
-import yaml
 
 from tasks.lock import HOLDER_ENV, LOCK_NAME, ProjectLocked, project_lock
-from tests.conftest import BIN, run_cli, small_raw
+from tests.conftest import BIN, run_cli, write_params
 
 # A second real process: takes the project's lock, says so, then runs argv[2:] (if any) under it
 # and waits for its stdin to close.
@@ -46,7 +45,7 @@ def _hold(root, *command: str) -> subprocess.Popen:
 
 @pytest.fixture
 def digits_project(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    write_params(tmp_path)
     return tmp_path
 
 

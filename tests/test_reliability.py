@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from tasks.io import atomic_path, sweep_temporaries, write_json
 from tasks.promote import PromotionError
-from tests.conftest import BIN, copy_project, small_raw
+from tests.conftest import BIN, copy_project, small_raw, write_params
 
 
 def _run_count() -> int:
@@ -83,7 +83,7 @@ def test_yaml_syntax_error_is_refused_cleanly(tmp_path):
 
 
 def test_bad_override_is_refused_cleanly(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    write_params(tmp_path)
     result = CliRunner().invoke(app, ["run", "-p", str(tmp_path / "params.yaml"), "-s", "train.lr=-1"])
     assert result.exit_code != 0 and "train.lr" in result.stderr and "-1" in result.stderr
 
@@ -92,7 +92,7 @@ def test_unreachable_mlflow_fails_fast_and_clearly(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket closes
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw()))
+    write_params(tmp_path)
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
@@ -119,7 +119,7 @@ def test_all_candidates_failing_moves_no_alias(tmp_path, prefect_server):
     raw = small_raw(
         "promote.model_name=all-fail", "shrink.candidates.w50.lr=1e6", "shrink.candidates.l1-50.lr=1e6"
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, raw=raw)
     with pytest.raises(PromotionError, match="all 2 candidates failed"):
         run(tmp_path / "params.yaml", root=tmp_path)
     assert not MlflowClient().search_registered_models("name='all-fail'")
@@ -181,7 +181,7 @@ def test_run_killed_during_shrink_resumes_without_redoing_finished_work(tmp_path
         "shrink.candidates={quick: {strategy: width, ratio: 0.5},"
         " slow: {strategy: prune_l1, ratio: 0.5, epochs: 200}}",
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(tmp_path, raw=raw)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "CI": "1"}
     cmd = [str(BIN / "shrinkflow"), "run"]
     first = subprocess.Popen(

@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tasks.evaluate import MACHINE_COLUMNS
-from tests.conftest import BIN, REPO, small_raw
+from tests.conftest import BIN, REPO, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _ran(done: subprocess.CompletedProcess) -> list[str]:
 
 
 def _write_params(root, *overrides: str) -> None:
-    (root / "params.yaml").write_text(yaml.safe_dump(small_raw(*SMALL, *overrides), sort_keys=False))
+    write_params(root, *SMALL, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_flow_rerun_reuses_the_cached_baseline(tmp_path, prefect_server):
     from flows.pipeline import prepare, reuse_or_train_baseline
     from tasks.stages import Context
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(*SMALL), sort_keys=False))
+    write_params(tmp_path, *SMALL)
 
     @flow(name="prepare-and-baseline")
     def prepare_and_baseline():
@@ -192,7 +192,7 @@ def test_flow_rerun_against_another_tracking_store_retrains(tmp_path, prefect_se
     from flows.pipeline import prepare, reuse_or_train_baseline
     from tasks.stages import Context
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_raw(*SMALL), sort_keys=False))
+    write_params(tmp_path, *SMALL)
 
     @flow(name="prepare-and-baseline-two-stores")
     def prepare_and_baseline():

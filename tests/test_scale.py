@@ -8,13 +8,12 @@ import subprocess
 import time
 
 import pytest
-import yaml
 
 from tasks.config import parse_params
 from tasks.evaluate import MACHINE_COLUMNS, load_table
 from tasks.layout import Layout
 from tasks.train import load_record
-from tests.conftest import BIN, free_port, small_raw
+from tests.conftest import BIN, free_port, small_raw, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +23,7 @@ def _run(root, *overrides):
 
     root.mkdir(parents=True, exist_ok=True)
     raw = small_raw("promote.model_name=scale", "shrink.workers=2", *overrides)
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    write_params(root, raw=raw)
     run(root / "params.yaml", root=root)
     table = load_table(root / "reports/candidates.csv").drop(columns=list(MACHINE_COLUMNS))
     layout = Layout.from_params(parse_params(raw), root)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, free_port, small_raw, stop, wait_http
+from tests.conftest import BIN, free_port, stop, wait_http, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -55,10 +55,9 @@ def prefect_api(tmp_path_factory):
 
 
 def _project(root: Path, *overrides: str) -> Path:
-    import yaml
 
     root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(small_raw(*overrides), sort_keys=False))
+    write_params(root, *overrides)
     return root / "params.yaml"
 
 
