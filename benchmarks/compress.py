@@ -407,8 +407,9 @@ def dvc_repro_seconds(tmp: Path) -> dict[str, float]:
 def _dvc_repro(root: Path) -> tuple[float, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     start = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro"], cwd=root, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "repro"], cwd=root, env=env, capture_output=True, text=True
+    )
     if done.returncode:
         raise RuntimeError(f"dvc repro failed:\n{done.stdout}\n{done.stderr}")
     return time.perf_counter() - start, done.stdout
@@ -507,20 +508,23 @@ def targets(figures: Figures) -> list[tuple[str, bool]]:
 def efficiency_table(eff: dict) -> str:
     over, speed, thr, dvc = eff["overhead"], eff["speedup"], eff["throughput"], eff["dvc"]
     work = ", ".join(f"{k} {v:.1f}" for k, v in over["work_s"].items())
-    return "\n".join([
-        "| figure | value | how |",
-        "|---|---|---|",
-        f"| orchestration overhead | {over['ratio']:.3f} | flow wall {over['flow_s']:.1f} s / stage work "
-        f"{sum(over['work_s'].values()):.1f} s ({work}) |",
-        f"| shrink speed-up, 2 workers vs 1 | {speed['speedup']:.2f} | {speed['one_worker_s']:.1f} s -> "
-        f"{speed['two_workers_s']:.1f} s on {', '.join(speed['candidates'])} "
-        f"({speed['epochs']} epoch(s) each; best of {speed['repeats']}) |",
-        f"| training throughput, engine.fit / bare loop | {thr['ratio']:.3f} "
-        f"| {thr['engine_images_per_s']:.0f} vs {thr['bare_images_per_s']:.0f} images/s "
-        f"({thr['epochs']} epoch(s), baseline model; best of {REPEATS}) |",
-        f"| `dvc repro`, nothing changed | {dvc['nothing_changed_s']:.1f} s | digits, small params; first "
-        f"repro {dvc['first_s']:.1f} s |",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "| figure | value | how |",
+            "|---|---|---|",
+            f"| orchestration overhead | {over['ratio']:.3f} | flow wall {over['flow_s']:.1f} s / stage work "
+            f"{sum(over['work_s'].values()):.1f} s ({work}) |",
+            f"| shrink speed-up, 2 workers vs 1 | {speed['speedup']:.2f} | {speed['one_worker_s']:.1f} s -> "
+            f"{speed['two_workers_s']:.1f} s on {', '.join(speed['candidates'])} "
+            f"({speed['epochs']} epoch(s) each; best of {speed['repeats']}) |",
+            f"| training throughput, engine.fit / bare loop | {thr['ratio']:.3f} "
+            f"| {thr['engine_images_per_s']:.0f} vs {thr['bare_images_per_s']:.0f} images/s "
+            f"({thr['epochs']} epoch(s), baseline model; best of {REPEATS}) |",
+            f"| `dvc repro`, nothing changed | {dvc['nothing_changed_s']:.1f} s | digits, small params; "
+            "first "
+            f"repro {dvc['first_s']:.1f} s |",
+        ]
+    )
 
 
 def render(figures: Figures) -> str:

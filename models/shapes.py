@@ -27,11 +27,21 @@ def layer_shapes(model: nn.Module) -> dict[str, list[int]]:
 def _resized(module: nn.Module, shape: list[int]) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         cin, cout, groups = shape
-        return nn.Conv2d(cin, cout, module.kernel_size, module.stride, module.padding, module.dilation,
-                         groups, module.bias is not None, module.padding_mode)  # fmt: skip
+        return nn.Conv2d(
+            cin,
+            cout,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            groups,
+            module.bias is not None,
+            module.padding_mode,
+        )
     if isinstance(module, nn.BatchNorm2d):
-        return nn.BatchNorm2d(shape[0], module.eps, module.momentum, module.affine,
-                              module.track_running_stats)  # fmt: skip
+        return nn.BatchNorm2d(
+            shape[0], module.eps, module.momentum, module.affine, module.track_running_stats
+        )
     return nn.Linear(shape[0], shape[1], bias=module.bias is not None)
 
 

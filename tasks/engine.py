@@ -212,9 +212,14 @@ def evaluate(model: nn.Module, split: Split) -> float:
 
 
 def fit(
-    model: nn.Module, train: Split, val: Split, cfg: TrainConfig, seed: int, augment: str = "none",
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    seed: int,
+    augment: str = "none",
     hooks: Hooks = Hooks(),
-) -> FitResult:  # fmt: skip
+) -> FitResult:
     """Train ``model`` in place and leave it holding its last (``cfg.keep == "last"``) or its
     best-on-validation weights; ``hooks``
     select the training mode (plain, distillation, sparsity, fixed zeros). Training runs on

@@ -47,11 +47,32 @@ PAIRED_STATS = ("delta", "lower", "upper", "p")
 # write the same bytes; latency is a measurement of the machine (training time is left to the
 # records and MLflow for the same reason).
 COLUMNS = [
-    "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
-    "params", "flops", "size_bytes", "latency_ms", "ort_latency_ms", "onnx", "param_ratio", "acc_drop",
+    "name",
+    "strategy",
+    "ratio",
+    "status",
+    "val_acc",
+    "gate_acc",
+    "test_acc",
+    "val_f1",
+    "test_f1",
+    "params",
+    "flops",
+    "size_bytes",
+    "latency_ms",
+    "ort_latency_ms",
+    "onnx",
+    "param_ratio",
+    "acc_drop",
     *(f"{split}_{stat}" for split in PAIRED_SPLITS for stat in PAIRED_STATS),
-    "eligible", "epochs", "error", "sparsity", "compressed_bytes", "steps", "note",
-]  # fmt: skip
+    "eligible",
+    "epochs",
+    "error",
+    "sparsity",
+    "compressed_bytes",
+    "steps",
+    "note",
+]
 MACHINE_COLUMNS = ("latency_ms", "ort_latency_ms")
 
 

@@ -45,10 +45,16 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
     model.eval()
     try:
         torch.onnx.export(
-            model, (example,), str(path), dynamo=True, verbose=False, external_data=False,
-            input_names=[INPUT], output_names=[OUTPUT],
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        )  # fmt: skip
+        )
     except Exception as exc:
         raise ExportError(f"torch.onnx cannot export it ({type(exc).__name__}: {_first_line(exc)})") from exc
     return path

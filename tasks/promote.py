@@ -107,8 +107,13 @@ class Champion:
     error: str = ""
 
     def describe(self) -> dict:
-        return {"version": self.version, "loads": self.predictions is not None, "size": self.size,
-                "sha256": self.sha256, "error": self.error}  # fmt: skip
+        return {
+            "version": self.version,
+            "loads": self.predictions is not None,
+            "size": self.size,
+            "sha256": self.sha256,
+            "error": self.error,
+        }
 
 
 def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
@@ -301,11 +306,15 @@ def promote(
         tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row = table[table["name"] == decision.winner].iloc[0]
     version = tracker.register_model(
-        run_id, layout.root / record.checkpoint, cfg.model_name, manifest=layout.manifest,
-        example=torch.from_numpy(served.normalised[:2]), raw_example=served.images[:2],
+        run_id,
+        layout.root / record.checkpoint,
+        cfg.model_name,
+        manifest=layout.manifest,
+        example=torch.from_numpy(served.normalised[:2]),
+        raw_example=served.images[:2],
         tags=version_tags(decision, row, manifest.fingerprint, record.sha256, tags),
         description=describe(decision, table, alias),
-    )  # fmt: skip
+    )
     validate(tracker, cfg.model_name, version, served, decision.test_acc)
     tracker.set_alias(cfg.model_name, alias, version)
     decision.registry = {"model_name": cfg.model_name, "version": version, "alias": alias, "run_id": run_id}

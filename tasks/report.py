@@ -12,10 +12,30 @@ from tasks.promote import Decision
 from tasks.stats import margin_points
 
 SHOWN = [
-    "name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "val_f1", "test_f1",
-    "gate_delta", "gate_lower", "gate_p", "eligible", "test_delta", "test_lower", "test_upper",
-    "params", "flops", "size_bytes", "latency_ms", "ort_latency_ms", "onnx", "param_ratio",
-]  # fmt: skip
+    "name",
+    "strategy",
+    "ratio",
+    "status",
+    "val_acc",
+    "gate_acc",
+    "test_acc",
+    "val_f1",
+    "test_f1",
+    "gate_delta",
+    "gate_lower",
+    "gate_p",
+    "eligible",
+    "test_delta",
+    "test_lower",
+    "test_upper",
+    "params",
+    "flops",
+    "size_bytes",
+    "latency_ms",
+    "ort_latency_ms",
+    "onnx",
+    "param_ratio",
+]
 
 
 def format_table(table: pd.DataFrame, winner: str | None = None) -> str:
@@ -98,9 +118,16 @@ def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
             above = (group["test_upper"] - group["test_delta"]).clip(lower=0)
             color = f"C{i}"
             ax.errorbar(
-                group[column], group["test_acc"], yerr=[below, above], fmt="none", ecolor=color,
-                elinewidth=1, capsize=2, alpha=0.6, zorder=2,
-            )  # fmt: skip
+                group[column],
+                group["test_acc"],
+                yerr=[below, above],
+                fmt="none",
+                ecolor=color,
+                elinewidth=1,
+                capsize=2,
+                alpha=0.6,
+                zorder=2,
+            )
             ax.scatter(
                 group[column],
                 group["test_acc"],

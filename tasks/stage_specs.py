@@ -98,7 +98,7 @@ STAGES: dict[str, StageSpec] = {
             ),
         ),
         outs=(Out(PREPARED),),
-    ),  # fmt: skip
+    ),
     "baseline": StageSpec(
         cmd="shrinkflow stage baseline",
         data=(PREPARED,),
@@ -123,7 +123,7 @@ STAGES: dict[str, StageSpec] = {
             *GATE_PARAMS,
         ),
         outs=(Out(f"{CANDIDATES}/{KEY}"),),
-    ),  # fmt: skip
+    ),
     "evaluate": StageSpec(
         cmd="shrinkflow stage evaluate",
         data=(PREPARED, BASELINE, CANDIDATES),
@@ -135,7 +135,7 @@ STAGES: dict[str, StageSpec] = {
             "tasks/engine.py",
             "tasks/io.py",
             *GATE_CODE,
-        ),  # fmt: skip
+        ),
         params=("shrink.candidates", "evaluate", *GATE_PARAMS),
         outs=(
             Out(REPORT["CANDIDATES"]),
@@ -164,7 +164,7 @@ STAGES: dict[str, StageSpec] = {
             Out(REPORT["REPORT"], cache=False),
             Out(REPORT["PROMOTION"], cache=False, metric=True),
         ),
-    ),  # fmt: skip
+    ),
 }
 
 PLOTS = [

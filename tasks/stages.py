@@ -168,12 +168,21 @@ def _trial_logger(ctx: Context, name: str, candidate_run: str):
 
     def log_trial(trial: Trial) -> None:
         run = ctx.tracker.start_run(
-            f"{name}-trial{trial.index}", candidate_run,
+            f"{name}-trial{trial.index}",
+            candidate_run,
             tags={"shrinkflow.stage": "search-trial", "shrinkflow.candidate": name},
-        )  # fmt: skip
-        ctx.tracker.log(run, params={"trial": trial.index, "ratio": trial.ratio},
-                        metrics={"val_acc": trial.val_acc, "val_delta": trial.delta, "val_lower": trial.lower,
-                                 "p_value": trial.p_value, "passed": float(trial.passed)})  # fmt: skip
+        )
+        ctx.tracker.log(
+            run,
+            params={"trial": trial.index, "ratio": trial.ratio},
+            metrics={
+                "val_acc": trial.val_acc,
+                "val_delta": trial.delta,
+                "val_lower": trial.lower,
+                "p_value": trial.p_value,
+                "passed": float(trial.passed),
+            },
+        )
         ctx.tracker.end_run(run)
 
     return log_trial
@@ -219,10 +228,11 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
 
 # Every measured figure of a model's row (not its labels, status or ratios to the baseline).
 _MEASURED = tuple(
-    c for c in COLUMNS
+    c
+    for c in COLUMNS
     if c.endswith(("_acc", "_f1", "_ms", "_delta", "_lower", "_upper", "_p"))
     or c in ("params", "flops", "size_bytes", "sparsity", "compressed_bytes")
-)  # fmt: skip
+)
 
 
 def discard_decision(layout: Layout) -> None:

@@ -102,16 +102,32 @@ def compare(
     delta = (gain - loss) / n
     if confidence is None:
         return Comparison(
-            n, gain, loss, _pts(delta), _pts(delta), _pts(delta), 0.0, margin, None,
+            n,
+            gain,
+            loss,
+            _pts(delta),
+            _pts(delta),
+            _pts(delta),
+            0.0,
+            margin,
+            None,
             delta * 100 >= -margin - 1e-9,
-        )  # fmt: skip
+        )
     z = float(norm.ppf(confidence))
     lower, upper = _bound(gain, loss, n, z), _bound(gain, loss, n, -z)
     p_value = float(norm.sf(score_statistic(gain, loss, n, -margin / 100))) if margin < 100 else 0.0
     return Comparison(
-        n, gain, loss, _pts(delta), _pts(lower), _pts(upper), confidence, margin, p_value,
+        n,
+        gain,
+        loss,
+        _pts(delta),
+        _pts(lower),
+        _pts(upper),
+        confidence,
+        margin,
+        p_value,
         lower * 100 > -margin,
-    )  # fmt: skip
+    )
 
 
 def _pts(fraction: float) -> float:

@@ -61,8 +61,14 @@ def code_version(root: str | Path = PROJECT_ROOT, outputs: tuple[str, ...] = PIP
     status = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
     status += [f":(exclude){path}" for path in outputs]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
         dirty = subprocess.run(status, cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -194,8 +200,13 @@ class Tracker:
                 closed.append(run.info.run_id)
         return closed
 
-    def log(self, run_id: str, params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
-            tags: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def log(
+        self,
+        run_id: str,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
         self.client.log_batch(
             run_id,
             metrics=[Metric(k, float(v), _now(), 0) for k, v in (metrics or {}).items() if _number(v)],
@@ -219,8 +230,12 @@ class Tracker:
         summary = {
             k: v for k, v in asdict(record).items() if k in ("best_epoch", "best_val_acc", "train_seconds")
         }
-        self.log(run_id, params=params, metrics=summary,
-                 tags={"shrinkflow.status": record.status, "shrinkflow.worker": record.worker})  # fmt: skip
+        self.log(
+            run_id,
+            params=params,
+            metrics=summary,
+            tags={"shrinkflow.status": record.status, "shrinkflow.worker": record.worker},
+        )
         if record.error:
             self.log(run_id, tags={"shrinkflow.error": record.error[:5000]})
 
@@ -245,17 +260,26 @@ class Tracker:
         with warnings.catch_warnings():  # MLflow registers two identical resolvers for local paths
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(
-                train_x, source=str(source), name=f"{manifest.source}-{manifest.fingerprint[:12]}",
+                train_x,
+                source=str(source),
+                name=f"{manifest.source}-{manifest.fingerprint[:12]}",
                 digest=manifest.fingerprint[:36],
-            )  # fmt: skip
+            )
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
         self.client.log_inputs(run_id, datasets=[entity])
 
     # registry ---------------------------------------------------------------------------
     def register_model(
-        self, run_id: str, checkpoint: Path, name: str, manifest: Path, example: torch.Tensor,
-        raw_example: np.ndarray, tags: dict[str, Any], description: str,
-    ) -> str:  # fmt: skip
+        self,
+        run_id: str,
+        checkpoint: Path,
+        name: str,
+        manifest: Path,
+        example: torch.Tensor,
+        raw_example: np.ndarray,
+        tags: dict[str, Any],
+        description: str,
+    ) -> str:
         """Log ``checkpoint`` as a pyfunc model that takes raw images, with the ``manifest`` that
         prepares them and its ONNX export, in ``run_id``; register it; return the version.
         ``example`` is normalised images as the pipeline feeds models (the ONNX parity check runs
@@ -283,9 +307,13 @@ class Tracker:
                 )
         tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
         version = self.client.create_model_version(
-            name=self._ensure_registered(name), source=info.model_uri, run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()}, description=description, model_id=info.model_id,
-        )  # fmt: skip
+            name=self._ensure_registered(name),
+            source=info.model_uri,
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+            description=description,
+            model_id=info.model_id,
+        )
         return version.version
 
     def _ensure_registered(self, name: str) -> str:

@@ -204,8 +204,13 @@ def _search(
 
     trials = search_ratio(params.shrink.candidates[name].search, judge, on_trial)
     best = best_trial(trials)
-    log.info("%s: search kept ratio %.4f after %d trials (%s)", name, best.ratio, len(trials),
-             "passed the gate" if best.passed else "none passed the gate")  # fmt: skip
+    log.info(
+        "%s: search kept ratio %.4f after %d trials (%s)",
+        name,
+        best.ratio,
+        len(trials),
+        "passed the gate" if best.passed else "none passed the gate",
+    )
     return *built[best.ratio], trials
 
 

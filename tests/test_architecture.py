@@ -38,8 +38,13 @@ def test_candidate_cache_key_follows_exactly_what_the_shrink_stage_declares(trai
         return candidate_key(params, Layout.from_params(params, trained_layout.root), "l1-50", "store")
 
     assert key() == key()
-    for changed in ("promote.confidence=0.9", "promote.tolerance=3", "shrink.epochs=9", "train.lr=0.01",
-                    "shrink.candidates.l1-50.ratio=0.6"):  # fmt: skip
+    for changed in (
+        "promote.confidence=0.9",
+        "promote.tolerance=3",
+        "shrink.epochs=9",
+        "train.lr=0.01",
+        "shrink.candidates.l1-50.ratio=0.6",
+    ):
         assert key(changed) != key(), changed
     for unread in ("promote.alias=best", "evaluate.latency_repeats=3", "shrink.candidates.w50.ratio=0.6"):
         assert key(unread) == key(), unread

@@ -14,9 +14,21 @@ from benchmarks.compress import makespan
 from tests.conftest import REPO
 
 CONTENDER_COLUMNS = [
-    "model", "how", "test acc %", "drop (pts)", "params", "params /", "FLOPs", "FLOPs /", "size (KB)",
-    "size /", "latency b1 (ms)", "latency /", "throughput b64 (img/s)", "throughput x",
-]  # fmt: skip
+    "model",
+    "how",
+    "test acc %",
+    "drop (pts)",
+    "params",
+    "params /",
+    "FLOPs",
+    "FLOPs /",
+    "size (KB)",
+    "size /",
+    "latency b1 (ms)",
+    "latency /",
+    "throughput b64 (img/s)",
+    "throughput x",
+]
 CONTENDERS = ["baseline", "seed: AdjustedNet", "torch-pruning", "shrinkflow: "]
 EFFICIENCY = [
     "orchestration overhead",
@@ -40,8 +52,11 @@ def _cells(line: str) -> list[str]:
 def test_quick_benchmark_writes_every_column_row_and_target(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.compress", "--quick", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     (md,) = tmp_path.glob("*.md")
     (raw,) = tmp_path.glob("*.json")

@@ -120,9 +120,12 @@ def test_mnist_through_torchvision_from_local_idx_files(mnist_root, tmp_path):
     assert abs(float(x.mean())) < 0.2 and x.shape == (10000, 1, 28, 28)
 
     resized = _params(
-        "data.source=mnist", f"data.root={mnist_root}", "data.image_size=14", "data.channels=3",
+        "data.source=mnist",
+        f"data.root={mnist_root}",
+        "data.image_size=14",
+        "data.channels=3",
         "data.max_train_samples=200",
-    )  # fmt: skip
+    )
     assert prepare(resized, Layout.from_params(resized, tmp_path / "small")).input_shape == [3, 14, 14]
 
 
@@ -248,9 +251,15 @@ def _tiny_model(manifest):
 
     c, size, _ = manifest.input_shape
     return build_model(
-        {"arch": "basenet", "in_channels": c, "image_size": size, "num_classes": manifest.num_classes,
-         "channels": [8, 16], "hidden": [32]}
-    )  # fmt: skip
+        {
+            "arch": "basenet",
+            "in_channels": c,
+            "image_size": size,
+            "num_classes": manifest.num_classes,
+            "channels": [8, 16],
+            "hidden": [32],
+        }
+    )
 
 
 def test_baseline_key_follows_data_config_and_checkpoint(trained_layout):

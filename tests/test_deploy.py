@@ -44,9 +44,15 @@ def registered(evaluated, tmp_path_factory):
     name = f"deploy-{uuid.uuid4().hex[:8]}"
     test, (raw, _) = load_split(layout, "test"), load_raw_split(layout, "test")
     version = tracker.register_model(
-        run, layout.checkpoint(MODEL), name, manifest=layout.manifest, example=test[0][:2],
-        raw_example=raw[:2].numpy(), tags={}, description="",
-    )  # fmt: skip
+        run,
+        layout.checkpoint(MODEL),
+        name,
+        manifest=layout.manifest,
+        example=test[0][:2],
+        raw_example=raw[:2].numpy(),
+        tags={},
+        description="",
+    )
     tracker.end_run(run)
     return uri, name, version, layout
 
@@ -133,8 +139,21 @@ def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
     uri, name, version, layout = registered
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{name}/{version}", "--env-manager",
-           "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{name}/{version}",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with (tmp_path / "serve.log").open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -37,8 +37,16 @@ def test_cpu_training_returns_a_cpu_model_that_learns():
     x = torch.randn(256, 1, 8, 8, generator=generator)
     y = (x.mean(dim=(1, 2, 3)) > 0).long()
     torch.manual_seed(0)
-    model = build_model({"arch": "basenet", "in_channels": 1, "image_size": 8, "num_classes": 2,
-                         "channels": [4], "hidden": [8]})  # fmt: skip
+    model = build_model(
+        {
+            "arch": "basenet",
+            "in_channels": 1,
+            "image_size": 8,
+            "num_classes": 2,
+            "channels": [4],
+            "hidden": [8],
+        }
+    )
     result = fit(model, (x, y), (x, y), params.train, seed=0)
     assert model_device(model).type == "cpu"
     assert all(t.device.type == "cpu" for t in model.state_dict().values())

@@ -37,8 +37,12 @@ def test_score_statistic_uses_the_constrained_maximum_likelihood(gain, loss, n, 
     def nll(p):
         return -(gain * math.log(p + delta0) + loss * math.log(p) + rest * math.log(1 - 2 * p - delta0))
 
-    p = minimize_scalar(nll, bounds=(max(0, -delta0) + 1e-12, (1 - delta0) / 2 - 1e-12), method="bounded",
-                        options={"xatol": 1e-13}).x  # fmt: skip
+    p = minimize_scalar(
+        nll,
+        bounds=(max(0, -delta0) + 1e-12, (1 - delta0) / 2 - 1e-12),
+        method="bounded",
+        options={"xatol": 1e-13},
+    ).x
     expected = (gain - loss - n * delta0) / math.sqrt(n * (2 * p + delta0 * (1 - delta0)))
     assert score_statistic(gain, loss, n, delta0) == pytest.approx(expected, rel=1e-6)
 
@@ -111,8 +115,20 @@ def test_min_certifiable_margin_and_the_message():
 
 
 def _table(rows):
-    cols = ["name", "strategy", "ratio", "status", "val_acc", "gate_acc", "test_acc", "eligible",
-            "params", "flops", "size_bytes", "latency_ms"]  # fmt: skip
+    cols = [
+        "name",
+        "strategy",
+        "ratio",
+        "status",
+        "val_acc",
+        "gate_acc",
+        "test_acc",
+        "eligible",
+        "params",
+        "flops",
+        "size_bytes",
+        "latency_ms",
+    ]
     return pd.DataFrame(rows, columns=cols)
 
 

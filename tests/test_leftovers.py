@@ -17,11 +17,18 @@ from tests.conftest import REPO
 def test_runs_a_killed_process_left_running_are_marked_killed_by_the_next_run(project):
     uri, experiment = tracking_uri(project), f"leftovers-{uuid.uuid4().hex[:8]}"
     killed = subprocess.run(
-        [sys.executable, "-c", f"import os, signal; from tasks.tracking import Tracker; "
-         f"print(Tracker({uri!r}, {experiment!r}).start_run('orphan'), flush=True); "
-         "os.kill(os.getpid(), signal.SIGKILL)"],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            f"import os, signal; from tasks.tracking import Tracker; "
+            f"print(Tracker({uri!r}, {experiment!r}).start_run('orphan'), flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     orphan = killed.stdout.split()[-1]
     live = Tracker(uri, experiment).start_run("live")  # this process's: still in progress

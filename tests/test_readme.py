@@ -116,6 +116,9 @@ def test_readmes_dvc_experiments_are_accepted(dvc_repo):
             continue
         done = subprocess.run(
             [str(BIN / "dvc"), "exp", "run", "--dry", *argv[3:], "prepare"],
-            cwd=dvc_repo, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            cwd=dvc_repo,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0, (argv, done.stdout[-2000:], done.stderr[-2000:])

@@ -124,15 +124,22 @@ def _predictions_wrong_on_test(layout, name_filter=lambda n: n != "baseline"):
 
 
 def test_test_vetoes_a_winner_it_disagrees_with(evaluated, tmp_path, model_name):
-    decision = _promote(evaluated, tmp_path / "1", model_name, "promote.tolerance=50",
-                        tamper=_predictions_wrong_on_test)  # fmt: skip
+    decision = _promote(
+        evaluated, tmp_path / "1", model_name, "promote.tolerance=50", tamper=_predictions_wrong_on_test
+    )
     assert decision.winner != "baseline" and decision.verdict == "vetoed"
     assert decision.verdict_reason.startswith("test disagrees") and decision.registry == {}
     assert _aliases(model_name) == {} and not MlflowClient().search_model_versions(f"name='{model_name}'")
     written = json.loads((tmp_path / "1/reports/promotion.json").read_text())
     assert written["verdict"] == "vetoed" and written["test"]["upper"] < -written["test"]["margin"]
-    forced = _promote(evaluated, tmp_path / "2", model_name, "promote.tolerance=50",
-                      tamper=_predictions_wrong_on_test, force=True)  # fmt: skip
+    forced = _promote(
+        evaluated,
+        tmp_path / "2",
+        model_name,
+        "promote.tolerance=50",
+        tamper=_predictions_wrong_on_test,
+        force=True,
+    )
     assert forced.forced and forced.verdict == "champion" and "test disagrees" in forced.verdict_reason
 
 
@@ -152,9 +159,20 @@ def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, mo
     """The champion's artefacts sit behind a real artefact server that then goes down."""
     port = free_port()
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--artifacts-only", "--artifacts-destination", str(tmp_path / "art"),
-         "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--artifacts-only",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server)
         experiment = f"remote-{model_name}"
@@ -167,8 +185,9 @@ def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, mo
         stop(server)
     assert _aliases(model_name) == {"champion": 1}
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    params, layout = copy_project(evaluated, tmp_path / "2", f"promote.model_name={model_name}",
-                                  "promote.tolerance=50")  # fmt: skip
+    params, layout = copy_project(
+        evaluated, tmp_path / "2", f"promote.model_name={model_name}", "promote.tolerance=50"
+    )
     ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), experiment))
     with pytest.raises(PromotionError, match=r"could not load .*@champion v1.*no alias moved"):
         run_promote(ctx)

@@ -90,8 +90,12 @@ def _deterministic_outputs(root) -> dict[str, bytes]:
 def test_forced_reproductions_are_byte_identical(repo):
     before = _deterministic_outputs(repo)
     assert _ran(_dvc(repo, "repro", "--force", "evaluate")) == [
-        "prepare", "baseline", "shrink@w50", "shrink@l1-50", "evaluate",
-    ]  # fmt: skip
+        "prepare",
+        "baseline",
+        "shrink@w50",
+        "shrink@l1-50",
+        "evaluate",
+    ]
     after = _deterministic_outputs(repo)
     assert sorted(after) == sorted(before) and len(after) >= 10
     differing = [name for name in before if before[name] != after[name]]

@@ -51,8 +51,12 @@ def test_process_pool_runner_matches_the_thread_runner(tmp_path, thread_referenc
 def test_local_dask_cluster_runs_the_candidates_on_its_workers(tmp_path, thread_reference):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         worker_pids = set(client.run(os.getpid).values())
         table, workers = _run(
             tmp_path, "shrink.runner=dask", f"shrink.dask_address={cluster.scheduler_address}"
@@ -65,8 +69,11 @@ def test_dask_scheduler_and_workers_started_from_the_command_line(tmp_path, thre
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     log = (tmp_path / "dask.log").open("w")
-    scheduler = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    scheduler = subprocess.Popen(
+        [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     workers = [
         subprocess.Popen(
             [
@@ -81,7 +88,7 @@ def test_dask_scheduler_and_workers_started_from_the_command_line(tmp_path, thre
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     try:

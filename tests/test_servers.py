@@ -25,9 +25,20 @@ def _log(path: Path):
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "art")]  # fmt: skip
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "art"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=_log(root / "server.log"))
     url = f"http://127.0.0.1:{port}"
     try:
@@ -41,8 +52,12 @@ def mlflow_server(tmp_path_factory):
 def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+    }
     env.pop("PREFECT_API_URL", None)
     cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, stdout=_log(home / "server.log"), stderr=subprocess.STDOUT)
@@ -62,8 +77,9 @@ def _project(root: Path, *overrides: str) -> Path:
 
 
 def _cli(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "shrinkflow"), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "shrinkflow"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 TRIGGER = """
@@ -95,14 +111,33 @@ def test_scheduled_retraining_twice_against_real_servers(prefect_api, mlflow_ser
     params = _project(tmp_path, "promote.model_name=served", "shrink.workers=1")
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_server}
     serve = subprocess.Popen(
-        [str(BIN / "shrinkflow"), "serve", "--cron", "0 3 * * 0", "--name", "weekly", "-p", str(params),
-         "--root", str(tmp_path)],
-        env=env, cwd=tmp_path, stdout=_log(tmp_path / "serve.log"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            str(BIN / "shrinkflow"),
+            "serve",
+            "--cron",
+            "0 3 * * 0",
+            "--name",
+            "weekly",
+            "-p",
+            str(params),
+            "--root",
+            str(tmp_path),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=_log(tmp_path / "serve.log"),
+        stderr=subprocess.STDOUT,
+    )
     runs = json.dumps([["promote.tolerance=50"], ["promote.tolerance=0"]])
     try:
-        out = subprocess.run([sys.executable, "-c", TRIGGER, runs], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=900)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", TRIGGER, runs],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         stop(serve)
     log = (tmp_path / "serve.log").read_text()[-4000:]

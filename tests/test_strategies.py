@@ -45,8 +45,9 @@ def _batch(n: int = 16):
 def base(request):
     """An untrained net of each architecture, its BatchNorm scales spread as training would."""
     torch.manual_seed(0)
-    model = build_model({"arch": request.param, "in_channels": 1, "image_size": 8, "num_classes": 10,
-                         **SPECS[request.param]})  # fmt: skip
+    model = build_model(
+        {"arch": request.param, "in_channels": 1, "image_size": 8, "num_classes": 10, **SPECS[request.param]}
+    )
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             nn.init.uniform_(m.weight, 0.1, 1.0)
@@ -104,8 +105,13 @@ def test_depth_keeps_the_surviving_blocks_weights(arch):
     ("overrides", "message"),
     [
         (["shrink.candidates={s: {strategy: slim, ratio: 0.5}}"], "needs BatchNorm"),
-        (["model={arch: basenet, channels: [8], hidden: []}",
-          "shrink.candidates={d: {strategy: depth, ratio: 0.5}}"], "needs a layer or block"),
+        (
+            [
+                "model={arch: basenet, channels: [8], hidden: []}",
+                "shrink.candidates={d: {strategy: depth, ratio: 0.5}}",
+            ],
+            "needs a layer or block",
+        ),
         (["model={arch: resnet18, channels: [8]}"], "model.channels does not apply to resnet18"),
         (["shrink.candidates={q: {strategy: int8, distill: {}}}"], "'distill' does not apply"),
         (["shrink.candidates={w: {strategy: width, ratio: 0.5, search: {}}}"], "exactly one of ratio"),
@@ -113,18 +119,21 @@ def test_depth_keeps_the_surviving_blocks_weights(arch):
         (["shrink.candidates={m: {strategy: magnitude, ratio: 0.5, sparsity: 0.1}}"], "unknown key"),
         (["shrink.candidates={w: {strategy: width, search: {low: 0.8, high: 0.5}}}"], "low must be below"),
     ],
-)  # fmt: skip
+)
 def test_misfits_are_refused_with_a_clear_message(overrides, message):
     with pytest.raises(ConfigError, match=message):
         parse_params(small_raw(*overrides))
 
 
 def test_every_strategy_is_declarable_and_composes():
-    params = parse_params(small_raw(
-        "model.batch_norm=true",
-        "shrink.candidates={p: {strategy: prune_taylor, ratio: 0.5, distill: {alpha: 0.5}, quantize: int8},"
-        " s: {strategy: slim, search: {mode: step}}, q: {strategy: int8}}",
-    ))  # fmt: skip
+    params = parse_params(
+        small_raw(
+            "model.batch_norm=true",
+            "shrink.candidates={p: {strategy: prune_taylor, ratio: 0.5, distill: {alpha: 0.5},"
+            " quantize: int8},"
+            " s: {strategy: slim, search: {mode: step}}, q: {strategy: int8}}",
+        )
+    )
     cands = params.shrink.candidates
     assert cands["p"].steps() == ["prune_taylor", "distill", "int8"]
     assert cands["p"].options() == {"ratio": 0.5, "global_pruning": False, "iterative_steps": 1}
@@ -210,8 +219,14 @@ def test_training_hooks_distill_sparsify_and_keep_zeros(base):
     assert weight_sparsity(sparse) >= 0.6
     penalised = copy.deepcopy(base)
     before = bn_l1_penalty(1.0)(penalised)
-    fit(penalised, (x, y), (x, y), cfg.model_copy(update={"lr": 0.1}), seed=0,
-        hooks=Hooks(penalty=bn_l1_penalty(1.0)))  # fmt: skip
+    fit(
+        penalised,
+        (x, y),
+        (x, y),
+        cfg.model_copy(update={"lr": 0.1}),
+        seed=0,
+        hooks=Hooks(penalty=bn_l1_penalty(1.0)),
+    )
     assert bn_l1_penalty(1.0)(penalised) < before
 
 
@@ -240,10 +255,13 @@ def test_search_stops_at_the_tolerance(mode):
 def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layout):
     from tasks.train import shrink_candidate
 
-    params = parse_params(small_raw(
-        "shrink.candidates={s: {strategy: prune_l1, lr: 0.01, epochs: 2, search: {low: 0.3, high: 0.95,"
-        " trials: 3}}}", "promote.tolerance=5.0",
-    ))  # fmt: skip
+    params = parse_params(
+        small_raw(
+            "shrink.candidates={s: {strategy: prune_l1, lr: 0.01, epochs: 2, search: {low: 0.3, high: 0.95,"
+            " trials: 3}}}",
+            "promote.tolerance=5.0",
+        )
+    )
     heard = []
     record = shrink_candidate(params, trained_layout, "s", on_trial=heard.append)
     assert [t.ratio for t in heard] == [t["ratio"] for t in record.trials] and len(heard) == 3
@@ -260,10 +278,12 @@ def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
     from tasks.evaluate import measure
     from tasks.train import shrink_candidate
 
-    params = parse_params(small_raw(
-        "shrink.candidates={c: {strategy: prune_l1, ratio: 0.5, lr: 0.01, epochs: 2, distill: {},"
-        " quantize: int8}}",
-    ))  # fmt: skip
+    params = parse_params(
+        small_raw(
+            "shrink.candidates={c: {strategy: prune_l1, ratio: 0.5, lr: 0.01, epochs: 2, distill: {},"
+            " quantize: int8}}",
+        )
+    )
     record = shrink_candidate(params, trained_layout, "c")
     assert record.steps == ["prune_l1", "distill", "int8"] and record.epochs == 2
     model, _ = load_checkpoint(trained_layout.root / record.checkpoint, sha256=record.sha256)
@@ -278,10 +298,13 @@ def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
     from tasks.stages import Context, run_candidate
     from tasks.tracking import Tracker
 
-    params = parse_params(small_raw(
-        "shrink.candidates={s: {strategy: magnitude, epochs: 1, search: {mode: step, low: 0.5, step: 0.2,"
-        " trials: 2}}}", "promote.tolerance=100",
-    ))  # fmt: skip
+    params = parse_params(
+        small_raw(
+            "shrink.candidates={s: {strategy: magnitude, epochs: 1, search: {mode: step, low: 0.5, step: 0.2,"
+            " trials: 2}}}",
+            "promote.tolerance=100",
+        )
+    )
     ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "strategies-test"))
     tracked = run_candidate(ctx, "s")
     children = ctx.tracker.client.search_runs(

@@ -105,8 +105,15 @@ class SmallResNet(_Staged, ResNet):
     WIDTHS: ClassVar[tuple[int, ...]] = (64, 128, 256, 512)
     DEFAULT_BLOCKS = (2, 2, 2, 2)
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, width_mult: float = 1.0,
-                 blocks: tuple[int, ...] | None = None, layers: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        width_mult: float = 1.0,
+        blocks: tuple[int, ...] | None = None,
+        layers: dict | None = None,
+    ) -> None:
         nn.Module.__init__(self)  # ResNet.__init__ hard-codes the ImageNet stem and widths
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
         self.width_mult, self.blocks = width_mult, tuple(blocks or self.DEFAULT_BLOCKS)
@@ -136,8 +143,15 @@ class SmallResNet(_Staged, ResNet):
 
 
 # torchvision's MobileNetV2 setting: expansion t, channels c, blocks n, first stride s.
-_MOBILENET_SETTING = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
-                      [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]  # fmt: skip
+_MOBILENET_SETTING = [
+    [1, 16, 1, 1],
+    [6, 24, 2, 2],
+    [6, 32, 3, 2],
+    [6, 64, 4, 2],
+    [6, 96, 3, 1],
+    [6, 160, 3, 2],
+    [6, 320, 1, 1],
+]
 
 
 class SmallMobileNetV2(_Staged, MobileNetV2):
@@ -148,8 +162,15 @@ class SmallMobileNetV2(_Staged, MobileNetV2):
     Options = MobileNetV2Options
     DEFAULT_BLOCKS = tuple(n for _, _, n, _ in _MOBILENET_SETTING)
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, width_mult: float = 1.0,
-                 blocks: tuple[int, ...] = DEFAULT_BLOCKS, layers: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        width_mult: float = 1.0,
+        blocks: tuple[int, ...] = DEFAULT_BLOCKS,
+        layers: dict | None = None,
+    ) -> None:
         setting = [[t, c, n, s] for (t, c, _, s), n in zip(_MOBILENET_SETTING, blocks, strict=True)]
         super().__init__(num_classes, width_mult, setting, dropout=0.0)
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
@@ -181,6 +202,7 @@ class SmallMobileNetV2(_Staged, MobileNetV2):
         shallow = super().shallower(drop)
         # The last 1x1 conv moves index when blocks go; carry its weights over too.
         tail = {f"features.{len(self.features) - 1}.": f"features.{len(shallow.features) - 1}."}
-        copy_matching({k: v for k, v in self.state_dict().items() if k.startswith(next(iter(tail)))},
-                      shallow, tail)  # fmt: skip
+        copy_matching(
+            {k: v for k, v in self.state_dict().items() if k.startswith(next(iter(tail)))}, shallow, tail
+        )
         return shallow

@@ -17,6 +17,12 @@ def int8(model: nn.Module, batch: Batch) -> nn.Module:
 
 
 STRATEGY = Strategy(
-    "int8", int8, StrategyOptions, warm_start=True, trains=False, exclusive=True, changes_shapes=False,
+    "int8",
+    int8,
+    StrategyOptions,
+    warm_start=True,
+    trains=False,
+    exclusive=True,
+    changes_shapes=False,
     note="int8 kernels; params and FLOPs are those of the float network",
-)  # fmt: skip
+)

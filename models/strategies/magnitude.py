@@ -23,6 +23,11 @@ def magnitude(model: nn.Module, batch: Batch, *, ratio: float) -> nn.Module:
 
 
 STRATEGY = Strategy(
-    "magnitude", magnitude, RatioOptions, warm_start=True, keeps_zeros=True, changes_shapes=False,
+    "magnitude",
+    magnitude,
+    RatioOptions,
+    warm_start=True,
+    keeps_zeros=True,
+    changes_shapes=False,
     note="unstructured zeros: dense size, FLOPs and latency do not fall; see sparsity and compressed_bytes",
-)  # fmt: skip
+)

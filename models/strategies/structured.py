@@ -65,9 +65,13 @@ def structured(
     default_global = options.model_fields["global_pruning"].default
 
     def shrink(
-        model: nn.Module, batch: Batch, *, ratio: float, global_pruning: bool = default_global,
+        model: nn.Module,
+        batch: Batch,
+        *,
+        ratio: float,
+        global_pruning: bool = default_global,
         iterative_steps: int = 1,
-    ) -> nn.Module:  # fmt: skip
+    ) -> nn.Module:
         return prune(model, batch, importance(), ratio, global_pruning, needs_grad, iterative_steps)
 
     shrink.__name__ = shrink.__qualname__ = name
