@@ -250,6 +250,9 @@ class PromoteConfig(_Section):
     # Planning assumption for "what can the gate split certify": the share of gate images on which
     # a model as accurate as the baseline disagrees with it.
     planning_disagreement: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    # Optional guard: a model that loses more than this many points on any single class of the
+    # gate split (against the baseline) is not eligible, whatever its overall accuracy.
+    max_class_drop: Annotated[float, Field(ge=0, le=100)] | None = None
     objective: Literal["params", "flops", "size_bytes", "latency_ms"] = "params"
     model_name: Annotated[str, Field(min_length=1)] = "shrinkflow-digits"  # default: shrinkflow-<data.source>
     alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")] = "champion"

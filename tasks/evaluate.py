@@ -29,7 +29,7 @@ from models.strategies import STRATEGIES
 from tasks.config import EvaluateConfig, Params, PromoteConfig
 from tasks.engine import Split, accuracy, predict
 from tasks.export import check_onnx
-from tasks.gate import versus_baseline
+from tasks.gate import versus_baseline, worst_class
 from tasks.io import atomic_path, write_json
 from tasks.layout import Layout
 from tasks.prepare import load_manifest, load_split
@@ -65,6 +65,8 @@ COLUMNS = [
     "param_ratio",
     "acc_drop",
     *(f"{split}_{stat}" for split in PAIRED_SPLITS for stat in PAIRED_STATS),
+    "worst_class",
+    "worst_class_drop",
     "eligible",
     "epochs",
     "error",
@@ -224,7 +226,7 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     table["param_ratio"] = (base["params"] / table["params"]).round(3)
     table["acc_drop"] = (base["test_acc"] - table["test_acc"]).round(3)
     labels = {split: y.numpy() for split, (_, y) in splits.items()}
-    compare_with_baseline(table, predictions, labels, params.promote)
+    compare_with_baseline(table, predictions, labels, params.promote, load_manifest(layout).classes)
     with atomic_path(layout.candidates_csv) as tmp:
         table.to_csv(tmp, index=False, float_format="%.4f")
     write_predictions(layout.predictions_csv, predictions, labels)
@@ -233,22 +235,33 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
 
 
 def compare_with_baseline(
-    table: pd.DataFrame, predictions: dict[str, dict], labels: dict[str, np.ndarray], cfg: PromoteConfig
+    table: pd.DataFrame,
+    predictions: dict[str, dict],
+    labels: dict[str, np.ndarray],
+    cfg: PromoteConfig,
+    classes: list[str],
 ) -> None:
-    """Fill each measured model's paired comparison with the baseline on gate and test, and
-    ``eligible``: it passes the gate (the baseline, the reference, always does)."""
+    """Fill each measured model's paired comparison with the baseline on gate and test, the class
+    it loses most on (gate), and ``eligible``: it passes the gate and, with
+    ``promote.max_class_drop``, loses no more than that on any class (the baseline, the
+    reference, always is)."""
     if "baseline" not in predictions:
         return
-    table["eligible"] = table["eligible"].astype(object)
+    table[["eligible", "worst_class"]] = table[["eligible", "worst_class"]].astype(object)
+    base = predictions["baseline"]
     for i, name in enumerate(table["name"]):
         if name not in predictions:
             continue
         for split in PAIRED_SPLITS:
-            c = versus_baseline(predictions[name][split], predictions["baseline"][split], labels[split], cfg)
+            c = versus_baseline(predictions[name][split], base[split], labels[split], cfg)
             for stat, value in zip(PAIRED_STATS, (c.delta, c.lower, c.upper, c.p_value), strict=True):
                 table.loc[i, f"{split}_{stat}"] = value
             if split == "gate":
-                table.loc[i, "eligible"] = bool(name == "baseline" or c.passed)
+                passed = c.passed
+        worst, drop = worst_class(predictions[name]["gate"], base["gate"], labels["gate"], len(classes))
+        table.loc[i, ["worst_class", "worst_class_drop"]] = [classes[worst], round(drop, 4)]
+        within = cfg.max_class_drop is None or drop <= cfg.max_class_drop
+        table.loc[i, "eligible"] = bool(name == "baseline" or (passed and within))
 
 
 def write_predictions(path: Path, predictions: dict[str, dict], labels: dict[str, np.ndarray]) -> None:

@@ -27,6 +27,25 @@ def versus_baseline(
     return compare(correct, reference, margin, cfg.confidence)
 
 
+def class_accuracies(predictions: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Accuracy in percent within each class (NaN for a class with no image in the split)."""
+    right = np.bincount(labels[predictions == labels], minlength=n_classes)
+    total = np.bincount(labels, minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.round(100.0 * right / total, 4)
+
+
+def worst_class(
+    predictions: np.ndarray, baseline_predictions: np.ndarray, labels: np.ndarray, n_classes: int
+) -> tuple[int, float]:
+    """The class a model loses most on against the baseline, and by how many points (>= 0)."""
+    drop = class_accuracies(baseline_predictions, labels, n_classes) - class_accuracies(
+        predictions, labels, n_classes
+    )
+    worst = int(np.nanargmax(drop))
+    return worst, max(float(drop[worst]), 0.0)
+
+
 def certifiable(cfg: PromoteConfig, n_gate: int) -> str | None:
     """``None`` when ``n_gate`` images can certify ``cfg.tolerance`` for a model as good as the
     baseline (see :func:`tasks.stats.min_certifiable_margin`); otherwise the one line that says

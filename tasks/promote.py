@@ -29,7 +29,7 @@ from tasks.config import Params, PromoteConfig
 from tasks.engine import accuracy
 from tasks.errors import ShrinkflowError
 from tasks.evaluate import load_predictions, load_table
-from tasks.gate import certifiable, versus_baseline
+from tasks.gate import certifiable, class_accuracies, versus_baseline
 from tasks.io import read_json, write_json
 from tasks.layout import Layout
 from tasks.prepare import Manifest, load_manifest, load_raw_split, load_split
@@ -71,6 +71,7 @@ class Decision:
     forced: bool = False
     champion_before: dict = field(default_factory=dict)
     champion_comparison: dict = field(default_factory=dict)
+    per_class: list[dict] = field(default_factory=list)  # test accuracy per class: winner, baseline
     registry: dict[str, str] = field(default_factory=dict)
 
 
@@ -127,7 +128,7 @@ def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
         raise PromotionError(f"all {len(table) - 1} candidates failed; nothing promoted, no alias moved")
     eligible = ok[ok["eligible"].astype(bool)]
     best = eligible.sort_values([cfg.objective, "gate_acc", "name"], ascending=[True, False, True]).iloc[0]
-    rejected = sorted(set(ok["name"]) - set(eligible["name"]))
+    rejected = [_why_not(row, cfg) for _, row in ok.iterrows() if row["name"] not in set(eligible["name"])]
     rule = (
         f"whose {cfg.confidence:.0%} lower bound of gate accuracy minus the baseline's is above "
         if cfg.confidence
@@ -136,7 +137,7 @@ def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
     reason = (
         f"{best['name']} has the fewest {cfg.objective} ({best[cfg.objective]:g}) of the "
         f"{len(eligible)} models {rule}-{cfg.tolerance:g} ({cfg.tolerance_mode})"
-        + (f"; failed the gate: {', '.join(rejected)}" if rejected else "")
+        + (f"; failed the gate: {', '.join(sorted(rejected))}" if rejected else "")
     )
     return Decision(
         winner=str(best["name"]),
@@ -156,6 +157,16 @@ def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
         eligible=sorted(eligible["name"]),
         reason=reason,
     )
+
+
+def _why_not(row: pd.Series, cfg: PromoteConfig) -> str:
+    """A model that is not eligible, and why when it is the per-class guard."""
+    lost = row.get("worst_class_drop")
+    if cfg.max_class_drop is not None and lost == lost and lost is not None and lost > cfg.max_class_drop:
+        return (
+            f"{row['name']} (loses {lost:g} points on class {row['worst_class']!r} > {cfg.max_class_drop:g})"
+        )
+    return str(row["name"])
 
 
 def vetoed_by_test(test: Comparison) -> bool:
@@ -270,6 +281,7 @@ def promote(
     manifest, record = load_manifest(layout), load_record(layout, decision.winner)
     identity = task_identity(manifest)
     served = ServedTest.load(layout)
+    decision.per_class = per_class(test, decision.winner, served.classes)
     champion = current_champion(tracker, cfg, served, identity)
     decision.champion_before = champion.describe() if champion else {}
     versus = None
@@ -320,6 +332,16 @@ def promote(
     decision.registry = {"model_name": cfg.model_name, "version": version, "alias": alias, "run_id": run_id}
     log.info("registered %s as %s v%s @%s: %s", decision.winner, cfg.model_name, version, alias, why)
     return _written(layout, decision)
+
+
+def per_class(frame: pd.DataFrame, name: str, classes: list[str]) -> list[dict]:
+    """Model ``name``'s and the baseline's accuracy within each class of one split."""
+    labels = frame["label"].to_numpy()
+    ours, base = (class_accuracies(frame[m].to_numpy(), labels, len(classes)) for m in (name, "baseline"))
+    return [
+        {"class": c, "baseline": float(b), "model": float(o), "difference": round(float(o - b), 4)}
+        for c, o, b in zip(classes, ours, base, strict=True)
+    ]
 
 
 def _versus_baseline(frame: pd.DataFrame, name: str, cfg: PromoteConfig) -> Comparison:

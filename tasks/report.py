@@ -72,6 +72,20 @@ def decision_lines(decision: Decision) -> list[str]:
     return lines
 
 
+def per_class_section(decision: Decision) -> list[str]:
+    """The winner's test accuracy in each class beside the baseline's, worst class first."""
+    if not decision.per_class or decision.winner == "baseline":
+        return []
+    rows = sorted(decision.per_class, key=lambda r: r["difference"])
+    table = pd.DataFrame(rows).rename(columns={"model": decision.winner})
+    return [
+        f"## Per class on test: `{decision.winner}` against the baseline (worst first)",
+        "",
+        table.to_markdown(index=False, floatfmt=".2f"),
+        "",
+    ]
+
+
 def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
     """The run's decision, its reason and the whole table, for Prefect and MLflow."""
     return "\n".join(
@@ -80,6 +94,7 @@ def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
             "",
             "\n\n".join(decision_lines(decision)),
             "",
+            *per_class_section(decision),
             "## Candidates (`*` = this run's winner)",
             "",
             "`gate_*`: paired comparison with the baseline on the gate split (delta, one-sided lower "

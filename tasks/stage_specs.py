@@ -136,7 +136,7 @@ STAGES: dict[str, StageSpec] = {
             "tasks/io.py",
             *GATE_CODE,
         ),
-        params=("shrink.candidates", "evaluate", *GATE_PARAMS),
+        params=("shrink.candidates", "evaluate", *GATE_PARAMS, "promote.max_class_drop"),
         outs=(
             Out(REPORT["CANDIDATES"]),
             Out(REPORT["PREDICTIONS"]),

@@ -12,6 +12,7 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
 from tasks.config import SearchConfig, parse_params
+from tasks.evaluate import COLUMNS, compare_with_baseline
 from tasks.gate import certifiable
 from tasks.promote import Champion, PromotionError, judge, select_winner, vetoed_by_test
 from tasks.search import best_trial, search_ratio
@@ -208,3 +209,41 @@ def test_search_keeps_the_largest_passing_trial_on_a_noisy_curve():
         assert trial.ratio == pytest.approx((max(passed_before) + min(failed_above)) / 2)
     step = search_ratio(SearchConfig(mode="step", low=0.5, high=0.9, step=0.1, trials=5), _Noisy())
     assert [t.passed for t in step] == [True, True, False] and best_trial(step).ratio == 0.6
+
+
+def test_the_per_class_guard_refuses_a_model_that_gives_up_a_class():
+    """``m`` is better than the baseline overall but gets every image of class '3' wrong."""
+    rng = np.random.default_rng(0)
+    labels = {split: np.repeat(np.arange(10), 60) for split in ("gate", "test")}
+    base = {s: np.where(rng.random(600) < 0.8, y, (y + 1) % 10) for s, y in labels.items()}
+    model = {s: np.where(y == 3, 4, y) for s, y in labels.items()}  # perfect except class 3
+    classes = [str(c) for c in range(10)]
+    cfg = parse_params(small_raw()).promote
+
+    def judged(**update):
+        table = pd.DataFrame(
+            {
+                "name": ["baseline", "m"],
+                "strategy": ["baseline", "width"],
+                "ratio": [0.0, 0.5],
+                "status": ["ok", "ok"],
+                "val_acc": [90.0, 90.0],
+                "gate_acc": [90.0, 90.0],
+                "test_acc": [90.0, 90.0],
+                "params": [100, 10],
+                "flops": [1, 1],
+                "size_bytes": [1, 1],
+                "latency_ms": [1.0, 1.0],
+            }
+        ).reindex(columns=COLUMNS)
+        compare_with_baseline(
+            table, {"baseline": base, "m": model}, labels, cfg.model_copy(update=update), classes
+        )
+        return table, select_winner(table, cfg.model_copy(update=update))
+
+    table, free = judged()
+    assert table.loc[1, "worst_class"] == "3" and table.loc[1, "worst_class_drop"] > 80
+    assert free.winner == "m", "without the guard the better, smaller model wins"
+    table, guarded = judged(max_class_drop=10.0)
+    assert guarded.winner == "baseline" and not table.loc[1, "eligible"]
+    assert "m (loses" in guarded.reason and "on class '3' > 10" in guarded.reason

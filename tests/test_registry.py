@@ -54,6 +54,12 @@ def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, m
     for key in [*keys.split(), "tolerance", "data_fingerprint", "code_version"]:
         assert version.tags[key], key
     assert "Registered as `champion`" in version.description and decision.winner in version.description
+    report = (tmp_path / "1/reports/report.md").read_text()
+    assert "val_f1" in report and "test_f1" in report, "macro-F1 on validation and test"
+    assert f"## Per class on test: `{decision.winner}` against the baseline" in report
+    assert len(decision.per_class) == 10 and {"class", "baseline", "model", "difference"} <= set(
+        decision.per_class[0]
+    )
 
 
 def test_rules_worse_becomes_challenger_better_becomes_champion(evaluated, tmp_path, model_name):
