@@ -329,7 +329,12 @@ def promote(
     )
     validate(tracker, cfg.model_name, version, served, decision.test_acc)
     tracker.set_alias(cfg.model_name, alias, version)
-    decision.registry = {"model_name": cfg.model_name, "version": str(version), "alias": alias, "run_id": run_id}
+    decision.registry = {
+        "model_name": cfg.model_name,
+        "version": str(version),
+        "alias": alias,
+        "run_id": run_id,
+    }
     log.info("registered %s as %s v%s @%s: %s", decision.winner, cfg.model_name, version, alias, why)
     return _written(layout, decision)
 
