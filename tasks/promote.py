@@ -281,8 +281,8 @@ def promote(
     manifest, record = load_manifest(layout), load_record(layout, decision.winner)
     identity = task_identity(manifest)
     served = ServedTest.load(layout)
-    decision.per_class = per_class(test, decision.winner, served.classes)
     champion = current_champion(tracker, cfg, served, identity)
+    decision.per_class = per_class(test, decision.winner, served.classes)
     decision.champion_before = champion.describe() if champion else {}
     versus = None
     if champion is not None and champion.predictions is not None:

@@ -35,4 +35,4 @@ def test_default_run_prints_a_clean_console(tmp_path):
         assert text not in output, f"{text!r} in:\n{output[-5000:]}"
     header = next(line for line in done.stdout.splitlines() if "| name " in line)
     assert output.count(header) == 1, "the candidates table is printed once"
-    assert "l1-50-int8" in output and "winner:" in done.stdout
+    assert "l1-50-int8" in output and "Winner:" in done.stdout and "Gate:" in done.stdout

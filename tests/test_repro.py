@@ -125,7 +125,9 @@ def test_plots_and_experiments(repo):
     plots = json.loads(_dvc(repo, "plots", "show", "--json").stdout)["data"]
     points = plots["accuracy-vs-size"][0]["content"]["data"]["values"]  # per model and accuracy
     assert {(p["name"], p["field"]) for p in points} == {
-        (model, field) for model in ("baseline", "w50", "l1-50") for field in ("val_acc", "test_acc")
+        (model, field)
+        for model in ("baseline", "w50", "l1-50")
+        for field in ("val_acc", "gate_acc", "test_acc")
     }
     for model in ("baseline", "w50", "l1-50"):
         curve = plots[f"reports/curves/{model}.csv"][0]["content"]["data"]["values"]
