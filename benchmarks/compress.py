@@ -41,8 +41,9 @@ from tasks.engine import Split, fit, resolve_device
 from tasks.evaluate import MEASURED_SPLITS, evaluate_models, latency_ms, measure
 from tasks.layout import Layout
 from tasks.prepare import load_split, prepare
+from tasks.records import load_record
 from tasks.stages import fan_out
-from tasks.train import candidate_train_config, load_record, seeded, shrink_candidate, threads_per_worker
+from tasks.train import candidate_train_config, seeded, shrink_candidate, threads_per_worker
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared/data/cifar10-jpg.tar.gz"
@@ -613,7 +614,7 @@ def _table_rows(layout: Layout) -> list[dict]:
 
 
 def describe(params: Params, layout: Layout, data: str) -> dict:
-    from tasks.prepare import load_manifest
+    from tasks.records import load_manifest
 
     manifest = load_manifest(layout)
     sizes = ", ".join(f"{k} {v:,}" for k, v in manifest.sizes.items())

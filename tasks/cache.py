@@ -17,9 +17,8 @@ from pathlib import Path
 from models.checkpoint import sha256_file
 from tasks.config import Params
 from tasks.layout import Layout
-from tasks.prepare import load_manifest
+from tasks.records import ModelRecord, load_manifest, load_record
 from tasks.stage_specs import KEY, STAGES, StageSpec, resolve
-from tasks.train import ModelRecord, load_record
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -32,8 +32,8 @@ from tasks.export import check_onnx
 from tasks.gate import versus_baseline, worst_class
 from tasks.io import atomic_path, write_json
 from tasks.layout import Layout
-from tasks.prepare import load_manifest, load_split
-from tasks.train import ModelRecord, load_record
+from tasks.prepare import load_split
+from tasks.records import ModelRecord, load_manifest, load_record
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -14,27 +14,12 @@ from sklearn.model_selection import train_test_split
 from tasks.config import DataConfig, Params
 from tasks.datachecks import check_classes, check_splits
 from tasks.gate import certifiable
-from tasks.io import read_json, write_json, write_torch
+from tasks.io import write_json, write_torch
 from tasks.layout import SPLITS, Layout
+from tasks.records import Manifest, load_manifest
 from tasks.sources import DataError, load_source
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    source: str
-    fingerprint: str
-    classes: list[str]
-    input_shape: list[int]  # C, H, W
-    sizes: dict[str, int]
-    mean: list[float]  # per channel, of the training split, after dividing by `scale`
-    std: list[float]
-    scale: float = 255.0  # stored uint8 pixels are divided by this before normalising
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
 
 def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int, n_test: int = 0) -> dict[str, np.ndarray]:
@@ -118,10 +103,6 @@ def channel_stats(images: np.ndarray, scale: float) -> tuple[list[float], list[f
         mean.append(round(mu, 8))
         std.append(round(max(var, 1e-12) ** 0.5, 8))
     return mean, std
-
-
-def load_manifest(layout: Layout) -> Manifest:
-    return Manifest(**read_json(layout.manifest))
 
 
 def load_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,10 +32,10 @@ from tasks.evaluate import load_predictions, load_table
 from tasks.gate import certifiable, class_accuracies, versus_baseline
 from tasks.io import read_json, write_json
 from tasks.layout import Layout
-from tasks.prepare import Manifest, load_manifest, load_raw_split, load_split
+from tasks.prepare import load_raw_split, load_split
+from tasks.records import Manifest, load_manifest, load_record
 from tasks.stats import Comparison, compare
 from tasks.tracking import Tracker, predicted_classes
-from tasks.train import load_record
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,13 @@ from tasks.config import Params, load_params
 from tasks.evaluate import COLUMNS, evaluate_models, load_table
 from tasks.io import sweep_temporaries, write_text
 from tasks.layout import Layout
-from tasks.prepare import Manifest, load_split, prepare
+from tasks.prepare import load_split, prepare
 from tasks.promote import Decision, promote
+from tasks.records import Manifest, ModelRecord, load_record
 from tasks.report import markdown_report, pareto_plot
 from tasks.search import Trial
 from tasks.tracking import Tracker, code_version
-from tasks.train import ModelRecord, load_record, shrink_candidate, threads_per_worker, train_baseline
+from tasks.train import shrink_candidate, threads_per_worker, train_baseline
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,8 @@ from models.checkpoint import load_checkpoint
 from tasks.errors import ShrinkflowError
 from tasks.export import ExportError, export_onnx, max_abs_diff, session
 from tasks.io import read_json
-from tasks.prepare import Manifest
+from tasks.records import Manifest, ModelRecord
 from tasks.serving import probability_columns
-from tasks.train import ModelRecord
 
 log = logging.getLogger(__name__)
 

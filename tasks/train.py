@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -30,9 +28,10 @@ from tasks.engine import (
     predict,
 )
 from tasks.gate import versus_baseline
-from tasks.io import read_json, save_checkpoint, write_json
+from tasks.io import save_checkpoint, write_json
 from tasks.layout import Layout
-from tasks.prepare import load_manifest, load_split
+from tasks.prepare import load_split
+from tasks.records import ModelRecord, load_manifest, load_record
 from tasks.search import Trial, best_trial, search_ratio
 from tasks.stats import Comparison
 
@@ -49,32 +48,6 @@ def seeded(seed: int) -> Iterator[None]:
     with _RNG_LOCK:
         torch.manual_seed(seed)
         yield
-
-
-@dataclass
-class ModelRecord:
-    """What a training stage hands on: where the weights are and how training went."""
-
-    name: str
-    strategy: str
-    options: dict[str, Any]
-    status: str = "ok"
-    checkpoint: str | None = None
-    sha256: str | None = None
-    epochs: int = 0
-    best_epoch: int = 0
-    best_val_acc: float = 0.0
-    train_seconds: float = 0.0
-    images_per_second: float = 0.0
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
-    error: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    steps: list[str] = field(default_factory=list)  # e.g. prune_l1, distill, int8
-    trials: list[dict[str, Any]] = field(default_factory=list)  # a ratio search's trials, in order
-
-
-def load_record(layout: Layout, name: str) -> ModelRecord:
-    return ModelRecord(**read_json(layout.record(name)))
 
 
 def threads_per_worker(workers: int) -> int:

@@ -23,9 +23,10 @@ from tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
 from tasks.engine import augment_batch, fit
 from tasks.layout import Layout
 from tasks.prepare import load_split, prepare
+from tasks.records import load_record
 from tasks.sources import LOADERS, DataError
 from tasks.tracking import Tracker
-from tasks.train import load_record, train_baseline
+from tasks.train import train_baseline
 from tests.conftest import REPO, run_cli, small_raw, write_params
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -25,7 +25,8 @@ from tasks.engine import accuracy
 from tasks.evaluate import load_table
 from tasks.export import PARITY_ATOL, PARITY_RTOL, check_onnx, export_onnx
 from tasks.layout import Layout
-from tasks.prepare import load_manifest, load_raw_split, load_split
+from tasks.prepare import load_raw_split, load_split
+from tasks.records import load_manifest
 from tasks.serving import probability_columns
 from tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project

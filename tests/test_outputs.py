@@ -14,8 +14,8 @@ from tasks.config import ConfigError, parse_params
 from tasks.evaluate import write_curves
 from tasks.io import atomic_path, current_umask, write_json
 from tasks.layout import Layout
+from tasks.records import ModelRecord
 from tasks.tracking import code_version
-from tasks.train import ModelRecord
 from tests.conftest import small_raw
 
 

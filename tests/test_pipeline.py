@@ -34,7 +34,8 @@ import mlflow, torch
 from tasks.config import load_params
 from tasks.engine import accuracy
 from tasks.layout import Layout
-from tasks.prepare import load_manifest
+from tasks.records import load_manifest
+
 layout = Layout.from_params(load_params("params.yaml"), ".")
 test = torch.load(layout.split("test"), weights_only=True)  # raw uint8 pixels, as a user has them
 labels = mlflow.pyfunc.load_model({uri!r}).predict(test["x"].numpy())["label"]

@@ -12,7 +12,7 @@ import pytest
 from tasks.config import parse_params
 from tasks.evaluate import MACHINE_COLUMNS, load_table
 from tasks.layout import Layout
-from tasks.train import load_record
+from tasks.records import load_record
 from tests.conftest import BIN, free_port, small_raw, write_params
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,9 @@ from tasks.config import TrainConfig, parse_params
 from tasks.engine import TrainingDiverged, evaluate, fit
 from tasks.evaluate import COLUMNS, evaluate_models, load_table
 from tasks.layout import Layout
-from tasks.prepare import load_manifest, load_split, prepare
-from tasks.train import load_record, shrink_candidate
+from tasks.prepare import load_split, prepare
+from tasks.records import load_manifest, load_record
+from tasks.train import shrink_candidate
 from tests.conftest import small_raw
 
 

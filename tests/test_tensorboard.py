@@ -7,9 +7,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from tasks.evaluate import load_table
+from tasks.records import load_record
 from tasks.stages import Context, run_evaluate
 from tasks.tracking import Tracker
-from tasks.train import load_record
 from tests.conftest import copy_project
 
 
