@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -29,7 +27,7 @@ from tasks.prepare import load_raw_split, load_split
 from tasks.records import load_manifest
 from tasks.serving import probability_columns
 from tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, copy_project
+from tests.conftest import BIN, copy_project, free_port, wait_http
 
 MODEL = "w50"
 
@@ -138,7 +136,7 @@ def test_onnx_export_agrees_with_pytorch_on_test_images(evaluated, tmp_path):
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
     uri, name, version, layout = registered
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}:{os.environ['PATH']}"}
     cmd = [
         str(BIN / "mlflow"),
@@ -158,7 +156,7 @@ def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
     with (tmp_path / "serve.log").open("w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
+            wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
             x, y = _raw_test(layout)
             body = json.dumps({"inputs": x.transpose(0, 2, 3, 1).tolist()}).encode()  # N x H x W x C
             request = urllib.request.Request(
@@ -182,23 +180,3 @@ def _fluent(uri: str):
     from tasks.tracking import _tracking
 
     return _tracking(uri)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")

@@ -157,19 +157,26 @@ class _Lines(logging.Handler):
         return found
 
 
-def test_flow_rerun_reuses_the_cached_baseline(tmp_path, prefect_server):
+def _prepare_and_baseline_flow(root):
+    """A flow of the pipeline's first two tasks, in a project at ``root`` with the small params."""
     from prefect import flow
 
     from flows.pipeline import prepare, reuse_or_train_baseline
     from tasks.stages import Context
 
-    write_params(tmp_path, *SMALL)
+    write_params(root, *SMALL)
 
     @flow(name="prepare-and-baseline")
     def prepare_and_baseline():
-        ctx = Context.load(tmp_path / "params.yaml", (), tmp_path)
+        ctx = Context.load(root / "params.yaml", (), root)
         prepare(ctx)
         return reuse_or_train_baseline(ctx)
+
+    return prepare_and_baseline
+
+
+def test_flow_rerun_reuses_the_cached_baseline(tmp_path, prefect_server):
+    prepare_and_baseline = _prepare_and_baseline_flow(tmp_path)
 
     log = _Lines()
     logging.getLogger("prefect.flow_runs").addHandler(log)
@@ -193,18 +200,7 @@ def test_flow_rerun_reuses_the_cached_baseline(tmp_path, prefect_server):
 def test_flow_rerun_against_another_tracking_store_retrains(tmp_path, prefect_server, monkeypatch):
     """Prefect's cache outlives an MLflow store: after MLFLOW_TRACKING_URI moves, the cached baseline
     names a run the new store does not have, so it is trained and logged again there."""
-    from prefect import flow
-
-    from flows.pipeline import prepare, reuse_or_train_baseline
-    from tasks.stages import Context
-
-    write_params(tmp_path, *SMALL)
-
-    @flow(name="prepare-and-baseline-two-stores")
-    def prepare_and_baseline():
-        ctx = Context.load(tmp_path / "params.yaml", (), tmp_path)
-        prepare(ctx)
-        return reuse_or_train_baseline(ctx)
+    prepare_and_baseline = _prepare_and_baseline_flow(tmp_path)
 
     log = _Lines()
     logging.getLogger("prefect.flow_runs").addHandler(log)
