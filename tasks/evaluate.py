@@ -277,10 +277,13 @@ def write_predictions(path: Path, predictions: dict[str, dict], labels: dict[str
         pd.concat(frames, ignore_index=True).to_csv(tmp, index=False)
 
 
-def load_predictions(path: str | Path, split: str) -> pd.DataFrame:
-    """One split of ``predictions.csv``: ``label`` and one predicted-class column per model."""
+def load_predictions(path: str | Path) -> dict[str, pd.DataFrame]:
+    """``predictions.csv`` by split: ``label`` and one predicted-class column per model."""
     frame = pd.read_csv(path, dtype={"split": str})
-    return frame[frame["split"] == split].drop(columns=["split", "index"]).reset_index(drop=True)
+    return {
+        split: rows.drop(columns=["split", "index"]).reset_index(drop=True)
+        for split, rows in frame.groupby("split", sort=False)
+    }
 
 
 def _record(params: Params, layout: Layout, name: str) -> ModelRecord:

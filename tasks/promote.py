@@ -32,7 +32,7 @@ from tasks.evaluate import load_predictions, load_table
 from tasks.gate import certifiable, class_accuracies, versus_baseline
 from tasks.io import read_json, write_json
 from tasks.layout import Layout
-from tasks.prepare import load_raw_split, load_split
+from tasks.prepare import load_raw_split, normalise
 from tasks.records import Manifest, load_manifest, load_record
 from tasks.stats import Comparison, compare
 from tasks.tracking import Tracker, predicted_classes
@@ -87,8 +87,9 @@ class ServedTest:
 
     @classmethod
     def load(cls, layout: Layout) -> ServedTest:
-        (images, labels), (normalised, _) = load_raw_split(layout, "test"), load_split(layout, "test")
-        return cls(images.numpy(), normalised.numpy(), labels.numpy(), load_manifest(layout).classes)
+        (images, labels), manifest = load_raw_split(layout, "test"), load_manifest(layout)
+        normalised = normalise(images, manifest)  # as load_split gives it, from one read of the file
+        return cls(images.numpy(), normalised.numpy(), labels.numpy(), manifest.classes)
 
     def predict(self, model) -> np.ndarray:
         """A registered version's predicted class for every test image."""
@@ -273,7 +274,8 @@ def promote(
     cfg = params.promote
     table = load_table(layout.candidates_csv)
     decision = select_winner(table, cfg)
-    gate, test = (load_predictions(layout.predictions_csv, split) for split in ("gate", "test"))
+    predictions = load_predictions(layout.predictions_csv)
+    gate, test = predictions["gate"], predictions["test"]
     won, on_test = _versus_baseline(gate, decision.winner, cfg), _versus_baseline(test, decision.winner, cfg)
     decision.gate, decision.test = won.as_dict(), on_test.as_dict()
     decision.summary, decision.warning = won.line(decision.winner), certifiable(cfg, won.n) or ""
