@@ -27,6 +27,7 @@ from pydantic import (
 
 from models import ARCHITECTURES, STRATEGIES
 from models.strategies.base import Strategy
+from models.strategies.structured import StructuredOptions
 from tasks.errors import ShrinkflowError
 
 
@@ -88,6 +89,13 @@ class TrainConfig(_Section):
     # Where training and evaluation run; data stays in CPU memory and checkpoints are saved from
     # CPU tensors either way. auto: cuda when torch sees a GPU, else cpu.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The training step's arithmetic: auto is bf16 autocast where the hardware computes bf16
+    # natively (CPUs with AVX512-BF16/AMX, most GPUs), fp16 with a gradient scaler on other GPUs,
+    # else fp32. Weights, validation, checkpoints and latency stay float32 whatever this says.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = None  # None: for networks with convolutions
+    # L1 weight regularisation: l1 * sum |w| over conv and linear weights, added to the loss.
+    l1: Annotated[float, Field(ge=0)] = 0.0
 
     @field_validator("device")
     @classmethod
@@ -135,6 +143,10 @@ class _Candidate(_Section):
     distill: DistillConfig | None = None
     quantize: Literal["int8"] | None = None
     search: SearchConfig | None = None
+    l1: Annotated[float, Field(ge=0)] | None = None  # None: train.l1
+    # Iterative pruning: reach the ratio in this many rounds, fine-tuning between them; the
+    # candidate's epochs are split across the rounds (the budget stays the same).
+    rounds: Annotated[int, Field(ge=1, le=10)] = 1
 
     @property
     def _strategy(self) -> Strategy:
@@ -153,6 +165,11 @@ class _Candidate(_Section):
                 raise ValueError(f"{self.strategy}: set exactly one of ratio and search")
         elif self.search is not None:
             raise ValueError(f"{self.strategy} has no ratio to search")
+        if self.rounds > 1 and not issubclass(self._strategy.options, StructuredOptions):
+            raise ValueError(
+                f"{self.strategy} cannot prune in rounds; only the structured pruners can "
+                "(prune_l1, prune_taylor, prune_fpgm, slim)"
+            )
         return self
 
     def options(self) -> dict[str, Any]:
@@ -204,6 +221,12 @@ class ShrinkConfig(_Section):
     def _valid_names(self) -> ShrinkConfig:
         if not self.candidates:
             raise ValueError("shrink.candidates is empty; declare at least one candidate")
+        for name, cand in self.candidates.items():
+            if cand.rounds > (cand.epochs or self.epochs):
+                raise ValueError(
+                    f"candidate {name!r}: rounds {cand.rounds} need at least one epoch each "
+                    f"(its budget is {cand.epochs or self.epochs})"
+                )
         for name in self.candidates:
             # No dots: DVC reads `shrink.candidates.<name>` as a dotted key path.
             if name == "baseline" or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):

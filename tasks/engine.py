@@ -3,12 +3,13 @@ them, so a candidate differs from the baseline only in what the strategy did to 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +68,26 @@ def bn_l1_penalty(strength: float) -> Callable[[nn.Module], Tensor]:
     return penalty
 
 
+def small_bn_scales(model: nn.Module, below: float = 1e-2) -> float:
+    """The share of BatchNorm scales with ``|gamma| < below``: what a sparsity phase produces."""
+    scales = [m.weight.detach().abs() for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not scales:
+        return 0.0
+    return round(float((torch.cat(scales) < below).float().mean()), 4)
+
+
+def weight_l1_penalty(strength: float) -> Callable[[nn.Module], Tensor]:
+    """The seed's L1 weight regularisation: ``strength * sum |w|`` over every conv and linear
+    weight (biases and BatchNorm excluded). It drives unimportant weights towards zero, which is
+    what magnitude and channel pruning then remove."""
+
+    def penalty(model: nn.Module) -> Tensor:
+        weights = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+        return strength * torch.stack(weights).sum()
+
+    return penalty
+
+
 def keep_zeros(model: nn.Module) -> Callable[[nn.Module], None]:
     """A constraint that holds every conv/linear weight that is zero now at zero (momentum and
     weight decay would otherwise regrow unstructured-pruned weights)."""
@@ -85,6 +106,47 @@ def keep_zeros(model: nn.Module) -> Callable[[nn.Module], None]:
     return restore
 
 
+@dataclass(frozen=True)
+class Precision:
+    """How the training step runs: ``autocast`` dtype (None: float32 throughout) and whether
+    inputs and conv weights are channels-last. Weights, the optimizer state, validation,
+    checkpoints and latency stay float32 and contiguous: the precision the model is served in."""
+
+    name: str
+    autocast: torch.dtype | None
+    channels_last: bool
+
+    def context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast)
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively: a CUDA GPU that reports it, or a CPU with
+    AVX512-BF16 or AMX (elsewhere oneDNN emulates bf16, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device, model: nn.Module) -> Precision:
+    """``train.precision`` for ``model`` on ``device``. ``auto``: bf16 where the hardware has it,
+    else fp16 on CUDA (with a gradient scaler), else float32. Channels-last (``auto``) for
+    networks with convolutions, where oneDNN and cuDNN pick faster kernels for it (BaseNet at
+    32x32 on an EPYC: 1.28x in float32, 1.39x more under bf16)."""
+    name = cfg.precision
+    if name == "auto":
+        name = "bf16" if native_bf16(device) else "fp16" if device.type == "cuda" else "fp32"
+    channels_last = cfg.channels_last
+    if channels_last is None:
+        channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return Precision(name, _DTYPES.get(name), channels_last)
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -92,6 +154,7 @@ class FitResult:
     best_val_acc: float = 0.0
     seconds: float = 0.0
     images_seen: int = 0
+    precision: str = "fp32"  # what the training step ran in; "+cl": channels-last
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -122,9 +185,13 @@ def train_one_epoch(
     generator: torch.Generator,
     augment: str = "none",
     hooks: Hooks = Hooks(),
+    precision: Precision = Precision("fp32", None, False),
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One pass over ``train`` in a seeded random order (``augment``: see :func:`augment_batch`);
-    ``hooks`` change the loss, add a penalty, constrain the weights. Returns the mean loss."""
+    ``hooks`` change the loss, add a penalty, constrain the weights; the forward pass and the
+    loss run under ``precision`` (an fp16 ``scaler`` scales the gradients). Returns the mean
+    loss."""
     model.train()
     x, y = train
     device = model_device(model)
@@ -134,19 +201,33 @@ def train_one_epoch(
         idx = order[start : start + batch_size]
         # Batches travel to the model's device one at a time; the data set stays in CPU memory.
         inputs = augment_batch(x[idx], augment, generator).to(device)
-        logits = model(inputs)
-        loss = (hooks.loss or _cross_entropy)(logits, inputs, y[idx].to(device))
+        if precision.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with precision.context(device):
+            logits = model(inputs)
+            loss = (hooks.loss or _cross_entropy)(logits, inputs, y[idx].to(device))
         if hooks.penalty is not None:
             loss = loss + hooks.penalty(model)
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss.item()} at sample {start}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if hooks.after_step is not None:
             hooks.after_step(model)
         total += loss.item() * len(idx)
     return total / len(y)
+
+
+def _sum(
+    first: Callable[[nn.Module], Tensor] | None, second: Callable[[nn.Module], Tensor]
+) -> Callable[[nn.Module], Tensor]:
+    return second if first is None else lambda model: first(model) + second(model)
 
 
 def _cross_entropy(logits: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
@@ -221,18 +302,29 @@ def fit(
     hooks: Hooks = Hooks(),
 ) -> FitResult:
     """Train ``model`` in place and leave it holding its last (``cfg.keep == "last"``) or its
-    best-on-validation weights; ``hooks``
-    select the training mode (plain, distillation, sparsity, fixed zeros). Training runs on
-    ``cfg.device``; the model is handed back on the CPU, where checkpoints and latency are taken."""
+    best-on-validation weights; ``hooks`` select the training mode (plain, distillation,
+    sparsity, fixed zeros) and ``cfg.l1`` adds the L1 weight penalty. Training runs on
+    ``cfg.device`` in ``cfg.precision``; the model is handed back on the CPU, float32 and
+    contiguous, where checkpoints and latency are taken."""
     generator = torch.Generator().manual_seed(seed)
-    model.to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg, device, model)
+    model.to(device, memory_format=torch.channels_last if precision.channels_last else torch.preserve_format)
+    if cfg.l1:
+        hooks = replace(hooks, penalty=_sum(hooks.penalty, weight_l1_penalty(cfg.l1)))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
-    result, best_state = FitResult(), None
+    scaler = torch.amp.GradScaler(device.type) if precision.autocast is torch.float16 else None
+    result, best_state = (
+        FitResult(precision=precision.name + ("+cl" if precision.channels_last else "")),
+        None,
+    )
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_one_epoch(model, train, optimizer, cfg.batch_size, generator, augment, hooks)
+        loss = train_one_epoch(
+            model, train, optimizer, cfg.batch_size, generator, augment, hooks, precision, scaler
+        )
         scheduler.step()
         val_acc = evaluate(model, val)
         result.history.append({"epoch": epoch, "train_loss": loss, "val_acc": val_acc, "lr": lr})
@@ -247,6 +339,6 @@ def fit(
             raise TrainingDiverged(f"loss became {loss} in epoch {epoch}")
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.to("cpu")
+    model.to("cpu", memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
     return result

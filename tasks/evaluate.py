@@ -60,6 +60,7 @@ COLUMNS = [
     "flops",
     "size_bytes",
     "latency_ms",
+    "float_latency_ms",
     "ort_latency_ms",
     "onnx",
     "param_ratio",
@@ -75,7 +76,7 @@ COLUMNS = [
     "steps",
     "note",
 ]
-MACHINE_COLUMNS = ("latency_ms", "ort_latency_ms")
+MACHINE_COLUMNS = ("latency_ms", "float_latency_ms", "ort_latency_ms")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class Measurement:
     flops: int
     size_bytes: int
     latency_ms: float
+    # An int8 model's float twin (same shapes, float kernels), timed alike: is int8 faster here?
+    float_latency_ms: float | None
     sparsity: float  # fraction of conv/linear weights that are exactly zero
     compressed_bytes: int  # the serialised state dict after zlib: what unstructured zeros save
 
@@ -160,6 +163,7 @@ def measure(model: nn.Module, splits: dict[str, Split], cfg: EvaluateConfig) -> 
         flops=count_flops(dense, example),
         size_bytes=serialized_size(model),
         latency_ms=latency_ms(model, example, cfg),
+        float_latency_ms=latency_ms(dense, example, cfg) if dense is not model else None,
         sparsity=weight_sparsity(model),
         compressed_bytes=compressed_size(model),
     )

@@ -128,8 +128,16 @@ def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
     if len(ok) == 1:
         raise PromotionError(f"all {len(table) - 1} candidates failed; nothing promoted, no alias moved")
     eligible = ok[ok["eligible"].astype(bool)]
-    best = eligible.sort_values([cfg.objective, "gate_acc", "name"], ascending=[True, False, True]).iloc[0]
     rejected = [_why_not(row, cfg) for _, row in ok.iterrows() if row["name"] not in set(eligible["name"])]
+    slower_int8 = []
+    if cfg.objective == "latency_ms" and "float_latency_ms" in ok:
+        # A latency objective never picks int8 kernels that are slower than the float ones here.
+        slower = eligible["float_latency_ms"].notna() & (
+            eligible["latency_ms"] >= eligible["float_latency_ms"]
+        )
+        slower_int8 = sorted(eligible.loc[slower, "name"])
+        eligible = eligible[~slower]
+    best = eligible.sort_values([cfg.objective, "gate_acc", "name"], ascending=[True, False, True]).iloc[0]
     rule = (
         f"whose {cfg.confidence:.0%} lower bound of gate accuracy minus the baseline's is above "
         if cfg.confidence
@@ -139,6 +147,7 @@ def select_winner(table: pd.DataFrame, cfg: PromoteConfig) -> Decision:
         f"{best['name']} has the fewest {cfg.objective} ({best[cfg.objective]:g}) of the "
         f"{len(eligible)} models {rule}-{cfg.tolerance:g} ({cfg.tolerance_mode})"
         + (f"; failed the gate: {', '.join(sorted(rejected))}" if rejected else "")
+        + (f"; int8 slower than its float twin here: {', '.join(slower_int8)}" if slower_int8 else "")
     )
     return Decision(
         winner=str(best["name"]),

@@ -49,6 +49,11 @@ class ModelRecord:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)  # e.g. prune_l1, distill, int8
     trials: list[dict[str, Any]] = field(default_factory=list)  # a ratio search's trials, in order
+    precision: str = ""  # what the training step ran in, e.g. bf16+cl (see train.precision)
+    # slim's pre-phase: epochs, strength, seconds, the share of BatchNorm scales below 0.01
+    # before and after it, and its per-epoch history
+    sparsity_phase: dict[str, Any] | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)  # iterative pruning: each round
 
 
 def load_manifest(layout: Layout) -> Manifest:

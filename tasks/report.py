@@ -32,6 +32,7 @@ SHOWN = [
     "flops",
     "size_bytes",
     "latency_ms",
+    "float_latency_ms",
     "ort_latency_ms",
     "onnx",
     "param_ratio",

@@ -219,9 +219,12 @@ class Tracker:
     def log_record(self, run_id: str, record: ModelRecord) -> None:
         """A trained model's options, per-epoch curves and summary."""
         params = {"strategy": record.strategy, **record.options, "epochs": record.epochs}
+        params["precision"] = record.precision
+        phase = record.sparsity_phase or {}
         curves = [
-            Metric(f"epoch/{key}", float(row[key]), _now(), int(row["epoch"]))
-            for row in record.history
+            Metric(f"{prefix}/{key}", float(row[key]), _now(), int(row["epoch"]))
+            for prefix, history in (("epoch", record.history), ("sparsity_epoch", phase.get("history", [])))
+            for row in history
             for key in ("train_loss", "val_acc", "lr")
         ]
         for start in range(0, len(curves), 900):  # log_batch takes at most 1000 metrics
@@ -229,6 +232,14 @@ class Tracker:
         summary = {
             k: v for k, v in asdict(record).items() if k in ("best_epoch", "best_val_acc", "train_seconds")
         }
+        if phase:
+            params |= {"sparsity_phase.epochs": phase["epochs"], "sparsity_phase.strength": phase["strength"]}
+            summary |= {
+                f"sparsity_phase.{k}": phase[k]
+                for k in ("small_bn_scales_before", "small_bn_scales_after", "val_acc_after", "seconds")
+            }
+        for r in record.rounds:
+            summary |= {f"round{r['round']}.ratio": r["ratio"], f"round{r['round']}.val_acc": r["val_acc"]}
         self.log(
             run_id,
             params=params,

@@ -7,13 +7,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from models import STRATEGIES, apply_strategy, build_model
 from models.checkpoint import load_checkpoint
+from models.strategies.structured import step_ratios
 from tasks.config import Params, TrainConfig
 from tasks.engine import (
     FitResult,
@@ -26,6 +28,7 @@ from tasks.engine import (
     fit,
     keep_zeros,
     predict,
+    small_bn_scales,
 )
 from tasks.gate import versus_baseline
 from tasks.io import save_checkpoint, write_json
@@ -73,6 +76,7 @@ def _save(
         record.train_seconds = result.seconds
         record.images_per_second = result.images_seen / max(result.seconds, 1e-9)
         record.history = result.history
+        record.precision = result.precision
     # The final model's own accuracy: a step after training (int8) changes it.
     record.best_val_acc = evaluate(model, val)
     path = layout.checkpoint(name)
@@ -103,7 +107,11 @@ def candidate_train_config(params: Params, name: str) -> TrainConfig:
     """The baseline's training recipe with the shrink stage's (or the candidate's) budget."""
     cand, shrink = params.shrink.candidates[name], params.shrink
     return params.train.model_copy(
-        update={"epochs": cand.epochs or shrink.epochs, "lr": cand.lr or shrink.lr or params.train.lr}
+        update={
+            "epochs": cand.epochs or shrink.epochs,
+            "lr": cand.lr or shrink.lr or params.train.lr,
+            "l1": params.train.l1 if cand.l1 is None else cand.l1,
+        }
     )
 
 
@@ -127,51 +135,110 @@ def _baseline(layout: Layout, inputs: _Inputs) -> nn.Module:
     return load_checkpoint(layout.root / inputs.baseline.checkpoint, sha256=inputs.baseline.sha256)[0]
 
 
+@dataclass
+class _Built:
+    """One candidate at one ratio: the model, how its training went (None: never trained), and
+    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds)."""
+
+    model: nn.Module
+    result: FitResult | None
+    sparsity_phase: dict[str, Any] | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _sparsity_phase(
+    model: nn.Module, inputs: _Inputs, cfg: TrainConfig, params: Params, epochs: int, strength: float
+) -> dict[str, Any]:
+    """Fine-tune ``model`` in place with the L1 penalty on BatchNorm scales; its last weights are
+    what gets pruned (an earlier epoch would undo the phase), whatever ``train.keep`` says."""
+    before = small_bn_scales(model)
+    phase_cfg = cfg.model_copy(update={"epochs": epochs, "keep": "last"})
+    hooks = Hooks(penalty=bn_l1_penalty(strength))
+    result = fit(model, inputs.train, inputs.val, phase_cfg, params.seed, params.data.augment, hooks)
+    return {
+        "epochs": epochs,
+        "strength": strength,
+        "seconds": result.seconds,
+        "small_bn_scales_before": before,
+        "small_bn_scales_after": small_bn_scales(model),
+        "val_acc_after": result.history[-1]["val_acc"],
+        "history": result.history,
+    }
+
+
+def _split_epochs(epochs: int, rounds: int) -> list[int]:
+    """``epochs`` shared by ``rounds`` as evenly as possible, the remainder to the last rounds."""
+    return [epochs // rounds + (i >= rounds - epochs % rounds) for i in range(rounds)]
+
+
 def _shrink_and_train(
     params: Params, layout: Layout, name: str, inputs: _Inputs, ratio: float | None
-) -> tuple[nn.Module, FitResult | None]:
+) -> _Built:
     """One candidate at one ratio: [sparsity fine-tune] -> strategy -> fine-tune (plain or
-    distilled, zeros kept where the strategy needs it) -> [int8]."""
+    distilled, zeros kept where the strategy needs it; with ``rounds``, strategy and fine-tune
+    repeat, each round removing an equal share of the original width) -> [int8]."""
     cand, cfg = params.shrink.candidates[name], candidate_train_config(params, name)
-    info, baseline = STRATEGIES[cand.strategy], _baseline(layout, inputs)
-    train_args = (inputs.train, inputs.val)
-    if phase := cand.sparsity_phase():
-        sparse_cfg = cfg.model_copy(update={"epochs": phase[0]})
-        fit(
-            baseline,
-            *train_args,
-            sparse_cfg,
-            params.seed,
-            params.data.augment,
-            Hooks(penalty=bn_l1_penalty(phase[1])),
-        )
+    info, model = STRATEGIES[cand.strategy], _baseline(layout, inputs)
+    phase = cand.sparsity_phase()
+    built = _Built(model, None)
+    if phase:
+        built.sparsity_phase = _sparsity_phase(model, inputs, cfg, params, *phase)
     options = cand.options() | ({"ratio": ratio} if ratio is not None else {})
-    with seeded(params.seed):
-        model = apply_strategy(cand.strategy, baseline, inputs.calibration, **options)
-    if not STRATEGIES[cand.strategy].warm_start:
+    teacher = cand.distill and distillation_loss(_baseline(layout, inputs), **cand.distill.model_dump())
+    if not info.warm_start:
         log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
-    result = None
-    if info.trains:
-        teacher = cand.distill and distillation_loss(_baseline(layout, inputs), **cand.distill.model_dump())
-        hooks = Hooks(loss=teacher or None, after_step=keep_zeros(model) if info.keeps_zeros else None)
-        result = fit(model, *train_args, cfg, params.seed, params.data.augment, hooks)
+    ratios = step_ratios(options["ratio"], cand.rounds) if cand.rounds > 1 else [options.get("ratio")]
+    results = []
+    for i, (step, epochs) in enumerate(zip(ratios, _split_epochs(cfg.epochs, len(ratios)), strict=True)):
+        with seeded(params.seed):
+            step_options = options | ({"ratio": step} if step is not None else {})
+            model = apply_strategy(cand.strategy, model, inputs.calibration, **step_options)
+        if info.trains:
+            hooks = Hooks(loss=teacher or None, after_step=keep_zeros(model) if info.keeps_zeros else None)
+            round_cfg = cfg.model_copy(update={"epochs": epochs})
+            results.append(
+                fit(model, inputs.train, inputs.val, round_cfg, params.seed, params.data.augment, hooks)
+            )
+        if len(ratios) > 1:
+            built.rounds.append(
+                {
+                    "round": i + 1,
+                    "ratio": step,
+                    "epochs": epochs,
+                    "val_acc": results[-1].history[-1]["val_acc"],
+                }
+            )
+    built.result = _merged(results) if results else None
     if cand.quantize:
         model = apply_strategy(cand.quantize, model, inputs.calibration)
-    return model, result
+    built.model = model
+    return built
+
+
+def _merged(results: list[FitResult]) -> FitResult:
+    """Consecutive fits (pruning rounds) as one: epochs numbered on, times and images summed."""
+    merged = FitResult(precision=results[0].precision)
+    for result in results:
+        offset = len(merged.history)
+        merged.history += [row | {"epoch": row["epoch"] + offset} for row in result.history]
+        merged.best_epoch, merged.best_val_acc = result.best_epoch + offset, result.best_val_acc
+        merged.seconds += result.seconds
+        merged.images_seen += result.images_seen
+    return merged
 
 
 def _search(
     params: Params, layout: Layout, name: str, inputs: _Inputs, on_trial: Callable[[Trial], None] | None
-) -> tuple[nn.Module, FitResult | None, list[Trial]]:
+) -> tuple[_Built, list[Trial]]:
     """Try ratios as the candidate's ``search`` says; each trial faces the promotion gate against
     the baseline on the validation split (never on the gate split); keep the largest that passed."""
     x, y = inputs.val
     baseline_predictions = predict(_baseline(layout, inputs), x).numpy()
-    built: dict[float, tuple[nn.Module, FitResult | None]] = {}
+    built: dict[float, _Built] = {}
 
     def judge(ratio: float) -> tuple[float, Comparison]:
         built[ratio] = _shrink_and_train(params, layout, name, inputs, ratio)
-        predictions = predict(built[ratio][0], x)
+        predictions = predict(built[ratio].model, x)
         gate = versus_baseline(predictions.numpy(), baseline_predictions, y.numpy(), params.promote)
         return accuracy(predictions, y), gate
 
@@ -184,7 +251,7 @@ def _search(
         len(trials),
         "passed the gate" if best.passed else "none passed the gate",
     )
-    return *built[best.ratio], trials
+    return built[best.ratio], trials
 
 
 def shrink_candidate(
@@ -200,12 +267,13 @@ def shrink_candidate(
     try:
         inputs = _load_inputs(params, layout)
         if cand.search is None:
-            model, result = _shrink_and_train(params, layout, name, inputs, None)
+            built = _shrink_and_train(params, layout, name, inputs, None)
         else:
-            model, result, trials = _search(params, layout, name, inputs, on_trial)
+            built, trials = _search(params, layout, name, inputs, on_trial)
             record.trials = [asdict(t) for t in trials]
             record.options["ratio"] = best_trial(trials).ratio
-        return _save(name, model, record, layout, result, inputs.val)
+        record.sparsity_phase, record.rounds = built.sparsity_phase, built.rounds
+        return _save(name, built.model, record, layout, built.result, inputs.val)
     except Exception as exc:
         record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
         layout.checkpoint(name).unlink(missing_ok=True)  # never leave an older model to be trusted
