@@ -17,6 +17,8 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from models.quantize import is_int8
+
 log = logging.getLogger(__name__)
 
 # onnxruntime fuses and reorders float32 arithmetic, so logits agree to rounding, not bit for bit.
@@ -41,7 +43,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
     """Write ``model`` as a self-contained ONNX file with a dynamic batch dimension (``example``
     needs at least two images: torch.export specialises a batch of one)."""
     if quantised(model):
-        raise ExportError("int8 graph: torch.onnx does not export PyTorch's quantised kernels")
+        raise ExportError("int8 graph: torch.onnx does not export PT2E int8 (oneDNN) kernels")
     model.eval()
     try:
         torch.onnx.export(
@@ -61,7 +63,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
 
 
 def quantised(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    return is_int8(model)
 
 
 def session(path: Path) -> ort.InferenceSession:
