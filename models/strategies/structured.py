@@ -3,9 +3,10 @@ ranked by a pluggable importance. ``prune_l1``, ``prune_taylor``, ``prune_fpgm``
 this pruner with different importances (each in its own module, via :func:`structured`).
 
 How many channels each layer keeps is planned here, not by torch-pruning's own thresholding:
-torch-pruning's ``round_to`` rounds the kept count *down* (a layer narrower than the multiple is
-emptied) and its ``max_pruning_ratio`` only bars a layer from *later* iterative steps, so one
-global step still empties a layer whose scores are all small. The plan (global ranking with a
+torch-pruning's ``round_to`` rounds the kept count *down* (30 -> 12 -> 8 kept at ratio 0.6 with
+multiples of 8), and its ``max_pruning_ratio`` only bars a layer from *later* iterative steps, so
+one global step still cuts a layer whose scores are all small to one channel (both checked with
+torch-pruning 1.6.0). The plan (global ranking with a
 per-layer floor, rounding to the nearest multiple) is handed to torch-pruning as per-layer ratios
 (``pruning_ratio_dict``); within each layer torch-pruning removes the lowest-ranked channels, the
 same channels a global threshold would pick there.
