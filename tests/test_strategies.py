@@ -4,17 +4,20 @@ ratio search. Tiny widths and 8x8 inputs keep the whole file fast on two cores."
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
+from sklearn.datasets import load_digits
 from torch import nn
 
 from models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
 from models.arch.basenet import BaseNet
 from models.checkpoint import load_checkpoint
 from models.quantize import Int8Net, dense_twin
-from tasks.config import ConfigError, SearchConfig, parse_params
+from models.strategies.structured import step_ratios
+from tasks.config import ConfigError, SearchConfig, TrainConfig, parse_params
 from tasks.engine import Hooks, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
 from tasks.evaluate import count_flops, serialized_size, weight_sparsity
 from tasks.io import save_checkpoint
@@ -118,11 +121,21 @@ def test_depth_keeps_the_surviving_blocks_weights(arch):
         (["shrink.candidates={w: {strategy: width}}"], "exactly one of ratio"),
         (["shrink.candidates={m: {strategy: magnitude, ratio: 0.5, sparsity: 0.1}}"], "unknown key"),
         (["shrink.candidates={w: {strategy: width, search: {low: 0.8, high: 0.5}}}"], "low must be below"),
+        (
+            ["shrink.candidates={p: {strategy: prune_l1, ratio: 0.95, global_pruning: true}}"],
+            "ratio 0.95 is above max_layer_ratio 0.9",
+        ),
+        (
+            ["shrink.candidates={p: {strategy: prune_l1, ratio: 0.5, max_layer_ratio: 1.0}}"],
+            "max_layer_ratio",
+        ),
+        (["shrink.candidates={p: {strategy: prune_fpgm, ratio: 0.5, round_to: 1}}"], "round_to"),
     ],
 )
 def test_misfits_are_refused_with_a_clear_message(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as info:
         parse_params(small_raw(*overrides))
+    assert "\n" not in str(info.value), "errors are one line"
 
 
 def test_every_strategy_is_declarable_and_composes():
@@ -136,8 +149,14 @@ def test_every_strategy_is_declarable_and_composes():
     )
     cands = params.shrink.candidates
     assert cands["p"].steps() == ["prune_taylor", "distill", "int8"]
-    assert cands["p"].options() == {"ratio": 0.5, "global_pruning": False, "iterative_steps": 1}
-    assert cands["s"].sparsity_phase() == (5, 1e-4) and "sparsity" not in cands["s"].options()
+    assert cands["p"].options() == {
+        "ratio": 0.5,
+        "global_pruning": False,
+        "iterative_steps": 1,
+        "round_to": None,
+        "max_layer_ratio": 0.9,
+    }
+    assert cands["s"].sparsity_phase() == (5, 0.1) and "sparsity" not in cands["s"].options()
     assert cands["q"].options() == {}
 
 
@@ -191,6 +210,131 @@ def test_slim_removes_the_smallest_batchnorm_scales():
         assert sorted(bn.weight.tolist()) == pytest.approx([0.6, 0.7, 0.8, 0.9])
 
 
+def _bns(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def _digits():
+    """sklearn's digits, normalised: 1200 training and 597 validation images, 1x8x8."""
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+    x, y = (x - x.mean()) / x.std(), torch.tensor(y)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    return (x[:1200], y[:1200]), (x[1200:], y[1200:])
+
+
+def _pruned(before: nn.Module, after: nn.Module) -> set[tuple[int, int]]:
+    """(layer, channel) of every BatchNorm channel removed: those whose scale no survivor has."""
+    gone = set()
+    for layer, (old, new) in enumerate(zip(_bns(before), _bns(after), strict=True)):
+        kept = set(new.weight.tolist())
+        gone |= {(layer, c) for c, g in enumerate(old.weight.tolist()) if g not in kept}
+    return gone
+
+
+def test_slim_sparsity_phase_decides_which_channels_go():
+    """At its default strength (and train.lr 0.05) the penalty, not the baseline's scales, picks
+    the channels slim removes; the same phase without it leaves every scale far from zero and
+    removes other channels. (At the old default, 1e-4, both arms removed the same channels.)"""
+    train, val = _digits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny net: one thread is as fast, and does not spin when cores are busy
+    try:
+        arms = _slim_arms(train, val)
+    finally:
+        torch.set_num_threads(threads)
+    (scales, pruned), (plain_scales, plain_pruned) = arms["penalised"], arms["plain"]
+    near_zero = {k for k, g in scales.items() if g < 1e-2}
+    assert len(near_zero) > 0.5 * len(scales) and min(plain_scales.values()) > 0.5
+    assert pruned <= near_zero, "every channel slim removes is one the penalty drove to ~0"
+    assert len(pruned & plain_pruned) < 0.8 * len(pruned), "without the penalty other channels go"
+
+
+def _slim_arms(train, val) -> dict[str, tuple[dict[tuple[int, int], float], set[tuple[int, int]]]]:
+    """Each arm's BatchNorm scales after the phase and the channels slim then removes at 0.5."""
+    torch.manual_seed(0)
+    baseline = BaseNet(1, 8, 10, channels=(32, 64), hidden=(128,), batch_norm=True)
+    fit(baseline, train, val, TrainConfig(epochs=10, lr=0.05, device="cpu"), seed=0)
+    epochs, strength = STRATEGIES["slim"].options().sparsity_phase()
+    phase = TrainConfig(epochs=epochs, lr=0.05, device="cpu")
+    arms = {}
+    for name, hooks in (("penalised", Hooks(penalty=bn_l1_penalty(strength))), ("plain", Hooks())):
+        model = copy.deepcopy(baseline)
+        fit(model, train, val, phase, seed=0, hooks=hooks)
+        shrunk = apply_strategy("slim", copy.deepcopy(model), (train[0][:64], train[1][:64]), ratio=0.5)
+        scales = {
+            (i, c): abs(g) for i, bn in enumerate(_bns(model)) for c, g in enumerate(bn.weight.tolist())
+        }
+        arms[name] = scales, _pruned(model, shrunk)
+    return arms
+
+
+def test_global_pruning_never_cuts_a_layer_below_its_limit():
+    """Layer 1's BatchNorm scales are tiny but for one, so ranked globally (each layer's scores
+    relative to its mean) its 15 small channels come below every channel of layer 2."""
+
+    def widths(limit: float) -> list[int]:
+        torch.manual_seed(0)
+        model = BaseNet(1, 8, 10, channels=(16, 16), hidden=(16,), batch_norm=True)
+        first, second = _bns(model)
+        with torch.no_grad():
+            first.weight.copy_(torch.tensor([1.0] + [1e-3] * 15))
+            second.weight.copy_(torch.linspace(0.5, 1.0, 16))
+        shrunk = apply_strategy("slim", model, _batch(), ratio=0.5, max_layer_ratio=limit)
+        assert shrunk(_batch()[0]).shape == (16, 10)
+        return shrunk.spec()["channels"]
+
+    assert widths(0.99) == [1, 15], "without a real limit the layer is all but emptied"
+    assert widths(0.75) == [4, 12], "a quarter of 16 kept; layer 2 gives the rest: still half in all"
+    with pytest.raises(ValueError, match="above max_layer_ratio"):
+        apply_strategy("slim", _crafted(), _batch(), ratio=0.95, max_layer_ratio=0.9)
+
+
+def test_round_to_rounds_each_layers_kept_channels_to_the_nearest_multiple():
+    def widths(**options) -> tuple[list[int], list[int]]:
+        torch.manual_seed(0)
+        model = BaseNet(1, 8, 10, channels=(6, 44), hidden=(30,))
+        shrunk = apply_strategy("prune_l1", model, _batch(), ratio=0.6, **options)
+        assert shrunk(_batch()[0]).shape == (16, 10)
+        return shrunk.spec()["channels"], shrunk.spec()["hidden"]
+
+    assert widths() == ([2, 17], [12])  # int(0.4 * width)
+    # 2 -> at least one multiple but never above the width (6); 17 -> 16; 12 -> 16 (halves up)
+    assert widths(round_to=8) == ([6, 16], [16])
+    assert widths(round_to=16) == ([6, 16], [16])
+    assert widths(round_to=4) == ([4, 16], [12])
+
+
+@pytest.mark.parametrize(("ratio", "steps"), [(0.75, 3), (0.6, 4), (0.5, 5)])
+def test_step_ratios_applied_in_turn_reach_the_one_shot_widths(ratio, steps):
+    ratios = step_ratios(ratio, steps)
+    assert len(ratios) == steps and math.prod(1 - r for r in ratios) == pytest.approx(1 - ratio)
+    torch.manual_seed(0)
+    model = BaseNet(1, 8, 10, channels=(32, 64), hidden=(48,))
+
+    def widths(m: nn.Module) -> list[int]:
+        return m.spec()["channels"] + m.spec()["hidden"]
+
+    one_shot = widths(apply_strategy("prune_l1", copy.deepcopy(model), _batch(), ratio=ratio))
+    iterative = apply_strategy("prune_l1", copy.deepcopy(model), _batch(), ratio=ratio, iterative_steps=steps)
+    assert widths(iterative) == one_shot
+    for r in ratios:  # as the pipeline applies them, fine-tuning in between
+        model = apply_strategy("prune_l1", model, _batch(), ratio=r)
+    # Each application floors its layer widths, so a layer may end up to steps - 1 channels narrower.
+    stepped = widths(model)
+    assert all(0 <= b - a < steps for a, b in zip(stepped, one_shot, strict=True)), (stepped, one_shot)
+
+
+def test_step_ratios_refuse_what_cannot_be_split():
+    assert step_ratios(0.5, 2) == pytest.approx([0.25, 1 / 3])
+    assert step_ratios(0.3, 1) == pytest.approx([0.3])
+    with pytest.raises(ValueError, match="ratio must be in"):
+        step_ratios(1.0, 2)
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        step_ratios(0.5, 0)
+
+
 def test_distillation_temperature_shapes_the_soft_targets():
     torch.manual_seed(0)
     teacher, student = nn.Linear(8, 5), nn.Linear(8, 5)
@@ -217,17 +361,6 @@ def test_training_hooks_distill_sparsify_and_keep_zeros(base):
     sparse = apply_strategy("magnitude", copy.deepcopy(base), (x, y), ratio=0.6)
     fit(sparse, (x, y), (x, y), cfg, seed=0, hooks=Hooks(loss=loss, after_step=keep_zeros(sparse)))
     assert weight_sparsity(sparse) >= 0.6
-    penalised = copy.deepcopy(base)
-    before = bn_l1_penalty(1.0)(penalised)
-    fit(
-        penalised,
-        (x, y),
-        (x, y),
-        cfg.model_copy(update={"lr": 0.1}),
-        seed=0,
-        hooks=Hooks(penalty=bn_l1_penalty(1.0)),
-    )
-    assert bn_l1_penalty(1.0)(penalised) < before
 
 
 # --- search to the tolerance -------------------------------------------------------------------
