@@ -165,6 +165,12 @@ class _Candidate(_Section):
                 raise ValueError(f"{self.strategy}: set exactly one of ratio and search")
         elif self.search is not None:
             raise ValueError(f"{self.strategy} has no ratio to search")
+        limit = getattr(self, "max_layer_ratio", None)
+        if self.search and getattr(self, "global_pruning", False) and self.search.high > limit:
+            raise ValueError(
+                f"search.high {self.search.high} is above max_layer_ratio {limit}: global pruning "
+                "cannot remove more than that from any layer; lower high or raise max_layer_ratio"
+            )
         if self.rounds > 1 and not issubclass(self._strategy.options, StructuredOptions):
             raise ValueError(
                 f"{self.strategy} cannot prune in rounds; only the structured pruners can "

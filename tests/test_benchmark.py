@@ -10,13 +10,14 @@ import sys
 import pytest
 import torch
 
-from benchmarks.compress import makespan
+from benchmarks.compress import makespan, pareto_front
 from tests.conftest import REPO
 
 CONTENDER_COLUMNS = [
     "model",
     "how",
     "test acc %",
+    "95% interval",
     "drop (pts)",
     "params",
     "params /",
@@ -29,13 +30,25 @@ CONTENDER_COLUMNS = [
     "throughput b64 (img/s)",
     "throughput x",
 ]
-CONTENDERS = ["baseline", "seed: AdjustedNet", "torch-pruning", "shrinkflow: "]
+CONTENDERS = [
+    "baseline",
+    "seed: AdjustedNet",
+    "torch-pruning 0.5",
+    "torch-pruning same FLOPs",
+    "shrinkflow (latency_ms): ",
+    "shrinkflow (params): ",
+]
 EFFICIENCY = [
     "orchestration overhead",
-    "shrink speed-up, 2 workers vs 1",
-    "training throughput, engine.fit / bare loop",
+    "fan-out scaling, 2 single-thread workers vs 1",
+    "training throughput, engine.fit / bare loop at the same precision",
     "`dvc repro`, nothing changed",
 ]
+
+
+def test_pareto_front_keeps_only_the_undominated_points():
+    points = [(1.0, 80.0), (2.0, 85.0), (2.5, 84.0), (3.0, 90.0), (0.5, 70.0), (1.5, 79.0)]
+    assert pareto_front(points) == [(0.5, 70.0), (1.0, 80.0), (2.0, 85.0), (3.0, 90.0)]
 
 
 def test_makespan_is_a_thread_pool_schedule():
@@ -65,15 +78,24 @@ def test_quick_benchmark_writes_every_column_row_and_target(tmp_path):
     assert any(line.startswith("Machine: ") and "torch" in line for line in lines)
     header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
     assert _cells(lines[header]) == CONTENDER_COLUMNS
-    rows = [_cells(line) for line in lines[header + 2 : header + 6]]
-    assert [row[0] for row in rows][:3] == CONTENDERS[:3] and rows[3][0].startswith(CONTENDERS[3])
+    rows = [_cells(line) for line in lines[header + 2 : header + 8]]
+    assert [row[0] for row in rows][:4] == CONTENDERS[:4]
+    assert all(row[0].startswith(prefix) for row, prefix in zip(rows, CONTENDERS, strict=True))
     assert all(len(row) == len(CONTENDER_COLUMNS) for row in rows)
-    assert rows[0][5] == "1.00x"  # the baseline against itself
+    assert rows[0][6] == "1.00x"  # the baseline against itself
+    low, high = (float(v) for v in rows[0][3].split("-"))
+    assert low < float(rows[0][2]) < high, "the accuracy lies inside its 95% interval"
     figures = {_cells(line)[0] for line in lines if line.startswith("| ")}
     assert set(EFFICIENCY) <= figures
+    assert any(f.startswith("training throughput, engine.fit (") for f in figures)
     targets = [line for line in lines if line.startswith(("- PASS: ", "- FAIL: "))]
-    assert len(targets) == 8
+    assert len(targets) == 7
     data = json.loads(raw.read_text())
-    assert [c["name"] for c in data["contenders"]][:3] == CONTENDERS[:3]
+    assert [c["name"] for c in data["contenders"]][:4] == CONTENDERS[:4]
     assert set(data["efficiency"]) == {"overhead", "speedup", "throughput", "dvc"}
+    assert set(data["decisions"]) == {"latency_ms", "params"}
+    promoted = {c["name"].split(": ")[1] for c in data["contenders"][4:]}
+    assert promoted == {d["winner"] for d in data["decisions"].values()}
+    (png,) = tmp_path.glob("*-pareto.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] == torch.__version__

@@ -95,6 +95,8 @@ def test_flow_registers_the_smallest_model_within_tolerance(tmp_path, prefect_se
     assert "TrainingDiverged" in table.set_index("name").loc["nan", "error"]
     w50 = next(r for r in children if r.info.run_name == "w50")
     assert len(client.get_metric_history(w50.info.run_id, "epoch/val_acc")) == 4  # one point per epoch
+    trained_in = json.loads((tmp_path / "artifacts/candidates/w50/record.json").read_text())["precision"]
+    assert w50.data.params["precision"] == trained_in and trained_in.endswith("+cl")
     assert "test_acc" in w50.data.metrics
 
     assert _accuracy_in_fresh_process(f"models:/{name}@champion", tmp_path) == promotion["test_acc"]

@@ -20,6 +20,7 @@ from tasks.layout import Layout
 from tasks.prepare import load_split
 from tasks.promote import select_winner
 from tasks.records import load_record
+from tasks.tracking import Tracker
 from tasks.train import shrink_candidate
 from tests.conftest import small_raw
 
@@ -70,6 +71,10 @@ def test_auto_precision_is_bf16_where_the_cpu_has_it(trained, small_params):
         ("train.l1=-0.1", "train.l1"),
         ("shrink.candidates={w: {strategy: width, ratio: 0.5, rounds: 2}}", "cannot prune in rounds"),
         ("shrink.candidates={p: {strategy: prune_l1, ratio: 0.5, rounds: 5, epochs: 3}}", "rounds 5 need"),
+        (
+            "shrink.candidates={g: {strategy: prune_l1, global_pruning: true, search: {high: 0.95}}}",
+            "above max_layer_ratio",
+        ),
     ],
 )
 def test_bad_training_options_are_refused_in_one_line(override, message):
@@ -123,7 +128,7 @@ def test_step_ratios_keep_equal_shares_of_the_original_width():
         assert kept == pytest.approx(1 - 0.75 * i / 3)
 
 
-def test_slim_records_its_sparsity_phase_and_prunes_its_last_weights(tmp_path):
+def test_slim_records_its_sparsity_phase(tmp_path):
     from tasks.prepare import prepare
     from tasks.train import train_baseline
 
@@ -132,7 +137,9 @@ def test_slim_records_its_sparsity_phase_and_prunes_its_last_weights(tmp_path):
             "model.batch_norm=true",
             "train.epochs=4",
             "train.keep=best",
-            "shrink.candidates={s: {strategy: slim, ratio: 0.5, sparsity_epochs: 3, lr: 0.01}}",
+            # What moves the scales is lr * sparsity * steps: 0.05 * 0.3 * 36 steps here.
+            "shrink.candidates={s: {strategy: slim, ratio: 0.5, lr: 0.05,"
+            " sparsity: 0.3, sparsity_epochs: 3}}",
         )
     )
     layout = Layout.from_params(params, tmp_path)
@@ -141,9 +148,20 @@ def test_slim_records_its_sparsity_phase_and_prunes_its_last_weights(tmp_path):
     record = shrink_candidate(params, layout, "s")
     phase = record.sparsity_phase
     assert phase["epochs"] == 3 and len(phase["history"]) == 3
-    assert phase["strength"] == params.shrink.candidates["s"].sparsity
-    assert phase["small_bn_scales_after"] > phase["small_bn_scales_before"]
+    assert phase["strength"] == 0.3
+    assert phase["small_bn_scales_before"] < 0.05 and phase["small_bn_scales_after"] > 0.15
     assert load_record(layout, "s").sparsity_phase == phase
+
+    # MLflow gets the phase too: its settings, its effect and its own per-epoch curve.
+    tracker = Tracker(f"sqlite:///{tmp_path / 'phase.db'}", "phase")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    tracker.log_record(run_id, record)
+    logged = tracker.client.get_run(run_id).data
+    assert (
+        logged.params["sparsity_phase.strength"] == "0.3" and logged.params["precision"] == record.precision
+    )
+    assert logged.metrics["sparsity_phase.small_bn_scales_after"] == phase["small_bn_scales_after"]
+    assert len(tracker.client.get_metric_history(run_id, "sparsity_epoch/val_acc")) == 3
 
 
 def test_engine_sparsity_share_counts_small_batchnorm_scales():

@@ -215,10 +215,3 @@ def structured(
 
     shrink.__name__ = shrink.__qualname__ = name
     return Strategy(name, shrink, options, warm_start=True, **facts)
-
-
-def step_ratios(ratio: float, steps: int) -> list[float]:
-    """Per-round ratios, each relative to the width left by the rounds before, that remove
-    ``ratio`` of the original width in ``steps`` equal decrements of the kept fraction."""
-    kept = [1 - ratio * i / steps for i in range(steps + 1)]
-    return [1 - kept[i] / kept[i - 1] for i in range(1, steps + 1)]
