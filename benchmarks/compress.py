@@ -513,6 +513,9 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(),
         "training_device": gpu or "cpu",
         "python": platform.python_version(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip(),
     }
 
 
@@ -725,7 +728,8 @@ def render(figures: Figures) -> str:
         f"# Compression benchmark: {figures.setup}, {dt.date.today().isoformat()}",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"training on {m['training_device']}; latency and throughput on one CPU thread (medians).",
+        f"training on {m['training_device']}; latency and throughput on one CPU thread (medians). "
+        f"Code: commit {m.get('commit') or 'unknown'}.",
         "",
         f"Data: {c['data']}; training augmentation: {c['augment']}. Baseline: {c['model']}, "
         f"{c['base_epochs']} epochs ({c['precision']}; validation accuracy by epoch: "
