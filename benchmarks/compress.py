@@ -43,7 +43,7 @@ from models import build_model, model_spec
 from models.checkpoint import load_checkpoint
 from models.quantize import dense_twin
 from tasks.config import Params, apply_override, load_params
-from tasks.engine import Precision, Split, augment_batch, fit, resolve_device, resolve_precision
+from tasks.engine import FP32, Precision, Split, augment_batch, fit, resolve_device, resolve_precision
 from tasks.evaluate import MEASURED_SPLITS, count_flops, evaluate_models, latency_ms, load_table, measure
 from tasks.layout import Layout
 from tasks.prepare import load_split, prepare
@@ -330,10 +330,9 @@ def training_throughput(params: Params, layout: Layout, epochs: int) -> dict[str
     cfg = params.train.model_copy(update={"epochs": epochs})
     device = resolve_device(cfg.device)
     used = resolve_precision(cfg, device, initial)
-    fp32 = Precision("fp32", None, False)
     bare, same, engine = [], [], []
     for _ in range(REPEATS):
-        bare.append(bare_loop(fresh_copy(initial, params.seed), train, params, epochs, fp32))
+        bare.append(bare_loop(fresh_copy(initial, params.seed), train, params, epochs, FP32))
         same.append(bare_loop(fresh_copy(initial, params.seed), train, params, epochs, used))
         result = fit(fresh_copy(initial, params.seed), train, val, cfg, params.seed, params.data.augment)
         engine.append(result.images_seen / result.seconds)
@@ -395,15 +394,14 @@ def measured(name: str, how: str, model: nn.Module, params: Params, splits: dict
     size, batch-1 latency, and the same latency function on a batch of 64 for throughput."""
     m, _ = measure(model, splits, params.evaluate)
     test = splits["test"]
-    n = len(test[1])
-    interval = binomtest(round(m.test_acc * n / 100), n).proportion_ci(0.95, method="wilson")
+    low, high = wilson(m.test_acc, len(test[1]))
     batch_ms = latency_ms(model, test[0][:THROUGHPUT_BATCH], params.evaluate)
     return Contender(
         name,
         how,
         m.test_acc,
-        100 * interval.low,
-        100 * interval.high,
+        low,
+        high,
         m.params,
         m.flops,
         m.size_bytes,
@@ -718,6 +716,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def wilson(acc: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval, in percent, of an accuracy of ``acc`` percent on ``n`` images."""
     interval = binomtest(round(acc * n / 100), n).proportion_ci(0.95, method="wilson")
     return 100 * interval.low, 100 * interval.high
 

@@ -122,6 +122,7 @@ class Precision:
         return torch.autocast(device.type, dtype=self.autocast)
 
 
+FP32 = Precision("fp32", None, False)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -185,7 +186,7 @@ def train_one_epoch(
     generator: torch.Generator,
     augment: str = "none",
     hooks: Hooks = Hooks(),
-    precision: Precision = Precision("fp32", None, False),
+    precision: Precision = FP32,
     scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """One pass over ``train`` in a seeded random order (``augment``: see :func:`augment_batch`);

@@ -119,15 +119,13 @@ def compressed_size(model: nn.Module) -> int:
 
 
 def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of conv/linear weights (int8 ones included) that are exactly zero."""
+    """Fraction of conv/linear weights (int8 ones included: plain int8 tensors) that are exactly
+    zero."""
     zeros = total = 0
     for key, value in model.state_dict().items():
-        if isinstance(value, tuple):  # quantised linears keep (weight, bias) packed
-            key, value = "weight", value[0]
         if not isinstance(value, Tensor) or "weight" not in key or value.dim() < 2:
             continue
-        values = value.int_repr() if value.is_quantized else value
-        zeros, total = zeros + int((values == 0).sum()), total + values.numel()
+        zeros, total = zeros + int((value == 0).sum()), total + value.numel()
     return round(zeros / max(total, 1), 4)
 
 
