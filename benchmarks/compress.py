@@ -5,8 +5,8 @@ plain torch-pruning on real CIFAR-10, plus the pipeline's own efficiency figures
                                   [--tune-epochs N] [--out DIR]
 
 Every contender starts from the one baseline the pipeline trains, gets the same fine-tuning
-budget in epochs and goes through the same training loop (``tasks.engine.fit``), and every
-model is measured by ``tasks.evaluate``'s own functions (latency single-threaded on the CPU).
+budget in epochs and goes through the same training loop (``shrinkflow.tasks.engine.fit``), and every
+model is measured by ``shrinkflow.tasks.evaluate``'s own functions (latency single-threaded on the CPU).
 The only other loops are the deliberately bare reference loops the throughput figure compares
 with. The flow promotes by ``promote.objective: latency_ms``; the promotion rule is applied
 again to the same table with ``objective: params`` for the second promoted model.
@@ -39,18 +39,33 @@ import yaml
 from scipy.stats import binomtest
 from torch import nn
 
-from models import build_model, model_spec
-from models.checkpoint import load_checkpoint
-from models.quantize import dense_twin
-from tasks.config import Params, apply_override, load_params
-from tasks.engine import FP32, Precision, Split, augment_batch, fit, resolve_device, resolve_precision
-from tasks.evaluate import MEASURED_SPLITS, count_flops, evaluate_models, latency_ms, load_table, measure
-from tasks.layout import Layout
-from tasks.prepare import load_split, prepare
-from tasks.promote import select_winner
-from tasks.records import load_record
-from tasks.stages import fan_out
-from tasks.train import candidate_train_config, seeded, shrink_candidate
+from shrinkflow.models import build_model, model_spec
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.quantize import dense_twin
+from shrinkflow.tasks.config import Params, apply_override, load_params
+from shrinkflow.tasks.engine import (
+    FP32,
+    Precision,
+    Split,
+    augment_batch,
+    fit,
+    resolve_device,
+    resolve_precision,
+)
+from shrinkflow.tasks.evaluate import (
+    MEASURED_SPLITS,
+    count_flops,
+    evaluate_models,
+    latency_ms,
+    load_table,
+    measure,
+)
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.promote import select_winner
+from shrinkflow.tasks.records import load_record
+from shrinkflow.tasks.stages import fan_out
+from shrinkflow.tasks.train import candidate_train_config, seeded, shrink_candidate
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared/data/cifar10-jpg.tar.gz"
@@ -199,7 +214,7 @@ def write_params(root: Path, setup: Setup) -> Path:
 
 def run_flow(params_file: Path, root: Path) -> float:
     """The whole Prefect flow once, as a user runs it (``shrinkflow run``, which calls
-    ``flows.pipeline.run``), in its own process: Prefect's background threads and temporary
+    ``shrinkflow.flows.pipeline.run``), in its own process: Prefect's background threads and temporary
     server then never compete with the measurements that follow. Returns its wall time
     (interpreter and Prefect server start included: both are orchestration)."""
     shrinkflow = Path(sys.executable).parent / "shrinkflow"
@@ -319,7 +334,7 @@ def bare_loop(model: nn.Module, train: Split, params: Params, epochs: int, preci
 
 
 def training_throughput(params: Params, layout: Layout, epochs: int) -> dict[str, float]:
-    """Images/s of ``tasks.engine.fit`` as the pipeline runs it (``train.precision``, validation
+    """Images/s of ``shrinkflow.tasks.engine.fit`` as the pipeline runs it (``train.precision``, validation
     each epoch), of the bare loop in float32 and of the bare loop in the pipeline's precision, on
     the baseline's architecture from the same initial weights over the first ``THROUGHPUT_IMAGES``
     training images; the three alternate, best of ``REPEATS`` each."""
@@ -390,8 +405,8 @@ def ratio_for_flops(baseline: nn.Module, example: torch.Tensor, num_classes: int
 
 
 def measured(name: str, how: str, model: nn.Module, params: Params, splits: dict[str, Split]) -> Contender:
-    """One model through ``tasks.evaluate``: accuracy (with its 95% Wilson interval), params, FLOPs,
-    size, batch-1 latency, and the same latency function on a batch of 64 for throughput."""
+    """One model through ``shrinkflow.tasks.evaluate``: accuracy (with its 95% Wilson interval),
+    params, FLOPs, size, batch-1 latency, and the same latency function on a batch of 64 for throughput."""
     m, _ = measure(model, splits, params.evaluate)
     test = splits["test"]
     low, high = wilson(m.test_acc, len(test[1]))
@@ -816,7 +831,7 @@ def benchmark(setup: Setup, tmp: Path) -> Figures:
 
 
 def describe(params: Params, layout: Layout, data: str) -> dict:
-    from tasks.records import load_manifest
+    from shrinkflow.tasks.records import load_manifest
 
     manifest = load_manifest(layout)
     sizes = ", ".join(f"{k} {v:,}" for k, v in manifest.sizes.items())

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from models import apply_strategy
-from models.arch.basenet import BaseNet
-from tasks.evaluate import count_flops
+from shrinkflow.models import apply_strategy
+from shrinkflow.models.arch.basenet import BaseNet
+from shrinkflow.tasks.evaluate import count_flops
 
 RATIOS = (0.6, 0.7, 0.8)
 ROUND_TO = (None, 8, 16)

@@ -17,9 +17,9 @@ from typing import Annotated
 
 import typer
 
-from flows import reaper
-from tasks import progress
-from tasks.config import load_params
+from shrinkflow.flows import reaper
+from shrinkflow.tasks import progress
+from shrinkflow.tasks.config import load_params
 
 app = typer.Typer(
     add_completion=False,
@@ -53,8 +53,8 @@ def _fail(message: str) -> None:
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Errors a user can fix become one line on stderr and exit status 1, not a traceback."""
-    from models.checkpoint import CheckpointError
-    from tasks.errors import ShrinkflowError
+    from shrinkflow.models.checkpoint import CheckpointError
+    from shrinkflow.tasks.errors import ShrinkflowError
 
     try:
         yield
@@ -83,7 +83,7 @@ def _console_quiet(record: logging.LogRecord) -> bool:
 def _project_session(root: Path, command: str) -> Iterator[None]:
     """One writer per project (see tasks/lock.py), with every log record of the command appended
     to ``<root>/.shrinkflow/shrinkflow.log`` and expected failures kept off the console."""
-    from tasks.lock import STATE_DIR, project_lock
+    from shrinkflow.tasks.lock import STATE_DIR, project_lock
 
     with project_lock(root, command):
         handler = logging.FileHandler(Path(root) / STATE_DIR / "shrinkflow.log", encoding="utf-8")
@@ -115,7 +115,7 @@ _watchers: list = []  # kept referenced, so their pipes stay open until this pro
 def check_prefect_home() -> None:
     """Refuse, in one line, a Prefect home that cannot be written (Prefect would retry its
     database for half a minute and then print a thousand lines)."""
-    from tasks.errors import ShrinkflowError
+    from shrinkflow.tasks.errors import ShrinkflowError
 
     home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
     try:
@@ -147,11 +147,11 @@ def run(
         cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
         check_prefect_home()
         with _project_session(root, "run"):
-            from tasks.tracking import Tracker
+            from shrinkflow.tasks.tracking import Tracker
 
             Tracker.for_project(root, cfg.tracking.experiment).check()  # before Prefect starts
             _watchers.append(reaper.watch(os.getpid()))  # its pipe closes when this process ends
-            from flows.pipeline import configured
+            from shrinkflow.flows.pipeline import configured
 
             flow = configured(params, tuple(set_ or ()))
             try:
@@ -176,7 +176,7 @@ def stage(
 
     Example: shrinkflow stage shrink --candidate width-50
     """
-    from tasks import stages
+    from shrinkflow.tasks import stages
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with _user_errors():
@@ -216,7 +216,7 @@ def serve(
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
     with _user_errors():
         check_prefect_home()
-        from flows.pipeline import configured
+        from shrinkflow.flows.pipeline import configured
 
         flow = configured(params, tuple(set_ or ()))
     parameters = {
@@ -231,10 +231,10 @@ def serve(
 def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
     """Re-print the last run's candidates table and promotion decision from reports/."""
 
-    from tasks.evaluate import load_table
-    from tasks.layout import Layout
-    from tasks.promote import load_decision
-    from tasks.report import decision_lines, format_table
+    from shrinkflow.tasks.evaluate import load_table
+    from shrinkflow.tasks.layout import Layout
+    from shrinkflow.tasks.promote import load_decision
+    from shrinkflow.tasks.report import decision_lines, format_table
 
     with _user_errors():
         layout = Layout.from_params(load_params(params), root)

@@ -1,6 +1,6 @@
 """The shrinkflow Prefect flow: prepare -> baseline -> shrink (fan-out) -> evaluate -> promote.
 
-Wiring only: every task is a function from ``tasks.stages``; this module adds Prefect's
+Wiring only: every task is a function from ``shrinkflow.tasks.stages``; this module adds Prefect's
 orchestration (task runs, parallelism, logging) and nothing else.
 """
 
@@ -15,9 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from tasks import cache, stages
-from tasks.config import ShrinkConfig, load_params
-from tasks.promote import Decision
+from shrinkflow.tasks import cache, stages
+from shrinkflow.tasks.config import ShrinkConfig, load_params
+from shrinkflow.tasks.promote import Decision
 
 
 def _baseline_key(_, args: dict) -> str:

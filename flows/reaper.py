@@ -26,7 +26,7 @@ def watch(parent: int) -> subprocess.Popen | None:
     if not (PROC / str(parent) / "cmdline").exists():
         return None
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.reaper", str(parent)],
+        [sys.executable, "-m", "shrinkflow.flows.reaper", str(parent)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

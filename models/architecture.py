@@ -1,7 +1,7 @@
 """What a network must provide to go through the pipeline, and the options model it reads.
 
 Every architecture lives in its own module under ``models/arch/`` and is found there by
-:mod:`models.registry`; nothing else names it. Its ``Options`` (a pydantic model keyed on
+:mod:`shrinkflow.models.registry`; nothing else names it. Its ``Options`` (a pydantic model keyed on
 ``arch``) is the ``model`` section of ``params.yaml`` for that architecture.
 """
 
@@ -61,3 +61,30 @@ class Architecture(Protocol):
     def min_image_size(cls, options: dict[str, Any]) -> int:
         """The smallest input side these options can process."""
         ...
+
+
+def classifier_layers(model: nn.Module, num_classes: int | None = None) -> list[nn.Module]:
+    """The layers whose outputs are the classes, which pruning must keep: an architecture's own
+    ``classifier_layer()``; for any other network, the last linear layer (or 1x1 convolution, as
+    in SqueezeNet) with ``num_classes`` outputs (default: the model's ``num_classes``)."""
+    if callable(getattr(model, "classifier_layer", None)):
+        return [model.classifier_layer()]
+    num_classes = num_classes or getattr(model, "num_classes", None)
+    heads = [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.kernel_size == (1, 1))
+    ]
+    if not heads:
+        raise ValueError(f"no linear layer with {num_classes} outputs (the classes) found in the model")
+    return heads[-1:]
+
+
+def record_pruning(model: nn.Module, history: list) -> None:
+    """Append torch-pruning's ``DependencyGraph.pruning_history()`` entries to the model's own
+    (a network that is rebuilt by replaying its pruning keeps one; others ignore it), as plain
+    JSON: ``[module name, pruned outputs?, [indices]]``."""
+    kept = getattr(model, "pruning_history", None)
+    if isinstance(kept, list):
+        kept.extend([name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history)

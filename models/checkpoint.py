@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.quantize import Int8Net
-from models.registry import build_model, model_spec
+from shrinkflow.models.quantize import Int8Net
+from shrinkflow.models.registry import build_model, model_spec
 
 CHECKPOINT_FORMAT = "shrinkflow.checkpoint/1"
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from models.registry import build_model
+from shrinkflow.models.registry import build_model
 
 SCHEME = "pt2e-x86-static-int8"
 SCHEMES = (SCHEME,)  # the retired "fx-static-int8" checkpoints are refused by name (retrain those)
@@ -211,7 +211,7 @@ def lower_x86(stored: fx.GraphModule, example: tuple[Tensor]) -> fx.GraphModule:
 class Int8Net(nn.Module):
     """A quantised network plus the float spec it came from (which also rebuilds it)."""
 
-    ARCH = "int8"  # in a spec only: rebuilt by models.checkpoint, never declared in params.yaml
+    ARCH = "int8"  # in a spec only: rebuilt by models/checkpoint.py, never declared in params.yaml
 
     def __init__(
         self, float_spec: dict[str, Any], scheme: str = SCHEME, qmodel: fx.GraphModule | None = None

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from models.arch import discover
+from shrinkflow.models.arch import discover
 
 ARCHITECTURES: dict[str, type[nn.Module]] = discover()
 

@@ -1,6 +1,6 @@
 """What a trained model is a function of, so an orchestrator can reuse it instead of retraining.
 
-A key hashes what the stage's spec in :mod:`tasks.stage_specs` declares, the very list
+A key hashes what the stage's spec in :mod:`shrinkflow.tasks.stage_specs` declares, the very list
 ``dvc.yaml`` is generated from: the source of its code, the values of its params, and its data
 (the prepared data's fingerprint or, for a candidate, the baseline checkpoint it starts from),
 plus where the checkpoint is written. :func:`intact` then checks that the checkpoint a cached
@@ -14,11 +14,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from models.checkpoint import sha256_file
-from tasks.config import Params
-from tasks.layout import Layout
-from tasks.records import ModelRecord, load_manifest, load_record
-from tasks.stage_specs import KEY, STAGES, StageSpec, resolve
+from shrinkflow.models.checkpoint import sha256_file
+from shrinkflow.tasks.config import Params
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
+from shrinkflow.tasks.stage_specs import KEY, STAGES, StageSpec, resolve
 
 PROJECT = Path(__file__).resolve().parents[1]
 

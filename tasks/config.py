@@ -25,10 +25,10 @@ from pydantic import (
     model_validator,
 )
 
-from models import ARCHITECTURES, STRATEGIES
-from models.strategies.base import Strategy
-from models.strategies.structured import StructuredOptions
-from tasks.errors import ShrinkflowError
+from shrinkflow.models import ARCHITECTURES, STRATEGIES
+from shrinkflow.models.strategies.base import Strategy
+from shrinkflow.models.strategies.structured import StructuredOptions
+from shrinkflow.tasks.errors import ShrinkflowError
 
 
 class ConfigError(ShrinkflowError, ValueError):

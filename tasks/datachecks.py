@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import DataConfig
-from tasks.sources import DataError, RawData
+from shrinkflow.tasks.config import DataConfig
+from shrinkflow.tasks.sources import DataError, RawData
 
 log = logging.getLogger(__name__)
 

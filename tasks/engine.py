@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from tasks import progress
-from tasks.config import TrainConfig
+from shrinkflow.tasks import progress
+from shrinkflow.tasks.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

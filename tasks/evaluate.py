@@ -1,7 +1,7 @@
 """Stage 4: measure every model, baseline included, with one function, and write the table.
 
 Every model predicts every validation, gate and test image once; accuracies, macro-F1 and the
-paired comparisons with the baseline (the promotion gate, :mod:`tasks.gate`) all derive from
+paired comparisons with the baseline (the promotion gate, :mod:`shrinkflow.tasks.gate`) all derive from
 those predictions, which are kept in ``predictions.csv`` so any two models can be compared on
 the same images later (the champion rule does).
 """
@@ -23,17 +23,17 @@ from sklearn.metrics import f1_score
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.checkpoint import load_checkpoint
-from models.quantize import dense_twin
-from models.strategies import STRATEGIES
-from tasks.config import EvaluateConfig, Params, PromoteConfig
-from tasks.engine import Split, accuracy, predict
-from tasks.export import check_onnx
-from tasks.gate import versus_baseline, worst_class
-from tasks.io import atomic_path, write_json
-from tasks.layout import Layout
-from tasks.prepare import load_split
-from tasks.records import ModelRecord, load_manifest, load_record
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.quantize import dense_twin
+from shrinkflow.models.strategies import STRATEGIES
+from shrinkflow.tasks.config import EvaluateConfig, Params, PromoteConfig
+from shrinkflow.tasks.engine import Split, accuracy, predict
+from shrinkflow.tasks.export import check_onnx
+from shrinkflow.tasks.gate import versus_baseline, worst_class
+from shrinkflow.tasks.io import atomic_path, write_json
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
 
 log = logging.getLogger(__name__)
 

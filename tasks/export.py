@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from models.quantize import is_int8
+from shrinkflow.models.quantize import is_int8
 
 log = logging.getLogger(__name__)
 

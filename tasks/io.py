@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.checkpoint import checkpoint_payload, sha256_file
+from shrinkflow.models.checkpoint import checkpoint_payload, sha256_file
 
 
 @contextlib.contextmanager

@@ -1,13 +1,13 @@
 """Every path a stage reads or writes: directories from ``params.paths`` and file names from
 :class:`Files`, the one place either is spelled (``dvc.yaml`` is generated from both, see
-:mod:`tasks.stage_specs`)."""
+:mod:`shrinkflow.tasks.stage_specs`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import ConfigError, Params
+from shrinkflow.tasks.config import ConfigError, Params
 
 SPLITS = ("train", "val", "gate", "test")
 

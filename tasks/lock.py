@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import ShrinkflowError
+from shrinkflow.tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from tasks.config import DataConfig, Params
-from tasks.datachecks import check_classes, check_splits
-from tasks.gate import certifiable
-from tasks.io import write_json, write_torch
-from tasks.layout import SPLITS, Layout
-from tasks.records import Manifest, load_manifest
-from tasks.sources import DataError, load_source
+from shrinkflow.tasks.config import DataConfig, Params
+from shrinkflow.tasks.datachecks import check_classes, check_splits
+from shrinkflow.tasks.gate import certifiable
+from shrinkflow.tasks.io import write_json, write_torch
+from shrinkflow.tasks.layout import SPLITS, Layout
+from shrinkflow.tasks.records import Manifest, load_manifest
+from shrinkflow.tasks.sources import DataError, load_source
 
 log = logging.getLogger(__name__)
 

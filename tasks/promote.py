@@ -1,7 +1,7 @@
 """Stage 5: pick the smallest model that passes the gate, let test veto it, judge it against the
 registry's current champion, register it, validate it, and only then move an alias.
 
-Every decision is a paired comparison on shared images (:mod:`tasks.gate`):
+Every decision is a paired comparison on shared images (:mod:`shrinkflow.tasks.gate`):
 
 - **choose** on the gate split: a model is eligible when the one-sided lower confidence bound of
   its accuracy minus the baseline's is above ``-tolerance``; the smallest eligible model wins.
@@ -24,18 +24,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.checkpoint import CheckpointError
-from tasks.config import Params, PromoteConfig
-from tasks.engine import accuracy
-from tasks.errors import ShrinkflowError
-from tasks.evaluate import load_predictions, load_table
-from tasks.gate import certifiable, class_accuracies, versus_baseline
-from tasks.io import read_json, write_json
-from tasks.layout import Layout
-from tasks.prepare import load_raw_split, normalise
-from tasks.records import Manifest, load_manifest, load_record
-from tasks.stats import Comparison, compare
-from tasks.tracking import Tracker, predicted_classes
+from shrinkflow.models.checkpoint import CheckpointError
+from shrinkflow.tasks.config import Params, PromoteConfig
+from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.evaluate import load_predictions, load_table
+from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
+from shrinkflow.tasks.io import read_json, write_json
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_raw_split, normalise
+from shrinkflow.tasks.records import Manifest, load_manifest, load_record
+from shrinkflow.tasks.stats import Comparison, compare
+from shrinkflow.tasks.tracking import Tracker, predicted_classes
 
 log = logging.getLogger(__name__)
 

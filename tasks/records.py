@@ -9,8 +9,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.io import read_json
-from tasks.layout import Layout
+from shrinkflow.tasks.io import read_json
+from shrinkflow.tasks.layout import Layout
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from tasks.io import atomic_path
-from tasks.promote import Decision
-from tasks.stats import margin_points
+from shrinkflow.tasks.io import atomic_path
+from shrinkflow.tasks.promote import Decision
+from shrinkflow.tasks.stats import margin_points
 
 SHOWN = [
     "name",

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tasks.config import SearchConfig
-from tasks.stats import Comparison
+from shrinkflow.tasks.config import SearchConfig
+from shrinkflow.tasks.stats import Comparison
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from models.checkpoint import load_checkpoint
+from shrinkflow.models.checkpoint import load_checkpoint
 
 CHANNEL_COUNTS = (1, 3, 4)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L" and tasks/sources.py

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tasks.config import DataConfig
-from tasks.errors import ShrinkflowError
+from shrinkflow.tasks.config import DataConfig
+from shrinkflow.tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tasks import progress, tensorboard
-from tasks.config import Params, load_params
-from tasks.evaluate import COLUMNS, evaluate_models, load_table
-from tasks.io import sweep_temporaries, write_text
-from tasks.layout import Layout
-from tasks.prepare import load_split, prepare
-from tasks.promote import Decision, promote
-from tasks.records import Manifest, ModelRecord, load_record
-from tasks.report import markdown_report, pareto_plot
-from tasks.search import Trial
-from tasks.tracking import Tracker, code_version
-from tasks.train import shrink_candidate, threads_per_worker, train_baseline
+from shrinkflow.tasks import progress, tensorboard
+from shrinkflow.tasks.config import Params, load_params
+from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
+from shrinkflow.tasks.io import sweep_temporaries, write_text
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.promote import Decision, promote
+from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
+from shrinkflow.tasks.report import markdown_report, pareto_plot
+from shrinkflow.tasks.search import Trial
+from shrinkflow.tasks.tracking import Tracker, code_version
+from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
 
 log = logging.getLogger(__name__)
 

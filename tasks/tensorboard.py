@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from torch.utils.tensorboard import SummaryWriter
 
-from tasks.records import ModelRecord
+from shrinkflow.tasks.records import ModelRecord
 
 # history key -> TensorBoard tag
 SCALARS = {"train_loss": "train/loss", "val_acc": "val/acc", "lr": "train/lr"}

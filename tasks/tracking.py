@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -30,17 +31,26 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from models.checkpoint import load_checkpoint
-from tasks.errors import ShrinkflowError
-from tasks.export import ExportError, export_onnx, max_abs_diff, session
-from tasks.io import read_json
-from tasks.records import Manifest, ModelRecord
-from tasks.serving import probability_columns
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.export import ExportError, export_onnx, max_abs_diff, session
+from shrinkflow.tasks.io import read_json
+from shrinkflow.tasks.records import Manifest, ModelRecord
+from shrinkflow.tasks.serving import probability_columns
 
 log = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+
+
+def serving_package(into: Path) -> Path:
+    """``into/shrinkflow``: the package a registered model's code needs (``shrinkflow.models``),
+    laid out as it is imported, for ``log_model(code_paths=...)``."""
+    package = into / "shrinkflow"
+    shutil.copytree(MODELS_PACKAGE, package / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__init__.py").write_text('"""shrinkflow, as a registered model carries it."""\n')
+    return package
 
 
 class TrackingUnavailable(ShrinkflowError, RuntimeError):
@@ -305,7 +315,7 @@ class Tracker:
                     name="model",
                     python_model=str(SERVING_CODE),
                     artifacts=artifacts,
-                    code_paths=[str(MODELS_PACKAGE)],
+                    code_paths=[str(serving_package(Path(tmp)))],
                     signature=serving_signature(classes),
                     input_example=raw_example,
                     pip_requirements=[

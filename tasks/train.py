@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import STRATEGIES, apply_strategy, build_model
-from models.checkpoint import load_checkpoint
-from models.strategies.structured import step_ratios
-from tasks.config import Params, TrainConfig
-from tasks.engine import (
+from shrinkflow.models import STRATEGIES, apply_strategy, build_model
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.strategies.structured import step_ratios
+from shrinkflow.tasks.config import Params, TrainConfig
+from shrinkflow.tasks.engine import (
     FitResult,
     Hooks,
     Split,
@@ -30,13 +30,13 @@ from tasks.engine import (
     predict,
     small_bn_scales,
 )
-from tasks.gate import versus_baseline
-from tasks.io import save_checkpoint, write_json
-from tasks.layout import Layout
-from tasks.prepare import load_split
-from tasks.records import ModelRecord, load_manifest, load_record
-from tasks.search import Trial, best_trial, search_ratio
-from tasks.stats import Comparison
+from shrinkflow.tasks.gate import versus_baseline
+from shrinkflow.tasks.io import save_checkpoint, write_json
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
+from shrinkflow.tasks.search import Trial, best_trial, search_ratio
+from shrinkflow.tasks.stats import Comparison
 
 log = logging.getLogger(__name__)
 

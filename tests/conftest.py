@@ -26,8 +26,8 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-from tasks.config import apply_override, parse_params  # noqa: E402
-from tasks.layout import Layout  # noqa: E402
+from shrinkflow.tasks.config import apply_override, parse_params  # noqa: E402
+from shrinkflow.tasks.layout import Layout  # noqa: E402
 
 # A few epochs and two candidates: enough for real training, small enough for CI.
 SMALL = (
@@ -70,8 +70,8 @@ def project(tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """prepare + baseline on the small params, done once and copied by the tests that need it."""
-    from tasks.prepare import prepare
-    from tasks.train import train_baseline
+    from shrinkflow.tasks.prepare import prepare
+    from shrinkflow.tasks.train import train_baseline
 
     root = tmp_path_factory.mktemp("trained")
     params = parse_params(small_raw())
@@ -140,8 +140,8 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def evaluated(trained, tmp_path_factory):
     """The small pipeline run up to and including evaluate (baseline, w50, l1-50), once."""
-    from tasks.evaluate import evaluate_models
-    from tasks.train import shrink_candidate
+    from shrinkflow.tasks.evaluate import evaluate_models
+    from shrinkflow.tasks.train import shrink_candidate
 
     params, layout = copy_project(trained, tmp_path_factory.mktemp("evaluated"))
     for name in params.shrink.candidates:

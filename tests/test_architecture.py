@@ -8,12 +8,12 @@ import subprocess
 
 import pytest
 
-from models import ARCHITECTURES, STRATEGIES, build_model
-from models.architecture import Architecture
-from tasks.cache import candidate_key
-from tasks.config import ConfigError, parse_params
-from tasks.layout import Layout
-from tasks.stage_specs import STAGES, dvc_yaml
+from shrinkflow.models import ARCHITECTURES, STRATEGIES, build_model
+from shrinkflow.models.architecture import Architecture
+from shrinkflow.tasks.cache import candidate_key
+from shrinkflow.tasks.config import ConfigError, parse_params
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.stage_specs import STAGES, dvc_yaml
 from tests.conftest import BIN, REPO, small_raw
 
 
@@ -26,7 +26,9 @@ def test_import_contracts_hold():
 
 
 def test_committed_dvc_yaml_is_generated_from_the_stage_specs():
-    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), "run: python -m tasks.stage_specs > dvc.yaml"
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(), (
+        "run: python -m shrinkflow.tasks.stage_specs > dvc.yaml"
+    )
     for name, spec in STAGES.items():
         for path in spec.code:
             assert (REPO / path).exists(), f"{name} declares {path}, which does not exist"

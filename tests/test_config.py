@@ -6,8 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from models import STRATEGIES
-from tasks.config import ConfigError, load_params, parse_params
+from shrinkflow.models import STRATEGIES
+from shrinkflow.tasks.config import ConfigError, load_params, parse_params
 from tests.conftest import REPO, small_raw
 
 

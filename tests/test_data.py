@@ -17,16 +17,16 @@ import torch
 import yaml
 from PIL import Image
 
-from models.checkpoint import load_checkpoint
-from tasks.cache import baseline_key, intact
-from tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
-from tasks.engine import augment_batch, fit
-from tasks.layout import Layout
-from tasks.prepare import load_split, prepare
-from tasks.records import load_record
-from tasks.sources import LOADERS, DataError
-from tasks.tracking import Tracker
-from tasks.train import train_baseline
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.tasks.cache import baseline_key, intact
+from shrinkflow.tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
+from shrinkflow.tasks.engine import augment_batch, fit
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.records import load_record
+from shrinkflow.tasks.sources import LOADERS, DataError
+from shrinkflow.tasks.tracking import Tracker
+from shrinkflow.tasks.train import train_baseline
 from tests.conftest import REPO, run_cli, small_raw, write_params
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -248,7 +248,7 @@ def test_augmented_training_is_deterministic_even_in_concurrent_threads(tmp_path
 
 
 def _tiny_model(manifest):
-    from models import build_model
+    from shrinkflow.models import build_model
 
     c, size, _ = manifest.input_shape
     return build_model(

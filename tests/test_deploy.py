@@ -17,16 +17,16 @@ import pandas as pd
 import pytest
 import torch
 
-from models import apply_strategy
-from models.checkpoint import load_checkpoint
-from tasks.engine import accuracy
-from tasks.evaluate import load_table
-from tasks.export import PARITY_ATOL, PARITY_RTOL, check_onnx, export_onnx
-from tasks.layout import Layout
-from tasks.prepare import load_raw_split, load_split
-from tasks.records import load_manifest
-from tasks.serving import probability_columns
-from tasks.tracking import Tracker, tracking_uri
+from shrinkflow.models import apply_strategy
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.evaluate import load_table
+from shrinkflow.tasks.export import PARITY_ATOL, PARITY_RTOL, check_onnx, export_onnx
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_raw_split, load_split
+from shrinkflow.tasks.records import load_manifest
+from shrinkflow.tasks.serving import probability_columns
+from shrinkflow.tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, free_port, wait_http
 
 MODEL = "w50"
@@ -177,6 +177,6 @@ def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
 
 
 def _fluent(uri: str):
-    from tasks.tracking import _tracking
+    from shrinkflow.tasks.tracking import _tracking
 
     return _tracking(uri)

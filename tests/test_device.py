@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import build_model
-from tasks.config import ConfigError, parse_params
-from tasks.engine import evaluate, fit, model_device, predict, resolve_device
+from shrinkflow.models import build_model
+from shrinkflow.tasks.config import ConfigError, parse_params
+from shrinkflow.tasks.engine import evaluate, fit, model_device, predict, resolve_device
 from tests.conftest import small_raw
 
 

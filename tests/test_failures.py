@@ -16,11 +16,11 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from flows import reaper
-from tasks.evaluate import load_table
-from tasks.promote import PromotionError
-from tasks.stages import Context, run_promote
-from tasks.tracking import Tracker, tracking_uri
+from shrinkflow.flows import reaper
+from shrinkflow.tasks.evaluate import load_table
+from shrinkflow.tasks.promote import PromotionError
+from shrinkflow.tasks.stages import Context, run_promote
+from shrinkflow.tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, run_cli, small_raw, write_params
 
 

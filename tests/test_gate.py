@@ -11,12 +11,12 @@ import pytest
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
-from tasks.config import SearchConfig, parse_params
-from tasks.evaluate import COLUMNS, compare_with_baseline
-from tasks.gate import certifiable
-from tasks.promote import Champion, PromotionError, judge, select_winner, vetoed_by_test
-from tasks.search import best_trial, search_ratio
-from tasks.stats import compare, min_certifiable_margin, score_statistic
+from shrinkflow.tasks.config import SearchConfig, parse_params
+from shrinkflow.tasks.evaluate import COLUMNS, compare_with_baseline
+from shrinkflow.tasks.gate import certifiable
+from shrinkflow.tasks.promote import Champion, PromotionError, judge, select_winner, vetoed_by_test
+from shrinkflow.tasks.search import best_trial, search_ratio
+from shrinkflow.tasks.stats import compare, min_certifiable_margin, score_statistic
 from tests.conftest import small_raw
 
 

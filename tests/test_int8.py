@@ -9,13 +9,13 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from models.arch.basenet import BaseNet
-from models.checkpoint import load_checkpoint, rebuild
-from models.quantize import SCHEME, Int8Net, dense_twin, is_int8, quantize_int8
-from models.registry import model_spec
-from tasks.evaluate import weight_sparsity
-from tasks.export import ExportError, export_onnx
-from tasks.io import save_checkpoint
+from shrinkflow.models.arch.basenet import BaseNet
+from shrinkflow.models.checkpoint import load_checkpoint, rebuild
+from shrinkflow.models.quantize import SCHEME, Int8Net, dense_twin, is_int8, quantize_int8
+from shrinkflow.models.registry import model_spec
+from shrinkflow.tasks.evaluate import weight_sparsity
+from shrinkflow.tasks.export import ExportError, export_onnx
+from shrinkflow.tasks.io import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, parse_params
-from tasks.evaluate import write_curves
-from tasks.io import atomic_path, current_umask, write_json
-from tasks.layout import Layout
-from tasks.records import ModelRecord
-from tasks.tracking import code_version
+from shrinkflow.tasks.config import ConfigError, parse_params
+from shrinkflow.tasks.evaluate import write_curves
+from shrinkflow.tasks.io import atomic_path, current_umask, write_json
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.records import ModelRecord
+from shrinkflow.tasks.tracking import code_version
 from tests.conftest import small_raw
 
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from tasks.evaluate import load_table
+from shrinkflow.tasks.evaluate import load_table
 from tests.conftest import write_params
 
 pytestmark = pytest.mark.slow
@@ -31,10 +31,10 @@ def _accuracy_in_fresh_process(uri: str, root) -> float:
     """Load the model the way a reviewer would, in a new interpreter, and score the test split."""
     code = f"""
 import mlflow, torch
-from tasks.config import load_params
-from tasks.engine import accuracy
-from tasks.layout import Layout
-from tasks.records import load_manifest
+from shrinkflow.tasks.config import load_params
+from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.records import load_manifest
 
 layout = Layout.from_params(load_params("params.yaml"), ".")
 test = torch.load(layout.split("test"), weights_only=True)  # raw uint8 pixels, as a user has them
@@ -48,7 +48,7 @@ print(accuracy(torch.tensor([classes.index(label) for label in labels]), test["y
 
 def test_flow_registers_the_smallest_model_within_tolerance(tmp_path, prefect_server):
     """Includes a candidate whose loss diverges: it is marked failed and the flow finishes."""
-    from flows.pipeline import run
+    from shrinkflow.flows.pipeline import run
 
     name = "flow-e2e"
     params_file = write_params(

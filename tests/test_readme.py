@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tasks.config import load_params
+from shrinkflow.tasks.config import load_params
 from tests.conftest import BIN, REPO, run_cli
 
 README = (REPO / "README.md").read_text()

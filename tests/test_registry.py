@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.evaluate import load_table
-from tasks.promote import PromotionError
-from tasks.stages import Context, run_promote
-from tasks.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.evaluate import load_table
+from shrinkflow.tasks.promote import PromotionError
+from shrinkflow.tasks.stages import Context, run_promote
+from shrinkflow.tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, free_port, stop, wait_http
 
 

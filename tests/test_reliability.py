@@ -16,9 +16,9 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.io import atomic_path, sweep_temporaries, write_json
-from tasks.promote import PromotionError
+from shrinkflow.flows.cli import app
+from shrinkflow.tasks.io import atomic_path, sweep_temporaries, write_json
+from shrinkflow.tasks.promote import PromotionError
 from tests.conftest import BIN, copy_project, small_raw, write_params
 
 
@@ -114,7 +114,7 @@ def test_unreachable_mlflow_fails_fast_and_clearly(tmp_path):
 
 
 def test_all_candidates_failing_moves_no_alias(tmp_path, prefect_server):
-    from flows.pipeline import run
+    from shrinkflow.flows.pipeline import run
 
     raw = small_raw(
         "promote.model_name=all-fail", "shrink.candidates.w50.lr=1e6", "shrink.candidates.l1-50.lr=1e6"

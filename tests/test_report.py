@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.evaluate import load_table
-from tasks.promote import select_winner
-from tasks.report import format_table, markdown_report, pareto_plot
+from shrinkflow.flows.cli import app
+from shrinkflow.tasks.evaluate import load_table
+from shrinkflow.tasks.promote import select_winner
+from shrinkflow.tasks.report import format_table, markdown_report, pareto_plot
 from tests.conftest import copy_project
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tasks.evaluate import MACHINE_COLUMNS
+from shrinkflow.tasks.evaluate import MACHINE_COLUMNS
 from tests.conftest import BIN, REPO, write_params
 
 pytestmark = pytest.mark.slow
@@ -161,8 +161,8 @@ def _prepare_and_baseline_flow(root):
     """A flow of the pipeline's first two tasks, in a project at ``root`` with the small params."""
     from prefect import flow
 
-    from flows.pipeline import prepare, reuse_or_train_baseline
-    from tasks.stages import Context
+    from shrinkflow.flows.pipeline import prepare, reuse_or_train_baseline
+    from shrinkflow.tasks.stages import Context
 
     write_params(root, *SMALL)
 

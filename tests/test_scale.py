@@ -9,17 +9,17 @@ import time
 
 import pytest
 
-from tasks.config import parse_params
-from tasks.evaluate import MACHINE_COLUMNS, load_table
-from tasks.layout import Layout
-from tasks.records import load_record
+from shrinkflow.tasks.config import parse_params
+from shrinkflow.tasks.evaluate import MACHINE_COLUMNS, load_table
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.records import load_record
 from tests.conftest import BIN, free_port, small_raw, write_params
 
 pytestmark = pytest.mark.slow
 
 
 def _run(root, *overrides):
-    from flows.pipeline import run
+    from shrinkflow.flows.pipeline import run
 
     root.mkdir(parents=True, exist_ok=True)
     raw = small_raw("promote.model_name=scale", "shrink.workers=2", *overrides)

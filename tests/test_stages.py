@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint
-from tasks.config import TrainConfig, parse_params
-from tasks.engine import TrainingDiverged, evaluate, fit
-from tasks.evaluate import COLUMNS, evaluate_models, load_table
-from tasks.layout import Layout
-from tasks.prepare import load_split, prepare
-from tasks.records import load_manifest, load_record
-from tasks.train import shrink_candidate
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.tasks.config import TrainConfig, parse_params
+from shrinkflow.tasks.engine import TrainingDiverged, evaluate, fit
+from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.records import load_manifest, load_record
+from shrinkflow.tasks.train import shrink_candidate
 from tests.conftest import small_raw
 
 
@@ -137,11 +137,11 @@ def test_evaluate_measures_every_model_and_marks_failures(trained_layout, small_
 
 def test_prepare_says_when_the_gate_cannot_certify_the_tolerance(tmp_path, caplog):
     tight = parse_params(small_raw("promote.tolerance=0.5"))
-    with caplog.at_level("WARNING", logger="tasks.prepare"):
+    with caplog.at_level("WARNING", logger="shrinkflow.tasks.prepare"):
         prepare(tight, Layout.from_params(tight, tmp_path / "tight"))
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "promote.tolerance 0.5" in line and "540 gate images" in line and "data.gate_fraction" in line
     caplog.clear()
-    with caplog.at_level("WARNING", logger="tasks.prepare"):
+    with caplog.at_level("WARNING", logger="shrinkflow.tasks.prepare"):
         prepare(parse_params(small_raw()), Layout.from_params(tight, tmp_path / "default"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"], "the default tolerance is certifiable"

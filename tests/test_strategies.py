@@ -12,18 +12,18 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
-from models.arch.basenet import BaseNet
-from models.checkpoint import load_checkpoint
-from models.quantize import Int8Net, dense_twin
-from models.strategies.structured import step_ratios
-from tasks.config import ConfigError, SearchConfig, TrainConfig, parse_params
-from tasks.engine import Hooks, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
-from tasks.evaluate import count_flops, serialized_size, weight_sparsity
-from tasks.io import save_checkpoint
-from tasks.prepare import load_split
-from tasks.search import best_trial, search_ratio
-from tasks.stats import compare
+from shrinkflow.models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
+from shrinkflow.models.arch.basenet import BaseNet
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.quantize import Int8Net, dense_twin
+from shrinkflow.models.strategies.structured import step_ratios
+from shrinkflow.tasks.config import ConfigError, SearchConfig, TrainConfig, parse_params
+from shrinkflow.tasks.engine import Hooks, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
+from shrinkflow.tasks.evaluate import count_flops, serialized_size, weight_sparsity
+from shrinkflow.tasks.io import save_checkpoint
+from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.search import best_trial, search_ratio
+from shrinkflow.tasks.stats import compare
 from tests.conftest import small_raw
 
 SPECS = {
@@ -86,7 +86,10 @@ def test_strategy_on_every_architecture(name, base, tmp_path):
         assert (shrunk(x) - base(x)).abs().max() < 0.25 * base(x).abs().max() + 1e-3
     path = tmp_path / "m.pt"
     loaded, _ = load_checkpoint(path, sha256=save_checkpoint(shrunk, path))
-    assert torch.equal(loaded(x), shrunk(x))
+    # An int8 net's oneDNN kernels do not repeat bit for bit call to call on some CPUs (AMD EPYC:
+    # up to 0.18 between two calls of one model); its stored q/dq graph does.
+    run = (lambda m: m.reference(x)) if isinstance(shrunk, Int8Net) else (lambda m: m(x))
+    assert torch.equal(run(loaded), run(shrunk))
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "resnet56"])
@@ -386,7 +389,7 @@ def test_search_stops_at_the_tolerance(mode):
 
 
 def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layout):
-    from tasks.train import shrink_candidate
+    from shrinkflow.tasks.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -408,8 +411,8 @@ def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layou
 
 
 def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
-    from tasks.evaluate import measure
-    from tasks.train import shrink_candidate
+    from shrinkflow.tasks.evaluate import measure
+    from shrinkflow.tasks.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -428,8 +431,8 @@ def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
 
 
 def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
-    from tasks.stages import Context, run_candidate
-    from tasks.tracking import Tracker
+    from shrinkflow.tasks.stages import Context, run_candidate
+    from shrinkflow.tasks.tracking import Tracker
 
     params = parse_params(
         small_raw(

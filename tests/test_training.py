@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint
-from models.strategies.structured import step_ratios
-from tasks.config import ConfigError, PromoteConfig, TrainConfig, parse_params
-from tasks.engine import fit, native_bf16, small_bn_scales
-from tasks.layout import Layout
-from tasks.prepare import load_split
-from tasks.promote import select_winner
-from tasks.records import load_record
-from tasks.tracking import Tracker
-from tasks.train import shrink_candidate
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.strategies.structured import step_ratios
+from shrinkflow.tasks.config import ConfigError, PromoteConfig, TrainConfig, parse_params
+from shrinkflow.tasks.engine import fit, native_bf16, small_bn_scales
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.promote import select_winner
+from shrinkflow.tasks.records import load_record
+from shrinkflow.tasks.tracking import Tracker
+from shrinkflow.tasks.train import shrink_candidate
 from tests.conftest import small_raw
 
 
@@ -129,8 +129,8 @@ def test_step_ratios_keep_equal_shares_of_the_original_width():
 
 
 def test_slim_records_its_sparsity_phase(tmp_path):
-    from tasks.prepare import prepare
-    from tasks.train import train_baseline
+    from shrinkflow.tasks.prepare import prepare
+    from shrinkflow.tasks.train import train_baseline
 
     params = parse_params(
         small_raw(

@@ -1,5 +1,5 @@
 """Every module here defines architectures (classes with an ``ARCH`` name, see
-:class:`models.architecture.Architecture`); :mod:`models.registry` collects them."""
+:class:`shrinkflow.models.architecture.Architecture`); :mod:`shrinkflow.models.registry` collects them."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from models.architecture import ArchOptions
-from models.shapes import copy_matching
+from shrinkflow.models.architecture import ArchOptions
+from shrinkflow.models.shapes import copy_matching
 
 Width = Annotated[int, Field(ge=1)]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from models.arch.tvnets import SmallResNet, WidthMult
-from models.architecture import ArchOptions
+from shrinkflow.models.arch.tvnets import SmallResNet, WidthMult
+from shrinkflow.models.architecture import ArchOptions
 
 
 class ResNet56Options(ArchOptions):

@@ -15,8 +15,8 @@ from torchvision.models.mobilenetv2 import MobileNetV2, _make_divisible
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import Conv2dNormActivation
 
-from models.architecture import ArchOptions
-from models.shapes import copy_matching, layer_shapes, resize_layers
+from shrinkflow.models.architecture import ArchOptions
+from shrinkflow.models.shapes import copy_matching, layer_shapes, resize_layers
 
 WidthMult = Annotated[float, Field(gt=0, le=4)]
 

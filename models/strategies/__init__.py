@@ -1,5 +1,5 @@
 """Shrink strategies by name. Every module here that defines ``STRATEGY`` (a
-:class:`~models.strategies.base.Strategy`) is one strategy; adding a file adds a strategy, and
+:class:`~shrinkflow.models.strategies.base.Strategy`) is one strategy; adding a file adds a strategy, and
 the config, the pipeline and the tests pick it up from :data:`STRATEGIES`."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.strategies.base import Batch, Strategy
+from shrinkflow.models.strategies.base import Batch, Strategy
 
 
 def _discover() -> dict[str, Strategy]:

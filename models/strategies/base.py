@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from models.registry import ARCHITECTURES
+from shrinkflow.models.registry import ARCHITECTURES
 
 Batch = tuple[Tensor, Tensor]
 Shrink = Callable[..., nn.Module]  # (model, calibration batch, **options) -> smaller model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.registry import model_spec
-from models.strategies.base import Batch, RatioOptions, Strategy
+from shrinkflow.models.registry import model_spec
+from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 
 def depth(model: nn.Module, batch: Batch, *, ratio: float) -> nn.Module:

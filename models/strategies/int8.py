@@ -1,14 +1,14 @@
 """``int8``: post-training static int8 quantisation through torchao's PT2E flow (see
-:mod:`models.quantize`). Smaller on disk (about 4x); on one CPU thread faster than float only at
+:mod:`shrinkflow.models.quantize`). Smaller on disk (about 4x); on one CPU thread faster than float only at
 large batches: at batch 1, what the pipeline measures and serves, it is slower."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from models.quantize import Int8Net, quantize_int8
-from models.registry import model_spec
-from models.strategies.base import Batch, Strategy, StrategyOptions
+from shrinkflow.models.quantize import Int8Net, quantize_int8
+from shrinkflow.models.registry import model_spec
+from shrinkflow.models.strategies.base import Batch, Strategy, StrategyOptions
 
 
 def int8(model: nn.Module, batch: Batch) -> nn.Module:

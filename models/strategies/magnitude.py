@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import prune
 
-from models.strategies.base import Batch, RatioOptions, Strategy
+from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 
 def _prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:

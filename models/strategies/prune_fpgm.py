@@ -4,6 +4,6 @@ replaceable and go first, whatever their norm."""
 
 import torch_pruning as tp
 
-from models.strategies.structured import structured
+from shrinkflow.models.strategies.structured import structured
 
 STRATEGY = structured("prune_fpgm", lambda: tp.importance.FPGMImportance(p=2))

@@ -2,6 +2,6 @@
 
 import torch_pruning as tp
 
-from models.strategies.structured import structured
+from shrinkflow.models.strategies.structured import structured
 
 STRATEGY = structured("prune_l1", lambda: tp.importance.GroupMagnitudeImportance(p=1))

@@ -3,6 +3,6 @@
 
 import torch_pruning as tp
 
-from models.strategies.structured import structured
+from shrinkflow.models.strategies.structured import structured
 
 STRATEGY = structured("prune_taylor", tp.importance.GroupTaylorImportance, needs_grad=True)

@@ -27,7 +27,7 @@ from typing import Annotated, ClassVar
 import torch_pruning as tp
 from pydantic import Field
 
-from models.strategies.structured import StructuredOptions, structured
+from shrinkflow.models.strategies.structured import StructuredOptions, structured
 
 
 class SlimOptions(StructuredOptions):

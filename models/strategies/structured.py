@@ -23,7 +23,8 @@ import torch_pruning as tp
 from pydantic import Field, model_validator
 from torch import nn
 
-from models.strategies.base import Batch, RatioOptions, Strategy
+from shrinkflow.models.architecture import classifier_layers, record_pruning
+from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 _EPS = 1e-6  # float slack when a ratio times a width should land on an integer (0.75 * 64)
 
@@ -155,7 +156,7 @@ def prune(
             example_inputs=inputs[:1],
             importance=importance(),
             pruning_ratio=0.0,
-            ignored_layers=[model.classifier_layer()],
+            ignored_layers=classifier_layers(model),
         )
         scored = _scores(scorer)
         for m, (_, s) in scored.items():
@@ -172,9 +173,10 @@ def prune(
             importance=importance(),
             pruning_ratio=0.0,
             pruning_ratio_dict=ratios,
-            ignored_layers=[model.classifier_layer()],
+            ignored_layers=classifier_layers(model),
         )
         pruner.step()
+        record_pruning(model, pruner.DG.pruning_history())
     model.zero_grad(set_to_none=True)
     return model
 
