@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+from torch import Tensor, nn
 
 
 class ArchOptions(BaseModel):
@@ -88,3 +88,21 @@ def record_pruning(model: nn.Module, history: list) -> None:
     kept = getattr(model, "pruning_history", None)
     if isinstance(kept, list):
         kept.extend([name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history)
+
+
+def pruning_summary(model: nn.Module, example: Tensor) -> dict[str, object]:
+    """What torch-pruning finds in ``model``: how many groups of coupled layers it can prune
+    together, and which layers with weights belong to none (left alone; the classifier always)."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    groups = list(graph.get_all_groups(ignored_layers=classifier_layers(model)))
+    narrowed = {
+        item.dep.target.module
+        for group in groups
+        for item in group
+        if graph.is_out_channel_pruning_fn(item.dep.handler)
+    }
+    names = {module: name for name, module in model.named_modules()}
+    weighted = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
+    return {"groups": len(groups), "left_alone": [names[m] for m in weighted if m not in narrowed]}

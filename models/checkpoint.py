@@ -58,6 +58,13 @@ def rebuild(spec: dict[str, Any]) -> nn.Module:
     return build_model(spec)
 
 
+def user_factory(path: str | Path) -> str | None:
+    """The user's factory (``package.module:callable``) a checkpoint's network is built by, if any."""
+    spec = torch.load(path, map_location="cpu", weights_only=True)["spec"]
+    spec = spec.get("float_spec", spec)  # an int8 network names its float network
+    return spec.get("factory") if spec.get("arch") == "factory" else None
+
+
 def load_checkpoint(path: str | Path, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint describes; refuse it if ``sha256`` is given and differs."""
     path = Path(path)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from shrinkflow.models.checkpoint import sha256_file
+from shrinkflow.tasks import given
 from shrinkflow.tasks.config import Params
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
@@ -47,6 +48,7 @@ def baseline_key(params: Params, layout: Layout, tracking: str) -> str:
     its cached MLflow run lives in, changes."""
     inputs = {
         **_declared(STAGES["baseline"], params),
+        "given": given.fingerprint(params, layout),  # a brought model's weights, code or version
         "data_fingerprint": load_manifest(layout).fingerprint,
         "checkpoint": str(layout.checkpoint("baseline")),
         "tracking": tracking,  # the cached result names a run in this store

@@ -26,6 +26,9 @@ from pydantic import (
 )
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES
+from shrinkflow.models.arch.given import GivenOptions
+from shrinkflow.models.architecture import ArchOptions
+from shrinkflow.models.preprocess import InputOptions
 from shrinkflow.models.strategies.base import Strategy
 from shrinkflow.models.strategies.structured import StructuredOptions
 from shrinkflow.tasks.errors import ShrinkflowError
@@ -57,6 +60,12 @@ class DataConfig(_Section):
     test_fraction: Fraction = 0.2  # ignored when the source has its own test split
     max_train_samples: Annotated[int, Field(ge=1)] | None = None  # a stratified subset of train
     augment: Literal["none", "crop", "crop_flip"] = "none"  # random crop with padding [+ h-flip]
+    # How images reach image_size: stretch to the square, or shorter side then the centre square
+    # (set from model.input for a model brought from outside).
+    resize: Literal["stretch", "center_crop"] = "stretch"
+    # Images a model brought from outside has never seen (an image folder of the same classes);
+    # val, gate and test are drawn from these alone. Default: the source's own test split.
+    heldout_root: Annotated[str, Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> DataConfig:
@@ -64,15 +73,73 @@ class DataConfig(_Section):
             raise ValueError("data.val_fraction + gate_fraction + test_fraction must stay below 0.9")
         if self.download and self.source not in ("mnist", "fashion_mnist", "cifar10"):
             raise ValueError(f"data.download applies to torchvision sources only, not {self.source}")
+        if self.heldout_root and self.source != "imagefolder":
+            raise ValueError("data.heldout_root applies to data.source imagefolder")
         return self
 
 
+class RegisteredOptions(ArchOptions):
+    """A version this pipeline registered, e.g. ``models:/shrinkflow-digits@champion`` or
+    ``models:/shrinkflow-digits/3``, taken as the baseline with the network and weights it has."""
+
+    arch: Literal["registered"] = "registered"
+    uri: Annotated[str, Field(pattern=r"^models:/[^/@]+(@[A-Za-z][A-Za-z0-9_-]*|/[0-9]+)$")]
+    input: InputOptions = InputOptions()
+    classes: tuple[str, ...] | None = None
+    finetune: Annotated[int, Field(ge=0)] = 0
+
+    def arch_options(self) -> dict[str, Any]:
+        return {"arch": "registered", "uri": self.uri}
+
+
 # The `model` section: one options model per architecture (each declared beside its network in
-# models/arch/), told apart by `arch`. A key the architecture does not read is refused.
+# models/arch/), or a registered version, told apart by `arch`. A key it does not read is refused.
 ModelConfig = Annotated[
-    Union[tuple(arch.Options for arch in ARCHITECTURES.values())],  # noqa: UP007 - built at run time
+    Union[(*(arch.Options for arch in ARCHITECTURES.values()), RegisteredOptions)],  # noqa: UP007
     Field(discriminator="arch"),
 ]
+
+
+def comes_trained(model: ArchOptions) -> bool:
+    """Whether the model section brings trained weights (a file, or a registered version)."""
+    return isinstance(model, RegisteredOptions) or (
+        isinstance(model, GivenOptions) and model.weights is not None
+    )
+
+
+def _given_input(raw: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the image geometry a brought model declares (``model.input``): the model's
+    preprocessing decides, and a data key that contradicts it is refused."""
+    model, data = raw.get("model"), raw.get("data") or {}
+    if not isinstance(model, dict) or model.get("arch") not in ("torchvision", "factory", "registered"):
+        return raw
+    if not isinstance(data, dict):
+        return raw
+    try:
+        values = InputOptions.model_validate(model.get("input") or {}).resolved()
+    except ValidationError:
+        return raw  # reported with its key by the model section's own validation
+    data = dict(data)
+    if model.get("arch") == "torchvision" and values["channels"] is None:
+        values["channels"] = 3  # torchvision's stems take RGB
+    for key, value in (
+        ("image_size", values["size"]),
+        ("channels", values["channels"]),
+        ("resize", values["resize"]),
+    ):
+        if value is None:
+            continue
+        if (
+            data.get(key) is not None
+            and data[key] != value
+            and not (key == "resize" and data[key] == "stretch")
+        ):
+            raise ValueError(
+                f"data.{key} {data[key]!r} contradicts model.input ({value!r}); the model's input decides, "
+                f"so drop data.{key}"
+            )
+        data[key] = value
+    return {**raw, "data": data}
 
 
 class TrainConfig(_Section):
@@ -380,14 +447,37 @@ class Params(_Section):
                 data = raw.get("data")
                 source = data.get("source", "digits") if isinstance(data, dict) else "digits"
                 raw = {**raw, "promote": {**promote, "model_name": f"shrinkflow-{source}"}}
+        if isinstance(raw, dict):
+            raw = _given_input(raw)
         return raw
+
+    @property
+    def arch_class(self) -> type:
+        """The architecture the baseline will have (a registered version: a network rebuilt from
+        its checkpoint, judged like any model brought from outside)."""
+        return ARCHITECTURES["factory" if self.model.arch == "registered" else self.model.arch]
+
+    def arch_options(self) -> dict[str, Any]:
+        options = self.model.arch_options()
+        return {**options, "arch": self.arch_class.ARCH}
+
+    @model_validator(mode="after")
+    def _weights_or_training(self) -> Params:
+        classes = getattr(self.model, "classes", None)
+        if classes is not None and len(set(classes)) != len(classes):
+            raise ValueError("model.classes names a class twice")
+        if isinstance(self.model, GivenOptions) and self.model.weights is None and self.model.finetune:
+            raise ValueError(
+                "model.finetune applies to a model with weights; without, train.epochs trains it"
+            )
+        return self
 
     @model_validator(mode="after")
     def _strategies_fit_the_arch(self) -> Params:
         # Refused here, before any training, rather than when the candidate's turn comes.
         for name, cand in self.shrink.candidates.items():
             for step in cand.steps():
-                why = STRATEGIES[step].refusal(self.model.arch_options()) if step in STRATEGIES else None
+                why = STRATEGIES[step].refusal(self.arch_options()) if step in STRATEGIES else None
                 if why:
                     raise ValueError(f"shrink.candidates.{name}: {step} on {self.model.arch} {why}")
         return self
@@ -395,8 +485,8 @@ class Params(_Section):
     @model_validator(mode="after")
     def _arch_fits_the_input(self) -> Params:
         size = self.data.image_size or SOURCE_IMAGE_SIZES.get(self.data.source)
-        options = self.model.arch_options()
-        need = ARCHITECTURES[self.model.arch].min_image_size(options)
+        options = self.arch_options()
+        need = self.arch_class.min_image_size(options)
         if size and size < need:
             key = "data.image_size" if self.data.image_size else f"data.source {self.data.source}"
             raise ValueError(

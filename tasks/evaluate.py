@@ -30,6 +30,7 @@ from shrinkflow.tasks.config import EvaluateConfig, Params, PromoteConfig
 from shrinkflow.tasks.engine import Split, accuracy, predict
 from shrinkflow.tasks.export import check_onnx
 from shrinkflow.tasks.gate import versus_baseline, worst_class
+from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
@@ -213,6 +214,7 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     """Measure the baseline and every declared candidate; write ``candidates.csv``, every model's
     predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed
     keeps its row with ``status=failed``."""
+    trust_user_code(params, layout)
     splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
     names = ["baseline", *params.shrink.candidates]
     records = [_record(params, layout, name) for name in names]

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from shrinkflow.tasks.config import DataConfig, Params
+from shrinkflow.models import preprocess
+from shrinkflow.tasks.config import DataConfig, Params, RegisteredOptions, comes_trained
 from shrinkflow.tasks.datachecks import check_classes, check_splits
 from shrinkflow.tasks.gate import certifiable
 from shrinkflow.tasks.io import write_json, write_torch
 from shrinkflow.tasks.layout import SPLITS, Layout
 from shrinkflow.tasks.records import Manifest, load_manifest
-from shrinkflow.tasks.sources import DataError, load_source
+from shrinkflow.tasks.sources import DataError, RawData, load_source
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +62,75 @@ def fingerprint(tensors: dict[str, dict[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
+def split_heldout(labels: np.ndarray, cfg: DataConfig, seed: int, n_heldout: int) -> dict[str, np.ndarray]:
+    """For a model that comes trained: val, gate and test drawn (stratified, in the proportions of
+    the three fractions) from the last ``n_heldout`` rows alone, the images it has never seen;
+    every other row is training data for fine-tuning."""
+    idx = np.arange(len(labels))
+    train, held = idx[:-n_heldout], idx[-n_heldout:]
+    total = cfg.val_fraction + cfg.gate_fraction + cfg.test_fraction
+    val, rest = _stratified(held, labels, "data.val_fraction", seed=seed, train_size=cfg.val_fraction / total)
+    gate_share = cfg.gate_fraction / (cfg.gate_fraction + cfg.test_fraction)
+    gate, test = _stratified(rest, labels, "data.gate_fraction", seed=seed, train_size=gate_share)
+    if cfg.max_train_samples and cfg.max_train_samples < len(train):
+        train, _ = _stratified(
+            train, labels, "data.max_train_samples", train_size=cfg.max_train_samples, seed=seed
+        )
+    return {"train": np.sort(train), "val": np.sort(val), "gate": np.sort(gate), "test": np.sort(test)}
+
+
+def check_unseen(raw: RawData, params: Params) -> None:
+    """A model that comes trained is certified only on images it has not seen: the source must
+    declare them, and none of them may also be among the training images (same pixels)."""
+    if not raw.n_test:
+        raise DataError(
+            f"the model comes trained, but data.source {params.data.source} declares no images it has not "
+            f"seen, so nothing can be certified: put them in <data.root>/test/<class>/ (beside train/) or "
+            "set data.heldout_root"
+        )
+    seen = {raw.images[i].tobytes(): i for i in range(len(raw.images) - raw.n_test)}
+    overlap = [
+        i for i in range(len(raw.images) - raw.n_test, len(raw.images)) if raw.images[i].tobytes() in seen
+    ]
+    if overlap:
+        first = raw.paths[overlap[0]] if raw.paths else f"row {overlap[0]}"
+        twin = raw.paths[seen[raw.images[overlap[0]].tobytes()]] if raw.paths else "a training row"
+        raise DataError(
+            f"{len(overlap)} of the {raw.n_test} held-out images ({raw.heldout}) are also training images "
+            f"(e.g. {first} = {twin}); the model may have seen them, so the certificate would mean nothing"
+        )
+
+
 def prepare(params: Params, layout: Layout) -> Manifest:
     """Read ``data.source``, split it, and write ``{train,val,test}.pt`` (uint8) + manifest."""
-    raw = load_source(params.data, layout.root / params.data.root)
-    check_classes(raw, params.data, layout.root / params.data.root)
-    parts = split_indices(raw.labels, params.data, params.seed, raw.n_test)
-    check_splits(raw, parts, params.data)
+    cfg = params.data
+    if cfg.heldout_root:
+        cfg = cfg.model_copy(update={"heldout_root": str(layout.root / cfg.heldout_root)})
+    raw = load_source(cfg, layout.root / cfg.root)
+    if raw.heldout == "data.heldout_root":
+        raw = replace(raw, heldout=f"data.heldout_root {params.data.heldout_root}")
+    elif not raw.heldout and raw.n_test:
+        raw = replace(raw, heldout=f"the {params.data.source} test split")
+    heldout = comes_trained(params.model) and (raw.n_test or not isinstance(params.model, RegisteredOptions))
+    if heldout:  # every split but train comes from the held-out images; check_splits sees each
+        check_unseen(raw, params)
+        parts = split_heldout(raw.labels, cfg, params.seed, raw.n_test)
+    else:
+        check_classes(raw, cfg, layout.root / cfg.root)
+        parts = split_indices(raw.labels, cfg, params.seed, raw.n_test)
+    check_splits(raw, parts, cfg)
     if too_small := certifiable(params.promote, len(parts["gate"])):
         log.warning(too_small)
     tensors = {
         split: {"x": torch.from_numpy(raw.images[idx]), "y": torch.from_numpy(raw.labels[idx])}
         for split, idx in parts.items()
     }
-    mean, std = channel_stats(raw.images[parts["train"]], raw.scale)
+    declared = params.model.input.resolved() if hasattr(params.model, "input") else {}
+    if declared.get("mean") is not None:
+        mean, std, normalisation = list(declared["mean"]), list(declared["std"]), params.model.input.preset
+        normalisation = "model" if normalisation == "data" else normalisation
+    else:
+        (mean, std), normalisation = channel_stats(raw.images[parts["train"]], raw.scale), "data"
     manifest = Manifest(
         source=params.data.source,
         fingerprint=fingerprint(tensors),
@@ -83,12 +140,32 @@ def prepare(params: Params, layout: Layout) -> Manifest:
         mean=mean,
         std=std,
         scale=raw.scale,
+        resize=cfg.resize,
+        normalisation=normalisation,
+        heldout=raw.heldout if heldout else "",
+        origin=_origin(raw, heldout),
     )
     for split in SPLITS:
         write_torch(layout.split(split), tensors[split])
     write_json(layout.manifest, asdict(manifest))
     log.info("prepared %s: %s, fingerprint %s", manifest.source, manifest.sizes, manifest.fingerprint[:12])
     return manifest
+
+
+def _origin(raw: RawData, heldout: bool) -> dict[str, str]:
+    if heldout:
+        return {
+            "train": "the images the model may have seen",
+            **dict.fromkeys(("val", "gate", "test"), raw.heldout),
+        }
+    if raw.n_test:
+        return {
+            "train": "training part",
+            "val": "training part",
+            "gate": "training part",
+            "test": "own test split",
+        }
+    return dict.fromkeys(SPLITS, "one random stratified split")
 
 
 def channel_stats(images: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
@@ -119,6 +196,4 @@ def load_raw_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tens
 
 def normalise(x: torch.Tensor, manifest: Manifest) -> torch.Tensor:
     """Stored uint8 pixels -> the float32 input every model takes (and a served model expects)."""
-    mean = torch.tensor(manifest.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(manifest.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x.to(torch.float32) / manifest.scale - mean) / std
+    return preprocess.normalise(x, manifest.mean, manifest.std, manifest.scale)

@@ -30,6 +30,7 @@ from shrinkflow.tasks.engine import accuracy
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.evaluate import load_predictions, load_table
 from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
+from shrinkflow.tasks.given import lineage_tags
 from shrinkflow.tasks.io import read_json, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_raw_split, normalise
@@ -324,7 +325,7 @@ def promote(
     if force and (alias != cfg.alias or vetoed):
         alias, why, decision.forced = cfg.alias, f"forced by the operator (rules said: {why})", True
     decision.verdict, decision.verdict_reason = ("champion" if alias == cfg.alias else "challenger"), why
-    tags = {**identity, **(extra_tags or {})}
+    tags = {**identity, **lineage_tags(load_record(layout, "baseline").origin), **(extra_tags or {})}
     if champion:
         tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row = table[table["name"] == decision.winner].iloc[0]

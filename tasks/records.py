@@ -23,6 +23,12 @@ class Manifest:
     mean: list[float]  # per channel, of the training split, after dividing by `scale`
     std: list[float]
     scale: float = 255.0  # stored uint8 pixels are divided by this before normalising
+    resize: str = "stretch"  # how images of another size reach input_shape (models/preprocess.py)
+    normalisation: str = "data"  # whose mean/std: the training split's ("data"), or the model's
+    # Which images may have trained a model brought from outside; val, gate and test come from
+    # `heldout` alone then ("" when the model is ours, or the split is the usual random one).
+    heldout: str = ""
+    origin: dict[str, str] = field(default_factory=dict)  # split -> where its images came from
 
     @property
     def num_classes(self) -> int:
@@ -54,6 +60,11 @@ class ModelRecord:
     # before and after it, and its per-epoch history
     sparsity_phase: dict[str, Any] | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)  # iterative pruning: each round
+    # A baseline brought from outside: where it came from (torchvision name, factory, registered
+    # version; the weights file's or checkpoint's sha256) and its validation accuracy as given.
+    origin: dict[str, Any] = field(default_factory=dict)
+    # Structured pruning: the groups torch-pruning found and the layers it left alone.
+    pruning: dict[str, Any] | None = None
 
 
 def load_manifest(layout: Layout) -> Manifest:

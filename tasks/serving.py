@@ -8,8 +8,9 @@ images itself from the ``manifest.json`` logged beside the checkpoint, as ``task
 Input: uint8 images ``N x C x H x W`` or ``N x H x W x C`` (channels-first when dimension 1 is 1,
 3 or 4), pixel values on the manifest's ``scale`` (0-255; 0-16 for scikit-learn's digits), any
 size and 1, 3 or 4 (alpha dropped) channels: they are converted to the model's channels, resized
-(antialiased bilinear) and normalised. Output: a table with the predicted class name (``label``)
-and one probability column per class (``prob_<class>``).
+(antialiased bilinear) and normalised by the same functions ``prepare`` used
+(``models/preprocess.py``). Output: a table with the predicted class name (``label``) and one
+probability column per class (``prob_<class>``).
 
 This file is self-contained (numpy, pandas, torch and the ``models`` package): it is what runs
 inside ``mlflow models serve``.
@@ -18,6 +19,7 @@ inside ``mlflow models serve``.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -25,47 +27,13 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
+from shrinkflow.models.arch.given import trust_code
 from shrinkflow.models.checkpoint import load_checkpoint
-
-CHANNEL_COUNTS = (1, 3, 4)
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L" and tasks/sources.py
+from shrinkflow.models.preprocess import to_model_input
 
 
 def probability_columns(classes: list[str]) -> list[str]:
     return [f"prob_{name}" for name in classes]
-
-
-def channels_first(images: np.ndarray) -> np.ndarray:
-    """``N x C x H x W`` from either layout (channels-first wins when both could be channels)."""
-    if images.ndim != 4:
-        raise ValueError(f"expected N x C x H x W or N x H x W x C images, got shape {images.shape}")
-    if images.shape[1] in CHANNEL_COUNTS:
-        return images
-    if images.shape[3] in CHANNEL_COUNTS:
-        return images.transpose(0, 3, 1, 2)
-    raise ValueError(f"no channel dimension of 1, 3 or 4 in image shape {images.shape}")
-
-
-def to_model_input(images: np.ndarray, manifest: dict) -> torch.Tensor:
-    """Raw uint8 images -> the normalised float32 ``N x C x H x W`` the network was trained on."""
-    if images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 pixels, got {images.dtype}")
-    channels, height, width = manifest["input_shape"]
-    x = torch.from_numpy(np.ascontiguousarray(channels_first(images)))
-    if x.shape[1] == 4:
-        x = x[:, :3]
-    if x.shape[1] != channels:
-        if channels == 3:
-            x = x.repeat(1, 3, 1, 1)
-        else:
-            luma = torch.tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)
-            x = (x.float() * luma).sum(1, keepdim=True).round().to(torch.uint8)
-    if tuple(x.shape[2:]) != (height, width):
-        x = torch.nn.functional.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True)
-        x = x.round().clamp(0, manifest["scale"]).to(torch.uint8)
-    mean = torch.tensor(manifest["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(manifest["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (x.to(torch.float32) / manifest["scale"] - mean) / std
 
 
 def prediction_table(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
@@ -76,6 +44,9 @@ def prediction_table(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
 
 class ShrinkflowClassifier(PythonModel):
     def load_context(self, context) -> None:
+        code = Path(context.artifacts["checkpoint"]).resolve().parents[1] / "code"
+        if code.is_dir():  # a user's own network: its package travels in code/, trusted from there
+            trust_code(code)
         self.model, self.meta = load_checkpoint(context.artifacts["checkpoint"])
         self.model.eval()
         with open(context.artifacts["manifest"]) as fh:

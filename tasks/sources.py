@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from shrinkflow.models.preprocess import fit_size, to_channels
 from shrinkflow.tasks.config import DataConfig
 from shrinkflow.tasks.errors import ShrinkflowError
 
@@ -37,7 +38,9 @@ class RawData:
     labels: np.ndarray  # int64, N
     classes: list[str]
     scale: float  # the pixel value that means full intensity (255; 16 for sklearn's digits)
-    n_test: int = 0  # the last n_test rows are the source's own test split
+    n_test: int = 0  # the last n_test rows are the source's own test split (or the held-out folder)
+    paths: tuple[str, ...] = ()  # each row's file, where the source has files
+    heldout: str = ""  # what the last n_test rows are: "<data.root>/test/", "data.heldout_root", ""
 
 
 Loader = Callable[[DataConfig, Path], RawData]
@@ -53,25 +56,36 @@ def load_digits_source(cfg: DataConfig, root: Path) -> RawData:
 
 
 def load_image_folder(cfg: DataConfig, root: Path) -> RawData:
-    """torchvision's ImageFolder layout, with or without its own ``train/`` and ``test/`` trees."""
+    """torchvision's ImageFolder layout, with or without its own ``train/`` and ``test/`` trees; a
+    ``data.heldout_root`` folder of the same classes is read as the held-out (test) part."""
     if not root.is_dir():
         raise DataError(f"data.root {root} is not a directory; expected images as {IMAGE_LAYOUT}")
     split = [(root / name).is_dir() for name in ("train", "test")]
     if split[0] != split[1]:  # e.g. train/ and val/: read as two classes, a silent mix-up
         half = "train/" if split[0] else "test/"
         raise DataError(f"{root} has {half} without its pair; expected images as {IMAGE_LAYOUT}")
-    trees = [root / "train", root / "test"] if all(split) else [root]
+    trees, heldout = [root], ""
+    if all(split):
+        trees, heldout = [root / "train", root / "test"], f"{cfg.root}/test/"
+    if cfg.heldout_root:
+        held = Path(cfg.heldout_root)  # made absolute (from the project) by prepare
+        if heldout:
+            raise DataError(f"{root} has its own test/ tree and data.heldout_root is set too; keep one")
+        if not held.is_dir():
+            raise DataError(f"data.heldout_root {held} is not a directory; expected {held}/<class>/*.png|jpg")
+        trees, heldout = [root, held], "data.heldout_root"
     found = [_scan(tree) for tree in trees]
     classes = found[0][0]
     if any(c != classes for c, _ in found):
-        raise DataError(f"{root}: train/ and test/ must hold the same class folders")
+        other = "data.heldout_root" if cfg.heldout_root else "train/ and test/"
+        raise DataError(f"{root}: {other} must hold the same class folders")
     files = [f for _, tree_files in found for f in tree_files]
     mode, size = _common_format(files, cfg)
-    images = np.stack([_read(path, mode, size) for path, _ in files])
+    images = np.stack([_read(path, mode, size, cfg.resize) for path, _ in files])
     labels = np.array([label for _, label in files], dtype=np.int64)
     n_test = len(found[1][1]) if len(found) == 2 else 0
     log.info("read %d images of %d classes from %s", len(files), len(classes), root)
-    return RawData(images, labels, classes, 255.0, n_test)
+    return RawData(images, labels, classes, 255.0, n_test, tuple(p for p, _ in files), heldout)
 
 
 def _scan(tree: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -157,13 +171,20 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(pixels.clip(0, top) * (255 / top)).astype(np.uint8))
 
 
-def _read(path: str, mode: str, size: int) -> np.ndarray:
+def _read(path: str, mode: str, size: int, resize: str = "stretch") -> np.ndarray:
+    """One file as uint8 ``C x size x size``, converted and resized by the same functions that
+    prepare served images (``models/preprocess.py``)."""
     with _open(path) as img:
-        img = _to_8bit(img).convert(mode)
-        if img.size != (size, size):
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(img, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        try:
+            img = _to_8bit(img)
+            pixels = np.asarray(img.convert("L" if img.mode in _GRAY_MODES else "RGB"), dtype=np.uint8)
+        except OSError as exc:  # a truncated or corrupt body behind a valid header
+            raise DataError(f"{path} is not a readable image: {exc}") from None
+    x = torch.from_numpy(
+        np.array(pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None])
+    )
+    x = to_channels(x, 1 if mode == "L" else 3)
+    return fit_size(x, size, resize)[0].numpy()
 
 
 def torchvision_loader(class_name: str) -> Loader:
@@ -222,28 +243,15 @@ def load_source(cfg: DataConfig, root: Path) -> RawData:
     return conform(raw, cfg)
 
 
-def conform(raw: RawData, cfg: DataConfig) -> RawData:
-    """Convert to ``cfg.channels`` and resize to ``cfg.image_size`` (no-ops when already so)."""
-    images = raw.images
-    if cfg.channels and images.shape[1] != cfg.channels:
-        images = _to_channels(images, cfg.channels)
-    if cfg.image_size and images.shape[2:] != (cfg.image_size, cfg.image_size):
-        images = _resize(images, cfg.image_size, raw.scale)
-    return replace(raw, images=images)
-
-
-def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    if channels == 3:
-        return np.repeat(images, 3, axis=1)
-    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)  # ITU-R 601, as PIL "L"
-    return np.rint((images.astype(np.float32) * luma).sum(1, keepdims=True)).astype(np.uint8)
-
-
-def _resize(images: np.ndarray, size: int, scale: float, chunk: int = 4096) -> np.ndarray:
-    """Antialiased bilinear resize in chunks, so a large data set never exists as float at once."""
+def conform(raw: RawData, cfg: DataConfig, chunk: int = 4096) -> RawData:
+    """Convert to ``cfg.channels`` and resize to ``cfg.image_size`` (no-ops when already so), in
+    chunks, so a large data set never exists as float at once."""
+    channels = cfg.channels or raw.images.shape[1]
+    size = cfg.image_size or raw.images.shape[2]
+    if (channels, size, size) == raw.images.shape[1:]:
+        return raw
     out = []
-    for start in range(0, len(images), chunk):
-        x = torch.from_numpy(images[start : start + chunk]).float()
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-        out.append(x.round().clamp(0, scale).to(torch.uint8).numpy())
-    return np.concatenate(out)
+    for start in range(0, len(raw.images), chunk):
+        x = to_channels(torch.from_numpy(raw.images[start : start + chunk]), channels)
+        out.append(fit_size(x, size, cfg.resize, raw.scale).numpy())
+    return replace(raw, images=np.concatenate(out))

@@ -7,14 +7,17 @@ section and file names from :class:`shrinkflow.tasks.layout.Files`.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from shrinkflow.tasks.layout import Files
 
+CODE_ROOT = Path(__file__).resolve().parents[1]  # where tasks/ and models/ are
 PREPARED, BASELINE, CANDIDATES, REPORTS = (
     f"${{paths.{p}}}" for p in ("prepared", "baseline", "candidates", "reports")
 )
@@ -96,8 +99,11 @@ STAGES: dict[str, StageSpec] = {
                     "gate_fraction",
                     "test_fraction",
                     "max_train_samples",
+                    "resize",
+                    "heldout_root",
                 )
             ),
+            "model",  # a brought model's input (size, channels, mean, std) and whether it comes trained
         ),
         outs=(Out(PREPARED),),
     ),
@@ -201,11 +207,40 @@ HEADER = """\
 """
 
 
-def dvc_yaml() -> str:
-    """The text of ``dvc.yaml``."""
+def dvc_yaml(params_file: str | Path | None = None) -> str:
+    """The text of ``dvc.yaml``: this repository's, or (``params_file``) the one beside a project
+    elsewhere in the repository, whose code dependencies point back here and whose baseline also
+    depends on a brought model's weights file and package."""
     stages = {name: spec.dvc() for name, spec in STAGES.items()}
+    header = HEADER
+    if params_file is not None:
+        project = Path(params_file).resolve().parent
+        for body in stages.values():
+            body = body.get("do", body)
+            body["deps"] = [_relocated(dep, project) for dep in body["deps"]]
+        raw = yaml.safe_load(Path(params_file).read_text()) or {}
+        stages["baseline"]["deps"] += _given_deps(raw.get("model") or {})
+        header = HEADER.replace(
+            "> dvc.yaml`", f"{Path(params_file).name} > dvc.yaml` (in this project's folder)"
+        )
     body = yaml.safe_dump({"stages": stages, "plots": PLOTS}, sort_keys=False, width=110)
-    return HEADER + body
+    return header + body
+
+
+def _relocated(dep: str, project: Path) -> str:
+    """A code path of this repository as seen from ``project`` (data paths stay as they are)."""
+    if dep.startswith("$") or not (CODE_ROOT / dep).exists():
+        return dep
+    return os.path.relpath(CODE_ROOT / dep, project)
+
+
+def _given_deps(model: dict[str, Any]) -> list[str]:
+    """A brought model's own files: its weights, and the package its factory is in."""
+    deps = ["${model.weights}"] if model.get("weights") else []
+    if model.get("arch") == "factory" and model.get("factory"):
+        top = str(model["factory"]).split(":")[0].split(".")[0]
+        deps.append(str(Path(model.get("code_path", ".")) / top))
+    return deps
 
 
 def resolve(raw: dict[str, Any], key: str) -> Any:
@@ -217,4 +252,4 @@ def resolve(raw: dict[str, Any], key: str) -> Any:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(dvc_yaml())
+    sys.stdout.write(dvc_yaml(sys.argv[1] if len(sys.argv) > 1 else None))

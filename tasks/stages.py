@@ -19,6 +19,7 @@ import torch
 from shrinkflow.tasks import progress, tensorboard
 from shrinkflow.tasks.config import Params, load_params
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
+from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_text
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split, prepare
@@ -48,6 +49,7 @@ class Context:
         """Validate the config, reach the tracking server, and clear what a killed run left."""
         params = load_params(params_file, overrides)
         layout = Layout.from_params(params, root)
+        trust_user_code(params, layout)  # a factory model's package, for every model loaded here
         tracker = Tracker.for_project(root, params.tracking.experiment)
         for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
             log.warning("removed %s, left half-written by an interrupted run", stale)

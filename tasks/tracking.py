@@ -31,7 +31,8 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.arch.given import code_package
+from shrinkflow.models.checkpoint import load_checkpoint, user_factory
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.export import ExportError, export_onnx, max_abs_diff, session
 from shrinkflow.tasks.io import read_json
@@ -51,6 +52,15 @@ def serving_package(into: Path) -> Path:
     shutil.copytree(MODELS_PACKAGE, package / "models", ignore=shutil.ignore_patterns("__pycache__"))
     (package / "__init__.py").write_text('"""shrinkflow, as a registered model carries it."""\n')
     return package
+
+
+def serving_code(into: Path, checkpoint: Path) -> list[str]:
+    """What a registered model must carry to load anywhere: shrinkflow's ``models`` package and,
+    for a network built by the user's own factory, the user's package (imported from there only)."""
+    paths = [str(serving_package(into))]
+    if factory := user_factory(checkpoint):
+        paths.append(str(code_package(factory)))
+    return paths
 
 
 class TrackingUnavailable(ShrinkflowError, RuntimeError):
@@ -250,6 +260,10 @@ class Tracker:
             }
         for r in record.rounds:
             summary |= {f"round{r['round']}.ratio": r["ratio"], f"round{r['round']}.val_acc": r["val_acc"]}
+        params |= {f"origin.{k}": v for k, v in record.origin.items()}  # a brought baseline's lineage
+        if record.pruning:
+            params |= {"pruning.groups": record.pruning["groups"]}
+            params |= {"pruning.left_alone": ", ".join(record.pruning["left_alone"])[:500]}
         self.log(
             run_id,
             params=params,
@@ -315,7 +329,7 @@ class Tracker:
                     name="model",
                     python_model=str(SERVING_CODE),
                     artifacts=artifacts,
-                    code_paths=[str(serving_package(Path(tmp)))],
+                    code_paths=serving_code(Path(tmp), Path(checkpoint)),
                     signature=serving_signature(classes),
                     input_example=raw_example,
                     pip_requirements=[
@@ -356,6 +370,11 @@ class Tracker:
     def load_version(self, name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
         with _tracking(self.uri):
             return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+
+    def download_version(self, name: str, version: str, into: Path) -> Path:
+        """A registered version's files (``MLmodel``, ``artifacts/``, ``code/``) under ``into``."""
+        with _tracking(self.uri):
+            return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into)))
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)

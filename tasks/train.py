@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
+from shrinkflow.models.architecture import pruning_summary
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.strategies.structured import step_ratios
-from shrinkflow.tasks.config import Params, TrainConfig
+from shrinkflow.tasks.config import Params, TrainConfig, comes_trained
 from shrinkflow.tasks.engine import (
     FitResult,
     Hooks,
@@ -31,10 +32,11 @@ from shrinkflow.tasks.engine import (
     small_bn_scales,
 )
 from shrinkflow.tasks.gate import versus_baseline
+from shrinkflow.tasks.given import build_given, check_given, is_given, trust_user_code
 from shrinkflow.tasks.io import save_checkpoint, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
+from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
 from shrinkflow.tasks.search import Trial, best_trial, search_ratio
 from shrinkflow.tasks.stats import Comparison
 
@@ -88,8 +90,11 @@ def _save(
 
 
 def train_baseline(params: Params, layout: Layout) -> ModelRecord:
-    """Build the configured architecture for the prepared data's shape and train it."""
+    """Build the configured architecture for the prepared data's shape and train it; a model
+    brought with weights (or from the registry) is checked and taken as it is instead."""
     manifest = load_manifest(layout)
+    if is_given(params) and comes_trained(params.model):
+        return _take_baseline(params, layout, manifest)
     channels, size, _ = manifest.input_shape
     spec = {
         "in_channels": channels,
@@ -97,10 +102,32 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
         "num_classes": manifest.num_classes,
         **params.model.arch_options(),
     }
+    trust_user_code(params, layout)
     with seeded(params.seed):
         model = build_model(spec)
     record = ModelRecord(name="baseline", strategy="baseline", options={})
     return _train_and_save("baseline", model, record, params, layout, params.train)
+
+
+def _take_baseline(params: Params, layout: Layout, manifest: Manifest) -> ModelRecord:
+    """The brought model: built, its outputs checked against the data, fine-tuned only if
+    ``model.finetune`` asks, and saved as the baseline with its lineage."""
+    with seeded(params.seed):
+        model, origin = build_given(params, layout, manifest)
+    x, y = load_split(layout, "val")
+    origin["val_acc_as_given"] = check_given(model, x, y, manifest.classes)
+    record = ModelRecord(name="baseline", strategy="given", options={}, origin=origin)
+    record.pruning = pruning_summary(model, x[:1])
+    log.info(
+        "baseline: torch-pruning finds %d prunable groups; left alone: %s",
+        record.pruning["groups"],
+        ", ".join(record.pruning["left_alone"]) or "nothing",
+    )
+    log.info("baseline: %s, val_acc %.2f as given", origin["source"], origin["val_acc_as_given"])
+    if not params.model.finetune:
+        return _save("baseline", model, record, layout, None, (x, y))
+    cfg = params.train.model_copy(update={"epochs": params.model.finetune})
+    return _train_and_save("baseline", model, record, params, layout, cfg)
 
 
 def candidate_train_config(params: Params, name: str) -> TrainConfig:
@@ -265,6 +292,7 @@ def shrink_candidate(
     cand = params.shrink.candidates[name]
     record = ModelRecord(name=name, strategy=cand.strategy, options=cand.options(), steps=cand.steps())
     try:
+        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
         if cand.search is None:
             built = _shrink_and_train(params, layout, name, inputs, None)

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES, build_model
+from shrinkflow.models.arch.given import trust_code
 from shrinkflow.models.architecture import Architecture
 from shrinkflow.tasks.cache import candidate_key
 from shrinkflow.tasks.config import ConfigError, parse_params
@@ -64,16 +65,30 @@ def test_every_strategy_is_declarable_in_params(name):
         parse_params(small_raw(*overrides, f"shrink.candidates={json.dumps({'c': {**entry, 'colour': 1}})}"))
 
 
+# A network brought from outside names what builds it; its candidates prune rather than narrow.
+BROUGHT = {
+    "torchvision": "{arch: torchvision, name: resnet18}",
+    "factory": "{arch: factory, factory: 'models.tinynet:build', kwargs: {num_classes: 4}, "
+    f"code_path: '{REPO / 'examples' / 'byo'}'}}",
+}
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_is_declarable_and_keeps_the_protocol(arch):
     cls = ARCHITECTURES[arch]
-    params = parse_params(
-        small_raw(f"model={{arch: {arch}}}", "shrink.candidates={w: {strategy: width, ratio: 0.5}}")
+    candidate = (
+        "{p: {strategy: prune_l1, ratio: 0.5}}" if arch in BROUGHT else "{w: {strategy: width, ratio: 0.5}}"
     )
+    params = parse_params(
+        small_raw(f"model={BROUGHT.get(arch, f'{{arch: {arch}}}')}", f"shrink.candidates={candidate}")
+    )
+    if arch == "factory":
+        trust_code(params.model.code_path)
     options = params.model.arch_options()
     assert options["arch"] == arch and type(params.model) is cls.Options
     size = max(cls.min_image_size(options), 8)
-    model = build_model({**options, "in_channels": 3, "image_size": size, "num_classes": 4})
+    channels = 1 if arch == "factory" else 3  # the example's network reads grey images by default
+    model = build_model({**options, "in_channels": channels, "image_size": size, "num_classes": 4})
     assert isinstance(model, Architecture) and model.spec()["arch"] == arch
     assert model.classifier_layer().out_features == 4
     assert build_model(model.spec()).spec() == model.spec(), "a spec rebuilds its model"

@@ -14,6 +14,7 @@ from torch import nn
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
 from shrinkflow.models.arch.basenet import BaseNet
+from shrinkflow.models.arch.given import trust_code
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import Int8Net, dense_twin
 from shrinkflow.models.strategies.structured import step_ratios
@@ -24,19 +25,28 @@ from shrinkflow.tasks.io import save_checkpoint
 from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.search import best_trial, search_ratio
 from shrinkflow.tasks.stats import compare
-from tests.conftest import small_raw
+from tests.conftest import REPO, small_raw
 
 SPECS = {
     "basenet": {"channels": [16, 32], "hidden": [32], "batch_norm": True},
     "resnet18": {"width_mult": 0.125},
     "mobilenet_v2": {"width_mult": 0.25, "blocks": [1, 2, 1, 2, 1, 1, 1]},  # few blocks: fast int8
     "resnet56": {"width_mult": 0.5, "blocks": [2, 2, 2]},
+    # a user's own network (examples/byo: residual blocks, depthwise convolutions, squeeze-excitation)
+    "factory": {"factory": "models.tinynet:build", "kwargs": {"width": 32}},
 }
 RATIO = 0.5
+# torchvision's networks have 3-channel stems; tests/test_given.py prunes and rebuilds them.
+COVERED_ELSEWHERE = {"torchvision"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _users_code():
+    trust_code(REPO / "examples" / "byo")
 
 
 def test_every_architecture_has_test_settings():
-    assert set(SPECS) == set(ARCHITECTURES)
+    assert set(SPECS) | COVERED_ELSEWHERE == set(ARCHITECTURES)
 
 
 def _batch(n: int = 16):
@@ -44,7 +54,7 @@ def _batch(n: int = 16):
     return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+@pytest.fixture(scope="module", params=sorted(SPECS))
 def base(request):
     """An untrained net of each architecture, its BatchNorm scales spread as training would."""
     torch.manual_seed(0)
@@ -66,6 +76,9 @@ def _size(model: nn.Module) -> tuple[int, int]:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_strategy_on_every_architecture(name, base, tmp_path):
     strategy, x, y = STRATEGIES[name], *_batch()
+    if strategy.needs_parametric and not getattr(type(base), "PARAMETRIC", True):
+        assert "needs a parametric architecture" in strategy.refusal(base.spec())
+        return  # width and depth rebuild from constructor arguments a brought network lacks
     assert strategy.refusal(base.spec()) is None, "SPECS give every strategy something to shrink"
     options = {"ratio": RATIO} if "ratio" in strategy.options.model_fields else {}
     shrunk = apply_strategy(name, copy.deepcopy(base), (x, y), **options)
@@ -82,7 +95,10 @@ def test_strategy_on_every_architecture(name, base, tmp_path):
     if strategy.keeps_zeros:
         assert weight_sparsity(shrunk) == pytest.approx(RATIO, abs=0.01)
     if not strategy.trains:
-        assert isinstance(shrunk, Int8Net) and serialized_size(shrunk) < 0.5 * serialized_size(base)
+        # The example's network keeps more float bytes (measured 0.56: its many small depthwise and
+        # squeeze-excitation tensors carry per-tensor quantisation parameters).
+        limit = 0.6 if base.spec()["arch"] == "factory" else 0.5
+        assert isinstance(shrunk, Int8Net) and serialized_size(shrunk) < limit * serialized_size(base)
         assert (shrunk(x) - base(x)).abs().max() < 0.25 * base(x).abs().max() + 1e-3
     path = tmp_path / "m.pt"
     loaded, _ = load_checkpoint(path, sha256=save_checkpoint(shrunk, path))

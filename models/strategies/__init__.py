@@ -34,4 +34,45 @@ def apply_strategy(name: str, model: nn.Module, batch: Batch, **options: Any) ->
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}") from None
     with torch.enable_grad():
         shrunk = strategy(model, batch, **options)
-    return shrunk.eval()
+    shrunk.eval()
+    if strategy.changes_shapes:  # only a removed channel or layer can leave a network that no longer runs
+        _still_runs(name, shrunk, batch[0][:2])
+    return shrunk
+
+
+class ShrinkError(RuntimeError):
+    """A strategy left a network that no longer runs (a layer it could not follow)."""
+
+
+def _still_runs(name: str, model: nn.Module, x: torch.Tensor) -> None:
+    """Run the shrunk network once; if it fails, say in one line which module (and op) broke, so
+    the candidate fails alone with a reason rather than a traceback deep in torch."""
+    active: list[str] = []  # the modules whose forward is running, innermost last
+    names = {module: module_name for module_name, module in model.named_modules()}
+
+    def enter(module: nn.Module, _inputs: object) -> None:
+        active.append(names[module])
+
+    def leave(*_: object) -> None:  # returns None: a forward hook's value would replace the output
+        active.pop()
+
+    hooks = [
+        hook
+        for m in model.modules()
+        for hook in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:
+        where = active[-1] if active else ""
+        kind = type(model.get_submodule(where)).__name__
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ShrinkError(
+            f"{name} left the network unable to run: module {where!r} ({kind}) fails: {first}; "
+            "torch-pruning cannot follow this layer's channels (add it to a custom pruner, or use "
+            "another strategy)"
+        ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()

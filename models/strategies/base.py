@@ -49,6 +49,8 @@ class Strategy:
     ``changes_shapes``: it removes channels, layers or widths (False: same shapes, other values).
     ``needs_batch_norm`` / ``needs_depth``: architectures without BatchNorm, or with no layer to
     drop, are refused when the config is read.
+    ``needs_parametric``: it rebuilds the network from constructor arguments (widths, depths), so
+    a network brought from outside (torchvision by name, a factory) is refused.
     ``exclusive``: it traces the model with torch.fx, which patches ``nn.Module.__call__`` for the
     whole process while it runs, so no other model may train in the same process meanwhile.
     ``note``: what a reader of the results table must know about its figures."""
@@ -62,12 +64,18 @@ class Strategy:
     changes_shapes: bool = True
     needs_batch_norm: bool = False
     needs_depth: bool = False
+    needs_parametric: bool = False
     exclusive: bool = False
     note: str = ""
 
     def refusal(self, arch_options: dict[str, Any]) -> str | None:
         """Why this strategy cannot shrink the architecture ``arch_options`` describes, or None."""
         arch = ARCHITECTURES[arch_options["arch"]]
+        if self.needs_parametric and not getattr(arch, "PARAMETRIC", True):
+            return (
+                "needs a parametric architecture (widths and depths as constructor arguments); a model "
+                "brought from outside can be pruned instead (prune_l1, prune_taylor, prune_fpgm, magnitude)"
+            )
         if self.needs_batch_norm and not arch.has_batch_norm(arch_options):
             return "ranks channels by BatchNorm scales, so it needs BatchNorm; set model.batch_norm: true"
         if self.needs_depth and arch.removable_blocks(arch_options) < 1:

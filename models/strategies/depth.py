@@ -15,4 +15,4 @@ def depth(model: nn.Module, batch: Batch, *, ratio: float) -> nn.Module:
     return model.shallower(min(removable, max(1, round(ratio * removable))))
 
 
-STRATEGY = Strategy("depth", depth, RatioOptions, warm_start=True, needs_depth=True)
+STRATEGY = Strategy("depth", depth, RatioOptions, warm_start=True, needs_depth=True, needs_parametric=True)

@@ -25,4 +25,4 @@ def width(model: nn.Module, batch: Batch, *, ratio: float) -> nn.Module:
     return build_model(spec)
 
 
-STRATEGY = Strategy("width", width, RatioOptions, warm_start=False)
+STRATEGY = Strategy("width", width, RatioOptions, warm_start=False, needs_parametric=True)
