@@ -219,12 +219,24 @@ def dvc_yaml(params_file: str | Path | None = None) -> str:
             body = body.get("do", body)
             body["deps"] = [_relocated(dep, project) for dep in body["deps"]]
         raw = yaml.safe_load(Path(params_file).read_text()) or {}
+        for body in stages.values():  # DVC refuses a key the file lacks; its default is code (config.py)
+            body = body.get("do", body)
+            body["params"] = [key for key in body["params"] if KEY in key or _present(raw, key)]
         stages["baseline"]["deps"] += _given_deps(raw.get("model") or {})
         header = HEADER.replace(
             "> dvc.yaml`", f"{Path(params_file).name} > dvc.yaml` (in this project's folder)"
         )
     body = yaml.safe_dump({"stages": stages, "plots": PLOTS}, sort_keys=False, width=110)
     return header + body
+
+
+def _present(raw: dict[str, Any], key: str) -> bool:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _relocated(dep: str, project: Path) -> str:

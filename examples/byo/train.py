@@ -46,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE / "images")
     parser.add_argument("--out", type=Path, default=HERE / "weights.pt")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--width", type=int, default=32)
     args = parser.parse_args()
     if not (args.data / "train").is_dir():
@@ -55,12 +55,15 @@ def main() -> None:
     x, y = read_split(args.data / "train")
     model = build(width=args.width)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    steps = args.epochs * -(-len(x) // 64)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     for _ in range(args.epochs):
         model.train()
         for batch in torch.randperm(len(x)).split(64):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
             opt.step()
+            schedule.step()
     model.eval()
     xt, yt = read_split(args.data / "test")
     with torch.no_grad():
