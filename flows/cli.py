@@ -33,8 +33,38 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override one key, e.g. -s train.epochs=5")
 ]
 RootOpt = Annotated[
-    Path, typer.Option("--root", help="project directory that holds data/, artifacts/, reports/.")
+    Path | None,
+    typer.Option(
+        "--root",
+        help="project directory that holds data/, artifacts/, reports/ (default: the params file's).",
+    ),
 ]
+
+
+def project_root(params: Path, root: Path | None) -> Path:
+    """The project is where its params file is, unless ``--root`` says otherwise."""
+    return root if root is not None else params.parent
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job, `kill`) unwinds like Ctrl-C, so every stage ends
+    its MLflow run KILLED and leaves no half-made decision; only in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Stage(StrEnum):
@@ -133,7 +163,7 @@ def check_prefect_home() -> None:
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    root: RootOpt = Path("."),
+    root: RootOpt = None,
     force: Annotated[
         bool, typer.Option(help="make the winner champion even if the rules say challenger.")
     ] = False,
@@ -143,6 +173,7 @@ def run(
     Example: shrinkflow run -s shrink.workers=1 -s promote.tolerance=0.5
     """
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
+    root = project_root(params, root)
     with _user_errors():
         cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
         check_prefect_home()
@@ -169,7 +200,7 @@ def stage(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    root: RootOpt = Path("."),
+    root: RootOpt = None,
     force: Annotated[bool, typer.Option(help="promote stage: make the winner champion regardless.")] = False,
 ) -> None:
     """Run one stage without Prefect; this is what each dvc.yaml stage calls.
@@ -179,7 +210,8 @@ def stage(
     from shrinkflow.tasks import stages
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with _user_errors():
+    root = project_root(params, root)
+    with _user_errors(), _terminated_as_interrupt():
         cfg = load_params(params, tuple(set_ or ()))
         if name is Stage.shrink and candidate not in cfg.shrink.candidates:
             known = ", ".join(cfg.shrink.candidates)
@@ -206,7 +238,7 @@ def serve(
     name: Annotated[str, typer.Option(help="deployment name.")] = "scheduled-retrain",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    root: RootOpt = Path("."),
+    root: RootOpt = None,
 ) -> None:
     """Serve the flow as a scheduled Prefect deployment (needs PREFECT_API_URL pointing at a
     running `prefect server start`). Blocks, executing scheduled and manual runs.
@@ -222,13 +254,13 @@ def serve(
     parameters = {
         "params_file": str(params.resolve()),
         "overrides": list(set_ or ()),
-        "root": str(root.resolve()),
+        "root": str(project_root(params, root).resolve()),
     }
     flow.serve(name=name, cron=cron, parameters=parameters, tags=["shrinkflow"])
 
 
 @app.command()
-def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> None:
     """Re-print the last run's candidates table and promotion decision from reports/."""
 
     from shrinkflow.tasks.evaluate import load_table
@@ -237,11 +269,12 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -
     from shrinkflow.tasks.report import decision_lines, format_table
 
     with _user_errors():
-        layout = Layout.from_params(load_params(params), root)
-    if not layout.candidates_csv.exists():
-        _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
-    decision = load_decision(layout) if layout.promotion_json.exists() else None
-    typer.echo(format_table(load_table(layout.candidates_csv), decision.winner if decision else None))
+        layout = Layout.from_params(load_params(params), project_root(params, root))
+        if not layout.candidates_csv.exists():
+            _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
+        decision = load_decision(layout) if layout.promotion_json.exists() else None
+        table = load_table(layout.candidates_csv)
+    typer.echo(format_table(table, decision.winner if decision else None))
     if decision:
         typer.echo("\n" + "\n".join(line.replace("**", "") for line in decision_lines(decision) if line))
 

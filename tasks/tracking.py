@@ -31,7 +31,7 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.export import ExportError, export_onnx, max_abs_diff, session
 from shrinkflow.tasks.io import read_json
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+CHECKSUM_FILE = "model.pt.sha256"
 
 
 def serving_package(into: Path) -> Path:
@@ -306,7 +307,13 @@ class Tracker:
         on them); ``raw_example`` is the same images as stored uint8 pixels (the input example)."""
         classes = read_json(manifest)["classes"]
         with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
-            artifacts = {"checkpoint": str(checkpoint), "manifest": str(manifest)}
+            recorded = Path(tmp) / CHECKSUM_FILE  # checked by the served model before it loads
+            recorded.write_text(sha256_file(checkpoint) + "\n")
+            artifacts = {
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256": str(recorded),
+                "manifest": str(manifest),
+            }
             onnx = _exported_onnx(checkpoint, example, Path(tmp) / "model.onnx")
             if isinstance(onnx, Path):
                 artifacts["onnx"] = str(onnx)
@@ -353,12 +360,32 @@ class Tracker:
                 return None
             raise
 
-    def load_version(self, name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
-        with _tracking(self.uri):
-            return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    def load_version(self, name: str, version: str, sha256: str | None = None) -> mlflow.pyfunc.PyFuncModel:
+        """Download a version and load it; with ``sha256`` (the registry's record), the
+        downloaded checkpoint itself must have that hash (``CheckpointError`` otherwise), whatever
+        its tags or the files beside it say."""
+        with _tracking(self.uri), tempfile.TemporaryDirectory(prefix="shrinkflow-version-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+            if sha256 is not None:
+                checkpoint = downloaded_checkpoint(local)
+                if (actual := sha256_file(checkpoint)) != sha256:
+                    raise CheckpointError(
+                        f"the checkpoint of {name} v{version} has sha256 {actual[:12]}..., but the "
+                        f"registry recorded {sha256[:12]}... (swapped or damaged in the artefact store)"
+                    )
+            return mlflow.pyfunc.load_model(str(local))  # loads the checkpoint into memory
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def downloaded_checkpoint(model_dir: Path) -> Path:
+    """The checkpoint file inside a downloaded pyfunc model directory."""
+    flavor = mlflow.models.Model.load(str(model_dir)).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+    if not relative:
+        raise CheckpointError(f"{model_dir} is not a shrinkflow model (no checkpoint artefact)")
+    return model_dir / relative
 
 
 def _number(value: Any) -> bool:
