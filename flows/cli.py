@@ -159,6 +159,43 @@ def check_prefect_home() -> None:
         ) from None
 
 
+PREFECT_STARTUP_ATTEMPTS = 2
+
+
+def start_temporary_prefect_server() -> None:
+    """Start Prefect's temporary API server (when no PREFECT_API_URL names one) before the flow,
+    waiting ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (120 under this CLI) and trying
+    again once: on a loaded machine it can take longer than Prefect's own 20 s. The flow then
+    uses this server. Only a server that cannot start at all is an error, in one line."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    from shrinkflow.tasks.errors import ShrinkflowError
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    server, wait = SubprocessASGIServer(), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    for attempt in range(1, PREFECT_STARTUP_ATTEMPTS + 1):
+        try:
+            server.start(timeout=wait)
+            return
+        except RuntimeError as exc:
+            _details.warning("temporary Prefect server, try %d: %s", attempt, exc)
+            if server.server_process is not None and server.server_process.poll() is None:
+                server.server_process.kill()  # Prefect leaves a server that was too slow running
+            server.server_process, server.port = None, None
+    raise ShrinkflowError(
+        f"Prefect's temporary API server did not answer within {wait} s, {PREFECT_STARTUP_ATTEMPTS} "
+        "times (details in .shrinkflow/shrinkflow.log); raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+        "or start `prefect server start` and set PREFECT_API_URL"
+    )
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
@@ -185,6 +222,7 @@ def run(
             from shrinkflow.flows.pipeline import configured
 
             flow = configured(params, tuple(set_ or ()))
+            start_temporary_prefect_server()
             try:
                 flow(str(params), list(set_ or ()), str(root), force)
             finally:
@@ -293,6 +331,8 @@ MLFLOW_RETRY_DEFAULTS = {
 # heartbeat also raced the flow for the sqlite database) and MLflow draws no progress bars.
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's 20 s for its temporary server is too short on a loaded machine (see `run`).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 

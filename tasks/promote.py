@@ -319,8 +319,8 @@ def promote(
     served = ServedTest.load(layout)
     identity = task_identity(manifest)
     arena = Arena(tracker, cfg, served, identity, test, on_test, decision, record.sha256, force)
-    decision.per_class = per_class(test, decision.winner, served.classes)
     champion = arena.meet(current_champion(tracker, cfg, served, identity, force))
+    decision.per_class = per_class(test, decision.winner, served.classes)
 
     if vetoed_by_test(on_test) and not force:
         decision.verdict = "vetoed"

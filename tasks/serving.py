@@ -99,13 +99,21 @@ class ShrinkflowClassifier(PythonModel):
         # another encoding, and the model would answer it confidently and wrongly.
         if images.size and images.dtype == np.uint8 and (top := int(images.max())) > scale:
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(
-                f"pixel values must lie in [0, {scale}] for this model (the scale of its training "
+                f"pixel values must lie in [0, {scale:g}] for this model (the scale of its training "
                 f"images); got a maximum of {top}"
             )
+        # Errors reach the client as a short message: no stack trace, no server paths.
         try:
-            probs = self.probabilities(to_model_input(images, self.manifest))
-        except ValueError as exc:  # shape, layout or dtype: the client's to fix, without a traceback
+            x = to_model_input(images, self.manifest)
+        except ValueError as exc:  # shape, layout or dtype: the client's to fix
             raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(exc)[:300]) from None
+        try:
+            probs = self.probabilities(x)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise mlflow.exceptions.MlflowException(
+                f"the model failed on this input ({type(exc).__name__}: {first})"
+            ) from None
         return prediction_table(probs, self.manifest["classes"])
 
 
