@@ -304,7 +304,7 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> Non
     from shrinkflow.tasks.evaluate import load_table
     from shrinkflow.tasks.layout import Layout
     from shrinkflow.tasks.promote import load_decision
-    from shrinkflow.tasks.report import decision_lines, format_table
+    from shrinkflow.tasks.report import decision_lines, format_table, plain_code
 
     with _user_errors():
         layout = Layout.from_params(load_params(params), project_root(params, root))
@@ -312,9 +312,10 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> Non
             _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
         decision = load_decision(layout) if layout.promotion_json.exists() else None
         table = load_table(layout.candidates_csv)
-    typer.echo(format_table(table, decision.winner if decision else None))
+    typer.echo(format_table(table, decision.winner if decision else None, text=str))
     if decision:
-        typer.echo("\n" + "\n".join(line.replace("**", "") for line in decision_lines(decision) if line))
+        lines = decision_lines(decision, text=str, code=plain_code)
+        typer.echo("\n" + "\n".join(line.replace("**", "") for line in lines if line))
 
 
 # MLflow retries failed HTTP calls with exponential back-off; its defaults (7 retries, factor 2,

@@ -29,6 +29,7 @@ from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
 from shrinkflow.tasks.engine import accuracy
 from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table
 from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
 from shrinkflow.tasks.io import read_json, write_json
@@ -109,6 +110,7 @@ class Champion:
     sha256: str
     tags: dict[str, str]
     error: str = ""
+    other_task: bool = False  # its task tags differ (only --force gets past it)
 
     def describe(self) -> dict:
         return {
@@ -229,7 +231,7 @@ def current_champion(
     if difference := task_difference(identity, tags, str(version.version)):
         if not force:
             raise PromotionError(identity_mismatch(identity, tags, cfg, str(version.version)))
-        return replace(gone, error=f"is for another task ({difference})")
+        return replace(gone, error=f"is for another task ({difference})", other_task=True)
     if not sha:
         return replace(gone, error="records no checkpoint_sha256, so its files cannot be verified")
     try:
@@ -380,9 +382,14 @@ def promote(
             f"could not write the decision ({_first_line(exc)}); {undone}; v{version} stays registered "
             "(tag registration=pending) and the next run completes it"
         ) from exc
-    mark_registration(
-        tracker, cfg.model_name, version, "complete", decision, describe(decision, table, alias)
-    )
+    try:  # the alias moved and the decision is written: a failure here must not undo either
+        mark_registration(
+            tracker, cfg.model_name, version, "complete", decision, describe(decision, table, alias)
+        )
+    except Exception as exc:
+        log.warning(
+            "%s v%s stays tagged pending (the next run completes it): %s", cfg.model_name, version, exc
+        )
     log.info(
         "registered %s as %s v%s @%s: %s",
         decision.winner,
@@ -442,7 +449,7 @@ class Arena:
         vetoed = vetoed_by_test(self.on_test)
         if vetoed:
             why = f"{why}; test disagrees ({self.on_test.line(decision.winner, 'test')})"
-        if self.force and (alias != cfg.alias or vetoed):
+        if self.force and (alias != cfg.alias or vetoed or (champion is not None and champion.other_task)):
             alias, why, decision.forced = cfg.alias, f"forced by the operator (rules said: {why})", True
         decision.verdict, decision.verdict_reason = ("champion" if alias == cfg.alias else "challenger"), why
         return champion
@@ -497,7 +504,8 @@ REGISTRATION_TAG = "registration"  # pending (registered, alias not yet moved) |
 
 def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> str | None:
     """A version an interrupted run registered for this checkpoint and verdict but never
-    completed (its process is gone), to be completed instead of registering a duplicate."""
+    completed (its process is gone, or it is this one and that promotion failed), to be
+    completed instead of registering a duplicate."""
     found = []
     for v in tracker.client.search_model_versions(f"name='{name}'"):
         tags = v.tags
@@ -505,7 +513,7 @@ def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> s
             tags.get("checkpoint_sha256") == sha256
             and tags.get("verdict") == verdict
             and tags.get(REGISTRATION_TAG) == "pending"
-            and process_gone(tags.get(PROCESS_TAG, ""))
+            and (process_gone(owner := tags.get(PROCESS_TAG, "")) or owner == this_process())
         ):
             found.append(int(v.version))
     return str(max(found)) if found else None
@@ -615,12 +623,13 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
     gate, test = decision.gate, decision.test
     return "\n".join(
         [
-            f"**Registered as `{alias}`**{' (forced)' * decision.forced}: {decision.verdict_reason}.",
+            f"**Registered as `{alias}`**{' (forced)' * decision.forced}: "
+            f"{markdown_text(decision.verdict_reason)}.",
             "",
-            f"**Gate:** {decision.summary} (p = {gate['p_value']:.3g} for a drop of "
+            f"**Gate:** {markdown_text(decision.summary)} (p = {gate['p_value']:.3g} for a drop of "
             f"{gate['margin']:g} points or more).",
             "",
-            f"Selected in its run because {decision.reason}.",
+            f"Selected in its run because {markdown_text(decision.reason)}.",
             "",
             "| | this version | baseline |",
             "|---|---|---|",
@@ -635,8 +644,8 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
             f"| latency (ms, batch 1) | {float(row['latency_ms']):.3f} | {float(base['latency_ms']):.3f} |",
             "",
             f"Champion before this run: {champ}. "
-            f"Strategy `{decision.strategy}`, candidate `{decision.winner}`.",
-            *(["", f"**Warning:** {decision.warning}."] if decision.warning else []),
+            f"Strategy {markdown_code(decision.strategy)}, candidate {markdown_code(decision.winner)}.",
+            *(["", f"**Warning:** {markdown_text(decision.warning)}."] if decision.warning else []),
         ]
     )
 

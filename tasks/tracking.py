@@ -33,6 +33,7 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 
 from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.export import ExportError, export_onnx, max_abs_diff, session
 from shrinkflow.tasks.io import read_json
 from shrinkflow.tasks.records import Manifest, ModelRecord
@@ -270,6 +271,7 @@ class Tracker:
             run_id, data=table.astype(dict.fromkeys(text, object)), artifact_file="candidates_table.json"
         )
         links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
+        links[["name", "strategy"]] = links[["name", "strategy"]].map(markdown_text)
         links["run"] = [
             f"[{runs[n][:8]}](#/experiments/{self.experiment_id}/runs/{runs[n]})" if n in runs else ""
             for n in links["name"]

@@ -7,6 +7,7 @@ inside that window."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,9 @@ def _register_then_wait(self, *args, **kwargs):
 
 
 if __name__ == "__main__":
+    # Started from a non-interactive shell's background job, SIGINT arrives ignored; a terminal's
+    # Ctrl-C reaches the CLI with Python's own handler, which is what this stands for.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     tracking.Tracker.register_model = _register_then_wait
     sys.argv = ["shrinkflow", "stage", "promote", *sys.argv[1:]]
     sys.exit(cli.main())
