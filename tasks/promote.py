@@ -320,7 +320,9 @@ def promote(
     manifest, record = load_manifest(layout), load_record(layout, decision.winner)
     served = ServedTest.load(layout)
     identity = task_identity(manifest)
-    arena = Arena(tracker, cfg, served, identity, test, on_test, decision, record.sha256, force)
+    arena = Arena(
+        tracker, cfg, served, identity, test, on_test, decision, record.sha256, force, manifest.fingerprint
+    )
     champion = arena.meet(current_champion(tracker, cfg, served, identity, force))
     decision.per_class = per_class(test, decision.winner, served.classes)
 
@@ -422,6 +424,7 @@ class Arena:
     decision: Decision
     sha256: str
     force: bool
+    fingerprint: str  # of this run's prepared data
 
     def meet(self, champion: Champion | None) -> Champion | None:
         """Compare with ``champion`` (None: there is none) and set the decision's verdict."""
@@ -434,6 +437,7 @@ class Arena:
                 correct, champion.predictions == self.served.labels, cfg.champion_tolerance, cfg.confidence
             )
             decision.champion_comparison = versus.as_dict()
+            self.check_record(champion)
         if (
             champion
             and champion.predictions is not None
@@ -453,6 +457,25 @@ class Arena:
             alias, why, decision.forced = cfg.alias, f"forced by the operator (rules said: {why})", True
         decision.verdict, decision.verdict_reason = ("champion" if alias == cfg.alias else "challenger"), why
         return champion
+
+    def check_record(self, champion: Champion) -> None:
+        """Warn when the champion, measured on the very test images it was certified on (same
+        data fingerprint), does not score what its record says."""
+        if champion.tags.get("data_fingerprint") != self.fingerprint:
+            return
+        try:
+            recorded = float(champion.tags["test_acc"])
+        except (KeyError, ValueError):
+            return
+        measured = round(self.served.accuracy(champion.predictions), 4)
+        if abs(measured - recorded) > 1e-3:
+            note = (
+                f"{self.cfg.alias} v{champion.version} scores {measured:.2f} on the test images it was "
+                f"certified on, but its record says {recorded:.2f}"
+            )
+            log.warning(note)
+            if note not in self.decision.warning:
+                self.decision.warning = "; ".join(filter(None, [self.decision.warning, note]))
 
     def move_alias(self, version: str, champion: Champion | None) -> tuple[str | None, str | None]:
         """Point the verdict's alias at ``version`` if ``@champion`` is still the one compared
@@ -659,7 +682,7 @@ def validate(
         measured = test.accuracy(test.predict(tracker.load_version(name, version, sha256=sha256)))
     except Exception as exc:
         raise PromotionError(
-            f"registered {name} v{version} failed to load back; no alias moved: {exc}"
+            f"registered {name} v{version} failed to load back; no alias moved: {_first_line(exc)}"
         ) from exc
     if measured != expected_acc:
         raise PromotionError(

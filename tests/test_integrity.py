@@ -94,6 +94,16 @@ def test_a_swapped_champion_is_refused_when_served_and_replaced_by_the_next_run(
     assert not again.champion_before["loads"] and "sha256" in again.champion_before["error"]
 
 
+def test_a_champion_that_does_not_score_its_record_is_reported(evaluated, tmp_path, model_name):
+    first = _promote(evaluated, tmp_path / "1", model_name)
+    MlflowClient().set_model_version_tag(model_name, "1", "test_acc", "12.5")  # its record, edited
+    again = _promote(evaluated, tmp_path / "2", model_name)
+    assert again.verdict == "unchanged"
+    measured = f"champion v1 scores {first.test_acc:.2f} on the test images it was certified on"
+    assert f"{measured}, but its record says 12.50" in again.warning
+    assert "record says 12.50" in (tmp_path / "2/reports/report.md").read_text()
+
+
 def test_served_pixels_beyond_the_data_scale_are_refused(evaluated, tmp_path, model_name):
     _promote(evaluated, tmp_path / "1", model_name)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
@@ -177,19 +187,23 @@ def test_two_processes_promoting_into_one_server_never_skip_a_comparison(
     (late / "go").touch()
     _finish(waiting)
     client = MlflowClient(mlflow_server, mlflow_server)
-    won, lost = _decision(small), _decision(big)
-    assert won["verdict"] == "champion" and lost["verdict"] == "challenger"
-    assert _aliases(name, client) == {
-        "champion": int(won["registry"]["version"]),
-        "challenger": int(lost["registry"]["version"]),
-    }
+    small_v, big_v = (int(_decision(root)["registry"]["version"]) for root in (small, big))
     late_decision = _decision(late)
     assert "compared again" in late_decision["verdict_reason"], late_decision["verdict_reason"]
     assert late_decision["champion_before"]["version"] == _decision(early)["registry"]["version"]
+    if paused == "small":  # the big one was champion for a moment; the small one replaced it, compared
+        assert (
+            late_decision["verdict"] == "champion"
+            and "smaller than champion" in late_decision["verdict_reason"]
+        )
+        assert _aliases(name, client) == {"champion": small_v}
+    else:  # the small champion was never replaced by the big one that had not compared with it
+        assert late_decision["verdict"] == "challenger"
+        assert _aliases(name, client) == {"champion": small_v, "challenger": big_v}
     for version in client.search_model_versions(f"name='{name}'"):
         assert version.tags["registration"] == "complete"
-        assert version.tags["verdict"] == (
-            "champion" if version.version == won["registry"]["version"] else "challenger"
+        assert (
+            version.tags["verdict"] == _decision(small if int(version.version) == small_v else big)["verdict"]
         )
     assert not client.search_registered_models(f"name='{name}.alias-lock'"), "the lock is released"
 
