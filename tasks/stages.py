@@ -197,11 +197,13 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
     try:
         with progress.showing(name):
             record = train(run)
-    except Exception as exc:
-        ctx.tracker.log(
-            run, tags={"shrinkflow.status": "failed", "shrinkflow.error": f"{type(exc).__name__}: {exc}"}
-        )
-        ctx.tracker.end_run(run, "FAILED")
+    except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        with contextlib.suppress(Exception):  # the tracking store may be what failed
+            ctx.tracker.log(
+                run, tags={"shrinkflow.status": "failed", "shrinkflow.error": f"{type(exc).__name__}: {exc}"}
+            )
+            ctx.tracker.end_run(run, status)
         raise
     ctx.tracker.log_record(run, record)
     ctx.tracker.log_artifact(run, ctx.layout.checkpoint(name))
