@@ -35,6 +35,10 @@ class ProjectLocked(ShrinkflowError, RuntimeError):
     """Another shrinkflow process is writing to the same project directory."""
 
 
+class ProjectUnwritable(ShrinkflowError, RuntimeError):
+    """The project directory (or its bookkeeping folder) cannot be written."""
+
+
 @contextlib.contextmanager
 def project_lock(root: str | Path, command: str) -> Iterator[None]:
     """Hold the project's lock for the block; refuse at once (no waiting) if another process has
@@ -53,9 +57,8 @@ def project_lock(root: str | Path, command: str) -> Iterator[None]:
 
 
 def _acquire(path: Path, command: str, inherited: str | None) -> tuple[int, str] | None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,6 +85,20 @@ def _acquire(path: Path, command: str, inherited: str | None) -> tuple[int, str]
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     return fd, info["token"]
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file's descriptor, or one line saying the project cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ProjectUnwritable(
+            f"project {path.parent.parent} cannot be written: {exc.strerror or exc}{where}; every "
+            f"command keeps its lock and log in {STATE_DIR}/ there: make it writable, or copy the "
+            "project somewhere writable"
+        ) from None
 
 
 def _release(path: Path, fd: int, previous_token: str | None) -> None:

@@ -205,3 +205,13 @@ def test_a_signal_during_a_training_stage_ends_its_mlflow_run_killed(trained, tm
     assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
     (run,) = _runs(experiment)
     assert run.info.status == "KILLED" and "KeyboardInterrupt" in run.data.tags["shrinkflow.error"]
+
+
+def test_a_project_that_cannot_be_written_is_one_line(tmp_path):
+    write_params(tmp_path)
+    (tmp_path / ".shrinkflow").write_text("a file where the bookkeeping folder belongs")
+    done = run_cli("stage", "prepare", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: project {tmp_path} cannot be written: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shrinkflow", "params.yaml"]
