@@ -211,7 +211,8 @@ def current_champion(
     tracker: Tracker, cfg: PromoteConfig, test: ServedTest, identity: dict[str, str], force: bool = False
 ) -> Champion | None:
     """The registry's current champion and its predictions on today's test images, once its task
-    is known to be this run's (``identity``; a different one is refused before anything loads).
+    is known to be this run's (``identity``; a different one is refused before anything loads,
+    unless ``force``: then it is returned as not comparable).
 
     Only a champion whose files are gone or refused counts as "no longer loads"; any other
     failure (the tracking server, the network) is raised, so nothing moves on a blip."""
@@ -237,11 +238,11 @@ def current_champion(
     try:
         predictions = test.predict(tracker.load_version(cfg.model_name, version.version, sha256=sha))
     except (FileNotFoundError, CheckpointError) as exc:
-        return replace(gone, error=f"no longer loads ({type(exc).__name__}: {exc}"[:300] + ")")
+        return replace(gone, error=f"no longer loads ({_first_line(exc)})")
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such file" not in str(exc):
             raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
-        return replace(gone, error=f"no longer loads ({type(exc).__name__}: {exc}"[:300] + ")")
+        return replace(gone, error=f"no longer loads ({_first_line(exc)})")
     except Exception as exc:
         raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
     return replace(gone, predictions=predictions)
