@@ -346,11 +346,7 @@ def promote(
         tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row = table[table["name"] == decision.winner].iloc[0]
     version = pending_version(tracker, cfg.model_name, record.sha256, decision.verdict)
-    if version is not None:
-        log.info(
-            "completing %s v%s, registered for this checkpoint by an interrupted run", cfg.model_name, version
-        )
-    else:
+    if version is None:
         version = tracker.register_model(
             run_id,
             layout.root / record.checkpoint,
@@ -363,17 +359,29 @@ def promote(
         )
     validate(tracker, cfg.model_name, version, served, decision.test_acc, record.sha256)
     alias, previous = arena.move_alias(version, champion)
+    return settle(tracker, cfg, decision, table, version, alias, previous, run_id, publish)
+
+
+def settle(
+    tracker: Tracker,
+    cfg: PromoteConfig,
+    decision: Decision,
+    table: pd.DataFrame,
+    version: str,
+    alias: str | None,
+    previous: str | None,
+    run_id: str,
+    publish: Publish,
+) -> Decision:
+    """Write the decision for a version whose ``alias`` just moved (from ``previous``) and mark
+    it complete; if the decision cannot be written, put the alias back."""
+    name = cfg.model_name
     if alias is None:  # the champion became this very checkpoint meanwhile
-        mark_registration(tracker, cfg.model_name, version, "complete", decision)
-        decision.registry = {"model_name": cfg.model_name, "version": decision.champion_before["version"]}
+        mark_registration(tracker, name, version, "complete", decision)
+        decision.registry = {"model_name": name, "version": decision.champion_before["version"]}
         publish(decision)
         return decision
-    decision.registry = {
-        "model_name": cfg.model_name,
-        "version": str(version),
-        "alias": alias,
-        "run_id": run_id,
-    }
+    decision.registry = {"model_name": name, "version": str(version), "alias": alias, "run_id": run_id}
     try:
         publish(decision)
     except BaseException as exc:
@@ -386,21 +394,10 @@ def promote(
             "(tag registration=pending) and the next run completes it"
         ) from exc
     try:  # the alias moved and the decision is written: a failure here must not undo either
-        mark_registration(
-            tracker, cfg.model_name, version, "complete", decision, describe(decision, table, alias)
-        )
+        mark_registration(tracker, name, version, "complete", decision, describe(decision, table, alias))
     except Exception as exc:
-        log.warning(
-            "%s v%s stays tagged pending (the next run completes it): %s", cfg.model_name, version, exc
-        )
-    log.info(
-        "registered %s as %s v%s @%s: %s",
-        decision.winner,
-        cfg.model_name,
-        version,
-        alias,
-        decision.verdict_reason,
-    )
+        log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
+    log.info("registered %s as %s v%s @%s", decision.winner, name, version, alias)
     return decision
 
 
@@ -540,7 +537,10 @@ def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> s
             and (process_gone(owner := tags.get(PROCESS_TAG, "")) or owner == this_process())
         ):
             found.append(int(v.version))
-    return str(max(found)) if found else None
+    if not found:
+        return None
+    log.info("completing %s v%s, registered for this checkpoint by an interrupted run", name, max(found))
+    return str(max(found))
 
 
 def mark_registration(
