@@ -33,8 +33,38 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="override one key, e.g. -s train.epochs=5")
 ]
 RootOpt = Annotated[
-    Path, typer.Option("--root", help="project directory that holds data/, artifacts/, reports/.")
+    Path | None,
+    typer.Option(
+        "--root",
+        help="project directory that holds data/, artifacts/, reports/ (default: the params file's).",
+    ),
 ]
+
+
+def project_root(params: Path, root: Path | None) -> Path:
+    """The project is where its params file is, unless ``--root`` says otherwise."""
+    return root if root is not None else params.parent
+
+
+@contextlib.contextmanager
+def _terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the job, `kill`) unwinds like Ctrl-C, so every stage ends
+    its MLflow run KILLED and leaves no half-made decision; only in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Stage(StrEnum):
@@ -129,11 +159,48 @@ def check_prefect_home() -> None:
         ) from None
 
 
+PREFECT_STARTUP_ATTEMPTS = 2
+
+
+def start_temporary_prefect_server() -> None:
+    """Start Prefect's temporary API server (when no PREFECT_API_URL names one) before the flow,
+    waiting ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` (120 under this CLI) and trying
+    again once: on a loaded machine it can take longer than Prefect's own 20 s. The flow then
+    uses this server. Only a server that cannot start at all is an error, in one line."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
+
+    from shrinkflow.tasks.errors import ShrinkflowError
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    server, wait = SubprocessASGIServer(), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    for attempt in range(1, PREFECT_STARTUP_ATTEMPTS + 1):
+        try:
+            server.start(timeout=wait)
+            return
+        except RuntimeError as exc:
+            _details.warning("temporary Prefect server, try %d: %s", attempt, exc)
+            if server.server_process is not None and server.server_process.poll() is None:
+                server.server_process.kill()  # Prefect leaves a server that was too slow running
+            server.server_process, server.port = None, None
+    raise ShrinkflowError(
+        f"Prefect's temporary API server did not answer within {wait} s, {PREFECT_STARTUP_ATTEMPTS} "
+        "times (details in .shrinkflow/shrinkflow.log); raise "
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+        "or start `prefect server start` and set PREFECT_API_URL"
+    )
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    root: RootOpt = Path("."),
+    root: RootOpt = None,
     force: Annotated[
         bool, typer.Option(help="make the winner champion even if the rules say challenger.")
     ] = False,
@@ -143,6 +210,7 @@ def run(
     Example: shrinkflow run -s shrink.workers=1 -s promote.tolerance=0.5
     """
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
+    root = project_root(params, root)
     with _user_errors():
         cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
         check_prefect_home()
@@ -154,6 +222,7 @@ def run(
             from shrinkflow.flows.pipeline import configured
 
             flow = configured(params, tuple(set_ or ()))
+            start_temporary_prefect_server()
             try:
                 flow(str(params), list(set_ or ()), str(root), force)
             finally:
@@ -169,7 +238,7 @@ def stage(
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    root: RootOpt = Path("."),
+    root: RootOpt = None,
     force: Annotated[bool, typer.Option(help="promote stage: make the winner champion regardless.")] = False,
 ) -> None:
     """Run one stage without Prefect; this is what each dvc.yaml stage calls.
@@ -179,7 +248,8 @@ def stage(
     from shrinkflow.tasks import stages
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with _user_errors():
+    root = project_root(params, root)
+    with _user_errors(), _terminated_as_interrupt():
         cfg = load_params(params, tuple(set_ or ()))
         if name is Stage.shrink and candidate not in cfg.shrink.candidates:
             known = ", ".join(cfg.shrink.candidates)
@@ -206,7 +276,7 @@ def serve(
     name: Annotated[str, typer.Option(help="deployment name.")] = "scheduled-retrain",
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
-    root: RootOpt = Path("."),
+    root: RootOpt = None,
 ) -> None:
     """Serve the flow as a scheduled Prefect deployment (needs PREFECT_API_URL pointing at a
     running `prefect server start`). Blocks, executing scheduled and manual runs.
@@ -222,28 +292,30 @@ def serve(
     parameters = {
         "params_file": str(params.resolve()),
         "overrides": list(set_ or ()),
-        "root": str(root.resolve()),
+        "root": str(project_root(params, root).resolve()),
     }
     flow.serve(name=name, cron=cron, parameters=parameters, tags=["shrinkflow"])
 
 
 @app.command()
-def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = Path(".")) -> None:
+def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> None:
     """Re-print the last run's candidates table and promotion decision from reports/."""
 
     from shrinkflow.tasks.evaluate import load_table
     from shrinkflow.tasks.layout import Layout
     from shrinkflow.tasks.promote import load_decision
-    from shrinkflow.tasks.report import decision_lines, format_table
+    from shrinkflow.tasks.report import decision_lines, format_table, plain_code
 
     with _user_errors():
-        layout = Layout.from_params(load_params(params), root)
-    if not layout.candidates_csv.exists():
-        _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
-    decision = load_decision(layout) if layout.promotion_json.exists() else None
-    typer.echo(format_table(load_table(layout.candidates_csv), decision.winner if decision else None))
+        layout = Layout.from_params(load_params(params), project_root(params, root))
+        if not layout.candidates_csv.exists():
+            _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
+        decision = load_decision(layout) if layout.promotion_json.exists() else None
+        table = load_table(layout.candidates_csv)
+    typer.echo(format_table(table, decision.winner if decision else None, text=str))
     if decision:
-        typer.echo("\n" + "\n".join(line.replace("**", "") for line in decision_lines(decision) if line))
+        lines = decision_lines(decision, text=str, code=plain_code)
+        typer.echo("\n" + "\n".join(line.replace("**", "") for line in lines if line))
 
 
 # MLflow retries failed HTTP calls with exponential back-off; its defaults (7 retries, factor 2,
@@ -260,6 +332,8 @@ MLFLOW_RETRY_DEFAULTS = {
 # heartbeat also raced the flow for the sqlite database) and MLflow draws no progress bars.
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's 20 s for its temporary server is too short on a loaded machine (see `run`).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 

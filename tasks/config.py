@@ -33,6 +33,8 @@ from shrinkflow.models.strategies.base import Strategy
 from shrinkflow.models.strategies.structured import StructuredOptions
 from shrinkflow.tasks.errors import ShrinkflowError
 
+MAX_IMAGE_SIZE = 1024  # pixels per side after resizing (data.image_size)
+
 
 class ConfigError(ShrinkflowError, ValueError):
     """A params file or override that cannot be turned into :class:`Params`."""
@@ -51,7 +53,9 @@ class DataConfig(_Section):
     source: Literal["digits", "imagefolder", "mnist", "fashion_mnist", "cifar10"] = "digits"
     root: Annotated[str, Field(min_length=1)] = "data/raw"  # relative to the project; digits ignores it
     download: bool = False  # torchvision sources only: fetch into `root` when the files are missing
-    image_size: Annotated[int, Field(ge=4)] | None = None  # None: keep the source's own size
+    # None: keep the source's own size. At most 1024: one 3-channel image is then 3 MB of uint8
+    # and a batch of 64 float32 activations already over 800 MB (a typo asked torch for 72 TB).
+    image_size: Annotated[int, Field(ge=4, le=MAX_IMAGE_SIZE)] | None = None
     channels: Literal[1, 3] | None = None  # None: the source's own (1 if every image is grayscale)
     # Validation is two disjoint parts: `val` picks each model's epoch and steers ratio searches;
     # `gate` only certifies promotion (nothing is ever chosen on it).
@@ -146,7 +150,7 @@ class TrainConfig(_Section):
     epochs: Annotated[int, Field(ge=1)] = 30
     batch_size: Annotated[int, Field(ge=1)] = 64
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: Annotated[float, Field(gt=0)] = 0.05
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.05
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4
     scheduler: Literal["cosine", "step", "none"] = "cosine"
@@ -503,8 +507,13 @@ def _shape(options: dict[str, Any]) -> str:
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
     """Read ``path``, apply ``key.sub=value`` overrides (values parsed as YAML) and validate."""
     path = Path(path)
+    text = _read_params_text(path)
+    if len(text) > MAX_PARAMS_CHARS:
+        raise ConfigError(
+            f"{path}: {len(text)} characters; a params file may have at most {MAX_PARAMS_CHARS}"
+        )
     try:
-        raw = _strict_yaml(_read_params_text(path)) or {}
+        raw = _strict_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
@@ -518,18 +527,24 @@ def apply_override(raw: dict[str, Any], item: str) -> dict[str, Any]:
     """Return a copy of ``raw`` with ``a.b.c=value`` set; the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like key.sub=value")
+        raise ConfigError(f"override {_quoted(item)} must look like key.sub=value")
+    if len(value) > MAX_OVERRIDE_CHARS:
+        raise ConfigError(
+            f"override {_quoted(item)}: the value has {len(value)} characters; at most {MAX_OVERRIDE_CHARS}"
+        )
     raw = copy.deepcopy(raw)
     node = raw
     *parents, leaf = key.split(".")
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            raise ConfigError(f"override {_quoted(item)}: {_quoted(part)} is not a section")
     try:
         node[leaf] = _strict_yaml(value)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(
+            f"override {_quoted(item)}: the value is not valid YAML: {_yaml_problem(exc)}"
+        ) from None
     return raw
 
 
@@ -549,8 +564,43 @@ def _read_params_text(path: Path) -> str:
         raise ConfigError(f"params file {path} cannot be read: {exc.strerror or exc}") from None
 
 
+MAX_PARAMS_CHARS = 1_000_000  # a params file is a page of YAML; this is a thousand of them
+MAX_OVERRIDE_CHARS = 10_000
+MAX_YAML_DEPTH = 32  # params nest four levels deep; PyYAML's recursion fails near a thousand
+MAX_YAML_NODES = 100_000  # nodes after alias expansion: a "billion laughs" stops here
+QUOTED_CHARS = 60  # of a bad value in an error message
+
+
+def _quoted(value: object) -> str:
+    """``value`` for an error message: repr'd, and cut to a short prefix."""
+    text = repr(value)
+    return text if len(text) <= QUOTED_CHARS else f"{text[:QUOTED_CHARS]}... ({len(text)} characters)"
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last),
+    nesting deeper than :data:`MAX_YAML_DEPTH` and more than :data:`MAX_YAML_NODES` nodes once
+    aliases are expanded."""
+
+    def compose_node(self, parent, index):
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        # Aliases share nodes, so the document itself stays small; what later copies it whole
+        # (validation, error messages) would not. Count the nodes as if every alias were expanded.
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {MAX_YAML_NODES} values once aliases are expanded", node.start_mark
+            )
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -560,10 +610,33 @@ class _StrictLoader(yaml.SafeLoader):
                 continue  # PyYAML itself refuses an unhashable key
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (YAML keeps only the last)", key_node.start_mark
+                    None,
+                    None,
+                    f"duplicate key {_quoted(key)} (YAML keeps only the last)",
+                    key_node.start_mark,
                 )
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes under ``node`` with aliases expanded (a node that contains itself counts as too many)."""
+    if (known := memo.get(id(node))) is not None:
+        return known
+    memo[id(node)] = MAX_YAML_NODES + 1  # until finished: a cycle back to here is unbounded
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_size(child, memo)
+        if total > MAX_YAML_NODES:
+            break
+    memo[id(node)] = total
+    return total
 
 
 def _strict_yaml(text: str) -> Any:
@@ -573,7 +646,7 @@ def _strict_yaml(text: str) -> Any:
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}" if mark else ""
-    return f"YAML syntax error{where}: {getattr(exc, 'problem', None) or exc}"
+    return f"YAML syntax error{where}: {str(getattr(exc, 'problem', None) or exc)[:200]}"
 
 
 def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
@@ -605,5 +678,5 @@ def _describe(exc: ValidationError) -> str:
     if err["type"] == "missing":
         return f"missing key {key!r}"
     value = err.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_quoted(value)})"
     return f"{key}: {msg}{shown}"

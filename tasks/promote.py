@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import mlflow
 import numpy as np
@@ -28,15 +29,17 @@ from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
 from shrinkflow.tasks.engine import accuracy
 from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table
 from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
 from shrinkflow.tasks.given import lineage_tags
 from shrinkflow.tasks.io import read_json, write_json
 from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.lock import registry_lock
 from shrinkflow.tasks.prepare import load_raw_split, normalise
 from shrinkflow.tasks.records import Manifest, load_manifest, load_record
 from shrinkflow.tasks.stats import Comparison, compare
-from shrinkflow.tasks.tracking import Tracker, predicted_classes
+from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, predicted_classes, process_gone, this_process
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,7 @@ class Champion:
     sha256: str
     tags: dict[str, str]
     error: str = ""
+    other_task: bool = False  # its task tags differ (only --force gets past it)
 
     def describe(self) -> dict:
         return {
@@ -193,7 +197,7 @@ def judge(
     if champion is None:
         return cfg.alias, f"there is no {cfg.alias} yet"
     if versus is None:
-        return cfg.alias, f"the current {cfg.alias} v{champion.version} no longer loads ({champion.error})"
+        return cfg.alias, f"the current {cfg.alias} v{champion.version} {champion.error}"
     ours, theirs = decision.objective_value, champion.size
     vs = f"{cfg.alias} v{champion.version} ({theirs:g} {cfg.objective}; ours {ours:g})"
     evidence = versus.line(decision.winner, "test")
@@ -205,10 +209,11 @@ def judge(
 
 
 def current_champion(
-    tracker: Tracker, cfg: PromoteConfig, test: ServedTest, identity: dict[str, str]
+    tracker: Tracker, cfg: PromoteConfig, test: ServedTest, identity: dict[str, str], force: bool = False
 ) -> Champion | None:
     """The registry's current champion and its predictions on today's test images, once its task
-    is known to be this run's (``identity``; a different one is refused before anything loads).
+    is known to be this run's (``identity``; a different one is refused before anything loads,
+    unless ``force``: then it is returned as not comparable).
 
     Only a champion whose files are gone or refused counts as "no longer loads"; any other
     failure (the tracking server, the network) is raised, so nothing moves on a blip."""
@@ -222,19 +227,23 @@ def current_champion(
         ) from exc
     if version is None:
         return None
-    if mismatch := identity_mismatch(identity, dict(version.tags), cfg):
-        raise PromotionError(mismatch)
     size = float(version.tags.get(cfg.objective, "inf"))
     sha, tags = version.tags.get("checkpoint_sha256", ""), dict(version.tags)
     gone = Champion(str(version.version), None, size, sha, tags)
+    if difference := task_difference(identity, tags, str(version.version)):
+        if not force:
+            raise PromotionError(identity_mismatch(identity, tags, cfg, str(version.version)))
+        return replace(gone, error=f"is for another task ({difference})", other_task=True)
+    if not sha:
+        return replace(gone, error="records no checkpoint_sha256, so its files cannot be verified")
     try:
-        predictions = test.predict(tracker.load_version(cfg.model_name, version.version))
+        predictions = test.predict(tracker.load_version(cfg.model_name, version.version, sha256=sha))
     except (FileNotFoundError, CheckpointError) as exc:
-        return replace(gone, error=f"{type(exc).__name__}: {exc}"[:300])
+        return replace(gone, error=f"no longer loads ({_first_line(exc)})")
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such file" not in str(exc):
             raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
-        return replace(gone, error=f"{type(exc).__name__}: {exc}"[:300])
+        return replace(gone, error=f"no longer loads ({_first_line(exc)})")
     except Exception as exc:
         raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
     return replace(gone, predictions=predictions)
@@ -257,19 +266,33 @@ def task_identity(manifest: Manifest) -> dict[str, str]:
     }
 
 
-def identity_mismatch(ours: dict[str, str], champion: dict[str, str], cfg: PromoteConfig) -> str | None:
-    """Why the winner cannot join the champion's model name (``None``: same task). Versions
-    registered before identity tags existed are not compared."""
-    differ = [key for key in ours if key in champion and champion[key] != ours[key]]
+def task_difference(ours: dict[str, str], champion: dict[str, str], version: str) -> str:
+    """How the champion's task tags differ from ours ("": the same task)."""
+    differ = [key for key in ours if champion.get(key) != ours[key]]
     if not differ:
+        return ""
+    if not any(key in champion for key in ours):
+        return f"v{version} carries no task tags: registered outside shrinkflow?"
+    return "; ".join(f"{key.removeprefix('task_')} {champion.get(key)} vs {ours[key]}" for key in differ)
+
+
+def identity_mismatch(
+    ours: dict[str, str], champion: dict[str, str], cfg: PromoteConfig, version: str = "?"
+) -> str | None:
+    """Why the winner cannot join the champion's model name (``None``: same task). A champion
+    without any task tag (registered by hand, or by another tool) counts as another task."""
+    if not (shown := task_difference(ours, champion, version)):
         return None
-    shown = "; ".join(f"{key.removeprefix('task_')} {champion[key]} vs {ours[key]}" for key in differ)
     n_classes, shape = len(json.loads(ours["task_classes"])), ours["task_input_shape"]
     suggestion = f"{cfg.model_name}-{n_classes}c-{shape}"
     return (
         f"this run's task differs from {cfg.model_name}@{cfg.alias}'s ({shown}); refusing to register "
-        f"it under that name: set promote.model_name, e.g. {suggestion}"
+        f"it under that name: set promote.model_name, e.g. {suggestion}, or pass --force to replace "
+        f"that {cfg.alias}"
     )
+
+
+Publish = Callable[[Decision], None]
 
 
 def promote(
@@ -279,9 +302,15 @@ def promote(
     run_id: str,
     extra_tags: dict[str, str] | None = None,
     force: bool = False,
+    publish: Publish | None = None,
 ) -> Decision:
-    """Register this run's winner and move the alias the rules (or ``force``) give it."""
+    """Register this run's winner and move the alias the rules (or ``force``) give it.
+
+    ``publish`` writes what reviewers read (``promotion.json`` by default); it runs once the
+    verdict is final, and if it fails the alias move is undone, so no decision file ever
+    disagrees with the registry."""
     cfg = params.promote
+    publish = publish or (lambda decision: write_json(layout.promotion_json, asdict(decision)))
     table = load_table(layout.candidates_csv)
     decision = select_winner(table, cfg)
     predictions = load_predictions(layout.predictions_csv)
@@ -291,64 +320,267 @@ def promote(
     decision.summary, decision.warning = won.line(decision.winner), certifiable(cfg, won.n) or ""
 
     manifest, record = load_manifest(layout), load_record(layout, decision.winner)
-    identity = task_identity(manifest)
     served = ServedTest.load(layout)
-    champion = current_champion(tracker, cfg, served, identity)
+    identity = task_identity(manifest)
+    arena = Arena(
+        tracker, cfg, served, identity, test, on_test, decision, record.sha256, force, manifest.fingerprint
+    )
+    champion = arena.meet(current_champion(tracker, cfg, served, identity, force))
     decision.per_class = per_class(test, decision.winner, served.classes)
-    decision.champion_before = champion.describe() if champion else {}
-    versus = None
-    if champion is not None and champion.predictions is not None:
-        correct = test[decision.winner].to_numpy() == test["label"].to_numpy()
-        versus = compare(
-            correct, champion.predictions == served.labels, cfg.champion_tolerance, cfg.confidence
-        )
-        decision.champion_comparison = versus.as_dict()
 
-    vetoed = vetoed_by_test(on_test)
-    if vetoed and not force:
+    if vetoed_by_test(on_test) and not force:
         decision.verdict = "vetoed"
         decision.verdict_reason = (
             f"test disagrees: {on_test.line(decision.winner, 'test')}, and even its upper bound "
             f"{on_test.upper:+.2f} lies beyond the tolerance; nothing registered, no alias moved"
         )
-        return _written(layout, decision)
-    if champion and champion.predictions is not None and champion.sha256 == record.sha256 and not force:
-        decision.verdict, decision.verdict_reason = (
-            "unchanged",
-            f"identical to {cfg.alias} v{champion.version}",
-        )
+        publish(decision)
+        return decision
+    if decision.verdict == "unchanged":
         decision.registry = {"model_name": cfg.model_name, "version": champion.version, "alias": cfg.alias}
-        return _written(layout, decision)
-    alias, why = judge(decision, champion, versus, cfg)
-    if vetoed:
-        why = f"{why}; test disagrees ({on_test.line(decision.winner, 'test')})"
-    if force and (alias != cfg.alias or vetoed):
-        alias, why, decision.forced = cfg.alias, f"forced by the operator (rules said: {why})", True
-    decision.verdict, decision.verdict_reason = ("champion" if alias == cfg.alias else "challenger"), why
-    tags = {**identity, **lineage_tags(load_record(layout, "baseline").origin), **(extra_tags or {})}
+        if champion.tags.get(REGISTRATION_TAG) == "pending":  # its run died after the alias move
+            mark_registration(tracker, cfg.model_name, champion.version, "complete")
+        publish(decision)
+        return decision
+    tags = {**arena.identity, **lineage_tags(load_record(layout, "baseline").origin), **(extra_tags or {})}
     if champion:
         tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row = table[table["name"] == decision.winner].iloc[0]
-    version = tracker.register_model(
-        run_id,
-        layout.root / record.checkpoint,
-        cfg.model_name,
-        manifest=layout.manifest,
-        example=torch.from_numpy(served.normalised[:2]),
-        raw_example=served.images[:2],
-        tags=version_tags(decision, row, manifest.fingerprint, record.sha256, tags),
-        description=describe(decision, table, alias),
+    version = pending_version(tracker, cfg.model_name, record.sha256, decision.verdict)
+    if version is None:
+        version = tracker.register_model(
+            run_id,
+            layout.root / record.checkpoint,
+            cfg.model_name,
+            manifest=layout.manifest,
+            example=torch.from_numpy(served.normalised[:2]),
+            raw_example=served.images[:2],
+            tags=version_tags(decision, row, manifest.fingerprint, record.sha256, tags),
+            description=describe(decision, table, decision_alias(decision, cfg)),
+        )
+    validate(tracker, cfg.model_name, version, served, decision.test_acc, record.sha256)
+    alias, previous = arena.move_alias(version, champion)
+    return settle(tracker, cfg, decision, table, version, alias, previous, run_id, publish)
+
+
+def settle(
+    tracker: Tracker,
+    cfg: PromoteConfig,
+    decision: Decision,
+    table: pd.DataFrame,
+    version: str,
+    alias: str | None,
+    previous: str | None,
+    run_id: str,
+    publish: Publish,
+) -> Decision:
+    """Write the decision for a version whose ``alias`` just moved (from ``previous``) and mark
+    it complete; if the decision cannot be written, put the alias back."""
+    name = cfg.model_name
+    if alias is None:  # the champion became this very checkpoint meanwhile
+        mark_registration(tracker, name, version, "complete", decision)
+        decision.registry = {"model_name": name, "version": decision.champion_before["version"]}
+        publish(decision)
+        return decision
+    decision.registry = {"model_name": name, "version": str(version), "alias": alias, "run_id": run_id}
+    try:
+        publish(decision)
+    except BaseException as exc:
+        undone = undo_alias(tracker, cfg, alias, version, previous)
+        if not isinstance(exc, Exception):  # interrupted: the caller ends the run KILLED
+            log.warning("interrupted before the decision was written: %s", undone)
+            raise
+        raise PromotionError(
+            f"could not write the decision ({_first_line(exc)}); {undone}; v{version} stays registered "
+            "(tag registration=pending) and the next run completes it"
+        ) from exc
+    try:  # the alias moved and the decision is written: a failure here must not undo either
+        mark_registration(tracker, name, version, "complete", decision, describe(decision, table, alias))
+    except Exception as exc:
+        log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
+    log.info("registered %s as %s v%s @%s", decision.winner, name, version, alias)
+    return decision
+
+
+def decision_alias(decision: Decision, cfg: PromoteConfig) -> str:
+    return cfg.alias if decision.verdict == "champion" else cfg.challenger_alias
+
+
+COMPARE_ATTEMPTS = 3  # comparisons with a champion that keeps moving before settling for challenger
+
+
+@dataclass
+class Arena:
+    """This run's winner against whichever version is ``@champion``: the comparison, the
+    verdict, and the compare-and-set that moves the alias only past a champion it was compared with."""
+
+    tracker: Tracker
+    cfg: PromoteConfig
+    served: ServedTest
+    identity: dict[str, str]
+    test: pd.DataFrame
+    on_test: Comparison  # the winner against the baseline on test: the veto's evidence
+    decision: Decision
+    sha256: str
+    force: bool
+    fingerprint: str  # of this run's prepared data
+
+    def meet(self, champion: Champion | None) -> Champion | None:
+        """Compare with ``champion`` (None: there is none) and set the decision's verdict."""
+        decision, cfg = self.decision, self.cfg
+        decision.champion_before = champion.describe() if champion else {}
+        decision.champion_comparison, versus = {}, None
+        if champion is not None and champion.predictions is not None:
+            correct = self.test[decision.winner].to_numpy() == self.test["label"].to_numpy()
+            versus = compare(
+                correct, champion.predictions == self.served.labels, cfg.champion_tolerance, cfg.confidence
+            )
+            decision.champion_comparison = versus.as_dict()
+            self.check_record(champion)
+        if (
+            champion
+            and champion.predictions is not None
+            and champion.sha256 == self.sha256
+            and not self.force
+        ):
+            decision.verdict, decision.verdict_reason = (
+                "unchanged",
+                f"identical to {cfg.alias} v{champion.version}",
+            )
+            return champion
+        alias, why = judge(decision, champion, versus, cfg)
+        vetoed = vetoed_by_test(self.on_test)
+        if vetoed:
+            why = f"{why}; test disagrees ({self.on_test.line(decision.winner, 'test')})"
+        if self.force and (alias != cfg.alias or vetoed or (champion is not None and champion.other_task)):
+            alias, why, decision.forced = cfg.alias, f"forced by the operator (rules said: {why})", True
+        decision.verdict, decision.verdict_reason = ("champion" if alias == cfg.alias else "challenger"), why
+        return champion
+
+    def check_record(self, champion: Champion) -> None:
+        """Warn when the champion, measured on the very test images it was certified on (same
+        data fingerprint), does not score what its record says."""
+        if champion.tags.get("data_fingerprint") != self.fingerprint:
+            return
+        try:
+            recorded = float(champion.tags["test_acc"])
+        except (KeyError, ValueError):
+            return
+        measured = round(self.served.accuracy(champion.predictions), 4)
+        if abs(measured - recorded) > 1e-3:
+            note = (
+                f"{self.cfg.alias} v{champion.version} scores {measured:.2f} on the test images it was "
+                f"certified on, but its record says {recorded:.2f}"
+            )
+            log.warning(note)
+            if note not in self.decision.warning:
+                self.decision.warning = "; ".join(filter(None, [self.decision.warning, note]))
+
+    def move_alias(self, version: str, champion: Champion | None) -> tuple[str | None, str | None]:
+        """Point the verdict's alias at ``version`` if ``@champion`` is still the one compared
+        with; otherwise compare with the new one and try again. Returns the alias moved (None:
+        the new champion is this checkpoint) and the version it pointed at before."""
+        cfg, name = self.cfg, self.cfg.model_name
+        for _ in range(COMPARE_ATTEMPTS):
+            alias = decision_alias(self.decision, cfg)
+            with registry_lock(self.tracker.client, name, this_process()):
+                now = self.tracker.version_by_alias(name, cfg.alias)
+                if alias != cfg.alias or self.force or _same(now, champion):
+                    before = self.tracker.version_by_alias(name, alias)
+                    self.tracker.set_alias(name, alias, version)
+                    return alias, (str(before.version) if before else None)
+            seen = f"v{champion.version}" if champion else "none"
+            log.warning(
+                "%s@%s moved from %s to v%s during this promotion; comparing again",
+                name,
+                cfg.alias,
+                seen,
+                now.version,
+            )
+            champion = self.meet(current_champion(self.tracker, cfg, self.served, self.identity, self.force))
+            if self.decision.verdict == "unchanged":
+                return None, None
+            self.decision.verdict_reason += (
+                f" (compared again: {cfg.alias} moved from {seen} during this run)"
+            )
+        self.decision.verdict = "challenger"
+        self.decision.verdict_reason = (
+            f"{cfg.alias} moved {COMPARE_ATTEMPTS} times while this run compared with it; registered as "
+            f"{cfg.challenger_alias}: no champion replaced unseen (last: {self.decision.verdict_reason})"
+        )
+        with registry_lock(self.tracker.client, name, this_process()):
+            before = self.tracker.version_by_alias(name, cfg.challenger_alias)
+            self.tracker.set_alias(name, cfg.challenger_alias, version)
+        return cfg.challenger_alias, (str(before.version) if before else None)
+
+
+def _same(now, champion: Champion | None) -> bool:
+    """Whether the alias read ``now`` is still the ``champion`` the comparison used."""
+    return (now is None and champion is None) or (
+        now is not None and champion is not None and str(now.version) == champion.version
     )
-    validate(tracker, cfg.model_name, version, served, decision.test_acc)
-    tracker.set_alias(cfg.model_name, alias, version)
-    decision.registry = {
-        "model_name": cfg.model_name,
-        "version": str(version),
-        "alias": alias,
-        "run_id": run_id,
-    }
-    log.info("registered %s as %s v%s @%s: %s", decision.winner, cfg.model_name, version, alias, why)
-    return _written(layout, decision)
+
+
+REGISTRATION_TAG = "registration"  # pending (registered, alias not yet moved) | complete
+
+
+def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> str | None:
+    """A version an interrupted run registered for this checkpoint and verdict but never
+    completed (its process is gone, or it is this one and that promotion failed), to be
+    completed instead of registering a duplicate."""
+    found = []
+    for v in tracker.client.search_model_versions(f"name='{name}'"):
+        tags = v.tags
+        if (
+            tags.get("checkpoint_sha256") == sha256
+            and tags.get("verdict") == verdict
+            and tags.get(REGISTRATION_TAG) == "pending"
+            and (process_gone(owner := tags.get(PROCESS_TAG, "")) or owner == this_process())
+        ):
+            found.append(int(v.version))
+    if not found:
+        return None
+    log.info("completing %s v%s, registered for this checkpoint by an interrupted run", name, max(found))
+    return str(max(found))
+
+
+def mark_registration(
+    tracker: Tracker,
+    name: str,
+    version: str,
+    state: str,
+    decision: Decision | None = None,
+    description: str = "",
+) -> None:
+    """Record that the version's alias move is done, with the verdict it finally got."""
+    if decision is not None:
+        tracker.client.set_model_version_tag(name, version, "verdict", decision.verdict)
+        tracker.client.set_model_version_tag(name, version, "forced", str(decision.forced).lower())
+    if description:
+        tracker.client.update_model_version(name, version, description=description)
+    tracker.client.set_model_version_tag(name, version, REGISTRATION_TAG, state)
+
+
+def undo_alias(tracker: Tracker, cfg: PromoteConfig, alias: str, version: str, previous: str | None) -> str:
+    """Put ``alias`` back where it was, if it still points at ``version``; says what happened."""
+    name = cfg.model_name
+    try:
+        with registry_lock(tracker.client, name, this_process()):
+            now = tracker.version_by_alias(name, alias)
+            if now is None or str(now.version) != str(version):
+                return f"@{alias} had already moved on from v{version}; left as it is"
+            if previous is None:
+                tracker.client.delete_registered_model_alias(name, alias)
+                return f"the move of @{alias} to v{version} was undone (no @{alias} again)"
+            tracker.set_alias(name, alias, previous)
+            return f"the move of @{alias} to v{version} was undone (@{alias} is v{previous} again)"
+    except Exception as exc:
+        return f"@{alias} still points at v{version}: undoing the move failed too ({_first_line(exc)})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def per_class(frame: pd.DataFrame, name: str, classes: list[str]) -> list[dict]:
@@ -366,11 +598,6 @@ def _versus_baseline(frame: pd.DataFrame, name: str, cfg: PromoteConfig) -> Comp
     return versus_baseline(
         frame[name].to_numpy(), frame["baseline"].to_numpy(), frame["label"].to_numpy(), cfg
     )
-
-
-def _written(layout: Layout, decision: Decision) -> Decision:
-    write_json(layout.promotion_json, asdict(decision))
-    return decision
 
 
 def version_tags(
@@ -405,6 +632,8 @@ def version_tags(
         "checkpoint_sha256": sha256,
         "verdict": decision.verdict,
         "forced": str(decision.forced).lower(),
+        REGISTRATION_TAG: "pending",
+        PROCESS_TAG: this_process(),
         **extra,
     }
     return {k: str(v) for k, v in tags.items()}
@@ -419,12 +648,13 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
     gate, test = decision.gate, decision.test
     return "\n".join(
         [
-            f"**Registered as `{alias}`**{' (forced)' * decision.forced}: {decision.verdict_reason}.",
+            f"**Registered as `{alias}`**{' (forced)' * decision.forced}: "
+            f"{markdown_text(decision.verdict_reason)}.",
             "",
-            f"**Gate:** {decision.summary} (p = {gate['p_value']:.3g} for a drop of "
+            f"**Gate:** {markdown_text(decision.summary)} (p = {gate['p_value']:.3g} for a drop of "
             f"{gate['margin']:g} points or more).",
             "",
-            f"Selected in its run because {decision.reason}.",
+            f"Selected in its run because {markdown_text(decision.reason)}.",
             "",
             "| | this version | baseline |",
             "|---|---|---|",
@@ -439,20 +669,22 @@ def describe(decision: Decision, table: pd.DataFrame, alias: str) -> str:
             f"| latency (ms, batch 1) | {float(row['latency_ms']):.3f} | {float(base['latency_ms']):.3f} |",
             "",
             f"Champion before this run: {champ}. "
-            f"Strategy `{decision.strategy}`, candidate `{decision.winner}`.",
-            *(["", f"**Warning:** {decision.warning}."] if decision.warning else []),
+            f"Strategy {markdown_code(decision.strategy)}, candidate {markdown_code(decision.winner)}.",
+            *(["", f"**Warning:** {markdown_text(decision.warning)}."] if decision.warning else []),
         ]
     )
 
 
-def validate(tracker: Tracker, name: str, version: str, test: ServedTest, expected_acc: float) -> None:
-    """Load the version back from the registry, feed it the raw test images as a user would, and
-    check it reproduces its test accuracy."""
+def validate(
+    tracker: Tracker, name: str, version: str, test: ServedTest, expected_acc: float, sha256: str
+) -> None:
+    """Load the version back from the registry (its checkpoint must hash to ``sha256``), feed it
+    the raw test images as a user would, and check it reproduces its test accuracy."""
     try:
-        measured = test.accuracy(test.predict(tracker.load_version(name, version)))
+        measured = test.accuracy(test.predict(tracker.load_version(name, version, sha256=sha256)))
     except Exception as exc:
         raise PromotionError(
-            f"registered {name} v{version} failed to load back; no alias moved: {exc}"
+            f"registered {name} v{version} failed to load back; no alias moved: {_first_line(exc)}"
         ) from exc
     if measured != expected_acc:
         raise PromotionError(
@@ -462,4 +694,19 @@ def validate(tracker: Tracker, name: str, version: str, test: ServedTest, expect
 
 
 def load_decision(layout: Layout) -> Decision:
-    return Decision(**read_json(layout.promotion_json))
+    """The last run's decision, or one line saying why ``promotion.json`` cannot be read."""
+    path = layout.promotion_json
+    fix = "run `shrinkflow stage promote` to write it again"
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise PromotionError(f"{path} cannot be read ({_first_line(exc)}); {fix}") from None
+    known = {f.name for f in fields(Decision)}
+    if not isinstance(raw, dict):
+        raise PromotionError(f"{path} is not a decision (a JSON {type(raw).__name__}); {fix}")
+    if unknown := sorted(set(raw) - known):
+        log.warning("%s: ignored keys this version does not know: %s", path, ", ".join(unknown[:10]))
+    try:
+        return Decision(**{k: v for k, v in raw.items() if k in known})
+    except TypeError as exc:
+        raise PromotionError(f"{path} is not a complete decision ({exc}); {fix}") from None

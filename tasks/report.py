@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.io import atomic_path
 from shrinkflow.tasks.promote import Decision
 from shrinkflow.tasks.stats import margin_points
@@ -39,27 +40,39 @@ SHOWN = [
 ]
 
 
-def format_table(table: pd.DataFrame, winner: str | None = None) -> str:
-    """The candidates table as Markdown, the promoted row marked with a star."""
+def plain_code(value: object) -> str:
+    return f"`{value}`"
+
+
+def format_table(table: pd.DataFrame, winner: str | None = None, text=markdown_text) -> str:
+    """The candidates table as Markdown, the promoted row marked with a star; names pass through
+    ``text`` (``str`` for a terminal)."""
     shown = table.reindex(columns=SHOWN).copy()
     for column in ("params", "flops", "size_bytes"):  # counts, even with a failed row's blanks
         shown[column] = shown[column].astype("Int64")
     shown["gate_p"] = [f"{p:.2g}" if p == p else "" for p in shown["gate_p"]]
     shown = shown.astype(object).where(shown.notna(), "")
     shown.insert(0, " ", ["*" if name == winner else "" for name in shown["name"]])
+    for column in ("name", "strategy", "onnx"):
+        shown[column] = [text(v) if v != "" else v for v in shown[column]]
     return shown.to_markdown(index=False, floatfmt=".2f")
 
 
-def decision_lines(decision: Decision) -> list[str]:
-    """The decision in a few sentences: the printed summary, report.md and Prefect's artefact."""
+def decision_lines(decision: Decision, text=markdown_text, code=markdown_code) -> list[str]:
+    """The decision in a few sentences: the printed summary, report.md and Prefect's artefact.
+    Names and reasons pass through ``text`` and ``code`` (plain ones for a terminal)."""
     reg = decision.registry
-    where = f"`{reg.get('model_name')}` v{reg.get('version')} as `@{reg.get('alias')}`" if reg else "nothing"
-    lines = [f"**Winner:** `{decision.winner}` ({decision.strategy}), registered {where}."]
+    where = "nothing"
+    if reg.get("alias"):
+        where = f"{code(reg.get('model_name'))} v{reg.get('version')} as {code('@' + str(reg['alias']))}"
+    elif reg:
+        where = f"{code(reg.get('model_name'))} v{reg.get('version')} (no alias)"
+    lines = [f"**Winner:** {code(decision.winner)} ({text(decision.strategy)}), registered {where}."]
     if decision.gate:
         p_value = decision.gate.get("p_value")
         p_text = f"; p = {p_value:.3g}" if p_value is not None else ""
-        lines.append(f"**Gate:** {decision.summary}{p_text}.")
-    lines.append(f"**Why this model:** {decision.reason}.")
+        lines.append(f"**Gate:** {text(decision.summary)}{p_text}.")
+    lines.append(f"**Why this model:** {text(decision.reason)}.")
     if test := decision.test:
         lines.append(
             f"**Test (may only veto):** {test['delta']:+.2f} points against the baseline, interval "
@@ -67,9 +80,9 @@ def decision_lines(decision: Decision) -> list[str]:
             f"({decision.test_acc:.2f}% vs {decision.baseline_test_acc:.2f}%)."
         )
     if decision.verdict:
-        lines.append(f"**Against the registry:** {decision.verdict} - {decision.verdict_reason}.")
+        lines.append(f"**Against the registry:** {decision.verdict} - {text(decision.verdict_reason)}.")
     if decision.warning:
-        lines.append(f"**Warning:** {decision.warning}.")
+        lines.append(f"**Warning:** {text(decision.warning)}.")
     return lines
 
 
@@ -78,9 +91,10 @@ def per_class_section(decision: Decision) -> list[str]:
     if not decision.per_class or decision.winner == "baseline":
         return []
     rows = sorted(decision.per_class, key=lambda r: r["difference"])
-    table = pd.DataFrame(rows).rename(columns={"model": decision.winner})
+    table = pd.DataFrame(rows).rename(columns={"model": markdown_text(decision.winner)})
+    table["class"] = [markdown_text(c) for c in table["class"]]
     return [
-        f"## Per class on test: `{decision.winner}` against the baseline (worst first)",
+        f"## Per class on test: {markdown_code(decision.winner)} against the baseline (worst first)",
         "",
         table.to_markdown(index=False, floatfmt=".2f"),
         "",

@@ -47,7 +47,13 @@ class ShrinkflowClassifier(PythonModel):
         code = Path(context.artifacts["checkpoint"]).resolve().parents[1] / "code"
         if code.is_dir():  # a user's own network: its package travels in code/, trusted from there
             trust_code(code)
-        self.model, self.meta = load_checkpoint(context.artifacts["checkpoint"])
+        # The checkpoint's sha256 is logged beside it when the version is registered: a swapped or
+        # damaged model.pt is refused here, before anything is served (older versions have none).
+        expected = None
+        if "checkpoint_sha256" in context.artifacts:
+            with open(context.artifacts["checkpoint_sha256"]) as fh:
+                expected = fh.read().strip()
+        self.model, self.meta = load_checkpoint(context.artifacts["checkpoint"], sha256=expected)
         self.model.eval()
         with open(context.artifacts["manifest"]) as fh:
             self.manifest = json.load(fh)
@@ -58,7 +64,27 @@ class ShrinkflowClassifier(PythonModel):
             return self.model(x).softmax(dim=1).numpy()
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
-        probs = self.probabilities(to_model_input(np.asarray(model_input), self.manifest))
+        images = np.asarray(model_input)
+        scale = self.manifest["scale"]
+        # uint8 cannot be negative; a value above the data's scale (255 sent to a 0-16 model) is
+        # another encoding, and the model would answer it confidently and wrongly.
+        if images.size and images.dtype == np.uint8 and (top := int(images.max())) > scale:
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(
+                f"pixel values must lie in [0, {scale:g}] for this model (the scale of its training "
+                f"images); got a maximum of {top}"
+            )
+        # Errors reach the client as a short message: no stack trace, no server paths.
+        try:
+            x = to_model_input(images, self.manifest)
+        except ValueError as exc:  # shape, layout or dtype: the client's to fix
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(exc)[:300]) from None
+        try:
+            probs = self.probabilities(x)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise mlflow.exceptions.MlflowException(
+                f"the model failed on this input ({type(exc).__name__}: {first})"
+            ) from None
         return prediction_table(probs, self.manifest["classes"])
 
 

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,14 +20,14 @@ from shrinkflow.tasks import progress, tensorboard
 from shrinkflow.tasks.config import Params, load_params
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.given import trust_user_code
-from shrinkflow.tasks.io import sweep_temporaries, write_text
+from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split, prepare
-from shrinkflow.tasks.promote import Decision, promote
+from shrinkflow.tasks.promote import Decision, PromotionError, promote
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
 from shrinkflow.tasks.search import Trial
-from shrinkflow.tasks.tracking import Tracker, code_version
+from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
 from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
 
 log = logging.getLogger(__name__)
@@ -199,11 +199,13 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
     try:
         with progress.showing(name):
             record = train(run)
-    except Exception as exc:
-        ctx.tracker.log(
-            run, tags={"shrinkflow.status": "failed", "shrinkflow.error": f"{type(exc).__name__}: {exc}"}
-        )
-        ctx.tracker.end_run(run, "FAILED")
+    except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        with contextlib.suppress(Exception):  # the tracking store may be what failed
+            ctx.tracker.log(
+                run, tags={"shrinkflow.status": "failed", "shrinkflow.error": f"{type(exc).__name__}: {exc}"}
+            )
+            ctx.tracker.end_run(run, status)
         raise
     ctx.tracker.log_record(run, record)
     ctx.tracker.log_artifact(run, ctx.layout.checkpoint(name))
@@ -239,41 +241,92 @@ _MEASURED = tuple(
 
 
 def discard_decision(layout: Layout) -> None:
-    """Remove a previous run's decision files (the promote stage's own outputs), so a failed
-    promotion never leaves an older winner beside a newer table."""
+    """Remove a previous run's decision files (the promote stage's own outputs), so a failed or
+    interrupted promotion never leaves an older winner beside a newer table."""
     for path in (layout.promotion_json, layout.report_md, layout.pareto_png):
         if path.is_file() and not path.is_symlink():
             path.unlink()
             log.info("removed %s: it described an earlier promotion", path)
 
 
+def publish_decision(layout: Layout, decision: Decision) -> None:
+    """Write what reviewers read; called by ``promote`` before it counts an alias move as done."""
+    table = load_table(layout.candidates_csv)
+    write_json(layout.promotion_json, asdict(decision))
+    pareto_plot(table, decision, layout.pareto_png)
+    write_text(layout.report_md, markdown_report(table, decision))
+
+
 def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:
-    """Register the winner under the registry rules, then draw and write what reviewers read."""
+    """Register the winner under the registry rules, then draw and write what reviewers read.
+
+    The earlier decision goes first, so whatever stops this stage (an error, Ctrl-C, SIGTERM, a
+    full disk) leaves either this run's decision, consistent with the registry, or none."""
     run = ctx.tracker.start_run("promote", ctx.parent_run, tags={"shrinkflow.stage": "promote"})
     try:
-        tags = {"code_version": code_version(), **(extra_tags or {})}
-        decision = promote(ctx.params, ctx.layout, ctx.tracker, run, tags, force)
-    except Exception as exc:
         discard_decision(ctx.layout)
-        ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"})
-        ctx.tracker.end_run(run, "FAILED")
+        tags = {"code_version": code_version(), **(extra_tags or {})}
+        decision = promote(
+            ctx.params,
+            ctx.layout,
+            ctx.tracker,
+            run,
+            tags,
+            force,
+            publish=lambda d: publish_decision(ctx.layout, d),
+        )
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # a read-only project cannot even delete them
+            discard_decision(ctx.layout)
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+        with contextlib.suppress(Exception):  # the tracking store may be what failed
+            ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
+            ctx.tracker.end_run(run, status)
+        if isinstance(exc, OSError):
+            raise PromotionError(
+                f"promotion stopped: {_os_error(exc)}; no alias moved and no decision written "
+                "(a version it registered stays tagged registration=pending; the next run completes it)"
+            ) from exc
         raise
-    table = load_table(ctx.layout.candidates_csv)
-    pareto_plot(table, decision, ctx.layout.pareto_png)
-    write_text(ctx.layout.report_md, markdown_report(table, decision))
-    ctx.tracker.log(
-        run,
-        params={"winner": decision.winner, **ctx.params.promote.model_dump()},
-        metrics={
-            "val_acc": decision.val_acc,
-            "gate_acc": decision.gate_acc,
-            "test_acc": decision.test_acc,
-            **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
-            **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
-        },
-        tags={"verdict": decision.verdict, "gate_summary": decision.summary},
-    )
-    for path in (ctx.layout.promotion_json, ctx.layout.pareto_png, ctx.layout.report_md):
-        ctx.tracker.log_artifact(run, path)
+    try:
+        ctx.tracker.log(
+            run,
+            params={"winner": decision.winner, **ctx.params.promote.model_dump()},
+            metrics={
+                "val_acc": decision.val_acc,
+                "gate_acc": decision.gate_acc,
+                "test_acc": decision.test_acc,
+                **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
+                **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
+            },
+            tags={"verdict": decision.verdict, "gate_summary": decision.summary},
+        )
+        for path in (ctx.layout.promotion_json, ctx.layout.pareto_png, ctx.layout.report_md):
+            ctx.tracker.log_artifact(run, path)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            ctx.tracker.end_run(run, "FAILED")
+        raise TrackingUnavailable(
+            f"the decision is made and written ({decision.verdict}, {_registered(decision)}), but "
+            f"logging it to MLflow at {ctx.tracker.uri} failed: {_one_line(exc)}"
+        ) from exc
     ctx.tracker.end_run(run)
     return decision
+
+
+def _registered(decision: Decision) -> str:
+    reg = decision.registry
+    if not reg.get("version"):
+        return "nothing registered"
+    alias = f" @{reg['alias']}" if reg.get("alias") else ""
+    return f"{reg['model_name']} v{reg['version']}{alias}"
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

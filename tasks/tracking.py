@@ -32,8 +32,9 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
 from shrinkflow.models.arch.given import code_package
-from shrinkflow.models.checkpoint import load_checkpoint, user_factory
+from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint, sha256_file, user_factory
 from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.export import ExportError, export_onnx, max_abs_diff, session
 from shrinkflow.tasks.io import read_json
 from shrinkflow.tasks.records import Manifest, ModelRecord
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+CHECKSUM_FILE = "model.pt.sha256"
 
 
 def serving_package(into: Path) -> Path:
@@ -283,6 +285,7 @@ class Tracker:
             run_id, data=table.astype(dict.fromkeys(text, object)), artifact_file="candidates_table.json"
         )
         links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
+        links[["name", "strategy"]] = links[["name", "strategy"]].map(markdown_text)
         links["run"] = [
             f"[{runs[n][:8]}](#/experiments/{self.experiment_id}/runs/{runs[n]})" if n in runs else ""
             for n in links["name"]
@@ -320,7 +323,13 @@ class Tracker:
         on them); ``raw_example`` is the same images as stored uint8 pixels (the input example)."""
         classes = read_json(manifest)["classes"]
         with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
-            artifacts = {"checkpoint": str(checkpoint), "manifest": str(manifest)}
+            recorded = Path(tmp) / CHECKSUM_FILE  # checked by the served model before it loads
+            recorded.write_text(sha256_file(checkpoint) + "\n")
+            artifacts = {
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256": str(recorded),
+                "manifest": str(manifest),
+            }
             onnx = _exported_onnx(checkpoint, example, Path(tmp) / "model.onnx")
             if isinstance(onnx, Path):
                 artifacts["onnx"] = str(onnx)
@@ -367,9 +376,20 @@ class Tracker:
                 return None
             raise
 
-    def load_version(self, name: str, version: str) -> mlflow.pyfunc.PyFuncModel:
-        with _tracking(self.uri):
-            return mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    def load_version(self, name: str, version: str, sha256: str | None = None) -> mlflow.pyfunc.PyFuncModel:
+        """Download a version and load it; with ``sha256`` (the registry's record), the
+        downloaded checkpoint itself must have that hash (``CheckpointError`` otherwise), whatever
+        its tags or the files beside it say."""
+        with _tracking(self.uri), tempfile.TemporaryDirectory(prefix="shrinkflow-version-") as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+            if sha256 is not None:
+                checkpoint = downloaded_checkpoint(local)
+                if (actual := sha256_file(checkpoint)) != sha256:
+                    raise CheckpointError(
+                        f"the checkpoint of {name} v{version} has sha256 {actual[:12]}..., but the "
+                        f"registry recorded {sha256[:12]}... (swapped or damaged in the artefact store)"
+                    )
+            return mlflow.pyfunc.load_model(str(local))  # loads the checkpoint into memory
 
     def download_version(self, name: str, version: str, into: Path) -> Path:
         """A registered version's files (``MLmodel``, ``artifacts/``, ``code/``) under ``into``."""
@@ -378,6 +398,15 @@ class Tracker:
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(name, alias, version)
+
+
+def downloaded_checkpoint(model_dir: Path) -> Path:
+    """The checkpoint file inside a downloaded pyfunc model directory."""
+    flavor = mlflow.models.Model.load(str(model_dir)).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+    if not relative:
+        raise CheckpointError(f"{model_dir} is not a shrinkflow model (no checkpoint artefact)")
+    return model_dir / relative
 
 
 def _number(value: Any) -> bool:

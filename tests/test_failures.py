@@ -181,3 +181,37 @@ def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
         for pid, cmd in servers.items():
             if reaper.still_running(pid, cmd):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_training_stage_ends_its_mlflow_run_killed(trained, tmp_path, sig):
+    experiment = f"signalled-{sig.name}-{os.getpid()}"
+    copy_project(trained, tmp_path, "train.epochs=500", f"tracking.experiment={experiment}")
+    # As a terminal's Ctrl-C would: Python's own SIGINT handler even if this test runs in the background.
+    restore = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    main = "from shrinkflow.flows.cli import main; sys.argv = ['shrinkflow', 'stage', 'baseline']; main()"
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-c", restore + main], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        while not [run for run in _runs(experiment) if run.info.run_name == "baseline"]:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    (run,) = _runs(experiment)
+    assert run.info.status == "KILLED" and "KeyboardInterrupt" in run.data.tags["shrinkflow.error"]
+
+
+def test_a_project_that_cannot_be_written_is_one_line(tmp_path):
+    write_params(tmp_path)
+    (tmp_path / ".shrinkflow").write_text("a file where the bookkeeping folder belongs")
+    done = run_cli("stage", "prepare", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: project {tmp_path} cannot be written: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shrinkflow", "params.yaml"]

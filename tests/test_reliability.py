@@ -51,6 +51,9 @@ BAD_PARAMS = [
         "a.b",
     ),
     ("section is not a mapping", {"train": [1, 2]}, "train"),
+    ("infinite lr", {"train": {"lr": float("inf")}}, "train.lr"),
+    ("nan lr", {"train": {"lr": float("nan")}}, "train.lr"),
+    ("absurd image size", {"data": {"image_size": 3_000_000}}, "data.image_size"),
 ]
 
 
@@ -80,6 +83,24 @@ def test_bad_params_file_is_refused_cleanly(tmp_path, case, patch, named):
 
 def test_yaml_syntax_error_is_refused_cleanly(tmp_path):
     _assert_refused(tmp_path, "seed: 0\ntrain: {epochs: 3\n", "YAML syntax error at line")
+
+
+BOMB = "&a [x, x, x, x, x, x, x, x, x, x]" + "".join(
+    f", &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(8)
+)  # nine levels of ten aliases each: 10^9 values once expanded
+
+
+def test_deep_or_exploding_yaml_is_refused_in_one_short_line(tmp_path):
+    _assert_refused(tmp_path, "seed: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels")
+    _assert_refused(tmp_path, f"seed: [{BOMB}]\n", "more than 100000 values once aliases are expanded")
+
+
+def test_an_alias_bomb_in_an_override_is_one_short_line(tmp_path):
+    write_params(tmp_path)
+    result = CliRunner().invoke(app, ["run", "-p", str(tmp_path / "params.yaml"), "-s", f"seed=[{BOMB}]"])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and len(lines[0]) < 400, result.stderr[:1000]
+    assert "once aliases are expanded" in lines[0] and "... (" in lines[0], "a short quoted prefix"
 
 
 def test_bad_override_is_refused_cleanly(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from PIL import Image
@@ -60,3 +61,30 @@ def test_report_without_a_run_says_so(tmp_path, evaluated):
     (tmp_path / "reports" / "candidates.csv").unlink()
     result = CliRunner().invoke(app, ["report", "-p", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
     assert result.exit_code != 0 and "run the pipeline first" in result.stderr
+
+
+def _cells(line: str) -> int:
+    return len(re.split(r"(?<!\\)\|", line))
+
+
+def test_untrusted_names_stay_text_in_the_markdown_report(evaluated, tmp_path):
+    params, layout = copy_project(evaluated, tmp_path)
+    table = load_table(layout.candidates_csv)
+    hostile = "|`\n<img src=x onerror=alert(1)>"
+    candidates = table["name"] != "baseline"
+    table.loc[candidates, "name"] = table.loc[candidates, "name"] + hostile
+    decision = select_winner(table, params.promote.model_copy(update={"tolerance": 50.0}))
+    decision.per_class = [
+        {"class": "cat|dog\n<b>x</b>", "baseline": 90.0, "model": 80.0, "difference": -10.0},
+        {"class": "plain", "baseline": 90.0, "model": 90.0, "difference": 0.0},
+    ]
+    text = markdown_report(table, decision)
+    outside_code = re.sub(r"`[^`\n]*`", "", text)  # code spans show their content literally
+    assert "<img" not in outside_code and "<b>" not in outside_code and "&lt;img" in outside_code
+    for block in text.split("\n\n"):
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len({_cells(line) for line in rows}) <= 1, f"a name broke a table:\n{block}"
+    assert decision.winner.endswith(hostile)
+    assert f"`{decision.winner.removesuffix(hostile)}\\|' <img" in text
+    # The terminal keeps names as they are.
+    assert decision.winner.splitlines()[0] in format_table(table, decision.winner, text=str)
