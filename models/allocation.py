@@ -143,7 +143,9 @@ def cost_model(model: nn.Module, example: Tensor) -> CostModel:
         for p in module.parameters(recurse=False):
             if p.dim() >= 2:
                 params.append((float(p.numel()), o, None if depthwise else i))
-            else:  # biases, BatchNorm scales: one value per channel of whichever side prunes it
+            elif isinstance(module, nn.Conv2d | nn.Linear):  # a bias: one value per output
+                params.append((float(p.numel()), o, None))
+            else:  # a norm's scales: per channel, whichever side the graph prunes it from
                 params.append((float(p.numel()), o or i, None))
         if module in macs:
             flops.append((2.0 * macs[module], o, None if depthwise else i))
