@@ -267,7 +267,9 @@ def measure_sensitivity(
     }
     groups = {}
     for g, n in costs.widths.items():
-        row: dict[str, list[float]] = {k: [] for k in ("width", "kept", "loss", "acc", "params", "flops", "latency_ms")}
+        row: dict[str, list[float]] = {
+            k: [] for k in ("width", "kept", "loss", "acc", "params", "flops", "latency_ms")
+        }
         for r in ratios:
             kept = max(1, math.floor(n * (1 - r) + _EPS))
             pruned = prune(copy.deepcopy(model), {g: kept})
@@ -309,7 +311,9 @@ def _levels(n: int, low: int, round_to: int | None) -> list[int]:
     return sorted({n, *(round_kept(k, n, round_to) for k in range(low, n + 1))}, reverse=True)
 
 
-def _uniform(costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None) -> Widths:
+def _uniform(
+    costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None
+) -> Widths:
     def at(ratio: float) -> Widths:
         return {
             g: max(low[g], round_kept(max(1, math.floor(n * (1 - ratio) + _EPS)), n, round_to))
@@ -331,7 +335,9 @@ def _smallest(ok: Callable[[float], bool], lo: float, hi: float) -> float:
     return hi
 
 
-def global_plan(scores: dict[Any, Tensor], original: dict[Any, int], keep: float, low: dict[Any, int]) -> dict[Any, int]:
+def global_plan(
+    scores: dict[Any, Tensor], original: dict[Any, int], keep: float, low: dict[Any, int]
+) -> dict[Any, int]:
     """Channels each group keeps when ``keep`` of all channels survive, lowest scores across
     groups removed first, no group below its floor ``low``."""
     width = {m: len(s) for m, s in scores.items()}
@@ -351,7 +357,12 @@ def global_plan(scores: dict[Any, Tensor], original: dict[Any, int], keep: float
 
 
 def _global(
-    costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None, scores: dict[str, Tensor]
+    costs: CostModel,
+    objective: Objective,
+    budget: float,
+    low: Widths,
+    round_to: int | None,
+    scores: dict[str, Tensor],
 ) -> Widths:
     def at(drop: float) -> Widths:
         plan = global_plan(scores, costs.widths, 1 - drop, low)
@@ -361,7 +372,12 @@ def _global(
 
 
 def _greedy(
-    costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None, sens: Sensitivity
+    costs: CostModel,
+    objective: Objective,
+    budget: float,
+    low: Widths,
+    round_to: int | None,
+    sens: Sensitivity,
 ) -> Widths:
     """From full width, repeatedly take one step off the group whose next step adds the least
     predicted loss per unit of cost saved, until the budget is met."""
@@ -390,7 +406,13 @@ def _greedy(
 
 
 def _random_vectors(
-    costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None, count: int, seed: int
+    costs: CostModel,
+    objective: Objective,
+    budget: float,
+    low: Widths,
+    round_to: int | None,
+    count: int,
+    seed: int,
 ) -> list[Widths]:
     """``count`` random width vectors on the budget: each group's share falls at its own random
     rate ``u_g`` (``1 - t * u_g``, clipped at its floor), ``t`` the smallest that meets it."""
@@ -405,7 +427,9 @@ def _random_vectors(
                 for (g, n), ug in zip(costs.widths.items(), u, strict=True)
             }
 
-        vectors.append(at(_smallest(lambda t, at=at: costs.cost(objective, at(t)) <= budget, 0.0, 1 / min(u))))
+        vectors.append(
+            at(_smallest(lambda t, at=at: costs.cost(objective, at(t)) <= budget, 0.0, 1 / min(u)))
+        )
     return vectors
 
 

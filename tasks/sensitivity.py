@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from shrinkflow.models import apply_strategy  # noqa: E402
@@ -38,20 +41,37 @@ from shrinkflow.models.allocation import (  # noqa: E402
     reestimate_batch_norm,
     with_latency,
 )
-from shrinkflow.tasks.config import EvaluateConfig
-from shrinkflow.tasks.evaluate import latency_ms  # noqa: E402
 from shrinkflow.tasks.io import read_json, write_json  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-# The lookup table times each pruned copy a little less than evaluate does: 5 x 12 copies on
-# BaseNet; the allocation uses differences between medians, not one figure.
-TIMER = EvaluateConfig(latency_warmup=5, latency_repeats=30)
+# The lookup table times each pruned copy a little less than evaluate does (12 copies of
+# BaseNet); the allocation uses differences between medians, not one figure.
+WARMUP, REPEATS = 5, 30
 BN_BATCH = 64
 _LOCKS: dict[Path, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
 
 Batch = tuple[Tensor, Tensor]
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, example: Tensor, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
+    """Median single-thread CPU latency of one forward pass, timed as ``evaluate`` times models
+    (a copy, so the shrink stage does not depend on the evaluate stage's code)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            model(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(example)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times) * 1000
 
 
 def sensitivity_path(candidates_dir: Path, strategy: str) -> Path:
@@ -94,7 +114,7 @@ def load_or_measure(
             calibration[0][:1].float(),
             lambda model, widths: apply_strategy(strategy, model, calibration, widths=widths),
             scorer(calibration, val),
-            lambda model: latency_ms(model, calibration[0][:1].float(), TIMER),
+            lambda model: latency_ms(model.eval(), calibration[0][:1].float()),
             ratios,
         )
         write_json(path, {"key": key, "table": asdict(table)})
@@ -107,7 +127,9 @@ def plot_sensitivity(table: Sensitivity, path: Path) -> Path:
     fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for group, row in table.groups.items():
         shares = [1.0, *(k / row["width"][0] for k in row["kept"])]
-        acc_ax.plot(shares, [table.base["acc"], *row["acc"]], marker="o", label=f"{group} ({row['width'][0]})")
+        acc_ax.plot(
+            shares, [table.base["acc"], *row["acc"]], marker="o", label=f"{group} ({row['width'][0]})"
+        )
         lat_ax.plot(shares, [table.base["latency_ms"], *row["latency_ms"]], marker="o", label=group)
     acc_ax.set(xlabel="share of the group's channels kept", ylabel="val accuracy % (BN re-estimated)")
     lat_ax.set(xlabel="share of the group's channels kept", ylabel="batch-1 latency, ms (1 thread)")
@@ -136,7 +158,9 @@ def allocator(
     score = scorer(calibration, val)
 
     def evaluate(model: nn.Module) -> Callable[[Widths], tuple[float, float]]:
-        return lambda widths: score(apply_strategy(strategy, copy.deepcopy(model), calibration, widths=widths))
+        return lambda widths: score(
+            apply_strategy(strategy, copy.deepcopy(model), calibration, widths=widths)
+        )
 
     def run(model: nn.Module, scores: dict[str, Tensor]) -> Allocation:
         costs = with_latency(cost_model(model, calibration[0][:1].float()), table)

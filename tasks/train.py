@@ -169,7 +169,13 @@ def _budget_options(
         "calibration_size": len(inputs.calibration[0]),
     }
     table = load_or_measure(
-        path, _baseline(layout, inputs), key, cand.strategy, inputs.calibration, inputs.val, cand.sensitivity_ratios
+        path,
+        _baseline(layout, inputs),
+        key,
+        cand.strategy,
+        inputs.calibration,
+        inputs.val,
+        cand.sensitivity_ratios,
     )
     options = options | {"budget": budget}
 
@@ -310,7 +316,9 @@ def shrink_candidate(
     A failure is recorded (status ``failed`` with the reason) before it is re-raised, so the
     evaluation table can show it."""
     cand = params.shrink.candidates[name]
-    record = ModelRecord(name=name, strategy=cand.strategy, options=_plain(cand.options()), steps=cand.steps())
+    record = ModelRecord(
+        name=name, strategy=cand.strategy, options=_plain(cand.options()), steps=cand.steps()
+    )
     try:
         inputs = _load_inputs(params, layout)
         if cand.search is None:

@@ -103,7 +103,9 @@ def _one_step(costs, objective, widths) -> float:
     """The largest cost one more rounding step (one channel here) of any group would add."""
     base = costs.cost(objective, widths)
     return max(
-        costs.cost(objective, widths | {g: widths[g] + 1}) - base for g, n in costs.widths.items() if widths[g] < n
+        costs.cost(objective, widths | {g: widths[g] + 1}) - base
+        for g, n in costs.widths.items()
+        if widths[g] < n
     )
 
 
@@ -113,7 +115,11 @@ def test_a_budget_is_met_within_one_rounding_step(objective):
     table = _table(model, calibration, val)
     costs = with_latency(cost_model(model, calibration[0][:1]), table)
     # Latency at 8x8 is mostly fixed overhead: aim between what the floors reach and the baseline.
-    keep = 0.3 if objective != "latency_ms" else (1 + costs.fraction(objective, floors(costs.widths, 0.9, None))) / 2
+    keep = (
+        0.3
+        if objective != "latency_ms"
+        else (1 + costs.fraction(objective, floors(costs.widths, 0.9, None))) / 2
+    )
     budget = keep * costs.cost(objective, costs.widths)
     chosen = allocate("sensitivity", objective, keep, costs, sensitivity=table)
     cost = costs.cost(objective, chosen.widths)
@@ -126,7 +132,9 @@ def test_a_budget_is_met_within_one_rounding_step(objective):
     }[objective]
     assert actual == pytest.approx(cost, rel=1e-9)
     for method in ("uniform", "sample"):  # every allocation stays within the budget
-        other = allocate(method, objective, keep, costs, sensitivity=table, samples=3, evaluate=lambda w: (0.0, 0.0))
+        other = allocate(
+            method, objective, keep, costs, sensitivity=table, samples=3, evaluate=lambda w: (0.0, 0.0)
+        )
         assert costs.cost(objective, other.widths) <= budget
 
 
@@ -134,7 +142,11 @@ def test_the_cost_model_is_exact_on_every_basenet_width():
     model = _basenet()
     x = _digits_like(2, 0)[0]
     costs = cost_model(model, x[:1])
-    for widths in ({"features.0": 3}, {"features.4": 5, "classifier.1": 7}, {"features.0": 1, "features.4": 1}):
+    for widths in (
+        {"features.0": 3},
+        {"features.4": 5, "classifier.1": 7},
+        {"features.0": 1, "features.4": 1},
+    ):
         pruned = apply_strategy("prune_l1", copy.deepcopy(model), _digits_like(8, 0), widths=widths)
         assert costs.cost("params", widths) == sum(p.numel() for p in pruned.parameters())
         assert costs.cost("flops", widths) == count_flops(pruned, x[:1])
@@ -148,7 +160,9 @@ def test_allocation_on_a_residual_network_prunes_coupled_groups_together():
     calibration, val = _digits_like(32, 0), _digits_like(64, 1)
     groups = prunable_groups(model, calibration[0][:1])
     # The residual stream of each stage is one group: stem, shortcuts and every block's last conv.
-    assert "conv1" in groups and not any(name.endswith("conv2") for name in groups if name.startswith("layer1"))
+    assert "conv1" in groups and not any(
+        name.endswith("conv2") for name in groups if name.startswith("layer1")
+    )
     table = _table(model, calibration, val, ratios=(0.5, 0.9))
     costs = with_latency(cost_model(model, calibration[0][:1]), table)
     for method in ("sensitivity", "uniform"):
@@ -164,7 +178,11 @@ def test_global_allocation_ranks_channels_across_groups():
     model, batch = _basenet(batch_norm=False), _digits_like(16, 0)
     heard = []
     pruned = apply_strategy(
-        "prune_l1", copy.deepcopy(model), batch, budget={"objective": "flops", "keep": 0.25}, allocation="global",
+        "prune_l1",
+        copy.deepcopy(model),
+        batch,
+        budget={"objective": "flops", "keep": 0.25},
+        allocation="global",
         on_allocation=heard.append,
     )
     assert count_flops(pruned, batch[0][:1]) <= 0.25 * count_flops(model, batch[0][:1])
@@ -201,9 +219,10 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
 
     params = parse_params(
         small_raw(
-            "shrink.candidates={p: {strategy: prune_l1, epochs: 1, lr: 0.01, budget: {objective: params, keep: 0.2},"
-            " allocation: sensitivity}, l: {strategy: prune_l1, epochs: 1, lr: 0.01,"
-            " budget: {objective: latency_ms, keep: 0.5}, allocation: sample, samples: 3}}"
+            "shrink.candidates={p: {strategy: prune_l1, epochs: 1, lr: 0.01,"
+            " budget: {objective: params, keep: 0.2}, allocation: sensitivity},"
+            " l: {strategy: prune_l1, epochs: 1, lr: 0.01,"
+            " budget: {objective: flops, keep: 0.3}, allocation: sample, samples: 3}}"
         )
     )
     layout = trained_layout
@@ -221,11 +240,17 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
     assert first.options["ratio"] == pytest.approx(1 - on_disk["options"]["allocated"]["cost"]["params"])
     # The recorded widths rebuild the exact shapes of the saved model from the baseline.
     baseline, _ = load_checkpoint(layout.root / first_baseline(layout), sha256=None)
-    rebuilt = apply_strategy("prune_l1", baseline, (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)),
-                             widths=first.options["widths"])
+    rebuilt = apply_strategy(
+        "prune_l1",
+        baseline,
+        (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)),
+        widths=first.options["widths"],
+    )
     saved, _ = load_checkpoint(layout.root / first.checkpoint, sha256=first.sha256)
     assert rebuilt.spec() == saved.spec()
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in saved.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in saved.state_dict().items()
+    }
     # A changed baseline: the cached table is refused and measured again.
     stored = json.loads(cache.read_text())
     cache.write_text(json.dumps(stored | {"key": stored["key"] | {"baseline_sha256": "0" * 64}}))
@@ -235,3 +260,25 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
 
 def first_baseline(layout) -> str:
     return json.loads(layout.record("baseline").read_text())["checkpoint"]
+
+
+def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_layout):
+    from shrinkflow.tasks.stages import Context, run_candidate
+    from shrinkflow.tasks.tracking import Tracker
+
+    params = parse_params(
+        small_raw(
+            "shrink.candidates={s: {strategy: prune_l1, epochs: 1, lr: 0.01, budget: {objective: params},"
+            " allocation: sensitivity, search: {mode: step, low: 0.5, step: 0.3, high: 0.9, trials: 2}}}",
+            "promote.tolerance=100",
+        )
+    )
+    ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "allocation-test"))
+    tracked = run_candidate(ctx, "s")
+    record = tracked.record
+    assert [t["ratio"] for t in record.trials] == [0.5, 0.8] and all(t["passed"] for t in record.trials)
+    assert record.options["budget"] == {"objective": "params", "keep": pytest.approx(0.2)}
+    assert record.options["allocated"]["cost"]["params"] <= 0.2
+    logged = ctx.tracker.client.get_run(tracked.run_id).data.params
+    assert json.loads(logged["widths"].replace("'", '"')) == record.options["widths"]
+    assert "sensitivity" in logged and "allocated" in logged

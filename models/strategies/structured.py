@@ -147,7 +147,9 @@ def _plan(
     return {m: round_kept(k, width[m], round_to) for m, k in kept.items()}
 
 
-def _scorer(model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool):
+def _scorer(
+    model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool
+):
     inputs, targets = batch
     if needs_grad:
         model.zero_grad()
@@ -171,7 +173,9 @@ def group_scores(
     return scores
 
 
-def _named_plan(model: nn.Module, scored: dict[nn.Module, Any], widths: dict[str, int]) -> dict[nn.Module, int]:
+def _named_plan(
+    model: nn.Module, scored: dict[nn.Module, Any], widths: dict[str, int]
+) -> dict[nn.Module, int]:
     """``widths`` (kept channels by root module name; a group not named keeps all) as a plan."""
     names = {m: n for n, m in model.named_modules()}
     known = {names[m] for m in scored}
@@ -219,7 +223,12 @@ def prune(
         else:
             keep = 1 - ratio * step / iterative_steps
             plan = _plan(
-                {m: s for m, (_, s) in scored.items()}, original, keep, global_pruning, max_layer_ratio, round_to
+                {m: s for m, (_, s) in scored.items()},
+                original,
+                keep,
+                global_pruning,
+                max_layer_ratio,
+                round_to,
             )
         # Kept k of n: ratio (n - k - 0.5) / n makes torch-pruning's int(n * (1 - r)) exactly k.
         ratios = {m: max(0.0, (len(s) - plan[m] - 0.5) / len(s)) for m, (_, s) in scored.items()}
@@ -259,7 +268,13 @@ def budget_widths(
         )
     costs = cost_model(model, batch[0][:1])
     return allocate(
-        allocation, budget.objective, budget.keep, costs, max_layer_ratio=max_layer_ratio, round_to=round_to, scores=scores
+        allocation,
+        budget.objective,
+        budget.keep,
+        costs,
+        max_layer_ratio=max_layer_ratio,
+        round_to=round_to,
+        scores=scores,
     )
 
 
