@@ -21,15 +21,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-from shrinkflow.models import apply_strategy  # noqa: E402
-from shrinkflow.models.allocation import (  # noqa: E402
+from shrinkflow.models import apply_strategy
+from shrinkflow.models.allocation import (
     Allocation,
     Sensitivity,
     Widths,
@@ -41,7 +38,7 @@ from shrinkflow.models.allocation import (  # noqa: E402
     reestimate_batch_norm,
     with_latency,
 )
-from shrinkflow.tasks.io import read_json, write_json  # noqa: E402
+from shrinkflow.tasks.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +121,8 @@ def load_or_measure(
 
 def plot_sensitivity(table: Sensitivity, path: Path) -> Path:
     """Every group's validation accuracy and batch-1 latency against the share it keeps."""
-    fig, (acc_ax, lat_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")  # not pyplot: candidates run in threads
+    acc_ax, lat_ax = fig.subplots(1, 2)
     for group, row in table.groups.items():
         shares = [1.0, *(k / row["width"][0] for k in row["kept"])]
         acc_ax.plot(
@@ -137,10 +135,9 @@ def plot_sensitivity(table: Sensitivity, path: Path) -> Path:
     lat_ax.invert_xaxis()
     acc_ax.legend(fontsize=7)
     fig.suptitle("Each prunable group pruned alone")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 

@@ -10,6 +10,11 @@ torch-pruning 1.6.0). The plan (global ranking with a
 per-layer floor, rounding to the nearest multiple) is handed to torch-pruning as per-layer ratios
 (``pruning_ratio_dict``); within each layer torch-pruning removes the lowest-ranked channels, the
 same channels a global threshold would pick there.
+
+With a ``budget`` the kept counts come from :mod:`shrinkflow.models.allocation` instead (per-layer
+widths meeting a params, FLOPs or latency budget), and ``widths`` (kept channels by group root
+name) replays a recorded allocation exactly: the same widths on the same baseline remove the same
+channels.
 """
 
 from __future__ import annotations
@@ -149,7 +154,7 @@ def _plan(
 
 def _scorer(
     model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool
-):
+) -> tp.pruner.BasePruner:
     inputs, targets = batch
     if needs_grad:
         model.zero_grad()
