@@ -73,7 +73,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="alloc-digits-") as tmp:
             runs.append(run(seed, args.keeps, args.distill, Path(tmp)))
     print(f"seeds 0..{args.seeds - 1}; distill: {args.distill}\n")
-    print("| candidate | params kept | val acc % (mean) | test acc % (mean) | test acc % per seed | widths (seed 0) |")
+    print(
+        "| candidate | params kept | val acc % (mean) | test acc % (mean) | test acc % per seed "
+        "| widths (seed 0) |"
+    )
     print("|---|---|---|---|---|---|")
     for name in runs[0]:
         tests = [r[name]["test"] for r in runs]

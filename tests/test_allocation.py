@@ -282,3 +282,23 @@ def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_
     logged = ctx.tracker.client.get_run(tracked.run_id).data.params
     assert json.loads(logged["widths"].replace("'", '"')) == record.options["widths"]
     assert "sensitivity" in logged and "allocated" in logged
+
+
+@pytest.mark.parametrize("strategy", ["prune_l1", "prune_taylor"])
+def test_recorded_widths_rebuild_the_exact_pruned_model(strategy):
+    model, batch = _basenet(), _digits_like(16, 0)
+    heard = []
+    allocated = apply_strategy(
+        strategy,
+        copy.deepcopy(model),
+        batch,
+        budget={"objective": "params", "keep": 0.3},
+        on_allocation=heard.append,
+    )
+    widths = json.loads(json.dumps(heard[0].widths))  # as record.json stores them
+    rebuilt = apply_strategy(strategy, copy.deepcopy(model), batch, widths=widths)
+    assert rebuilt.spec() == allocated.spec()
+    expected = allocated.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in rebuilt.state_dict().items())
+    with pytest.raises(ValueError, match="not a prunable group"):
+        apply_strategy(strategy, copy.deepcopy(model), batch, widths={"classifier.3": 4})
