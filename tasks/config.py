@@ -168,7 +168,8 @@ class _Candidate(_Section):
                 raise ValueError(f"{self.strategy}: a budget is allocated in one round; rounds must be 1")
         elif "ratio" in self._strategy.options.model_fields:
             if (self.ratio is None) == (self.search is None):
-                raise ValueError(f"{self.strategy}: set exactly one of ratio, budget and search")
+                choices = "ratio, budget" if "budget" in self._strategy.options.model_fields else "ratio"
+                raise ValueError(f"{self.strategy}: set exactly one of {choices} and search")
         elif self.search is not None:
             raise ValueError(f"{self.strategy} has no ratio to search")
         limit = getattr(self, "max_layer_ratio", None)
