@@ -1,5 +1,6 @@
 """Compression benchmark: shrinkflow's promoted models against the seed's manual adjustment and
-plain torch-pruning on real CIFAR-10, plus the pipeline's own efficiency figures.
+plain torch-pruning on real CIFAR-10 (uniform at 0.5 and at the promoted model's FLOPs; uniform
+and global at its parameter count), plus the pipeline's own efficiency figures.
 
     python -m benchmarks.compress [--quick] [--train-samples N|all] [--base-epochs N]
                                   [--tune-epochs N] [--out DIR]
@@ -92,8 +93,11 @@ class Setup:
 # the baseline's weights; "-kd" fine-tunes by distillation from the baseline, "-r3" prunes in
 # three rounds with fine-tuning between them (same total epochs), "-g" ranks channels globally
 # (no layer loses more than 90%); "int8" is the baseline quantised (PT2E), to see whether int8
-# kernels beat float ones on this machine.
+# kernels beat float ones on this machine. "alloc-" candidates give a budget instead of a ratio:
+# per-layer widths chosen from the baseline's measured sensitivity (issue #23), one of them
+# searching the smallest params budget that passes the gate.
 KD = "distill: {temperature: 4.0, alpha: 0.7}"
+ALLOC = "strategy: prune_l1, lr: 0.01, allocation: sensitivity"
 CANDIDATES_CIFAR = (
     "{width-50: {strategy: width, ratio: 0.5},"
     " l1-50: {strategy: prune_l1, ratio: 0.5, lr: 0.01},"
@@ -104,12 +108,19 @@ CANDIDATES_CIFAR = (
     f" l1-75-g-kd: {{strategy: prune_l1, ratio: 0.75, lr: 0.01, global_pruning: true, {KD}}},"
     f" taylor-75-kd: {{strategy: prune_taylor, ratio: 0.75, lr: 0.01, {KD}}},"
     f" l1-87-kd: {{strategy: prune_l1, ratio: 0.875, lr: 0.01, {KD}}},"
+    f" alloc-p10-kd: {{{ALLOC}, budget: {{objective: params, keep: 0.1}}, {KD}}},"
+    f" alloc-lat25-kd: {{{ALLOC}, budget: {{objective: latency_ms, keep: 0.25}}, {KD}}},"
+    f" alloc-p-search-kd: {{{ALLOC}, budget: {{objective: params}}, {KD},"
+    "  search: {mode: bisect, low: 0.75, high: 0.95, trials: 3}},"
     " int8: {strategy: int8}}"
 )
 CANDIDATES_QUICK = (
     "{width-50: {strategy: width, ratio: 0.5}, l1-50: {strategy: prune_l1, ratio: 0.5, lr: 0.01},"
     f" l1-75-kd: {{strategy: prune_l1, ratio: 0.75, lr: 0.01, {KD}}},"
-    " l1-75-r2: {strategy: prune_l1, ratio: 0.75, lr: 0.01, rounds: 2}}"
+    " l1-75-r2: {strategy: prune_l1, ratio: 0.75, lr: 0.01, rounds: 2},"
+    f" alloc-p25: {{{ALLOC}, budget: {{objective: params, keep: 0.25}}}},"
+    f" alloc-flops-search: {{{ALLOC}, budget: {{objective: flops}},"
+    " search: {low: 0.5, high: 0.9, trials: 2}}}"
 )
 
 
@@ -372,36 +383,60 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
 
 
 def torch_pruning_peer(
-    baseline: nn.Module, example: torch.Tensor, num_classes: int, ratio: float
+    baseline: nn.Module, example: torch.Tensor, num_classes: int, ratio: float, global_pruning: bool = False
 ) -> nn.Module:
-    """torch-pruning used as its README shows: one-shot group L1 magnitude pruning of every
-    prunable layer but the final classifier, at ``ratio``."""
+    """torch-pruning used as its README shows: group L1 magnitude pruning of every prunable layer
+    but the final classifier, at ``ratio``: one-shot and uniform, or (``global_pruning``) ranked
+    across layers in its progressive recipe, ``GLOBAL_STEPS`` steps re-scoring the survivors."""
     import torch_pruning as tp
 
     model = copy.deepcopy(baseline)
     ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
+    steps = GLOBAL_STEPS if global_pruning else 1
     pruner = tp.pruner.MetaPruner(
         model,
         example,
         importance=tp.importance.GroupMagnitudeImportance(p=1),
         pruning_ratio=ratio,
         ignored_layers=ignored,
+        global_pruning=global_pruning,
+        iterative_steps=steps,
     )
-    pruner.step()
+    for _ in range(steps):
+        pruner.step()
     return model
 
 
-def ratio_for_flops(baseline: nn.Module, example: torch.Tensor, num_classes: int, flops: int) -> float:
-    """The torch-pruning ratio whose pruned network has (to within 1%) ``flops`` FLOPs: FLOPs
-    fall monotonically with the ratio, so bisect it."""
+GLOBAL_STEPS = 5
+
+
+def ratio_for(
+    baseline: nn.Module,
+    example: torch.Tensor,
+    num_classes: int,
+    target: int,
+    count,
+    global_pruning: bool = False,
+) -> float:
+    """The torch-pruning ratio whose pruned network has (to within 1%) ``count(model) == target``
+    (FLOPs or params, both falling monotonically with the ratio), by bisection."""
     low, high = 0.0, 0.99
     for _ in range(30):
         mid = (low + high) / 2
-        counted = count_flops(torch_pruning_peer(baseline, example, num_classes, mid), example)
-        if abs(counted - flops) <= 0.01 * flops:
+        counted = count(torch_pruning_peer(baseline, example, num_classes, mid, global_pruning))
+        if abs(counted - target) <= 0.01 * target:
             return mid
-        low, high = (mid, high) if counted > flops else (low, mid)
+        low, high = (mid, high) if counted > target else (low, mid)
     return (low + high) / 2
+
+
+def ratio_for_flops(baseline: nn.Module, example: torch.Tensor, num_classes: int, flops: int) -> float:
+    """The uniform torch-pruning ratio with (to within 1%) ``flops`` FLOPs."""
+    return ratio_for(baseline, example, num_classes, flops, lambda m: count_flops(m, example))
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def measured(name: str, how: str, model: nn.Module, params: Params, splits: dict[str, Split]) -> Contender:
@@ -438,19 +473,40 @@ def contenders(params: Params, layout: Layout, winners: dict[str, str]) -> list[
     promoted = {objective: load_checkpoint(layout.checkpoint(name))[0] for objective, name in winners.items()}
     target = count_flops(dense_twin(promoted["latency_ms"]), example)
     same_flops = ratio_for_flops(baseline, example, classes, target)
+    # Uniform and global torch-pruning at the parameter count of the model promoted by latency.
+    same_params = n_params(dense_twin(promoted["latency_ms"]))
+    by_params = {g: ratio_for(baseline, example, classes, same_params, n_params, g) for g in (False, True)}
     # The same fine-tuning recipe, budget and loop as the pipeline's own L1 candidates.
     recipe = candidate_train_config(params, "l1-50")
     peers = {}
-    for ratio in (0.5, same_flops):
-        peers[ratio] = torch_pruning_peer(baseline, example, classes, ratio)
-        fit(peers[ratio], train, val, recipe, params.seed, params.data.augment)
+    for key, (ratio, global_pruning) in {
+        "0.5": (0.5, False),
+        "flops": (same_flops, False),
+        "uniform": (by_params[False], False),
+        "global": (by_params[True], True),
+    }.items():
+        peers[key] = torch_pruning_peer(baseline, example, classes, ratio, global_pruning)
+        fit(peers[key], train, val, recipe, params.seed, params.data.augment)
     epochs, data = params.shrink.epochs, (params, splits)
     tp_how = "MetaPruner L1 {:.3f} one-shot, {} epochs"
+    tp_global = f"MetaPruner L1 global {{:.3f}} in {GLOBAL_STEPS} steps, {{}} epochs"
     rows = [
         measured("baseline", f"BaseNet, {params.train.epochs} epochs", baseline, *data),
         measured("seed: AdjustedNet", f"width x0.5, fresh init, {epochs} epochs", seed_adjusted, *data),
-        measured("torch-pruning 0.5", tp_how.format(0.5, epochs), peers[0.5], *data),
-        measured("torch-pruning same FLOPs", tp_how.format(same_flops, epochs), peers[same_flops], *data),
+        measured("torch-pruning 0.5", tp_how.format(0.5, epochs), peers["0.5"], *data),
+        measured("torch-pruning same FLOPs", tp_how.format(same_flops, epochs), peers["flops"], *data),
+        measured(
+            "torch-pruning uniform, same params",
+            tp_how.format(by_params[False], epochs),
+            peers["uniform"],
+            *data,
+        ),
+        measured(
+            "torch-pruning global, same params",
+            tp_global.format(by_params[True], epochs),
+            peers["global"],
+            *data,
+        ),
     ]
     for objective, name in winners.items():
         rows.append(
@@ -571,8 +627,8 @@ def candidates_table(rows: list[dict], winners: dict[str, str]) -> str:
     float twin's latency (int8 is only worth it where it is faster)."""
     lines = [
         "| candidate | steps | ratio | gate delta (pts) | 95% lower bound | eligible | test acc % "
-        "| params | FLOPs | latency b1 (ms) | int8 vs float |",
-        "|" + "---|" * 11,
+        "| params | FLOPs | latency b1 (ms) | int8 vs float | widths kept (allocated) |",
+        "|" + "---|" * 12,
     ]
     for r in rows:
         marks = [f"promoted by {o}" for o, name in winners.items() if name == r["name"]]
@@ -587,9 +643,15 @@ def candidates_table(rows: list[dict], winners: dict[str, str]) -> str:
         lines.append(
             f"| {name} | {steps} | {r['ratio']:.3f} | {r['gate_delta']:+.2f} "
             f"| {r['gate_lower']:+.2f} | {'yes' if r['eligible'] else 'no'} | {r['test_acc']:.2f} "
-            f"| {int(r['params']):,} | {int(r['flops']):,} | {r['latency_ms']:.3f} | {int8} |"
+            f"| {int(r['params']):,} | {int(r['flops']):,} | {r['latency_ms']:.3f} | {int8} "
+            f"| {widths_cell(r.get('widths'))} |"
         )
     return "\n".join(lines)
+
+
+def widths_cell(widths: dict[str, int] | None) -> str:
+    """A budget candidate's kept channels per group (``name=kept``), else ``-``."""
+    return ", ".join(f"{g}={k}" for g, k in widths.items()) if widths else "-"
 
 
 def targets(figures: Figures) -> list[tuple[str, bool]]:
@@ -598,6 +660,8 @@ def targets(figures: Figures) -> list[tuple[str, bool]]:
     won = figures.contender("shrinkflow (latency_ms)")
     seed, tp_half = figures.contender("seed: AdjustedNet"), figures.contender("torch-pruning 0.5")
     tp_same = figures.contender("torch-pruning same FLOPs")
+    tp_uniform = figures.contender("torch-pruning uniform, same params")
+    tp_global = figures.contender("torch-pruning global, same params")
     fewer, faster = base.params / won.params, base.latency_ms / won.latency_ms
     drop = base.test_acc - won.test_acc
     winner = won.name.split(": ", 1)[1]
@@ -622,6 +686,12 @@ def targets(figures: Figures) -> list[tuple[str, bool]]:
             f"higher test accuracy than torch-pruning at the same FLOPs: {won.test_acc:.2f} vs "
             f"{tp_same.test_acc:.2f}",
             won.test_acc > tp_same.test_acc,
+        ),
+        (
+            f"promoted (latency) >= 1.0 point more test accuracy than torch-pruning uniform and global "
+            f"at its params ({won.params:,}): {won.test_acc:.2f} vs {tp_uniform.test_acc:.2f} "
+            f"({tp_uniform.params:,}) and {tp_global.test_acc:.2f} ({tp_global.params:,})",
+            won.test_acc >= tp_uniform.test_acc + 1 and won.test_acc >= tp_global.test_acc + 1,
         ),
         (
             "smaller and faster at batch 1 than the seed's AdjustedNet and torch-pruning 0.5, at "
@@ -665,14 +735,36 @@ def efficiency_table(eff: dict) -> str:
     )
 
 
+METHOD_STYLES = {  # method -> (colour, marker)
+    "baseline": ("black", "*"),
+    "shrinkflow, fixed ratio": ("tab:blue", "o"),
+    "shrinkflow, allocated": ("tab:green", "D"),
+    "width (fresh init)": ("tab:gray", "v"),
+    "torch-pruning uniform": ("tab:orange", "s"),
+    "torch-pruning global": ("tab:red", "^"),
+}
+
+
+def method_of(name: str, strategy: str | None = None, widths: dict | None = None) -> str:
+    """Which method's front a model belongs to."""
+    if name == "baseline":
+        return "baseline"
+    if name.startswith("torch-pruning"):
+        return "torch-pruning global" if "global" in name else "torch-pruning uniform"
+    if widths:
+        return "shrinkflow, allocated"
+    return "width (fresh init)" if strategy == "width" else "shrinkflow, fixed ratio"
+
+
 def pareto_png(figures: Figures, path: Path) -> Path:
     """Test accuracy (95% interval) against batch-1 latency and params for every pipeline model
-    and every contender; the non-dominated ones (no other model both faster and more accurate)
-    joined by a line."""
+    and every contender, coloured by method; each method's non-dominated models (none of the
+    same method both cheaper and more accurate) joined by a line of its colour."""
     from matplotlib.figure import Figure
 
     points = [
         (
+            method_of(r["name"], r.get("strategy"), r.get("widths")),
             r["name"],
             r["latency_ms"],
             r["params"],
@@ -681,41 +773,38 @@ def pareto_png(figures: Figures, path: Path) -> Path:
         )
         for r in figures.candidates
     ] + [
-        (c.name, c.latency_ms, c.params, c.test_acc, c.test_low, c.test_high)
+        (method_of(c.name), c.name, c.latency_ms, c.params, c.test_acc, c.test_low, c.test_high)
         for c in figures.contenders
         if not c.name.startswith(("baseline", "shrinkflow", "seed"))  # already among the candidates
     ]
     fig = Figure(figsize=(13, 5.5), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, (col, label) in zip(
-        axes, ((1, "CPU latency, batch 1, one thread (ms)"), (2, "parameters (log)")), strict=True
+        axes, ((2, "CPU latency, batch 1, one thread (ms)"), (3, "parameters (log)")), strict=True
     ):
-        for name, *values in points:
-            x, acc, low, high = values[col - 1], values[2], values[3], values[4]
-            peer = name.startswith("torch-pruning")
-            ax.errorbar(
-                x,
-                acc,
-                yerr=[[acc - low], [high - acc]],
-                fmt="s" if peer else "o",
-                color="tab:orange" if peer else "tab:blue",
-                capsize=2,
-                ms=5,
-            )
-            ax.annotate(name, (x, acc), textcoords="offset points", xytext=(4, 3), fontsize=7)
-        front = pareto_front([(p[col], p[3]) for p in points])
-        ax.plot(*zip(*front, strict=True), color="tab:green", lw=1, ls="--", label="Pareto front")
+        for method, (colour, marker) in METHOD_STYLES.items():
+            mine = [p for p in points if p[0] == method]
+            if not mine:
+                continue
+            for _, name, *values in mine:
+                x, acc, low, high = values[col - 2], values[2], values[3], values[4]
+                ax.errorbar(
+                    x, acc, yerr=[[acc - low], [high - acc]], fmt=marker, color=colour, capsize=2, ms=5
+                )
+                ax.annotate(name, (x, acc), textcoords="offset points", xytext=(4, 3), fontsize=6)
+            front = pareto_front([(p[col], p[4]) for p in mine])
+            ax.plot(*zip(*front, strict=True), color=colour, lw=1, ls="--", marker=marker, ms=0, label=method)
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-        if col == 2:
+        if col == 3:
             ax.set_xscale("log")
     axes[0].set_ylabel(
         "CIFAR-10 test accuracy (%), 95% interval"
         if figures.setup == "cifar10"
         else "test accuracy (%), 95% interval"
     )
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{figures.setup}: every model (blue: shrinkflow's; orange: torch-pruning peers)")
+    axes[0].legend(fontsize=8, title="each method's Pareto front")
+    fig.suptitle(f"{figures.setup}: every model, by method")
     fig.savefig(path, format="png", dpi=110)
     return path
 
@@ -814,6 +903,10 @@ def benchmark(setup: Setup, tmp: Path) -> Figures:
     }
     work = stage_work_seconds(params, layout, tmp / "prepare-timing")
     figures.candidates = table[table["status"] == "ok"].to_dict("records")
+    for row in figures.candidates:  # a budget candidate's allocated widths, from its record
+        row["widths"] = (
+            load_record(layout, row["name"]).options.get("widths") if row["name"] != "baseline" else None
+        )
     log.info("measuring the contenders (fine-tuning the torch-pruning peers)")
     winners = {objective: d["winner"] for objective, d in figures.decisions.items()}
     figures.contenders = contenders(params, layout, winners)

@@ -231,13 +231,20 @@ class _Candidate(_Section):
                 raise ValueError(
                     f"{self.strategy} is a final post-training step, so {stray[0]!r} does not apply"
                 )
-        if "ratio" in self._strategy.options.model_fields:
+        budget = getattr(self, "budget", None)
+        if budget is not None:
+            if (budget.keep is None) == (self.search is None):
+                raise ValueError(f"{self.strategy}: set exactly one of budget.keep and search")
+            if self.rounds > 1:
+                raise ValueError(f"{self.strategy}: a budget is allocated in one round; rounds must be 1")
+        elif "ratio" in self._strategy.options.model_fields:
             if (self.ratio is None) == (self.search is None):
-                raise ValueError(f"{self.strategy}: set exactly one of ratio and search")
+                choices = "ratio, budget" if "budget" in self._strategy.options.model_fields else "ratio"
+                raise ValueError(f"{self.strategy}: set exactly one of {choices} and search")
         elif self.search is not None:
             raise ValueError(f"{self.strategy} has no ratio to search")
         limit = getattr(self, "max_layer_ratio", None)
-        if self.search and getattr(self, "global_pruning", False) and self.search.high > limit:
+        if self.search and not budget and getattr(self, "global_pruning", False) and self.search.high > limit:
             raise ValueError(
                 f"search.high {self.search.high} is above max_layer_ratio {limit}: global pruning "
                 "cannot remove more than that from any layer; lower high or raise max_layer_ratio"

@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
+from shrinkflow.models.allocation import Allocation
 from shrinkflow.models.architecture import pruning_summary
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.strategies.structured import step_ratios
@@ -38,6 +40,7 @@ from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
 from shrinkflow.tasks.search import Trial, best_trial, search_ratio
+from shrinkflow.tasks.sensitivity import allocator, load_or_measure, sensitivity_path, summary
 from shrinkflow.tasks.stats import Comparison
 
 log = logging.getLogger(__name__)
@@ -165,12 +168,52 @@ def _baseline(layout: Layout, inputs: _Inputs) -> nn.Module:
 @dataclass
 class _Built:
     """One candidate at one ratio: the model, how its training went (None: never trained), and
-    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds)."""
+    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds, a
+    budget's allocation)."""
 
     model: nn.Module
     result: FitResult | None
     sparsity_phase: dict[str, Any] | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    allocation: dict[str, Any] = field(default_factory=dict)
+
+
+def _budget_options(
+    params: Params, layout: Layout, name: str, inputs: _Inputs, options: dict[str, Any], built: _Built
+) -> dict[str, Any]:
+    """A budget candidate's options with the allocator its strategy calls: ``ratio`` (a search's
+    trial) becomes ``budget.keep = 1 - ratio``; the baseline's sensitivity is measured once and
+    cached (see :mod:`shrinkflow.tasks.sensitivity`); ``built`` hears the allocation."""
+    cand = params.shrink.candidates[name]
+    ratio = options.pop("ratio", None)
+    budget = options["budget"] if ratio is None else options["budget"].model_copy(update={"keep": 1 - ratio})
+    path = sensitivity_path(layout.candidates, cand.strategy)
+    key = {
+        "baseline_sha256": inputs.baseline.sha256,
+        "data": load_manifest(layout).fingerprint,
+        "strategy": cand.strategy,
+        "ratios": list(cand.sensitivity_ratios),
+        "calibration_size": len(inputs.calibration[0]),
+    }
+    table = load_or_measure(
+        path,
+        _baseline(layout, inputs),
+        key,
+        cand.strategy,
+        inputs.calibration,
+        inputs.val,
+        cand.sensitivity_ratios,
+    )
+    options = options | {"budget": budget}
+
+    def heard(allocation: Allocation) -> None:
+        built.allocation = summary(allocation, table, str(path.relative_to(layout.root)))
+        built.allocation["ratio"] = round(1 - allocation.cost[budget.objective], 6)
+
+    return options | {
+        "allocate": allocator(cand.strategy, options, table, inputs.calibration, inputs.val, params.seed),
+        "on_allocation": heard,
+    }
 
 
 def _sparsity_phase(
@@ -211,6 +254,8 @@ def _shrink_and_train(
     if phase:
         built.sparsity_phase = _sparsity_phase(model, inputs, cfg, params, *phase)
     options = cand.options() | ({"ratio": ratio} if ratio is not None else {})
+    if getattr(cand, "budget", None) is not None:
+        options = _budget_options(params, layout, name, inputs, options, built)
     teacher = cand.distill and distillation_loss(_baseline(layout, inputs), **cand.distill.model_dump())
     if not info.warm_start:
         log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
@@ -240,6 +285,14 @@ def _shrink_and_train(
         model = apply_strategy(cand.quantize, model, inputs.calibration)
     built.model = model
     return built
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as JSON: nested option models as dicts, tuples as lists."""
+    return {
+        k: v.model_dump() if isinstance(v, BaseModel) else list(v) if isinstance(v, tuple) else v
+        for k, v in options.items()
+    }
 
 
 def _merged(results: list[FitResult]) -> FitResult:
@@ -290,7 +343,9 @@ def shrink_candidate(
     A failure is recorded (status ``failed`` with the reason) before it is re-raised, so the
     evaluation table can show it."""
     cand = params.shrink.candidates[name]
-    record = ModelRecord(name=name, strategy=cand.strategy, options=cand.options(), steps=cand.steps())
+    record = ModelRecord(
+        name=name, strategy=cand.strategy, options=_plain(cand.options()), steps=cand.steps()
+    )
     try:
         trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
@@ -300,7 +355,10 @@ def shrink_candidate(
             built, trials = _search(params, layout, name, inputs, on_trial)
             record.trials = [asdict(t) for t in trials]
             record.options["ratio"] = best_trial(trials).ratio
+            if record.options.get("budget"):  # the search varied budget.keep = 1 - ratio
+                record.options["budget"]["keep"] = round(1 - best_trial(trials).ratio, 6)
         record.sparsity_phase, record.rounds = built.sparsity_phase, built.rounds
+        record.options |= built.allocation
         return _save(name, built.model, record, layout, built.result, inputs.val)
     except Exception as exc:
         record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -35,6 +35,8 @@ CONTENDERS = [
     "seed: AdjustedNet",
     "torch-pruning 0.5",
     "torch-pruning same FLOPs",
+    "torch-pruning uniform, same params",
+    "torch-pruning global, same params",
     "shrinkflow (latency_ms): ",
     "shrinkflow (params): ",
 ]
@@ -78,8 +80,8 @@ def test_quick_benchmark_writes_every_column_row_and_target(tmp_path):
     assert any(line.startswith("Machine: ") and "torch" in line for line in lines)
     header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
     assert _cells(lines[header]) == CONTENDER_COLUMNS
-    rows = [_cells(line) for line in lines[header + 2 : header + 8]]
-    assert [row[0] for row in rows][:4] == CONTENDERS[:4]
+    rows = [_cells(line) for line in lines[header + 2 : header + 2 + len(CONTENDERS)]]
+    assert [row[0] for row in rows][:6] == CONTENDERS[:6]
     assert all(row[0].startswith(prefix) for row, prefix in zip(rows, CONTENDERS, strict=True))
     assert all(len(row) == len(CONTENDER_COLUMNS) for row in rows)
     assert rows[0][6] == "1.00x"  # the baseline against itself
@@ -89,13 +91,17 @@ def test_quick_benchmark_writes_every_column_row_and_target(tmp_path):
     assert set(EFFICIENCY) <= figures
     assert any(f.startswith("training throughput, engine.fit (") for f in figures)
     targets = [line for line in lines if line.startswith(("- PASS: ", "- FAIL: "))]
-    assert len(targets) == 7
+    assert len(targets) == 8
     data = json.loads(raw.read_text())
-    assert [c["name"] for c in data["contenders"]][:4] == CONTENDERS[:4]
+    assert [c["name"] for c in data["contenders"]][:6] == CONTENDERS[:6]
     assert set(data["efficiency"]) == {"overhead", "speedup", "throughput", "dvc"}
     assert set(data["decisions"]) == {"latency_ms", "params"}
-    promoted = {c["name"].split(": ")[1] for c in data["contenders"][4:]}
+    promoted = {c["name"].split(": ")[1] for c in data["contenders"][6:]}
     assert promoted == {d["winner"] for d in data["decisions"].values()}
     (png,) = tmp_path.glob("*-pareto.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert data["machine"]["cores"] >= 1 and data["machine"]["torch"] == torch.__version__
+    allocated = [c for c in data["candidates"] if c["name"].startswith("alloc-")]
+    assert len(allocated) == 2 and all(c["widths"] for c in allocated)
+    header = next(line for line in lines if line.startswith("| candidate |"))
+    assert _cells(header)[-1] == "widths kept (allocated)"

@@ -174,6 +174,10 @@ def test_every_strategy_is_declarable_and_composes():
         "iterative_steps": 1,
         "round_to": None,
         "max_layer_ratio": 0.9,
+        "budget": None,
+        "allocation": "uniform",
+        "sensitivity_ratios": (0.25, 0.5, 0.75, 0.9),
+        "samples": 16,
     }
     assert cands["s"].sparsity_phase() == (5, 0.1) and "sparsity" not in cands["s"].options()
     assert cands["q"].options() == {}

@@ -10,23 +10,38 @@ torch-pruning 1.6.0). The plan (global ranking with a
 per-layer floor, rounding to the nearest multiple) is handed to torch-pruning as per-layer ratios
 (``pruning_ratio_dict``); within each layer torch-pruning removes the lowest-ranked channels, the
 same channels a global threshold would pick there.
+
+With a ``budget`` the kept counts come from :mod:`shrinkflow.models.allocation` instead (per-layer
+widths meeting a params, FLOPs or latency budget), and ``widths`` (kept channels by group root
+name) replays a recorded allocation exactly: the same widths on the same baseline remove the same
+channels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch_pruning as tp
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from shrinkflow.models.allocation import Allocation, allocate, cost_model, global_plan, round_kept
 from shrinkflow.models.architecture import classifier_layers, record_pruning
 from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 _EPS = 1e-6  # float slack when a ratio times a width should land on an integer (0.75 * 64)
+
+
+class Budget(BaseModel):
+    """Keep ``keep`` of the baseline's ``objective`` (``None`` when a search sets it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    objective: Literal["params", "flops", "latency_ms"] = "params"
+    keep: Annotated[float, Field(gt=0, lt=1)] | None = None
 
 
 class StructuredOptions(RatioOptions):
@@ -36,17 +51,45 @@ class StructuredOptions(RatioOptions):
     re-scoring the survivors after each; ``round_to``: round each layer's kept channels to the
     nearest multiple of this (at least one multiple). Default None: on CPU (AMD EPYC, one thread,
     float32) rounding the seed BaseNet to multiples of 8 or 16 changed batch-64 latency by no
-    more than the width it added or removed, see benchmarks/results/round-to-2026-11-29.md."""
+    more than the width it added or removed, see benchmarks/results/round-to-2026-11-29.md.
+
+    ``budget`` (instead of ``ratio``): per-layer widths whose params, FLOPs or batch-1 latency are
+    ``keep`` of the baseline's, chosen by ``allocation`` (see :mod:`shrinkflow.models.allocation`):
+    ``uniform``, ``global`` (channels ranked across layers), ``sensitivity`` (least predicted loss
+    from each group pruned alone at ``sensitivity_ratios``) or ``sample`` (the best of ``samples``
+    random width vectors, each scored after BatchNorm re-estimation). No layer gives up more than
+    ``max_layer_ratio``."""
 
     global_pruning: bool = False
     iterative_steps: Annotated[int, Field(ge=1, le=20)] = 1
     round_to: Annotated[int, Field(ge=2, le=256)] | None = None
     max_layer_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.9
+    budget: Budget | None = None
+    allocation: Literal["uniform", "global", "sensitivity", "sample"] = "uniform"
+    sensitivity_ratios: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.25, 0.5, 0.75, 0.9)
+    samples: Annotated[int, Field(ge=1, le=200)] = 16
 
     @model_validator(mode="after")
     def _reachable(self) -> StructuredOptions:
         if self.global_pruning and self.ratio is not None and self.ratio > self.max_layer_ratio:
             raise ValueError(_unreachable(self.ratio, self.max_layer_ratio))
+        if self.budget is None:
+            if "allocation" in self.model_fields_set:
+                raise ValueError("allocation applies to a budget; give budget: {objective, keep}")
+            return self
+        if self.ratio is not None:
+            raise ValueError("set ratio or budget, not both")
+        if "global_pruning" in self.model_fields_set and self.global_pruning:
+            raise ValueError("with a budget, choose allocation: global instead of global_pruning")
+        if self.iterative_steps > 1:
+            raise ValueError("a budget is allocated in one step; iterative_steps must be 1")
+        if sorted(set(self.sensitivity_ratios)) != list(self.sensitivity_ratios):
+            raise ValueError("sensitivity_ratios must be increasing and distinct")
+        if self.max_layer_ratio > self.sensitivity_ratios[-1] + _EPS:
+            raise ValueError(
+                f"max_layer_ratio {self.max_layer_ratio} is above the largest sensitivity ratio "
+                f"{self.sensitivity_ratios[-1]}: no layer's loss would be measured that far"
+            )
         return self
 
 
@@ -69,14 +112,6 @@ def step_ratios(ratio: float, steps: int) -> list[float]:
         raise ValueError(f"steps must be at least 1, got {steps}")
     keep = [1 - ratio * i / steps for i in range(steps + 1)]
     return [1 - keep[i] / keep[i - 1] for i in range(1, steps + 1)]
-
-
-def _round(kept: int, width: int, multiple: int | None) -> int:
-    """``kept`` to the nearest multiple of ``multiple`` (halves up), at least one multiple, never
-    more than ``width``."""
-    if multiple is None:
-        return kept
-    return min(width, max(multiple, multiple * math.floor(kept / multiple + 0.5)))
 
 
 def _scores(pruner: tp.pruner.BasePruner) -> dict[nn.Module, tuple[Any, torch.Tensor]]:
@@ -113,63 +148,98 @@ def _plan(
         kept = {m: max(1, min(width[m], math.floor(original[m] * keep + _EPS))) for m in scores}
     else:
         floor = {m: max(1, math.ceil(original[m] * (1 - max_layer_ratio) - _EPS)) for m in scores}
-        to_remove = sum(width.values()) - math.floor(sum(original[m] for m in scores) * keep + _EPS)
-        kept = dict(width)
-        modules = list(scores)
-        owner = torch.cat([torch.full((width[m],), i) for i, m in enumerate(modules)])
-        order = torch.argsort(torch.cat([scores[m] for m in modules]), stable=True)
-        for i in owner[order].tolist():  # lowest score first; a layer at its floor gives no more
-            if to_remove <= 0:
-                break
-            m = modules[i]
-            if kept[m] > floor[m]:
-                kept[m] -= 1
-                to_remove -= 1
-    return {m: _round(k, width[m], round_to) for m, k in kept.items()}
+        kept = global_plan(scores, original, keep, floor)
+    return {m: round_kept(k, width[m], round_to) for m, k in kept.items()}
+
+
+def _scorer(
+    model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool
+) -> tp.pruner.BasePruner:
+    inputs, targets = batch
+    if needs_grad:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+    return tp.pruner.BasePruner(
+        model,
+        example_inputs=inputs[:1],
+        importance=importance(),
+        pruning_ratio=0.0,
+        ignored_layers=classifier_layers(model),
+    )
+
+
+def group_scores(
+    model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool
+) -> dict[str, torch.Tensor]:
+    """Each prunable group's per-channel importance, by its root module's name."""
+    names = {m: n for n, m in model.named_modules()}
+    scores = {names[m]: s for m, (_, s) in _scores(_scorer(model, batch, importance, needs_grad)).items()}
+    model.zero_grad(set_to_none=True)
+    return scores
+
+
+def _named_plan(
+    model: nn.Module, scored: dict[nn.Module, Any], widths: dict[str, int]
+) -> dict[nn.Module, int]:
+    """``widths`` (kept channels by root module name; a group not named keeps all) as a plan."""
+    names = {m: n for n, m in model.named_modules()}
+    known = {names[m] for m in scored}
+    unknown = sorted(set(widths) - known)
+    if unknown:
+        raise ValueError(f"widths name {unknown[0]!r}, not a prunable group; the groups are {sorted(known)}")
+    plan = {}
+    for m, (_, s) in scored.items():
+        kept = widths.get(names[m], len(s))
+        if not 1 <= kept <= len(s):
+            raise ValueError(f"widths[{names[m]!r}] = {kept}: keep between 1 and {len(s)} channels")
+        plan[m] = kept
+    return plan
 
 
 def prune(
     model: nn.Module,
     batch: Batch,
     importance: Callable[[], tp.importance.Importance],
-    ratio: float,
+    ratio: float | None,
     global_pruning: bool,
     needs_grad: bool,
     iterative_steps: int = 1,
     round_to: int | None = None,
     max_layer_ratio: float = 0.9,
+    widths: dict[str, int] | None = None,
 ) -> nn.Module:
     """Remove whole channels/neurons with torch-pruning's dependency graph; the classifier's
     outputs are kept so the class count never changes. Each of ``iterative_steps`` steps
     re-scores the survivors and removes another ``ratio / iterative_steps`` of the original
-    width."""
-    if global_pruning and ratio > max_layer_ratio:
+    width. ``widths`` (instead of ``ratio``): the channels each group keeps, by its root module's
+    name, in one step (what an allocation chose, or a record to rebuild)."""
+    if widths is None and ratio is None:
+        raise ValueError("give ratio or widths")
+    if global_pruning and widths is None and ratio > max_layer_ratio:
         raise ValueError(_unreachable(ratio, max_layer_ratio))
-    inputs, targets = batch
     original: dict[nn.Module, int] = {}
-    for step in range(1, iterative_steps + 1):
-        if needs_grad:
-            model.zero_grad()
-            nn.functional.cross_entropy(model(inputs), targets).backward()
-        scorer = tp.pruner.BasePruner(
-            model,
-            example_inputs=inputs[:1],
-            importance=importance(),
-            pruning_ratio=0.0,
-            ignored_layers=classifier_layers(model),
-        )
-        scored = _scores(scorer)
+    steps = 1 if widths is not None else iterative_steps
+    for step in range(1, steps + 1):
+        scored = _scores(_scorer(model, batch, importance, needs_grad))
         for m, (_, s) in scored.items():
             original.setdefault(m, len(s))
-        keep = 1 - ratio * step / iterative_steps
-        plan = _plan(
-            {m: s for m, (_, s) in scored.items()}, original, keep, global_pruning, max_layer_ratio, round_to
-        )
+        if widths is not None:
+            plan = _named_plan(model, scored, widths)
+        else:
+            keep = 1 - ratio * step / iterative_steps
+            plan = _plan(
+                {m: s for m, (_, s) in scored.items()},
+                original,
+                keep,
+                global_pruning,
+                max_layer_ratio,
+                round_to,
+            )
         # Kept k of n: ratio (n - k - 0.5) / n makes torch-pruning's int(n * (1 - r)) exactly k.
         ratios = {m: max(0.0, (len(s) - plan[m] - 0.5) / len(s)) for m, (_, s) in scored.items()}
         pruner = tp.pruner.BasePruner(
             model,
-            example_inputs=inputs[:1],
+            example_inputs=batch[0][:1],
             importance=importance(),
             pruning_ratio=0.0,
             pruning_ratio_dict=ratios,
@@ -181,6 +251,38 @@ def prune(
     return model
 
 
+Allocator = Callable[[nn.Module, dict[str, torch.Tensor]], Allocation]
+
+
+def budget_widths(
+    model: nn.Module,
+    batch: Batch,
+    scores: dict[str, torch.Tensor],
+    budget: Budget,
+    allocation: str,
+    round_to: int | None,
+    max_layer_ratio: float,
+) -> Allocation:
+    """The allocation a budget needs when nothing was measured: ``uniform`` or ``global`` on
+    params or FLOPs (latency and the other allocations need the pipeline's measurements, see
+    :mod:`shrinkflow.tasks.sensitivity`)."""
+    if budget.objective == "latency_ms" or allocation not in ("uniform", "global"):
+        raise ValueError(
+            f"allocation {allocation} with objective {budget.objective} needs measured sensitivity; "
+            "run the candidate through shrinkflow.tasks.train or pass allocate="
+        )
+    costs = cost_model(model, batch[0][:1])
+    return allocate(
+        allocation,
+        budget.objective,
+        budget.keep,
+        costs,
+        max_layer_ratio=max_layer_ratio,
+        round_to=round_to,
+        scores=scores,
+    )
+
+
 def structured(
     name: str,
     importance: Callable[[], tp.importance.Importance],
@@ -189,7 +291,9 @@ def structured(
     **facts: Any,
 ) -> Strategy:
     """A structured-pruning strategy ranking channels by ``importance()`` (made fresh per call:
-    importances may keep state)."""
+    importances may keep state). With a ``budget``, the widths come from ``allocate(model,
+    scores)`` (the pipeline passes one built from measured sensitivity; without it, see
+    :func:`budget_widths`); ``on_allocation`` hears the chosen :class:`Allocation`."""
 
     defaults = {k: f.default for k, f in options.model_fields.items()}
 
@@ -197,12 +301,32 @@ def structured(
         model: nn.Module,
         batch: Batch,
         *,
-        ratio: float,
+        ratio: float | None = None,
         global_pruning: bool = defaults["global_pruning"],
         iterative_steps: int = defaults["iterative_steps"],
         round_to: int | None = defaults["round_to"],
         max_layer_ratio: float = defaults["max_layer_ratio"],
+        budget: Budget | dict | None = None,
+        allocation: str = defaults["allocation"],
+        sensitivity_ratios: tuple[float, ...] = defaults["sensitivity_ratios"],  # read by the allocator
+        samples: int = defaults["samples"],  # read by the allocator
+        widths: dict[str, int] | None = None,
+        allocate: Allocator | None = None,
+        on_allocation: Callable[[Allocation], None] | None = None,
     ) -> nn.Module:
+        if budget is not None and widths is None:
+            budget = Budget.model_validate(budget)
+            if budget.keep is None:
+                raise ValueError("budget.keep is not set (a search sets it)")
+            scores = group_scores(model, batch, importance, needs_grad)
+            chosen = (
+                allocate(model, scores)
+                if allocate is not None
+                else budget_widths(model, batch, scores, budget, allocation, round_to, max_layer_ratio)
+            )
+            if on_allocation is not None:
+                on_allocation(chosen)
+            widths = chosen.widths
         return prune(
             model,
             batch,
@@ -213,6 +337,7 @@ def structured(
             iterative_steps,
             round_to,
             max_layer_ratio,
+            widths,
         )
 
     shrink.__name__ = shrink.__qualname__ = name

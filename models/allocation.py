@@ -1,0 +1,491 @@
+"""Per-layer widths allocated to a budget (issue #23): which share of each prunable group a
+structured pruner keeps so that the pruned network costs ``keep`` of the baseline's params,
+FLOPs or batch-1 latency.
+
+The pieces are pure torch and plain numbers, so they are tested on crafted nets:
+
+- :func:`prunable_groups`: the groups torch-pruning's dependency graph finds (coupled layers
+  together, e.g. every convolution feeding one residual sum), by the name of their root module.
+- :class:`CostModel`: params and FLOPs of any width vector, read off the graph (each weight
+  scales with the kept share of the group that prunes its outputs times that of the group that
+  prunes its inputs, so it is exact for conv, linear and BatchNorm layers), and batch-1 latency
+  from a per-group lookup table measured by :func:`measure_sensitivity` (additive, as NetAdapt).
+- :func:`measure_sensitivity`: each group pruned alone at several ratios, its validation loss
+  and accuracy (after BatchNorm re-estimation, as EagleEye) and its cost.
+- :func:`allocate`: ``uniform`` (one ratio for all), ``global`` (channels ranked across groups),
+  ``sensitivity`` (a greedy on predicted loss per unit of cost, with per-group floors) or
+  ``sample`` (EagleEye: random width vectors on the budget, each scored, the best kept).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from shrinkflow.models.architecture import classifier_layers
+
+Objective = Literal["params", "flops", "latency_ms"]
+Method = Literal["uniform", "global", "sensitivity", "sample"]
+Widths = dict[str, int]  # root module name of a group -> channels it keeps
+Prune = Callable[[nn.Module, Widths], nn.Module]  # prunes a model in place to these widths
+Score = Callable[[nn.Module], tuple[float, float]]  # model -> (val loss, val accuracy %)
+
+_EPS = 1e-6
+
+
+def round_kept(kept: int, width: int, multiple: int | None) -> int:
+    """``kept`` to the nearest multiple of ``multiple`` (halves up), at least one multiple, never
+    more than ``width``."""
+    if multiple is None:
+        return kept
+    return min(width, max(multiple, multiple * math.floor(kept / multiple + 0.5)))
+
+
+def _graph(model: nn.Module, example: Tensor) -> tuple[tp.pruner.BasePruner, dict[nn.Module, str]]:
+    pruner = tp.pruner.BasePruner(
+        model,
+        example_inputs=example,
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        pruning_ratio=0.0,
+        ignored_layers=classifier_layers(model),
+    )
+    return pruner, {module: name for name, module in model.named_modules()}
+
+
+def _groups(pruner: tp.pruner.BasePruner) -> list:
+    return [
+        g
+        for g in pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+        )
+        if pruner._check_pruning_ratio(g)  # a one-channel layer: nothing to remove
+    ]
+
+
+def _width(module: nn.Module) -> int:
+    return int(getattr(module, "out_channels", None) or module.out_features)
+
+
+def prunable_groups(model: nn.Module, example: Tensor) -> Widths:
+    """Every prunable group's root module name and width (its output channels or features)."""
+    pruner, names = _graph(model, example)
+    return {names[g[0].dep.target.module]: _width(g[0].dep.target.module) for g in _groups(pruner)}
+
+
+def floors(widths: Widths, max_layer_ratio: float, round_to: int | None) -> Widths:
+    """The fewest channels each group may keep: ``1 - max_layer_ratio`` of it, at least one."""
+    low = {g: max(1, math.ceil(n * (1 - max_layer_ratio) - _EPS)) for g, n in widths.items()}
+    if round_to is None:
+        return low
+    return {g: min(n, round_to * math.ceil(low[g] / round_to)) for g, n in widths.items()}
+
+
+@dataclass
+class CostModel:
+    """Params, FLOPs and batch-1 latency of a width vector. ``terms``: per objective, rows of
+    (baseline amount, group pruning the outputs, group pruning the inputs); ``latency``: per
+    group, (kept fraction, measured ms) points, interpolated, summed as differences from the
+    baseline's ``base_latency_ms``."""
+
+    widths: Widths
+    terms: dict[str, list[tuple[float, str | None, str | None]]]
+    base_latency_ms: float | None = None
+    latency: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def cost(self, objective: Objective, kept: Widths) -> float:
+        share = {g: kept.get(g, n) / n for g, n in self.widths.items()}
+        if objective == "latency_ms":
+            if self.base_latency_ms is None:
+                raise ValueError("a latency_ms budget needs the measured per-group latency table")
+            base = self.base_latency_ms
+            return base + sum(_interp(share[g], pts) - base for g, pts in self.latency.items())
+        return sum(
+            amount * (share[o] if o else 1.0) * (share[i] if i else 1.0)
+            for amount, o, i in self.terms[objective]
+        )
+
+    def fraction(self, objective: Objective, kept: Widths) -> float:
+        """The cost of ``kept`` as a share of the unpruned network's."""
+        return self.cost(objective, kept) / self.cost(objective, self.widths)
+
+
+def _interp(x: float, points: list[tuple[float, float]]) -> float:
+    xs, ys = zip(*sorted(points), strict=True)
+    return float(np.interp(x, xs, ys))
+
+
+def cost_model(model: nn.Module, example: Tensor) -> CostModel:
+    """Params and FLOPs (2 x multiply-accumulates of conv and linear layers, as torch's flop
+    counter) of ``model`` at any widths of its prunable groups."""
+    pruner, names = _graph(model, example)
+    out_of: dict[nn.Module, str] = {}
+    in_of: dict[nn.Module, str] = {}
+    widths: Widths = {}
+    for group in _groups(pruner):
+        root = names[group[0].dep.target.module]
+        widths[root] = _width(group[0].dep.target.module)
+        for item in group:
+            side = out_of if item.dep.handler.__name__ == "prune_out_channels" else in_of
+            side.setdefault(item.dep.target.module, root)
+    macs = _macs(model, example)
+    params, flops = [], []
+    for module in model.modules():
+        o, i = out_of.get(module), in_of.get(module)
+        depthwise = getattr(module, "groups", 1) > 1
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2:
+                params.append((float(p.numel()), o, None if depthwise else i))
+            elif isinstance(module, nn.Conv2d | nn.Linear):  # a bias: one value per output
+                params.append((float(p.numel()), o, None))
+            else:  # a norm's scales: per channel, whichever side the graph prunes it from
+                params.append((float(p.numel()), o or i, None))
+        if module in macs:
+            flops.append((2.0 * macs[module], o, None if depthwise else i))
+    return CostModel(widths, {"params": params, "flops": flops})
+
+
+def _macs(model: nn.Module, example: Tensor) -> dict[nn.Module, int]:
+    found: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            per_output = module.in_channels // module.groups * kh * kw
+        else:
+            per_output = module.in_features
+        found[module] = found.get(module, 0) + output.numel() // output.shape[0] * per_output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        with torch.inference_mode():
+            model.eval()(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+# --- sensitivity -------------------------------------------------------------------------------
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def reestimate_batch_norm(model: nn.Module, batches: list[Tensor]) -> nn.Module:
+    """Recompute BatchNorm running statistics of a pruned net as plain averages over ``batches``
+    of training images (EagleEye's adaptive BN); other weights are untouched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for x in batches:
+        model(x)
+    for m, momentum in saved:
+        m.momentum = momentum
+    return model.eval()
+
+
+@torch.no_grad()
+def loss_and_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) of ``model`` on ``(x, y)``."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size].float())
+        target = y[start : start + batch_size]
+        loss += float(nn.functional.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    return loss / max(len(x), 1), 100.0 * correct / max(len(x), 1)
+
+
+@dataclass
+class Sensitivity:
+    """Each group pruned alone at each of ``ratios``: its kept channels and the pruned net's
+    validation loss and accuracy and its params, FLOPs and batch-1 latency; ``base``: the same for
+    the unpruned net. JSON-ready (``dataclasses.asdict``)."""
+
+    ratios: list[float]
+    base: dict[str, float]
+    groups: dict[str, dict[str, list[float]]]
+
+    def predicted_loss(self, kept: Widths, widths: Widths) -> float:
+        """Baseline loss plus each group's loss increase at its kept share (additive)."""
+        return self.base["loss"] + sum(
+            self._curve(g, "loss", kept.get(g, n) / n) - self.base["loss"] for g, n in widths.items()
+        )
+
+    def _curve(self, group: str, key: str, share: float) -> float:
+        row = self.groups[group]
+        values = [self.base[key], *row[key]]
+        if key == "loss":  # noise aside, pruning more never helps: make the curve monotone
+            values = list(np.maximum.accumulate(values))
+        shares = [1.0, *(k / row["width"][0] for k in row["kept"])]
+        return _interp(share, list(zip(shares, values, strict=True)))
+
+    def latency_points(self) -> dict[str, list[tuple[float, float]]]:
+        """Per group, (kept share, ms) with latency made non-increasing as channels go."""
+        points = {}
+        for g, row in self.groups.items():
+            ms = list(np.minimum.accumulate([self.base["latency_ms"], *row["latency_ms"]]))
+            shares = [1.0, *(k / row["width"][0] for k in row["kept"])]
+            points[g] = list(zip(shares, ms, strict=True))
+        return points
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    example: Tensor,
+    prune: Prune,
+    score: Score,
+    latency: Callable[[nn.Module], float],
+    ratios: tuple[float, ...],
+) -> Sensitivity:
+    """Prune each group alone (a copy of ``model``) at each ratio and measure it: ``score``
+    (which re-estimates BatchNorm where there is any) and ``latency`` (ms at batch 1)."""
+    costs = cost_model(model, example)
+    loss, acc = score(copy.deepcopy(model))
+    base = {
+        "loss": loss,
+        "acc": acc,
+        "params": costs.cost("params", costs.widths),
+        "flops": costs.cost("flops", costs.widths),
+        "latency_ms": 0.0,
+    }
+    groups, base_ms = {}, [latency(model)]
+    for g, n in costs.widths.items():
+        base_ms.append(latency(model))  # timed between the groups too: one unlucky spike is not the base
+        row: dict[str, list[float]] = {
+            k: [] for k in ("width", "kept", "loss", "acc", "params", "flops", "latency_ms")
+        }
+        for r in ratios:
+            kept = max(1, math.floor(n * (1 - r) + _EPS))
+            pruned = prune(copy.deepcopy(model), {g: kept})
+            loss, acc = score(pruned)
+            row["width"].append(n)
+            row["kept"].append(kept)
+            row["loss"].append(loss)
+            row["acc"].append(acc)
+            row["params"].append(costs.cost("params", {g: kept}))
+            row["flops"].append(costs.cost("flops", {g: kept}))
+            row["latency_ms"].append(latency(pruned))
+        groups[g] = row
+    base["latency_ms"] = float(np.median(base_ms))
+    return Sensitivity(list(ratios), base, groups)
+
+
+def with_latency(costs: CostModel, sensitivity: Sensitivity) -> CostModel:
+    """``costs`` with the latency lookup table of ``sensitivity``."""
+    return CostModel(costs.widths, costs.terms, sensitivity.base["latency_ms"], sensitivity.latency_points())
+
+
+# --- allocation --------------------------------------------------------------------------------
+
+
+@dataclass
+class Allocation:
+    """What :func:`allocate` chose: ``widths`` per group, the cost share it predicts for each
+    objective, the predicted validation loss (sensitivity table) and, for ``sample``, every
+    sampled vector's score."""
+
+    method: str
+    widths: Widths
+    cost: dict[str, float]
+    predicted_loss: float | None = None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _levels(n: int, low: int, round_to: int | None) -> list[int]:
+    """The widths a group may take, widest first."""
+    return sorted({n, *(round_kept(k, n, round_to) for k in range(low, n + 1))}, reverse=True)
+
+
+def _uniform(
+    costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None
+) -> Widths:
+    def at(ratio: float) -> Widths:
+        return {
+            g: max(low[g], round_kept(max(1, math.floor(n * (1 - ratio) + _EPS)), n, round_to))
+            for g, n in costs.widths.items()
+        }
+
+    return at(_smallest(lambda r: costs.cost(objective, at(r)) <= budget, 0.0, 1.0))
+
+
+def _smallest(ok: Callable[[float], bool], lo: float, hi: float) -> float:
+    """The smallest ``t`` in ``[lo, hi]`` with ``ok(t)`` (monotone), to 1e-7."""
+    if ok(lo):
+        return lo
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+        if hi - lo < 1e-7:
+            break
+    return hi
+
+
+def global_plan(
+    scores: dict[Any, Tensor], original: dict[Any, int], keep: float, low: dict[Any, int]
+) -> dict[Any, int]:
+    """Channels each group keeps when ``keep`` of all channels survive, lowest scores across
+    groups removed first, no group below its floor ``low``."""
+    width = {m: len(s) for m, s in scores.items()}
+    to_remove = sum(width.values()) - math.floor(sum(original[m] for m in scores) * keep + _EPS)
+    kept = dict(width)
+    modules = list(scores)
+    owner = torch.cat([torch.full((width[m],), i) for i, m in enumerate(modules)])
+    order = torch.argsort(torch.cat([scores[m] for m in modules]), stable=True)
+    for i in owner[order].tolist():  # lowest score first; a group at its floor gives no more
+        if to_remove <= 0:
+            break
+        m = modules[i]
+        if kept[m] > low[m]:
+            kept[m] -= 1
+            to_remove -= 1
+    return kept
+
+
+def _global(
+    costs: CostModel,
+    objective: Objective,
+    budget: float,
+    low: Widths,
+    round_to: int | None,
+    scores: dict[str, Tensor],
+) -> Widths:
+    def at(drop: float) -> Widths:
+        plan = global_plan(scores, costs.widths, 1 - drop, low)
+        return {g: max(low[g], round_kept(k, costs.widths[g], round_to)) for g, k in plan.items()}
+
+    return at(_smallest(lambda d: costs.cost(objective, at(d)) <= budget, 0.0, 1.0))
+
+
+def _greedy(
+    costs: CostModel,
+    objective: Objective,
+    budget: float,
+    low: Widths,
+    round_to: int | None,
+    sens: Sensitivity,
+) -> Widths:
+    """From full width, repeatedly take one step off the group whose next step adds the least
+    predicted loss per unit of cost saved, until the budget is met."""
+    levels = {g: _levels(n, low[g], round_to) for g, n in costs.widths.items()}
+    at = {g: 0 for g in levels}  # index into levels
+    kept = {g: levels[g][0] for g in levels}
+    cost = costs.cost(objective, kept)
+    while cost > budget:
+        best, best_key = None, None
+        for g in levels:
+            if at[g] + 1 >= len(levels[g]):
+                continue
+            trial = kept | {g: levels[g][at[g] + 1]}
+            n = costs.widths[g]
+            d_loss = max(0.0, sens._curve(g, "loss", trial[g] / n) - sens._curve(g, "loss", kept[g] / n))
+            d_cost = cost - costs.cost(objective, trial)
+            key = (0, d_loss / d_cost, -d_cost) if d_cost > 0 else (1, d_loss, 0.0)
+            if best_key is None or key < best_key:
+                best, best_key = g, key
+        if best is None:
+            break
+        at[best] += 1
+        kept[best] = levels[best][at[best]]
+        cost = costs.cost(objective, kept)
+    return kept
+
+
+def _random_vectors(
+    costs: CostModel,
+    objective: Objective,
+    budget: float,
+    low: Widths,
+    round_to: int | None,
+    count: int,
+    seed: int,
+) -> list[Widths]:
+    """``count`` random width vectors on the budget: each group's share falls at its own random
+    rate ``u_g`` (``1 - t * u_g``, clipped at its floor), ``t`` the smallest that meets it."""
+    gen = torch.Generator().manual_seed(seed)
+    vectors = []
+    for _ in range(count):
+        u = torch.rand(len(costs.widths), generator=gen).clamp_min(0.05).tolist()
+
+        def at(t: float, u: list[float] = u) -> Widths:
+            return {
+                g: max(low[g], round_kept(max(1, math.floor(n * (1 - t * ug) + _EPS)), n, round_to))
+                for (g, n), ug in zip(costs.widths.items(), u, strict=True)
+            }
+
+        vectors.append(
+            at(_smallest(lambda t, at=at: costs.cost(objective, at(t)) <= budget, 0.0, 1 / min(u)))
+        )
+    return vectors
+
+
+def allocate(
+    method: Method,
+    objective: Objective,
+    keep: float,
+    costs: CostModel,
+    *,
+    max_layer_ratio: float = 0.9,
+    round_to: int | None = None,
+    sensitivity: Sensitivity | None = None,
+    scores: dict[str, Tensor] | None = None,
+    evaluate: Callable[[Widths], tuple[float, float]] | None = None,
+    samples: int = 16,
+    seed: int = 0,
+) -> Allocation:
+    """Widths per group whose ``objective`` costs at most ``keep`` of the baseline's, no group
+    below ``1 - max_layer_ratio`` of its width (rounded to ``round_to``). ``global`` needs the
+    channels' ``scores``; ``sensitivity`` the measured table; ``sample`` an ``evaluate(widths)
+    -> (val loss, val acc)`` that prunes a copy and re-estimates BatchNorm."""
+    low = floors(costs.widths, max_layer_ratio, round_to)
+    budget = keep * costs.cost(objective, costs.widths)
+    least = costs.fraction(objective, low)
+    if least > keep + _EPS:
+        raise ValueError(
+            f"budget keep {keep} of {objective} is out of reach: with every group at its floor "
+            f"(max_layer_ratio {max_layer_ratio}) the network still costs {least:.4f} of the baseline's"
+        )
+    found = []
+    if method == "uniform":
+        widths = _uniform(costs, objective, budget, low, round_to)
+    elif method == "global":
+        if scores is None:
+            raise ValueError("global allocation needs the channels' importance scores")
+        widths = _global(costs, objective, budget, low, round_to, scores)
+    elif method == "sensitivity":
+        if sensitivity is None:
+            raise ValueError("sensitivity allocation needs the measured sensitivity table")
+        widths = _greedy(costs, objective, budget, low, round_to, sensitivity)
+    elif method == "sample":
+        if evaluate is None:
+            raise ValueError("sample allocation needs an evaluate(widths) to score each vector")
+        for vector in _random_vectors(costs, objective, budget, low, round_to, samples, seed):
+            loss, acc = evaluate(vector)
+            found.append({"widths": vector, "loss": loss, "acc": acc})
+        widths = min(found, key=lambda s: s["loss"])["widths"]
+    else:
+        raise ValueError(f"unknown allocation {method!r}; choose one of uniform, global, sensitivity, sample")
+    objectives = ["params", "flops", *(["latency_ms"] if costs.base_latency_ms is not None else [])]
+    return Allocation(
+        method,
+        widths,
+        {o: round(costs.fraction(o, widths), 6) for o in objectives},
+        sensitivity.predicted_loss(widths, costs.widths) if sensitivity is not None else None,
+        found,
+    )

@@ -1,0 +1,304 @@
+"""Per-layer widths allocated to a budget (issue #23): the cost model, the sensitivity table,
+the allocations, and a budget candidate through the pipeline's candidate path."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from shrinkflow.models import apply_strategy, build_model
+from shrinkflow.models.allocation import (
+    allocate,
+    cost_model,
+    floors,
+    measure_sensitivity,
+    prunable_groups,
+    with_latency,
+)
+from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.tasks.config import ConfigError, EvaluateConfig, parse_params
+from shrinkflow.tasks.evaluate import count_flops, latency_ms
+from shrinkflow.tasks.sensitivity import scorer
+from tests.conftest import small_raw
+
+TIMER = EvaluateConfig(latency_warmup=1, latency_repeats=3)
+
+
+class Crafted(nn.Module):
+    """``y = argmax(x[:4])`` computed by hand: ``wide`` has 64 units of which 8 carry ``+-x_i``
+    and 56 are near-silent (redundant); ``narrow`` has exactly the 4 class scores (fragile: any
+    unit removed loses a class); ``head`` is the identity classifier."""
+
+    num_classes = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.wide, self.narrow, self.head = nn.Linear(16, 64), nn.Linear(64, 4), nn.Linear(4, 4)
+        with torch.no_grad():
+            self.wide.weight.copy_(1e-3 * torch.randn(64, 16, generator=g))
+            self.wide.bias.zero_()
+            self.narrow.weight.copy_(1e-3 * torch.randn(4, 64, generator=g))
+            for i in range(4):
+                self.wide.weight[2 * i, i], self.wide.weight[2 * i + 1, i] = 1.0, -1.0
+                self.narrow.weight[i, 2 * i], self.narrow.weight[i, 2 * i + 1] = 1.0, -1.0
+            self.narrow.bias.fill_(5.0)
+            self.head.weight.copy_(torch.eye(4))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.narrow(torch.relu(self.wide(x)))))
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
+    return x, x[:, :4].argmax(1)
+
+
+def _table(model: nn.Module, calibration, val, ratios=(0.25, 0.5, 0.75, 0.9)):
+    return measure_sensitivity(
+        model,
+        calibration[0][:1],
+        lambda m, widths: apply_strategy("prune_l1", m, calibration, widths=widths),
+        scorer(calibration, val),
+        lambda m: latency_ms(m, calibration[0][:1], TIMER),
+        ratios,
+    )
+
+
+@pytest.mark.parametrize("method", ["sensitivity", "uniform"])
+def test_sensitivity_prunes_the_redundant_layer_more_than_the_fragile_one(method):
+    model, calibration, val = Crafted().eval(), _data(64, 0), _data(512, 1)
+    assert scorer(calibration, val)(copy.deepcopy(model))[1] == 100.0
+    table = _table(model, calibration, val)
+    assert table.groups["narrow"]["acc"][0] < 90 < min(table.groups["wide"]["acc"][:3])
+    costs = with_latency(cost_model(model, calibration[0][:1]), table)
+    chosen = allocate(method, "params", 0.3, costs, sensitivity=table)
+    pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
+    acc = scorer(calibration, val)(pruned)[1]
+    share = {g: chosen.widths[g] / n for g, n in costs.widths.items()}
+    if method == "uniform":  # the contrast: one share for both, and the fragile layer breaks
+        assert share["wide"] == pytest.approx(share["narrow"], abs=0.1) and acc < 90
+        return
+    assert share["narrow"] == 1.0 and share["wide"] < 0.3, chosen.widths
+    assert acc == 100.0 and chosen.predicted_loss == pytest.approx(table.base["loss"], abs=1e-3)
+
+
+def _basenet(batch_norm: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    spec = {"arch": "basenet", "in_channels": 1, "image_size": 8, "num_classes": 10}
+    return build_model({**spec, "channels": [16, 32], "hidden": [48], "batch_norm": batch_norm}).eval()
+
+
+def _digits_like(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _one_step(costs, objective, widths) -> float:
+    """The largest cost one more rounding step (one channel here) of any group would add."""
+    base = costs.cost(objective, widths)
+    return max(
+        costs.cost(objective, widths | {g: widths[g] + 1}) - base
+        for g, n in costs.widths.items()
+        if widths[g] < n
+    )
+
+
+@pytest.mark.parametrize("objective", ["params", "flops", "latency_ms"])
+def test_a_budget_is_met_within_one_rounding_step(objective):
+    model, calibration, val = _basenet(), _digits_like(64, 0), _digits_like(128, 1)
+    table = _table(model, calibration, val)
+    costs = with_latency(cost_model(model, calibration[0][:1]), table)
+    # Latency at 8x8 is mostly fixed overhead: aim between what the floors reach and the baseline.
+    keep = (
+        0.3
+        if objective != "latency_ms"
+        else (1 + costs.fraction(objective, floors(costs.widths, 0.9, None))) / 2
+    )
+    budget = keep * costs.cost(objective, costs.widths)
+    chosen = allocate("sensitivity", objective, keep, costs, sensitivity=table)
+    cost = costs.cost(objective, chosen.widths)
+    assert budget - _one_step(costs, objective, chosen.widths) < cost <= budget
+    pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
+    actual = {  # params and FLOPs counted on the pruned net; latency is the measured table's
+        "params": sum(p.numel() for p in pruned.parameters()),
+        "flops": count_flops(pruned, calibration[0][:1]),
+        "latency_ms": cost,
+    }[objective]
+    assert actual == pytest.approx(cost, rel=1e-9)
+    for method in ("uniform", "sample"):  # every allocation stays within the budget
+        other = allocate(
+            method, objective, keep, costs, sensitivity=table, samples=3, evaluate=lambda w: (0.0, 0.0)
+        )
+        assert costs.cost(objective, other.widths) <= budget
+
+
+def test_the_cost_model_is_exact_on_every_basenet_width():
+    model = _basenet()
+    x = _digits_like(2, 0)[0]
+    costs = cost_model(model, x[:1])
+    for widths in (
+        {"features.0": 3},
+        {"features.4": 5, "classifier.1": 7},
+        {"features.0": 1, "features.4": 1},
+    ):
+        pruned = apply_strategy("prune_l1", copy.deepcopy(model), _digits_like(8, 0), widths=widths)
+        assert costs.cost("params", widths) == sum(p.numel() for p in pruned.parameters())
+        assert costs.cost("flops", widths) == count_flops(pruned, x[:1])
+
+
+def test_allocation_on_a_residual_network_prunes_coupled_groups_together():
+    torch.manual_seed(0)
+    model = build_model(
+        {"arch": "resnet56", "in_channels": 1, "image_size": 8, "num_classes": 10, "blocks": [2, 2, 2]}
+    ).eval()
+    calibration, val = _digits_like(32, 0), _digits_like(64, 1)
+    groups = prunable_groups(model, calibration[0][:1])
+    # The residual stream of each stage is one group: stem, shortcuts and every block's last conv.
+    assert "conv1" in groups and not any(
+        name.endswith("conv2") for name in groups if name.startswith("layer1")
+    )
+    table = _table(model, calibration, val, ratios=(0.5, 0.9))
+    costs = with_latency(cost_model(model, calibration[0][:1]), table)
+    for method in ("sensitivity", "uniform"):
+        chosen = allocate(method, "params", 0.4, costs, sensitivity=table)
+        pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
+        assert pruned(calibration[0]).shape == (32, 10)
+        assert sum(p.numel() for p in pruned.parameters()) <= 0.4 * costs.cost("params", costs.widths)
+        stream = chosen.widths["conv1"]  # every tensor added to stage 1's stream has its width
+        assert pruned.layer1[0].conv2.out_channels == pruned.layer1[1].conv2.out_channels == stream
+
+
+def test_global_allocation_ranks_channels_across_groups():
+    model, batch = _basenet(batch_norm=False), _digits_like(16, 0)
+    heard = []
+    pruned = apply_strategy(
+        "prune_l1",
+        copy.deepcopy(model),
+        batch,
+        budget={"objective": "flops", "keep": 0.25},
+        allocation="global",
+        on_allocation=heard.append,
+    )
+    assert count_flops(pruned, batch[0][:1]) <= 0.25 * count_flops(model, batch[0][:1])
+    uniform = allocate("uniform", "flops", 0.25, cost_model(model, batch[0][:1]))
+    assert heard[0].widths != uniform.widths and heard[0].method == "global"
+
+
+@pytest.mark.parametrize(
+    ("candidate", "message"),
+    [
+        ("{strategy: prune_l1, ratio: 0.5, budget: {keep: 0.2}}", "set ratio or budget, not both"),
+        ("{strategy: prune_l1, budget: {objective: params}}", "set exactly one of budget.keep and search"),
+        ("{strategy: prune_l1, ratio: 0.5, allocation: sensitivity}", "allocation applies to a budget"),
+        ("{strategy: prune_l1, budget: {keep: 0.2}, rounds: 2}", "rounds must be 1"),
+        ("{strategy: prune_l1, budget: {keep: 1.5}}", "budget.keep"),
+        ("{strategy: prune_l1, budget: {objective: energy, keep: 0.2}}", "objective"),
+        ("{strategy: prune_l1, budget: {keep: 0.2}, max_layer_ratio: 0.95}", "above the largest sensitivity"),
+    ],
+)
+def test_budget_misfits_are_refused_with_one_line(candidate, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        parse_params(small_raw(f"shrink.candidates={{c: {candidate}}}"))
+    assert "\n" not in str(info.value)
+
+
+def test_an_unreachable_budget_is_refused_before_pruning():
+    model = _basenet()
+    with pytest.raises(ValueError, match="out of reach"):
+        allocate("uniform", "params", 0.001, cost_model(model, _digits_like(1, 0)[0]))
+
+
+def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_widths(trained_layout):
+    from shrinkflow.tasks.train import shrink_candidate
+
+    params = parse_params(
+        small_raw(
+            "shrink.candidates={p: {strategy: prune_l1, epochs: 1, lr: 0.01,"
+            " budget: {objective: params, keep: 0.2}, allocation: sensitivity},"
+            " l: {strategy: prune_l1, epochs: 1, lr: 0.01,"
+            " budget: {objective: flops, keep: 0.3}, allocation: sample, samples: 3}}"
+        )
+    )
+    layout = trained_layout
+    first = shrink_candidate(params, layout, "p")
+    cache = layout.candidates / "sensitivity-prune_l1.json"
+    stamp = cache.stat().st_mtime_ns
+    assert (layout.candidates / "sensitivity-prune_l1.png").stat().st_size > 0
+    second = shrink_candidate(params, layout, "l")
+    assert cache.stat().st_mtime_ns == stamp, "the second candidate reuses the table"
+    assert first.options["sensitivity"] == second.options["sensitivity"]
+    assert len(second.options["allocated"]["samples"]) == 3
+    on_disk = json.loads(layout.record("p").read_text())
+    assert on_disk["options"]["widths"] == first.options["widths"]
+    assert on_disk["options"]["allocated"]["cost"]["params"] <= 0.2
+    assert first.options["ratio"] == pytest.approx(1 - on_disk["options"]["allocated"]["cost"]["params"])
+    # The recorded widths rebuild the exact shapes of the saved model from the baseline.
+    baseline, _ = load_checkpoint(layout.root / first_baseline(layout), sha256=None)
+    rebuilt = apply_strategy(
+        "prune_l1",
+        baseline,
+        (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)),
+        widths=first.options["widths"],
+    )
+    saved, _ = load_checkpoint(layout.root / first.checkpoint, sha256=first.sha256)
+    assert rebuilt.spec() == saved.spec()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in saved.state_dict().items()
+    }
+    # A changed baseline: the cached table is refused and measured again.
+    stored = json.loads(cache.read_text())
+    cache.write_text(json.dumps(stored | {"key": stored["key"] | {"baseline_sha256": "0" * 64}}))
+    shrink_candidate(params, layout, "p")
+    assert json.loads(cache.read_text())["key"] == stored["key"]
+
+
+def first_baseline(layout) -> str:
+    return json.loads(layout.record("baseline").read_text())["checkpoint"]
+
+
+def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_layout):
+    from shrinkflow.tasks.stages import Context, run_candidate
+    from shrinkflow.tasks.tracking import Tracker
+
+    params = parse_params(
+        small_raw(
+            "shrink.candidates={s: {strategy: prune_l1, epochs: 1, lr: 0.01, budget: {objective: params},"
+            " allocation: sensitivity, search: {mode: step, low: 0.5, step: 0.3, high: 0.9, trials: 2}}}",
+            "promote.tolerance=100",
+        )
+    )
+    ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "allocation-test"))
+    tracked = run_candidate(ctx, "s")
+    record = tracked.record
+    assert [t["ratio"] for t in record.trials] == [0.5, 0.8] and all(t["passed"] for t in record.trials)
+    assert record.options["budget"] == {"objective": "params", "keep": pytest.approx(0.2)}
+    assert record.options["allocated"]["cost"]["params"] <= 0.2
+    logged = ctx.tracker.client.get_run(tracked.run_id).data.params
+    assert json.loads(logged["widths"].replace("'", '"')) == record.options["widths"]
+    assert "sensitivity" in logged and "allocated" in logged
+
+
+@pytest.mark.parametrize("strategy", ["prune_l1", "prune_taylor"])
+def test_recorded_widths_rebuild_the_exact_pruned_model(strategy):
+    model, batch = _basenet(), _digits_like(16, 0)
+    heard = []
+    allocated = apply_strategy(
+        strategy,
+        copy.deepcopy(model),
+        batch,
+        budget={"objective": "params", "keep": 0.3},
+        on_allocation=heard.append,
+    )
+    widths = json.loads(json.dumps(heard[0].widths))  # as record.json stores them
+    rebuilt = apply_strategy(strategy, copy.deepcopy(model), batch, widths=widths)
+    assert rebuilt.spec() == allocated.spec()
+    expected = allocated.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in rebuilt.state_dict().items())
+    with pytest.raises(ValueError, match="not a prunable group"):
+        apply_strategy(strategy, copy.deepcopy(model), batch, widths={"classifier.3": 4})
