@@ -20,7 +20,7 @@ run: install  ## the whole Prefect flow on the offline default data set
 	$(BIN)/shrinkflow run
 
 test: install  ## the whole test suite, two workers (a test file stays on one worker)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 
 repro: install  ## the same pipeline stage by stage through DVC
 	$(BIN)/dvc repro

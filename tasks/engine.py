@@ -16,13 +16,14 @@ from torch import Tensor, nn
 
 from shrinkflow.tasks import progress
 from shrinkflow.tasks.config import TrainConfig
+from shrinkflow.tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 
 Split = tuple[Tensor, Tensor]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ShrinkflowError, RuntimeError):
     """The loss became NaN or infinite; the model is unusable."""
 
 
@@ -323,9 +324,14 @@ def fit(
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_one_epoch(
-            model, train, optimizer, cfg.batch_size, generator, augment, hooks, precision, scaler
-        )
+        try:
+            loss = train_one_epoch(
+                model, train, optimizer, cfg.batch_size, generator, augment, hooks, precision, scaler
+            )
+        except TrainingDiverged as exc:
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch} at lr {lr:g}: {exc}; lower the lr"
+            ) from None
         scheduler.step()
         val_acc = evaluate(model, val)
         result.history.append({"epoch": epoch, "train_loss": loss, "val_acc": val_acc, "lr": lr})
@@ -337,7 +343,9 @@ def fit(
         log.debug("epoch %d loss %.4f val_acc %.2f", epoch, loss, val_acc)
         progress.epoch_done(epoch, cfg.epochs, result.history[-1])
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} in epoch {epoch}")
+            raise TrainingDiverged(
+                f"training diverged in epoch {epoch} at lr {lr:g}: loss became {loss}; lower the lr"
+            )
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to("cpu", memory_format=torch.contiguous_format)

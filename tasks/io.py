@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shrinkflow.models.checkpoint import checkpoint_payload, sha256_file
+from shrinkflow.tasks.errors import ShrinkflowError
 
 
 @contextlib.contextmanager
@@ -86,8 +87,19 @@ def write_torch(path: str | Path, obj: Any) -> None:
         tmp.write_bytes(buffer.getbuffer())
 
 
+class DamagedFile(ShrinkflowError, ValueError):
+    """A JSON file a stage wrote that no longer parses (truncated, edited by hand)."""
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DamagedFile(
+            f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}); re-run the stage that writes it "
+            "(or delete it)"
+        ) from None
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> str:

@@ -190,8 +190,18 @@ def load_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def load_raw_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One split as stored: uint8 pixels (what a served model takes) and int64 labels."""
-    data = torch.load(layout.split(split), map_location="cpu", weights_only=True)
-    return data["x"], data["y"]
+    path = layout.split(split)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return data["x"], data["y"]
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; run `shrinkflow stage prepare` first") from None
+    except Exception as exc:  # truncated, overwritten, not ours
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
+        raise DataError(
+            f"{path} is damaged ({first}); run `shrinkflow stage prepare` (or delete {path.parent}) "
+            "to rebuild it"
+        ) from None
 
 
 def normalise(x: torch.Tensor, manifest: Manifest) -> torch.Tensor:
