@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import statistics
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.models.strategies import STRATEGIES
+from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import EvaluateConfig, Params, PromoteConfig
 from shrinkflow.tasks.engine import Split, accuracy, predict
 from shrinkflow.tasks.export import check_onnx
@@ -130,22 +129,9 @@ def weight_sparsity(model: nn.Module) -> float:
     return round(zeros / max(total, 1), 4)
 
 
-@torch.inference_mode()
 def latency_ms(model: nn.Module, example: Tensor, cfg: EvaluateConfig) -> float:
     """Median single-thread CPU latency of one forward pass, after warm-up."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(cfg.latency_warmup):
-            model(example)
-        times = []
-        for _ in range(cfg.latency_repeats):
-            start = time.perf_counter()
-            model(example)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times) * 1000
+    return median_latency_ms(model, example, cfg.latency_warmup, cfg.latency_repeats)
 
 
 def measure(model: nn.Module, splits: dict[str, Split], cfg: EvaluateConfig) -> tuple[Measurement, dict]:

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import statistics
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
@@ -38,6 +35,7 @@ from shrinkflow.models.allocation import (
     reestimate_batch_norm,
     with_latency,
 )
+from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -52,23 +50,9 @@ _LOCKS_LOCK = threading.Lock()
 Batch = tuple[Tensor, Tensor]
 
 
-@torch.inference_mode()
 def latency_ms(model: nn.Module, example: Tensor, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
-    """Median single-thread CPU latency of one forward pass, timed as ``evaluate`` times models
-    (a copy, so the shrink stage does not depend on the evaluate stage's code)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(warmup):
-            model(example)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(example)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times) * 1000
+    """Median single-thread CPU latency of one forward pass, timed as ``evaluate`` times models."""
+    return median_latency_ms(model, example, warmup, repeats)
 
 
 def sensitivity_path(candidates_dir: Path, strategy: str) -> Path:
