@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 import torch_pruning as tp
 import torchvision
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from shrinkflow.models.architecture import ArchOptions, classifier_layers, record_pruning
@@ -251,22 +251,3 @@ class FactoryNet(_Given):
 
     def description(self) -> dict[str, Any]:
         return {"factory": self.factory, "kwargs": self.kwargs}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-__all__ = [
-    "FACTORY",
-    "FactoryNet",
-    "FactoryOptions",
-    "GivenError",
-    "GivenOptions",
-    "TorchvisionNet",
-    "TorchvisionOptions",
-    "code_package",
-    "resolve_factory",
-    "torchvision_classifiers",
-    "trust_code",
-]
