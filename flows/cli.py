@@ -318,6 +318,31 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> Non
         typer.echo("\n" + "\n".join(line.replace("**", "") for line in lines if line))
 
 
+@app.command()
+def reproduce(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[str, typer.Argument(help="its version number")],
+    root: Annotated[
+        Path, typer.Option("--root", help="a directory inside the project's git repository")
+    ] = Path("."),
+    keep: Annotated[
+        bool, typer.Option("--keep", help="keep the temporary worktree with the rebuilt files")
+    ] = False,
+) -> None:
+    """Rebuild a registered version from its commit and DVC data; say whether its checkpoint is
+    byte for byte the registered one. Reads the registry, never moves an alias.
+
+    Example: shrinkflow reproduce shrinkflow-digits 3
+    """
+    from shrinkflow.tasks.reproduce import reproduce as rebuild
+
+    with _user_errors():
+        rebuilt = rebuild(name, version, root, keep)
+    typer.echo(rebuilt.line + (f" (kept in {rebuilt.where})" if rebuilt.where else ""))
+    if not rebuilt.identical:
+        raise typer.Exit(1)
+
+
 # MLflow retries failed HTTP calls with exponential back-off; its defaults (7 retries, factor 2,
 # 120 s timeout) leave a pipeline hanging for many minutes when the server is down. These give
 # about half a minute of retrying before a clear failure; the environment still wins.

@@ -38,6 +38,7 @@ from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.lock import registry_lock
 from shrinkflow.tasks.prepare import load_raw_split, normalise
 from shrinkflow.tasks.records import Manifest, load_manifest, load_record
+from shrinkflow.tasks.reproduce import dirty_warning
 from shrinkflow.tasks.stats import Comparison, compare
 from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, predicted_classes, process_gone, this_process
 
@@ -356,7 +357,7 @@ def promote(
             example=torch.from_numpy(served.normalised[:2]),
             raw_example=served.images[:2],
             tags=version_tags(decision, row, manifest.fingerprint, record.sha256, tags),
-            description=describe(decision, table, decision_alias(decision, cfg)),
+            description=dirty_warning(tags) + describe(decision, table, decision_alias(decision, cfg)),
         )
     validate(tracker, cfg.model_name, version, served, decision.test_acc, record.sha256)
     alias, previous = arena.move_alias(version, champion)

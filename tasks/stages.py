@@ -26,6 +26,7 @@ from shrinkflow.tasks.prepare import load_split, prepare
 from shrinkflow.tasks.promote import Decision, PromotionError, promote
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
+from shrinkflow.tasks.reproduce import provenance_tags
 from shrinkflow.tasks.search import Trial
 from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
 from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
@@ -265,7 +266,11 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
     run = ctx.tracker.start_run("promote", ctx.parent_run, tags={"shrinkflow.stage": "promote"})
     try:
         discard_decision(ctx.layout)
-        tags = {"code_version": code_version(), **(extra_tags or {})}
+        tags = {
+            "code_version": code_version(),
+            **provenance_tags(ctx.params, ctx.layout),
+            **(extra_tags or {}),
+        }
         decision = promote(
             ctx.params,
             ctx.layout,

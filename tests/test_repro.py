@@ -1,6 +1,8 @@
 """Reproducibility with real DVC and real Prefect on digits: forced reproductions agree byte for
 byte, a change to one candidate re-runs only what depends on it, metrics/plots/experiments work,
-and a flow re-run reuses its cached baseline.
+an experiment becomes a registered version from a clean commit, a second clone pulls from a DVC
+remote instead of retraining, a registered version is rebuilt bit for bit from its tags, and a
+flow re-run reuses its cached baseline.
 
 The DVC tests share one repository (a git copy of the project in a temporary directory); each
 leaves it reproduced, so they hold in any order."""
@@ -20,7 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from shrinkflow.tasks.evaluate import MACHINE_COLUMNS
-from tests.conftest import BIN, REPO, write_params
+from tests.conftest import BIN, REPO, run_cli, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -140,6 +142,114 @@ def test_plots_and_experiments(repo):
     table = _dvc(repo, "exp", "show", "--csv").stdout
     assert "fewer-repeats" in table
     assert yaml.safe_load((repo / "params.yaml").read_text())["evaluate"]["latency_repeats"] == 3
+
+
+def _git(root, *args: str) -> str:
+    git = ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci"]
+    return subprocess.run([*git, *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_an_experiment_becomes_a_version_from_a_clean_commit_that_a_clone_pulls_and_rebuilds(repo, tmp_path):
+    """README's path from `dvc exp run` to the registry, then the lineage: the version's commit
+    holds the experiment's params; pushed to a directory remote, a fresh clone pulls everything and
+    `dvc repro` has nothing to do; `shrinkflow reproduce` rebuilds the checkpoint byte for byte
+    from the version's tags in a worktree of its commit, and moves no alias."""
+    # An experiment that changes what promote does (here: into a registry name of its own, so
+    # that a version is registered whatever the champion), run up to evaluate as README says.
+    _dvc(repo, "exp", "run", "-S", "promote.model_name=repro-lineage", "-n", "lineage", "evaluate")
+    _dvc(repo, "exp", "apply", "lineage")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "experiment lineage")
+    commit = _git(repo, "rev-parse", "HEAD")
+    assert _ran(_dvc(repo, "repro")) == ["promote"], "the experiment's evaluate is reused"
+    version = json.loads((repo / "reports/promotion.json").read_text())["registry"]["version"]
+    client = MlflowClient()
+    tags = client.get_model_version("repro-lineage", version).tags
+    assert (tags["git_commit"], tags["git_dirty"]) == (commit, "false")
+    assert (
+        yaml.safe_load(_git(repo, "show", f"{commit}:params.yaml"))["promote"]["model_name"]
+        == "repro-lineage"
+    )
+    assert tags["dvc_remote"] == "none" and tags["precision"] and tags["cpu"]
+
+    remote = tmp_path / "remote"
+    _dvc(repo, "remote", "add", "-d", "shared", str(remote))
+    _dvc(repo, "push")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "dvc.lock and the remote")
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(repo), str(clone))
+    _dvc(clone, "pull")
+    assert "Data and pipelines are up to date" in _dvc(clone, "status").stdout
+    assert _ran(_dvc(clone, "repro")) == [], "a fresh clone that pulled trains nothing"
+    for path in ("artifacts/baseline/model.pt", "data/prepared/manifest.json"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes()
+
+    aliases = client.get_registered_model("repro-lineage").aliases
+    done = run_cli("reproduce", "repro-lineage", version, cwd=repo)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert (
+        done.stdout.strip().startswith(f"repro-lineage v{version} (")
+        and ": identical, sha256 " in done.stdout
+    )
+    assert client.get_registered_model("repro-lineage").aliases == aliases
+    assert _git(repo, "worktree", "list").count("\n") == 0, "the temporary worktree is gone"
+
+
+def test_a_version_from_a_dirty_tree_says_so_and_is_not_rebuilt(repo):
+    """test_changing_one_candidate registered from an uncommitted params.yaml."""
+    dirty = [
+        v
+        for v in MlflowClient().search_model_versions("name='repro-e2e'")
+        if v.tags.get("git_dirty") == "true"
+    ]
+    assert dirty, "the edited params.yaml was never committed"
+    version = dirty[0]
+    assert version.description.startswith("**Registered from a dirty tree**")
+    done = run_cli("reproduce", "repro-e2e", version.version, cwd=repo)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: repro-e2e v{version.version} was registered from a dirty tree at "
+        f"{version.tags['git_commit'][:12]}: its code or params are in no commit, so nothing can rebuild it"
+    ]
+
+
+def test_an_image_folder_under_dvc_is_pulled_into_a_clone_and_prepared_to_the_same_fingerprint(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from shrinkflow.tasks.config import load_params
+    from shrinkflow.tasks.layout import Layout
+    from shrinkflow.tasks.prepare import prepare
+    from shrinkflow.tasks.records import load_manifest
+
+    origin = tmp_path / "origin"
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300], strict=True)):
+        folder = origin / "data/raw/digits" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    _git(origin, "init", "-q")
+    _dvc(origin, "init", "-q")
+    _dvc(origin, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
+    _dvc(origin, "add", "data/raw/digits")
+    _dvc(origin, "push")
+    write_params(origin, "data.source=imagefolder", "data.root=data/raw/digits")
+    _git(origin, "add", "-A")
+    _git(origin, "commit", "-qm", "images under DVC")
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(origin), str(clone))
+    assert not (clone / "data/raw/digits").exists()
+    _dvc(clone, "pull")
+    fingerprints = []
+    for root in (origin, clone):
+        params = load_params(root / "params.yaml")
+        layout = Layout.from_params(params, root)
+        prepare(params, layout)
+        fingerprints.append(load_manifest(layout).fingerprint)
+    assert fingerprints[0] == fingerprints[1]
+    assert sum(1 for _ in (clone / "data/raw/digits").rglob("*.png")) == 300
 
 
 class _Lines(logging.Handler):
