@@ -30,7 +30,7 @@ import pandas as pd
 
 from shrinkflow.tasks.config import PromoteConfig
 from shrinkflow.tasks.errors import ShrinkflowError
-from shrinkflow.tasks.gate import class_accuracies, versus_baseline
+from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
 from shrinkflow.tasks.stats import Comparison, compare
 
 
@@ -121,7 +121,7 @@ class Verdict:
     summary: str = ""  # "l1-75: -0.4 points (95% bound -1.3 > -2.0) on 540 gate images"
     warning: str = ""
     vetoed: bool = False  # test disagrees with the gate (a forced run registers anyway)
-    verdict: str = ""  # a Kind
+    verdict: Kind | None = None  # None only before against_champion judged it
     verdict_reason: str = ""
     forced: bool = False
     champion_before: dict = field(default_factory=dict)
@@ -179,6 +179,7 @@ def decide(
         gate=on_gate.as_dict(),
         test=on_test.as_dict(),
         summary=on_gate.line(won),
+        warning=certifiable(cfg, on_gate.n) or "",
         vetoed=vetoed_by_test(on_test),
         per_class=per_class(test, won, classes) if classes else [],
     )

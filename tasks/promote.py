@@ -550,6 +550,7 @@ def load_decision(layout: Layout) -> Verdict:
     if unknown := sorted(set(raw) - known):
         log.warning("%s: ignored keys this version does not know: %s", path, ", ".join(unknown[:10]))
     try:
-        return Verdict(**{k: v for k, v in raw.items() if k in known})
-    except TypeError as exc:
+        verdict = Verdict(**{k: v for k, v in raw.items() if k in known})
+        return replace(verdict, verdict=Kind(verdict.verdict)) if verdict.verdict else verdict
+    except (TypeError, ValueError) as exc:
         raise PromotionError(f"{path} is not a complete decision ({exc}); {fix}") from None
