@@ -102,6 +102,7 @@ def test_registered_version_carries_an_onnx_model_that_matches_pytorch(registere
     with _fluent(uri):
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
     onnx_file = next(Path(local).rglob("*.onnx"))
+    assert onnx_file.read_bytes() == layout.onnx(MODEL).read_bytes(), "evaluate's checked export, reused"
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     x = load_split(layout, "test")[0]
     with torch.inference_mode():
