@@ -44,6 +44,7 @@ from shrinkflow.models import build_model, model_spec
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.tasks.config import Params, apply_override, load_params
+from shrinkflow.tasks.decide import decide
 from shrinkflow.tasks.engine import (
     FP32,
     Precision,
@@ -58,12 +59,12 @@ from shrinkflow.tasks.evaluate import (
     count_flops,
     evaluate_models,
     latency_ms,
+    load_predictions,
     load_table,
     measure,
 )
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split, prepare
-from shrinkflow.tasks.promote import select_winner
 from shrinkflow.tasks.records import load_record
 from shrinkflow.tasks.stages import fan_out
 from shrinkflow.tasks.train import candidate_train_config, seeded, shrink_candidate
@@ -893,7 +894,8 @@ def benchmark(setup: Setup, tmp: Path) -> Figures:
     layout = Layout.from_params(params, project)
     flow_decision = json.loads(layout.promotion_json.read_text())
     table = load_table(layout.candidates_csv)
-    by_params = select_winner(table, params.promote.model_copy(update={"objective": "params"}))
+    predictions = load_predictions(layout.predictions_csv)
+    by_params = decide(table, predictions, params.promote.model_copy(update={"objective": "params"}))
     figures = Figures(setup.name, machine(), describe(params, layout, setup.data))
     figures.decisions = {
         "latency_ms": {"winner": flow_decision["winner"], "reason": flow_decision["reason"]},
@@ -901,6 +903,8 @@ def benchmark(setup: Setup, tmp: Path) -> Figures:
     }
     work = stage_work_seconds(params, layout, tmp / "prepare-timing")
     figures.candidates = table[table["status"] == "ok"].to_dict("records")
+    for row in figures.candidates:  # certified by the flow's decision (the baseline always is)
+        row["eligible"] = row["name"] in flow_decision["eligible"]
     for row in figures.candidates:  # a budget candidate's allocated widths, from its record
         row["widths"] = (
             load_record(layout, row["name"]).options.get("widths") if row["name"] != "baseline" else None

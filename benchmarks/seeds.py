@@ -83,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("-s", "--set", dest="overrides", action="append", default=[], help="key=value")
     parser.add_argument("--out", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--keep", type=Path, help="keep each seed's project under this new directory")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="shrinkflow-seeds-") as work:
-        rows = []
+    if args.keep and args.keep.exists():
+        parser.error(f"--keep {args.keep}: already exists")
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-seeds-") as temporary:
+        work, rows = args.keep or Path(temporary), []
         for seed in args.seeds:
-            rows.append(run_seed(seed, args.params.resolve(), args.overrides, Path(work)))
+            rows.append(run_seed(seed, args.params.resolve(), args.overrides, work))
             print(f"seed {seed}: {rows[-1]['winner']} ({rows[-1].get('kept', 'failed')})", file=sys.stderr)
     frame = pd.DataFrame(rows)
     kept = int((frame.get("kept") == "yes").sum()) if "kept" in frame else 0

@@ -312,7 +312,7 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> Non
             _fail(f"{layout.candidates_csv} does not exist; run the pipeline first")
         decision = load_decision(layout) if layout.promotion_json.exists() else None
         table = load_table(layout.candidates_csv)
-    typer.echo(format_table(table, decision.winner if decision else None, text=str))
+    typer.echo(format_table(table, decision.winner if decision else None, text=str, verdict=decision))
     if decision:
         lines = decision_lines(decision, text=str, code=plain_code)
         typer.echo("\n" + "\n".join(line.replace("**", "") for line in lines if line))

@@ -17,7 +17,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from shrinkflow.tasks import cache, stages
 from shrinkflow.tasks.config import ShrinkConfig, load_params
-from shrinkflow.tasks.promote import Decision
+from shrinkflow.tasks.decide import Verdict
 
 
 def _baseline_key(_, args: dict) -> str:
@@ -61,7 +61,7 @@ def pipeline(
                 logger.warning("candidate %s failed: %s", name, failure)
         runs = stages.run_ids({"baseline": base, **shrunk})
         table = evaluate(ctx, runs)
-        decision: Decision = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)}, force)
+        decision: Verdict = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)}, force)
         stages.summarise(ctx, runs)
         publish(ctx.layout.report_md.read_text(), table)
     logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)

@@ -361,6 +361,10 @@ class PromoteConfig(_Section):
     # Optional guard: a model that loses more than this many points on any single class of the
     # gate split (against the baseline) is not eligible, whatever its overall accuracy.
     max_class_drop: Annotated[float, Field(ge=0, le=100)] | None = None
+    # How the gate certifies the decision as a whole (tasks/decide.py): fixed_sequence tests one
+    # recipe per size level, largest first, and stops at the first failure; holm adjusts the same
+    # family; none tests every candidate on its own (no family-wise guarantee).
+    multiplicity: Literal["fixed_sequence", "holm", "none"] = "fixed_sequence"
     objective: Literal["params", "flops", "size_bytes", "latency_ms"] = "params"
     model_name: Annotated[str, Field(min_length=1)] = "shrinkflow-digits"  # default: shrinkflow-<data.source>
     alias: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_-]*$")] = "champion"
@@ -385,6 +389,15 @@ class PromoteConfig(_Section):
     @classmethod
     def _settable_alias(cls, alias: str) -> str:
         return settable_alias(alias)
+
+    @model_validator(mode="after")
+    def _holm_needs_p_values(self) -> PromoteConfig:
+        if self.multiplicity == "holm" and self.confidence is None:
+            raise ValueError(
+                "promote.multiplicity holm adjusts p-values, which the point rule (confidence: null) has "
+                "none of: set a confidence, or multiplicity fixed_sequence or none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _relative_tolerance_is_a_percentage(self) -> PromoteConfig:

@@ -66,7 +66,6 @@ COLUMNS = [
     *(f"{split}_{stat}" for split in PAIRED_SPLITS for stat in PAIRED_STATS),
     "worst_class",
     "worst_class_drop",
-    "eligible",
     "epochs",
     "error",
     "sparsity",
@@ -184,12 +183,14 @@ def _row(
         return row, {}
     model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
     measurement, predicted = measure(model, splits, cfg)
-    return row | vars(measurement) | onnx_columns(model, splits["test"], cfg), predicted
+    onnx = onnx_columns(model, splits["test"], cfg, layout.onnx(record.name))
+    return row | vars(measurement) | onnx, predicted
 
 
-def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig) -> dict:
-    """Whether the model exports to ONNX that onnxruntime runs like PyTorch, and how fast."""
-    check = check_onnx(model, test[0], cfg.latency_warmup, cfg.latency_repeats)
+def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig, keep: Path | None = None) -> dict:
+    """Whether the model exports to ONNX that onnxruntime runs like PyTorch, and how fast; the
+    checked export is kept at ``keep``."""
+    check = check_onnx(model, test[0], cfg.latency_warmup, cfg.latency_repeats, keep)
     return {"onnx": check.status, "ort_latency_ms": check.ort_latency_ms}
 
 
@@ -233,13 +234,12 @@ def compare_with_baseline(
     cfg: PromoteConfig,
     classes: list[str],
 ) -> None:
-    """Fill each measured model's paired comparison with the baseline on gate and test, the class
-    it loses most on (gate), and ``eligible``: it passes the gate and, with
-    ``promote.max_class_drop``, loses no more than that on any class (the baseline, the
-    reference, always is)."""
+    """Fill each measured model's paired comparison with the baseline on gate and test, and the
+    class it loses most on (gate). Whether that makes it eligible is for
+    :func:`shrinkflow.tasks.decide.decide` to say."""
     if "baseline" not in predictions:
         return
-    table[["eligible", "worst_class"]] = table[["eligible", "worst_class"]].astype(object)
+    table["worst_class"] = table["worst_class"].astype(object)
     base = predictions["baseline"]
     for i, name in enumerate(table["name"]):
         if name not in predictions:
@@ -248,12 +248,8 @@ def compare_with_baseline(
             c = versus_baseline(predictions[name][split], base[split], labels[split], cfg)
             for stat, value in zip(PAIRED_STATS, (c.delta, c.lower, c.upper, c.p_value), strict=True):
                 table.loc[i, f"{split}_{stat}"] = value
-            if split == "gate":
-                passed = c.passed
         worst, drop = worst_class(predictions[name]["gate"], base["gate"], labels["gate"], len(classes))
         table.loc[i, ["worst_class", "worst_class_drop"]] = [classes[worst], round(drop, 4)]
-        within = cfg.max_class_drop is None or drop <= cfg.max_class_drop
-        table.loc[i, "eligible"] = bool(name == "baseline" or (passed and within))
 
 
 def write_predictions(path: Path, predictions: dict[str, dict], labels: dict[str, np.ndarray]) -> None:

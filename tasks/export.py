@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from shrinkflow.models.quantize import is_int8
+from shrinkflow.tasks.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +123,27 @@ def ort_latency_ms(sess: ort.InferenceSession, example: Tensor, warmup: int, rep
     return statistics.median(times) * 1000
 
 
-def check_onnx(model: nn.Module, images: Tensor, warmup: int, repeats: int) -> OnnxCheck:
+def check_onnx(
+    model: nn.Module, images: Tensor, warmup: int, repeats: int, keep: Path | None = None
+) -> OnnxCheck:
     """Export, compare with PyTorch on ``images`` and time onnxruntime; a model that cannot be
-    exported or disagrees is reported in ``status``, never raised."""
+    exported or disagrees is reported in ``status``, never raised. With ``keep``, the checked
+    export is kept there (registration ships it instead of exporting again)."""
     images = images[:PARITY_IMAGES]
+    if keep is not None:
+        keep.unlink(missing_ok=True)  # no stale export survives a failed one
     with tempfile.TemporaryDirectory(prefix="shrinkflow-onnx-") as tmp:
         try:
-            sess = session(export_onnx(model, images[:2], Path(tmp) / "model.onnx"))
+            path = export_onnx(model, images[:2], Path(tmp) / "model.onnx")
+            sess = session(path)
             diff = max_abs_diff(model, sess, images)
         except ExportError as exc:
             log.info("no ONNX model: %s", exc)
             return OnnxCheck(f"failed: {exc}", math.nan, math.nan)
+        if keep is not None:
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(keep) as tmp_keep:
+                shutil.copyfile(path, tmp_keep)
         return OnnxCheck("ok", ort_latency_ms(sess, images, warmup, repeats), diff)
 
 

@@ -27,6 +27,7 @@ from shrinkflow.tasks.config import Params, RegisteredOptions
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.records import Manifest
+from shrinkflow.tasks.registry import download_version, version_by_alias
 from shrinkflow.tasks.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def fingerprint(params: Params, layout: Layout) -> dict[str, Any]:
     if isinstance(model_cfg, RegisteredOptions):
         name, ref = _parse(model_cfg.uri)
         tracker = Tracker.for_project(layout.root, params.tracking.experiment)
-        version = tracker.version_by_alias(name, ref[1:]) if ref.startswith("@") else None
+        version = version_by_alias(tracker, name, ref[1:]) if ref.startswith("@") else None
         found["registered"] = (
             [ref, version.version, version.tags.get("checkpoint_sha256")] if version else ref
         )
@@ -223,7 +224,7 @@ def _registered(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
     tracker = Tracker.for_project(layout.root, params.tracking.experiment)
     try:
         version = (
-            tracker.version_by_alias(name, version_ref[1:])
+            version_by_alias(tracker, name, version_ref[1:])
             if version_ref.startswith("@")
             else tracker.client.get_model_version(name, version_ref)
         )
@@ -233,7 +234,7 @@ def _registered(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
         raise BaselineError(f"model.uri {uri}: no such registered version")
     with tempfile.TemporaryDirectory(prefix="shrinkflow-given-") as tmp:
         try:
-            local = tracker.download_version(name, str(version.version), Path(tmp))
+            local = download_version(tracker, name, str(version.version), Path(tmp))
         except Exception as exc:
             raise BaselineError(
                 f"model.uri {uri}: cannot download v{version.version}: {_first(exc)}"

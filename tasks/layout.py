@@ -25,6 +25,7 @@ class Files:
     PARETO = "pareto.png"
     REPORT = "report.md"
     PROMOTION = "promotion.json"
+    ONNX = "onnx"  # in paths.reports: <model>.onnx, each checked against its checkpoint
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class Layout:
     def predictions_csv(self) -> Path:
         """Every model's predicted class for every val, gate and test image (paired outcomes)."""
         return self.reports / Files.PREDICTIONS
+
+    def onnx(self, name: str) -> Path:
+        """The model's ONNX export that evaluate checked against PyTorch (absent: it failed)."""
+        return self.reports / Files.ONNX / f"{name}.onnx"
 
     @property
     def curves(self) -> Path:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from shrinkflow.tasks.decide import Verdict
 from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.io import atomic_path
-from shrinkflow.tasks.promote import Decision
 from shrinkflow.tasks.stats import margin_points
 
 SHOWN = [
@@ -24,7 +24,7 @@ SHOWN = [
     "gate_delta",
     "gate_lower",
     "gate_p",
-    "eligible",
+    "decision",
     "test_delta",
     "test_lower",
     "test_upper",
@@ -43,10 +43,14 @@ def plain_code(value: object) -> str:
     return f"`{value}`"
 
 
-def format_table(table: pd.DataFrame, winner: str | None = None, text=markdown_text) -> str:
-    """The candidates table as Markdown, the promoted row marked with a star; names pass through
-    ``text`` (``str`` for a terminal)."""
-    shown = table.reindex(columns=SHOWN).copy()
+def format_table(
+    table: pd.DataFrame, winner: str | None = None, text=markdown_text, verdict: Verdict | None = None
+) -> str:
+    """The candidates table as Markdown, the promoted row marked with a star and, with the
+    ``verdict``, what the decision made of each model; names pass through ``text`` (``str`` for
+    a terminal)."""
+    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates} if verdict else {}
+    shown = table.assign(decision=[outcomes.get(n, "") for n in table["name"]]).reindex(columns=SHOWN)
     for column in ("params", "flops", "size_bytes"):  # counts, even with a failed row's blanks
         shown[column] = shown[column].astype("Int64")
     shown["gate_p"] = [f"{p:.2g}" if p == p else "" for p in shown["gate_p"]]
@@ -57,7 +61,7 @@ def format_table(table: pd.DataFrame, winner: str | None = None, text=markdown_t
     return shown.to_markdown(index=False, floatfmt=".2f")
 
 
-def decision_lines(decision: Decision, text=markdown_text, code=markdown_code) -> list[str]:
+def decision_lines(decision: Verdict, text=markdown_text, code=markdown_code) -> list[str]:
     """The decision in a few sentences: the printed summary, report.md and Prefect's artefact.
     Names and reasons pass through ``text`` and ``code`` (plain ones for a terminal)."""
     reg = decision.registry
@@ -72,6 +76,10 @@ def decision_lines(decision: Decision, text=markdown_text, code=markdown_code) -
         p_text = f"; p = {p_value:.3g}" if p_value is not None else ""
         lines.append(f"**Gate:** {text(decision.summary)}{p_text}.")
     lines.append(f"**Why this model:** {text(decision.reason)}.")
+    if decision.certified_by:
+        order = " > ".join(decision.order) or "none"
+        stop = f", stopped at {decision.stopped_at}" if decision.stopped_at else ""
+        lines.append(f"**Certified by:** {text(decision.certified_by)}; order tested: {text(order)}{stop}.")
     if test := decision.test:
         lines.append(
             f"**Test (may only veto):** {test['delta']:+.2f} points against the baseline, interval "
@@ -85,7 +93,7 @@ def decision_lines(decision: Decision, text=markdown_text, code=markdown_code) -
     return lines
 
 
-def per_class_section(decision: Decision) -> list[str]:
+def per_class_section(decision: Verdict) -> list[str]:
     """The winner's test accuracy in each class beside the baseline's, worst class first."""
     if not decision.per_class or decision.winner == "baseline":
         return []
@@ -100,7 +108,7 @@ def per_class_section(decision: Decision) -> list[str]:
     ]
 
 
-def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
+def markdown_report(table: pd.DataFrame, decision: Verdict) -> str:
     """The run's decision, its reason and the whole table, for Prefect and MLflow."""
     return "\n".join(
         [
@@ -112,9 +120,12 @@ def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
             "## Candidates (`*` = this run's winner)",
             "",
             "`gate_*`: paired comparison with the baseline on the gate split (delta, one-sided lower "
-            "bound, p-value of the non-inferiority test); `test_*`: the same on test, with both bounds.",
+            "bound, p-value of the non-inferiority test); `decision`: what the procedure made of the "
+            "model (certified, failed, untested after the sequence stopped, same size as a recipe "
+            "better on validation, not smaller than the baseline); `test_*`: the same on test, with "
+            "both bounds.",
             "",
-            format_table(table, decision.winner),
+            format_table(table, decision.winner, verdict=decision),
         ]
     )
 
@@ -122,7 +133,7 @@ def markdown_report(table: pd.DataFrame, decision: Decision) -> str:
 STRATEGY_MARKERS = "osD^v<>PXh*"
 
 
-def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
+def pareto_plot(table: pd.DataFrame, decision: Verdict, path: Path) -> Path:
     """Test accuracy against params (log) and against latency; tolerance band and winner marked."""
     from matplotlib.figure import Figure  # a second to import: only when a plot is drawn
 

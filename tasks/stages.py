@@ -18,12 +18,13 @@ import torch
 
 from shrinkflow.tasks import progress, tensorboard
 from shrinkflow.tasks.config import Params, load_params
+from shrinkflow.tasks.decide import PromotionError, Verdict
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split, prepare
-from shrinkflow.tasks.promote import Decision, PromotionError, promote
+from shrinkflow.tasks.promote import promote
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
 from shrinkflow.tasks.reproduce import provenance_tags
@@ -250,7 +251,7 @@ def discard_decision(layout: Layout) -> None:
             log.info("removed %s: it described an earlier promotion", path)
 
 
-def publish_decision(layout: Layout, decision: Decision) -> None:
+def publish_decision(layout: Layout, decision: Verdict) -> None:
     """Write what reviewers read; called by ``promote`` before it counts an alias move as done."""
     table = load_table(layout.candidates_csv)
     write_json(layout.promotion_json, asdict(decision))
@@ -258,7 +259,7 @@ def publish_decision(layout: Layout, decision: Decision) -> None:
     write_text(layout.report_md, markdown_report(table, decision))
 
 
-def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Decision:
+def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: bool = False) -> Verdict:
     """Register the winner under the registry rules, then draw and write what reviewers read.
 
     The earlier decision goes first, so whatever stops this stage (an error, Ctrl-C, SIGTERM, a
@@ -304,7 +305,11 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
                 **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
                 **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
             },
-            tags={"verdict": decision.verdict, "gate_summary": decision.summary},
+            tags={
+                "verdict": decision.verdict,
+                "gate_summary": decision.summary,
+                "certified_by": decision.certified_by,
+            },
         )
         for path in (ctx.layout.promotion_json, ctx.layout.pareto_png, ctx.layout.report_md):
             ctx.tracker.log_artifact(run, path)
@@ -319,7 +324,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
     return decision
 
 
-def _registered(decision: Decision) -> str:
+def _registered(decision: Verdict) -> str:
     reg = decision.registry
     if not reg.get("version"):
         return "nothing registered"

@@ -77,6 +77,22 @@ def score_statistic(gain: int, loss: int, n: int, delta0: float) -> float:
     return diff / math.sqrt(variance)
 
 
+def noninferiority_p(gain, loss, n, margin: float):
+    """The p-value of H0: delta <= ``-margin`` points, from the score statistic of
+    :func:`score_statistic`; numpy arrays of counts give an array (the simulation in
+    tests/test_decide.py tests whole families at once with it)."""
+    gain, loss, n = (np.asarray(v, float) for v in (gain, loss, n))
+    d0 = -margin / 100
+    b = -gain - loss + (2 * n - gain + loss) * d0
+    p = (np.sqrt(np.maximum(b * b + 8 * n * loss * d0 * (1 - d0), 0.0)) - b) / (4 * n)
+    variance, diff = n * (2 * p + d0 * (1 - d0)), gain - loss - n * d0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(
+            variance > 0, diff / np.sqrt(np.where(variance > 0, variance, 1.0)), np.sign(diff) * np.inf
+        )
+    return norm.sf(z)
+
+
 def _bound(gain: int, loss: int, n: int, z: float) -> float:
     """The delta0 where the score statistic equals ``z`` (it falls as delta0 grows)."""
     eps = 1e-12
@@ -96,7 +112,12 @@ def compare(
     correctness on the same images. ``confidence=None`` turns the gate off: the point rule
     (observed difference >= -margin) decides, and the bounds equal the observed difference."""
     gain, loss = discordant(correct, reference_correct)
-    n = len(correct)
+    return compare_counts(gain, loss, len(correct), margin, confidence)
+
+
+def compare_counts(gain: int, loss: int, n: int, margin: float, confidence: float | None) -> Comparison:
+    """:func:`compare` from the discordant counts alone (``gain``, ``loss`` of ``n`` images)."""
+    gain, loss, n = int(gain), int(loss), int(n)
     if n == 0:
         raise ValueError("cannot compare two models on zero images")
     delta = (gain - loss) / n
@@ -115,7 +136,7 @@ def compare(
         )
     z = float(norm.ppf(confidence))
     lower, upper = _bound(gain, loss, n, z), _bound(gain, loss, n, -z)
-    p_value = float(norm.sf(score_statistic(gain, loss, n, -margin / 100))) if margin < 100 else 0.0
+    p_value = float(noninferiority_p(gain, loss, n, margin)) if margin < 100 else 0.0
     return Comparison(
         n,
         gain,

@@ -1,4 +1,5 @@
-"""MLflow at the edges: runs, metrics, artefacts, the dataset input and the model registry.
+"""MLflow at the edges: runs, metrics, artefacts and the dataset input (the model registry is
+:mod:`shrinkflow.tasks.registry`), and which process owns a run.
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids rather than the
 fluent API's thread-local "active run", so candidates logging from parallel threads or worker
@@ -10,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import socket
 import sqlite3
 import subprocess
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,44 +23,15 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
+import psutil
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
 
-from shrinkflow.models.arch.given import code_package
-from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint, sha256_file, user_factory
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.escape import markdown_text
-from shrinkflow.tasks.export import ExportError, export_onnx, max_abs_diff, session
-from shrinkflow.tasks.io import read_json
 from shrinkflow.tasks.records import Manifest, ModelRecord
-from shrinkflow.tasks.serving import probability_columns
 
 log = logging.getLogger(__name__)
-
-SERVING_CODE = Path(__file__).with_name("serving.py")
-MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
-CHECKSUM_FILE = "model.pt.sha256"
-
-
-def serving_package(into: Path) -> Path:
-    """``into/shrinkflow``: the package a registered model's code needs (``shrinkflow.models``),
-    laid out as it is imported, for ``log_model(code_paths=...)``."""
-    package = into / "shrinkflow"
-    shutil.copytree(MODELS_PACKAGE, package / "models", ignore=shutil.ignore_patterns("__pycache__"))
-    (package / "__init__.py").write_text('"""shrinkflow, as a registered model carries it."""\n')
-    return package
-
-
-def serving_code(into: Path, checkpoint: Path) -> list[str]:
-    """What a registered model must carry to load anywhere: shrinkflow's ``models`` package and,
-    for a network built by the user's own factory, the user's package (imported from there only)."""
-    paths = [str(serving_package(into))]
-    if factory := user_factory(checkpoint):
-        paths.append(str(code_package(factory)))
-    return paths
 
 
 class TrackingUnavailable(ShrinkflowError, RuntimeError):
@@ -171,25 +140,12 @@ class Tracker:
     def for_project(cls, root: str | Path, experiment: str) -> Tracker:
         tracker = cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's own mlflow.db
-            tracker.follow_project(Path(root))
+            have = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+            want = (Path(root).resolve() / "mlartifacts").as_uri()
+            if have != want and have.startswith("file:"):
+                repair_artifact_location(tracker.uri, tracker.experiment_id, want)
+                log.warning("MLflow artefacts of this project now go to %s (the store said %s)", want, have)
         return tracker
-
-    def follow_project(self, root: Path) -> None:
-        """Point the experiment's artefacts at ``<root>/mlartifacts`` when the project's own
-        store names another directory: MLflow stores the location as an absolute path, so a
-        copied (or moved) project would otherwise keep writing into the original's folder. Only
-        runs created from now on follow; MLflow has no API for this, so the sqlite row is updated."""
-        want = (root.resolve() / "mlartifacts").as_uri()
-        have = self.client.get_experiment(self.experiment_id).artifact_location
-        if have == want or not have.startswith("file:"):
-            return
-        db = self.uri.removeprefix("sqlite:///")
-        with contextlib.closing(sqlite3.connect(db)) as con, con:
-            con.execute(
-                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                (want, int(self.experiment_id)),
-            )
-        log.warning("MLflow artefacts of this project now go to %s (the store said %s)", want, have)
 
     # runs -------------------------------------------------------------------------------
     def start_run(self, name: str, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -305,108 +261,20 @@ class Tracker:
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
         self.client.log_inputs(run_id, datasets=[entity])
 
-    # registry ---------------------------------------------------------------------------
-    def register_model(
-        self,
-        run_id: str,
-        checkpoint: Path,
-        name: str,
-        manifest: Path,
-        example: torch.Tensor,
-        raw_example: np.ndarray,
-        tags: dict[str, Any],
-        description: str,
-    ) -> str:
-        """Log ``checkpoint`` as a pyfunc model that takes raw images, with the ``manifest`` that
-        prepares them and its ONNX export, in ``run_id``; register it; return the version.
-        ``example`` is normalised images as the pipeline feeds models (the ONNX parity check runs
-        on them); ``raw_example`` is the same images as stored uint8 pixels (the input example)."""
-        classes = read_json(manifest)["classes"]
-        with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
-            recorded = Path(tmp) / CHECKSUM_FILE  # checked by the served model before it loads
-            recorded.write_text(sha256_file(checkpoint) + "\n")
-            artifacts = {
-                "checkpoint": str(checkpoint),
-                "checkpoint_sha256": str(recorded),
-                "manifest": str(manifest),
-            }
-            onnx = _exported_onnx(checkpoint, example, Path(tmp) / "model.onnx")
-            if isinstance(onnx, Path):
-                artifacts["onnx"] = str(onnx)
-            with _tracking(self.uri), mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(SERVING_CODE),
-                    artifacts=artifacts,
-                    code_paths=serving_code(Path(tmp), Path(checkpoint)),
-                    signature=serving_signature(classes),
-                    input_example=raw_example,
-                    pip_requirements=[
-                        f"torch=={torch.__version__.split('+')[0]}",
-                        f"mlflow=={mlflow.__version__}",
-                        "numpy",
-                        "pandas",
-                    ],
-                )
-        tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
-        version = self.client.create_model_version(
-            name=self._ensure_registered(name),
-            source=info.model_uri,
-            run_id=run_id,
-            tags={k: str(v) for k, v in tags.items()},
-            description=description,
-            model_id=info.model_id,
+
+def repair_artifact_location(sqlite_uri: str, experiment_id: str, location: str) -> None:
+    """A repair of MLflow's own schema, the one place shrinkflow writes it: point an
+    experiment's artefacts at ``location``. MLflow stores the location as an absolute path and
+    has no API to change it, so a copied (or moved) project's own ``mlflow.db`` would keep
+    writing into the original's folder. Only runs created from now on follow; only the project's
+    own sqlite store is ever repaired (never a server, nor a store named by
+    ``MLFLOW_TRACKING_URI``). Written against MLflow 3's ``experiments`` table."""
+    db = sqlite_uri.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+            (location, int(experiment_id)),
         )
-        return version.version
-
-    def _ensure_registered(self, name: str) -> str:
-        try:
-            self.client.create_registered_model(name)
-        except mlflow.exceptions.MlflowException as exc:  # a concurrent run may have created it
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        return name
-
-    def version_by_alias(self, name: str, alias: str):
-        """The model version ``alias`` points at, or None when the model or alias does not exist."""
-        try:
-            return self.client.get_model_version_by_alias(name, alias)
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                return None
-            raise
-
-    def load_version(self, name: str, version: str, sha256: str | None = None) -> mlflow.pyfunc.PyFuncModel:
-        """Download a version and load it; with ``sha256`` (the registry's record), the
-        downloaded checkpoint itself must have that hash (``CheckpointError`` otherwise), whatever
-        its tags or the files beside it say."""
-        with _tracking(self.uri), tempfile.TemporaryDirectory(prefix="shrinkflow-version-") as tmp:
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
-            if sha256 is not None:
-                checkpoint = downloaded_checkpoint(local)
-                if (actual := sha256_file(checkpoint)) != sha256:
-                    raise CheckpointError(
-                        f"the checkpoint of {name} v{version} has sha256 {actual[:12]}..., but the "
-                        f"registry recorded {sha256[:12]}... (swapped or damaged in the artefact store)"
-                    )
-            return mlflow.pyfunc.load_model(str(local))  # loads the checkpoint into memory
-
-    def download_version(self, name: str, version: str, into: Path) -> Path:
-        """A registered version's files (``MLmodel``, ``artifacts/``, ``code/``) under ``into``."""
-        with _tracking(self.uri):
-            return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into)))
-
-    def set_alias(self, name: str, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(name, alias, version)
-
-
-def downloaded_checkpoint(model_dir: Path) -> Path:
-    """The checkpoint file inside a downloaded pyfunc model directory."""
-    flavor = mlflow.models.Model.load(str(model_dir)).flavors.get("python_function", {})
-    relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
-    if not relative:
-        raise CheckpointError(f"{model_dir} is not a shrinkflow model (no checkpoint artefact)")
-    return model_dir / relative
 
 
 def _number(value: Any) -> bool:
@@ -423,55 +291,20 @@ def _unusable(uri: str, exc: Exception) -> str:
     return f"MLflow tracking at {uri} {how}: {first}"
 
 
-def predicted_classes(
-    model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, normalised: np.ndarray, classes: list[str]
-) -> np.ndarray:
-    """A registered version's predicted class indices for ``images`` (uint8, as stored). Versions
-    registered before models took raw images take the ``normalised`` floats and return
-    probabilities."""
-    inputs = model.metadata.get_input_schema()
-    if inputs is not None and inputs.inputs[0].type == np.dtype(np.uint8):
-        labels = model.predict(images)["label"]
-        return np.array([classes.index(label) for label in labels])
-    return np.asarray(model.predict(normalised)).argmax(1)
-
-
-def serving_signature(classes: list[str]) -> ModelSignature:
-    """uint8 images of any batch, layout and size in; the class name and its probabilities out."""
-    probabilities = [ColSpec("double", column) for column in probability_columns(classes)]
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
-        outputs=Schema([ColSpec("string", "label"), *probabilities]),
-    )
-
-
-def _exported_onnx(checkpoint: Path, example: torch.Tensor, path: Path) -> Path | str:
-    """The checkpoint as ONNX checked against PyTorch, or why there is none."""
-    model = load_checkpoint(checkpoint)[0].eval()
-    try:
-        export_onnx(model, example, path)
-        max_abs_diff(model, session(path), example)
-    except ExportError as exc:
-        log.info("registering without ONNX: %s", exc)
-        return f"unavailable: {exc}"[:250]
-    return path
-
-
 PROCESS_TAG = "shrinkflow.process"  # host:pid:start-time of the process that opened the run
 KILLED_TAG = "shrinkflow.killed"
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
+def _started(pid: int) -> str:
+    """When the process started (seconds since the epoch), so a reused pid is told apart."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
         return ""
-    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def this_process() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid())}"
+    return f"{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"
 
 
 def process_gone(owner: str) -> bool:
@@ -480,27 +313,10 @@ def process_gone(owner: str) -> bool:
     pid, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
+    if not psutil.pid_exists(int(pid)):
         return True
-    except PermissionError:  # alive, another user's
-        return False
-    return bool(started) and _start_time(int(pid)) != started
+    return bool(started) and _started(int(pid)) not in ("", started)
 
 
 def _now() -> int:
     return int(time.time() * 1000)
-
-
-@contextlib.contextmanager
-def _tracking(uri: str) -> Iterator[None]:
-    """Point the fluent API at ``uri`` for a block (``log_model`` and ``load_model`` need it)."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])

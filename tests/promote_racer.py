@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 from shrinkflow.flows import cli
-from shrinkflow.tasks import tracking
+from shrinkflow.tasks import promote
 
-_register = tracking.Tracker.register_model
+_register = promote.register_model
 
 
-def _register_then_wait(self, *args, **kwargs):
-    version = _register(self, *args, **kwargs)
+def _register_then_wait(*args, **kwargs):
+    version = _register(*args, **kwargs)
     Path(os.environ["RACER_READY"]).touch()
     while not Path(os.environ["RACER_GO"]).exists():
         time.sleep(0.05)
@@ -30,6 +30,6 @@ if __name__ == "__main__":
     # Started from a non-interactive shell's background job, SIGINT arrives ignored; a terminal's
     # Ctrl-C reaches the CLI with Python's own handler, which is what this stands for.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    tracking.Tracker.register_model = _register_then_wait
+    promote.register_model = _register_then_wait
     sys.argv = ["shrinkflow", "stage", "promote", *sys.argv[1:]]
     sys.exit(cli.main())

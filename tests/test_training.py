@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,10 +16,10 @@ from torch import nn
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.config import ConfigError, PromoteConfig, TrainConfig, parse_params
+from shrinkflow.tasks.decide import decide
 from shrinkflow.tasks.engine import fit, native_bf16, small_bn_scales
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.promote import select_winner
 from shrinkflow.tasks.records import load_record
 from shrinkflow.tasks.tracking import Tracker
 from shrinkflow.tasks.train import shrink_candidate
@@ -171,7 +172,8 @@ def test_engine_sparsity_share_counts_small_batchnorm_scales():
     assert small_bn_scales(net) == 0.5
 
 
-def _table(latency: dict[str, float], float_twin: dict[str, float]) -> pd.DataFrame:
+def _inputs(latency: dict[str, float], float_twin: dict[str, float]):
+    """A table and predictions where every model is as accurate as the baseline."""
     rows = []
     for name, ms in latency.items():
         rows.append(
@@ -180,7 +182,6 @@ def _table(latency: dict[str, float], float_twin: dict[str, float]) -> pd.DataFr
                 "strategy": "baseline" if name == "baseline" else "prune_l1",
                 "ratio": 0.5,
                 "status": "ok",
-                "eligible": True,
                 "val_acc": 90.0,
                 "gate_acc": 90.0,
                 "test_acc": 90.0,
@@ -190,22 +191,24 @@ def _table(latency: dict[str, float], float_twin: dict[str, float]) -> pd.DataFr
                 "worst_class_drop": 0.0,
             }
         )
-    return pd.DataFrame(rows)
+    labels = np.arange(1000) % 10
+    frame = pd.DataFrame({"label": labels, **dict.fromkeys(latency, labels)})
+    return pd.DataFrame(rows), {"gate": frame, "test": frame}
 
 
 def test_a_latency_objective_never_picks_int8_slower_than_its_float_twin():
-    table = _table(
+    inputs = _inputs(
         {"baseline": 1.0, "small": 0.4, "small-int8": 0.3, "tiny-int8": 0.2},
         {
             "small-int8": 0.35,  # faster than its float twin: may win
             "tiny-int8": 0.1,  # twice as slow as its float twin: never picked
         },
     )
-    decision = select_winner(table, PromoteConfig(objective="latency_ms"))
+    decision = decide(*inputs, PromoteConfig(objective="latency_ms"))
     assert decision.winner == "small-int8"
     assert "int8 slower than its float twin here: tiny-int8" in decision.reason
     # Other objectives do not look at latency at all.
-    assert select_winner(table, PromoteConfig(objective="params")).winner in {
+    assert decide(*inputs, PromoteConfig(objective="params")).winner in {
         "small",
         "small-int8",
         "tiny-int8",

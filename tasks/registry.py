@@ -1,0 +1,194 @@
+"""The model registry at the edges: register a checkpoint as a pyfunc model that takes raw
+images, find a version by alias, load it back (checking its bytes), move an alias.
+
+Run logging lives in :mod:`shrinkflow.tasks.tracking`; both talk to MLflow through the
+:class:`~shrinkflow.tasks.tracking.Tracker`'s explicit client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+from shrinkflow.models.arch.given import code_package
+from shrinkflow.models.checkpoint import CheckpointError, sha256_file, user_factory
+from shrinkflow.tasks.io import read_json
+from shrinkflow.tasks.serving import probability_columns
+from shrinkflow.tasks.tracking import Tracker
+
+SERVING_CODE = Path(__file__).with_name("serving.py")
+MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+CHECKSUM_FILE = "model.pt.sha256"
+
+
+def serving_package(into: Path) -> Path:
+    """``into/shrinkflow``: the package a registered model's code needs (``shrinkflow.models``),
+    laid out as it is imported, for ``log_model(code_paths=...)``."""
+    package = into / "shrinkflow"
+    shutil.copytree(MODELS_PACKAGE, package / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__init__.py").write_text('"""shrinkflow, as a registered model carries it."""\n')
+    return package
+
+
+def serving_code(into: Path, checkpoint: Path) -> list[str]:
+    """What a registered model must carry to load anywhere: shrinkflow's ``models`` package and,
+    for a network built by the user's own factory, the user's package (imported from there only)."""
+    paths = [str(serving_package(into))]
+    if factory := user_factory(checkpoint):
+        paths.append(str(code_package(factory)))
+    return paths
+
+
+def register_model(
+    tracker: Tracker,
+    run_id: str,
+    checkpoint: Path,
+    name: str,
+    manifest: Path,
+    onnx: Path | str,
+    raw_example: np.ndarray,
+    tags: dict[str, Any],
+    description: str,
+) -> str:
+    """Log ``checkpoint`` as a pyfunc model that takes raw images, with the ``manifest`` that
+    prepares them and ``onnx``, the export evaluate checked against it (a string: why there is
+    none), in ``run_id``; register it; return the version. ``raw_example`` is a few images as
+    stored uint8 pixels (the input example)."""
+    classes = read_json(manifest)["classes"]
+    with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
+        recorded = Path(tmp) / CHECKSUM_FILE  # checked by the served model before it loads
+        recorded.write_text(sha256_file(checkpoint) + "\n")
+        artifacts = {
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": str(recorded),
+            "manifest": str(manifest),
+        }
+        if isinstance(onnx, Path):  # under the name every registered version uses
+            artifacts["onnx"] = str(shutil.copyfile(onnx, Path(tmp) / "model.onnx"))
+        with _tracking(tracker.uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(SERVING_CODE),
+                artifacts=artifacts,
+                code_paths=serving_code(Path(tmp), Path(checkpoint)),
+                signature=serving_signature(classes),
+                input_example=raw_example,
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    f"mlflow=={mlflow.__version__}",
+                    "numpy",
+                    "pandas",
+                ],
+            )
+    tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
+    version = tracker.client.create_model_version(
+        name=_ensure_registered(tracker.client, name),
+        source=info.model_uri,
+        run_id=run_id,
+        tags={k: str(v) for k, v in tags.items()},
+        description=description,
+        model_id=info.model_id,
+    )
+    return version.version
+
+
+def _ensure_registered(client: MlflowClient, name: str) -> str:
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:  # a concurrent run may have created it
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    return name
+
+
+def version_by_alias(tracker: Tracker, name: str, alias: str):
+    """The model version ``alias`` points at, or None when the model or alias does not exist."""
+    try:
+        return tracker.client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def load_version(
+    tracker: Tracker, name: str, version: str, sha256: str | None = None
+) -> mlflow.pyfunc.PyFuncModel:
+    """Download a version and load it; with ``sha256`` (the registry's record), the
+    downloaded checkpoint itself must have that hash (``CheckpointError`` otherwise), whatever
+    its tags or the files beside it say."""
+    with _tracking(tracker.uri), tempfile.TemporaryDirectory(prefix="shrinkflow-version-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
+        if sha256 is not None:
+            checkpoint = downloaded_checkpoint(local)
+            if (actual := sha256_file(checkpoint)) != sha256:
+                raise CheckpointError(
+                    f"the checkpoint of {name} v{version} has sha256 {actual[:12]}..., but the "
+                    f"registry recorded {sha256[:12]}... (swapped or damaged in the artefact store)"
+                )
+        return mlflow.pyfunc.load_model(str(local))  # loads the checkpoint into memory
+
+
+def download_version(tracker: Tracker, name: str, version: str, into: Path) -> Path:
+    """A registered version's files (``MLmodel``, ``artifacts/``, ``code/``) under ``into``."""
+    with _tracking(tracker.uri):
+        return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(into)))
+
+
+def set_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:
+    tracker.client.set_registered_model_alias(name, alias, version)
+
+
+def downloaded_checkpoint(model_dir: Path) -> Path:
+    """The checkpoint file inside a downloaded pyfunc model directory."""
+    flavor = mlflow.models.Model.load(str(model_dir)).flavors.get("python_function", {})
+    relative = flavor.get("artifacts", {}).get("checkpoint", {}).get("path")
+    if not relative:
+        raise CheckpointError(f"{model_dir} is not a shrinkflow model (no checkpoint artefact)")
+    return model_dir / relative
+
+
+def predicted_classes(
+    model: mlflow.pyfunc.PyFuncModel, images: np.ndarray, normalised: np.ndarray, classes: list[str]
+) -> np.ndarray:
+    """A registered version's predicted class indices for ``images`` (uint8, as stored). Versions
+    registered before models took raw images take the ``normalised`` floats and return
+    probabilities."""
+    inputs = model.metadata.get_input_schema()
+    if inputs is not None and inputs.inputs[0].type == np.dtype(np.uint8):
+        labels = model.predict(images)["label"]
+        return np.array([classes.index(label) for label in labels])
+    return np.asarray(model.predict(normalised)).argmax(1)
+
+
+def serving_signature(classes: list[str]) -> ModelSignature:
+    """uint8 images of any batch, layout and size in; the class name and its probabilities out."""
+    probabilities = [ColSpec("double", column) for column in probability_columns(classes)]
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+        outputs=Schema([ColSpec("string", "label"), *probabilities]),
+    )
+
+
+@contextlib.contextmanager
+def _tracking(uri: str) -> Iterator[None]:
+    """Point the fluent API at ``uri`` for a block (``log_model`` and ``load_model`` need it)."""
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
