@@ -22,7 +22,7 @@ from shrinkflow.tasks.cache import baseline_key, intact
 from shrinkflow.tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
 from shrinkflow.tasks.engine import augment_batch, fit
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.prepare import load_raw_split, load_split, prepare
 from shrinkflow.tasks.records import load_record
 from shrinkflow.tasks.sources import LOADERS, DataError
 from shrinkflow.tasks.tracking import Tracker
@@ -75,10 +75,9 @@ def test_image_folder_runs_through_prepare_and_baseline(cifar_folder, tmp_path):
     assert manifest.classes == CIFAR_CLASSES and manifest.input_shape == [3, 32, 32]
     assert manifest.sizes["test"] == 80, "the folder's own test/ tree is the test split"
     assert manifest.sizes["train"] + manifest.sizes["val"] + manifest.sizes["gate"] == 240
-    stored = torch.load(layout.split("train"), weights_only=True)
-    assert stored["x"].dtype == torch.uint8, "images are stored compactly"
+    assert load_raw_split(layout, "train")[0].dtype == torch.uint8, "images are stored compactly"
     x, y = load_split(layout, "train")
-    assert x.dtype == torch.float32 and x.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert x[:].dtype == torch.float32 and x[:].mean(dim=(0, 2, 3)).abs().max() < 1e-3
     counts = torch.bincount(y)
     assert len(counts) == 10 and counts.max() - counts.min() <= 1, "stratified"
 
@@ -118,7 +117,7 @@ def test_mnist_through_torchvision_from_local_idx_files(mnist_root, tmp_path):
     assert manifest.sizes == {"train": 500, "val": 1000, "gate": 3000, "test": 10000}
     assert manifest.classes[0] == "0 - zero"
     x, _ = load_split(layout, "test")
-    assert abs(float(x.mean())) < 0.2 and x.shape == (10000, 1, 28, 28)
+    assert abs(float(x[:].mean())) < 0.2 and x.shape == (10000, 1, 28, 28)
 
     resized = _params(
         "data.source=mnist",
@@ -294,7 +293,7 @@ def test_stored_digits_are_exact_integers_with_their_scale(tmp_path):
     params = _params()
     layout = Layout.from_params(params, tmp_path)
     manifest = prepare(params, layout)
-    stored = torch.load(layout.split("train"), weights_only=True)["x"]
+    stored = load_raw_split(layout, "train")[0]
     assert stored.dtype == torch.uint8 and int(stored.max()) == 16 and manifest.scale == 16.0
-    x, _ = load_split(layout, "train")
+    x = load_split(layout, "train")[0][:]
     assert np.isclose(float(x.mean()), 0.0, atol=1e-5) and np.isclose(float(x.std()), 1.0, atol=1e-3)
