@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -264,20 +265,30 @@ def load_split(layout: Layout, split: str) -> tuple[MappedImages, torch.Tensor]:
 
 
 def load_raw_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as stored: uint8 pixels (what a served model takes), a tensor over the file's
-    memory map (copy-on-write: nothing is read until used), and int64 labels."""
+    """One split as stored: uint8 pixels (what a served model takes) and int64 labels. The pixels
+    are a tensor over the file's read-only memory map: pages are read when used, shared by every
+    worker through the page cache, and never charged as the process's own memory; they are only
+    ever indexed or converted (an in-place write would fault)."""
     path = layout.images(split)
+    if not layout.manifest.is_file():  # written last: without it the files are not a prepared set
+        raise DataError(
+            f"{layout.manifest} does not exist: prepare did not finish (or never ran); run "
+            "`shrinkflow stage prepare`"
+        )
     if not path.is_file() and (older := layout.prepared / f"{split}.pt").is_file():
         raise DataError(
             f"{older} is the older prepared layout (whole tensors); run `shrinkflow stage prepare` to "
             "re-prepare it as memory-mapped .npy files"
         )
     try:
-        pixels = np.load(path, mmap_mode="c", allow_pickle=False)
+        pixels = np.load(path, mmap_mode="r", allow_pickle=False)
         labels = np.load(layout.labels(split), allow_pickle=False)
         if pixels.dtype != np.uint8 or pixels.ndim != 4 or labels.shape != pixels.shape[:1]:
             raise ValueError(f"{pixels.dtype} pixels {pixels.shape}, {labels.dtype} labels {labels.shape}")
-        return torch.from_numpy(pixels), torch.from_numpy(labels.astype(np.int64, copy=False))
+        with warnings.catch_warnings():  # torch has no read-only tensors; see the docstring
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            mapped = torch.from_numpy(pixels)
+        return mapped, torch.from_numpy(labels.astype(np.int64, copy=False))
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename} does not exist; run `shrinkflow stage prepare` first") from None
     except Exception as exc:  # truncated, overwritten, not ours
