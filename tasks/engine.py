@@ -29,6 +29,9 @@ class Images(Protocol):
 
     def __len__(self) -> int: ...
 
+    @property
+    def shape(self) -> torch.Size: ...
+
     def __getitem__(self, rows: slice | Tensor, /) -> Tensor: ...
 
 
@@ -284,12 +287,18 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+# Float input per prediction batch: 1,024 images up to 32x32 RGB (the results of small images
+# stay as they were); fewer of larger ones, so memory is bounded by the model, not the image size.
+PREDICT_BYTES = 32 << 20
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, x: Images, batch_size: int = 1024) -> Tensor:
-    """Class predictions for ``x``, read a batch at a time, on the model's device, in eval mode;
-    returned on the CPU."""
+    """Class predictions for ``x``, read a batch at a time (at most ``batch_size`` images and
+    :data:`PREDICT_BYTES` of input), on the model's device, in eval mode; returned on the CPU."""
     model.eval()
     device = model_device(model)
+    batch_size = max(1, min(batch_size, PREDICT_BYTES // (4 * math.prod(x.shape[1:]))))
     return torch.cat(
         [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     )
