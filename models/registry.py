@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from shrinkflow.models.arch import discover
+from shrinkflow.models.arch import Architectures
 
-ARCHITECTURES: dict[str, type[nn.Module]] = discover()
+ARCHITECTURES: Architectures = Architectures()
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES
+from shrinkflow.models.arch import OPTIONS
 from shrinkflow.models.arch.given import GivenOptions
 from shrinkflow.models.architecture import ArchOptions
 from shrinkflow.models.preprocess import InputOptions
@@ -99,7 +100,7 @@ class RegisteredOptions(ArchOptions):
 # The `model` section: one options model per architecture (each declared beside its network in
 # models/arch/), or a registered version, told apart by `arch`. A key it does not read is refused.
 ModelConfig = Annotated[
-    Union[(*(arch.Options for arch in ARCHITECTURES.values()), RegisteredOptions)],  # noqa: UP007
+    Union[(*OPTIONS.values(), RegisteredOptions)],  # noqa: UP007
     Field(discriminator="arch"),
 ]
 
@@ -438,7 +439,7 @@ SEED_MAX = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
 class Params(_Section):
     seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
     data: DataConfig = DataConfig()
-    model: ModelConfig = ARCHITECTURES["basenet"].Options()
+    model: ModelConfig = OPTIONS["basenet"]()
     train: TrainConfig = TrainConfig()
     shrink: ShrinkConfig
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import f1_score
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import dense_twin
@@ -97,6 +95,8 @@ class Measurement:
 
 
 def count_flops(model: nn.Module, example: Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: only where FLOPs are counted
+
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         model(example)
@@ -157,6 +157,8 @@ def measure(model: nn.Module, splits: dict[str, Split], cfg: EvaluateConfig) -> 
 
 def macro_f1(predictions: Tensor, targets: Tensor) -> float:
     """Macro-averaged F1 in percent: every class counts the same, however many images it has."""
+    from sklearn.metrics import f1_score  # seconds to import: only in the stages that score models
+
     return round(100 * float(f1_score(targets.numpy(), predictions.numpy(), average="macro")), 4)
 
 

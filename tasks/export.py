@@ -3,6 +3,7 @@ outputs, and time onnxruntime the way ``tasks/evaluate.py`` times PyTorch (batch
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -45,6 +46,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
     if quantised(model):
         raise ExportError("int8 graph: torch.onnx does not export PT2E int8 (oneDNN) kernels")
     model.eval()
+    _build_torchlib_registry_once()
     try:
         torch.onnx.export(
             model,
@@ -60,6 +62,27 @@ def export_onnx(model: nn.Module, example: Tensor, path: Path) -> Path:
     except Exception as exc:
         raise ExportError(f"torch.onnx cannot export it ({type(exc).__name__}: {_first_line(exc)})") from exc
     return path
+
+
+def _build_torchlib_registry_once() -> None:
+    """torch.onnx 2.14 rebuilds its table of ATen -> ONNX functions (parsing onnxscript's sources)
+    on every export: about 4 s, two thirds of exporting a small model. The table depends only on
+    the opset and we never add to it (no ``custom_translation_table``), so one per process serves
+    every export. Private API, so torch stays pinned; without it exports are only slower."""
+    try:
+        from torch.onnx._internal.exporter import _constants, _registration
+    except ImportError:
+        return
+    registry = _registration.ONNXRegistry
+    if hasattr(registry.from_torchlib, "cache_info"):
+        return
+    build = functools.cache(registry.from_torchlib)
+
+    def from_torchlib(cls, opset_version: int = _constants.TORCHLIB_OPSET):
+        return build(opset_version=opset_version)
+
+    from_torchlib.cache_info = build.cache_info
+    registry.from_torchlib = classmethod(from_torchlib)
 
 
 def quantised(model: nn.Module) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.figure import Figure
 
 from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.io import atomic_path
@@ -125,6 +124,8 @@ STRATEGY_MARKERS = "osD^v<>PXh*"
 
 def pareto_plot(table: pd.DataFrame, decision: Decision, path: Path) -> Path:
     """Test accuracy against params (log) and against latency; tolerance band and winner marked."""
+    from matplotlib.figure import Figure  # a second to import: only when a plot is drawn
+
     ok = table[table["status"] == "ok"]
     # A Figure of its own (no pyplot state machine, no global backend): safe in threads and servers.
     fig = Figure(figsize=(12, 4.8), layout="constrained")

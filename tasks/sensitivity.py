@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from shrinkflow.models import apply_strategy
@@ -105,6 +104,8 @@ def load_or_measure(
 
 def plot_sensitivity(table: Sensitivity, path: Path) -> Path:
     """Every group's validation accuracy and batch-1 latency against the share it keeps."""
+    from matplotlib.figure import Figure  # a second to import: only when a plot is drawn
+
     fig = Figure(figsize=(10, 4), layout="constrained")  # not pyplot: candidates run in threads
     acc_ax, lat_ax = fig.subplots(1, 2)
     for group, row in table.groups.items():

@@ -73,6 +73,32 @@ BROUGHT = {
 }
 
 
+def test_the_architecture_table_names_every_network_and_starts_without_torchvision():
+    """Every class with an ARCH in models/arch/ is in the table under its name; a process that
+    loads the config and the stages for BaseNet never imports torchvision (it loads torch._dynamo:
+    seconds at every `shrinkflow` start), one that builds a torchvision network does."""
+    import importlib
+    import pkgutil
+
+    import shrinkflow.models.arch as package
+
+    defined = {
+        obj.ARCH: obj
+        for module in pkgutil.iter_modules(package.__path__)
+        for obj in vars(importlib.import_module(f"{package.__name__}.{module.name}")).values()
+        if isinstance(obj, type) and "ARCH" in vars(obj)
+    }
+    assert defined == dict(ARCHITECTURES.items())
+    probe = (
+        "import sys; import shrinkflow.flows.cli, shrinkflow.tasks.stages; from shrinkflow.models import "
+        "build_model; build_model({'arch': 'basenet', 'in_channels': 1, 'image_size': 8, 'num_classes': 3}); "
+        "print('torchvision' in sys.modules, end=' '); build_model({'arch': 'resnet18', 'in_channels': 1, "
+        "'image_size': 8, 'num_classes': 3}); print('torchvision' in sys.modules)"
+    )
+    done = subprocess.run([str(BIN / "python"), "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["False", "True"], done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_architecture_is_declarable_and_keeps_the_protocol(arch):
     cls = ARCHITECTURES[arch]

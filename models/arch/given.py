@@ -21,7 +21,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
-import torchvision
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
@@ -38,6 +37,8 @@ class GivenError(ValueError):
 
 def torchvision_classifiers() -> list[str]:
     """Every builder ``torchvision.models.get_model`` knows for image classification."""
+    import torchvision  # loads torch._dynamo (~2 s): only where a torchvision network is named
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -225,6 +226,8 @@ class TorchvisionNet(_Given):
         super().__init__(**shape)
 
     def build(self) -> nn.Module:
+        import torchvision
+
         return torchvision.models.get_model(
             self.name, weights=None, num_classes=self.num_classes, **self.kwargs
         )

@@ -7,15 +7,8 @@ benchmark on it compares with published results. Shortcuts that change shape are
 
 from __future__ import annotations
 
-from typing import Literal
-
-from shrinkflow.models.arch.tvnets import SmallResNet, WidthMult
-from shrinkflow.models.architecture import ArchOptions
-
-
-class ResNet56Options(ArchOptions):
-    arch: Literal["resnet56"] = "resnet56"
-    width_mult: WidthMult = 1.0
+from shrinkflow.models.arch.tvnets import SmallResNet
+from shrinkflow.models.arch.tvoptions import ResNet56Options
 
 
 class CifarResNet56(SmallResNet):

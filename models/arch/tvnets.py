@@ -7,28 +7,15 @@ spec records every layer's shape (``layers``), so a pruned network rebuilds exac
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-from pydantic import Field
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2, _make_divisible
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops.misc import Conv2dNormActivation
 
-from shrinkflow.models.architecture import ArchOptions
+from shrinkflow.models.arch.tvoptions import MobileNetV2Options, ResNet18Options
 from shrinkflow.models.shapes import copy_matching, layer_shapes, resize_layers
-
-WidthMult = Annotated[float, Field(gt=0, le=4)]
-
-
-class ResNet18Options(ArchOptions):
-    arch: Literal["resnet18"] = "resnet18"
-    width_mult: WidthMult = 1.0
-
-
-class MobileNetV2Options(ArchOptions):
-    arch: Literal["mobilenet_v2"] = "mobilenet_v2"
-    width_mult: WidthMult = 1.0
 
 
 class _Staged:
