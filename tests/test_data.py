@@ -393,6 +393,7 @@ def test_training_runs_under_a_memory_limit_smaller_than_the_data_as_float32(mni
     assert per_image * manifest.sizes["test"] > limit
     code = f"""
 import resource
+import torch._dynamo  # noqa: F401  (imported by the stage on first use: counted before the limit)
 from shrinkflow.tasks.config import load_params
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
