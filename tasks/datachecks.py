@@ -1,10 +1,10 @@
-"""Expectations on the data itself, checked at prepare before anything is written: enough classes,
-enough images of each class for every split, and no image in two splits unnoticed. Each failure
-is one :class:`DataError` line naming the class and what it needs."""
+"""Expectations on the data itself, checked at prepare: enough classes and enough images of each
+class for every split (before anything is written), and no image in two splits unnoticed (from
+the digests taken while the images are written). Each failure is one :class:`DataError` line
+naming the class and what it needs."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from pathlib import Path
@@ -58,7 +58,7 @@ def _fractions(cfg: DataConfig, own_test: bool) -> str:
 
 
 def check_splits(raw: RawData, parts: dict[str, np.ndarray], cfg: DataConfig) -> None:
-    """Every class in every split; images that appear in more than one split are reported."""
+    """Every class in every split."""
     own_test = bool(raw.n_test)
     for split, idx in parts.items():
         counts = np.bincount(raw.labels[idx], minlength=len(raw.classes))
@@ -69,7 +69,12 @@ def check_splits(raw: RawData, parts: dict[str, np.ndarray], cfg: DataConfig) ->
                 f"class {raw.classes[label]!r} ({total} images) got none in {split}; give it at least "
                 f"{min_per_class(cfg, own_test)} ({_fractions(cfg, own_test)}){more}"
             )
-    shared = duplicates_across_splits(raw.images, parts)
+
+
+def report_duplicates(parts: dict[str, np.ndarray], digests: dict[str, list[bytes]]) -> None:
+    """Warn about images whose exact pixels occur in more than one split (``digests``: each
+    split's per-image digests, in the order of ``parts``)."""
+    shared = duplicates_across_splits(parts, digests)
     if shared:
         log.warning(
             "%d image(s) occur in more than one of train/val/gate/test with identical pixels (e.g. row %d); "
@@ -79,13 +84,12 @@ def check_splits(raw: RawData, parts: dict[str, np.ndarray], cfg: DataConfig) ->
         )
 
 
-def duplicates_across_splits(images: np.ndarray, parts: dict[str, np.ndarray]) -> list[int]:
+def duplicates_across_splits(parts: dict[str, np.ndarray], digests: dict[str, list[bytes]]) -> list[int]:
     """Rows whose exact pixels also occur in another split (first occurrence per split)."""
     seen: dict[bytes, str] = {}
     shared = []
     for split, idx in parts.items():
-        for row in idx:
-            key = hashlib.blake2b(images[row].tobytes(), digest_size=16).digest()
+        for row, key in zip(idx, digests[split], strict=True):
             if seen.setdefault(key, split) != split:
                 shared.append(int(row))
     return shared

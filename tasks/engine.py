@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,21 @@ from shrinkflow.tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
 
-Split = tuple[Tensor, Tensor]
+
+class Images(Protocol):
+    """What training and evaluation read images from, a batch at a time: a tensor, or a prepared
+    split's memory map (:class:`shrinkflow.tasks.prepare.MappedImages`), which normalises only
+    the rows asked for."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def __getitem__(self, rows: slice | Tensor, /) -> Tensor: ...
+
+
+Split = tuple[Images, Tensor]  # images and their int64 labels
 
 
 class TrainingDiverged(ShrinkflowError, RuntimeError):
@@ -201,7 +216,7 @@ def train_one_epoch(
     total = 0.0
     for start in range(0, len(y), batch_size):
         idx = order[start : start + batch_size]
-        # Batches travel to the model's device one at a time; the data set stays in CPU memory.
+        # Batches are read, normalised and moved to the model's device one at a time.
         inputs = augment_batch(x[idx], augment, generator).to(device)
         if precision.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -272,12 +287,18 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+# Float input per prediction batch: 1,024 images up to 32x32 RGB (the results of small images
+# stay as they were); fewer of larger ones, so memory is bounded by the model, not the image size.
+PREDICT_BYTES = 32 << 20
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
-    """Class predictions for ``x`` (in CPU memory) on the model's device, in eval mode; returned
-    on the CPU."""
+def predict(model: nn.Module, x: Images, batch_size: int = 1024) -> Tensor:
+    """Class predictions for ``x``, read a batch at a time (at most ``batch_size`` images and
+    :data:`PREDICT_BYTES` of input), on the model's device, in eval mode; returned on the CPU."""
     model.eval()
     device = model_device(model)
+    batch_size = max(1, min(batch_size, PREDICT_BYTES // (4 * math.prod(x.shape[1:]))))
     return torch.cat(
         [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     )

@@ -15,7 +15,7 @@ SPLITS = ("train", "val", "gate", "test")
 class Files:
     """File names inside the ``paths`` directories."""
 
-    MANIFEST = "manifest.json"  # in paths.prepared, beside <split>.pt
+    MANIFEST = "manifest.json"  # in paths.prepared, beside <split>-images.npy and <split>-labels.npy
     CHECKPOINT = "model.pt"  # in paths.baseline and in paths.candidates/<name>
     RECORD = "record.json"
     CANDIDATES = "candidates.csv"  # in paths.reports
@@ -62,8 +62,13 @@ class Layout:
                     "set paths.outside_project: true to write there"
                 )
 
-    def split(self, name: str) -> Path:
-        return self.prepared / f"{name}.pt"
+    def images(self, split: str) -> Path:
+        """A split's uint8 pixels, ``N x C x H x W`` in one ``.npy`` file that stages memory-map."""
+        return self.prepared / f"{split}-images.npy"
+
+    def labels(self, split: str) -> Path:
+        """A split's int64 class indices, ``.npy``."""
+        return self.prepared / f"{split}-labels.npy"
 
     @property
     def manifest(self) -> Path:

@@ -1,11 +1,15 @@
-"""Stage 1: read the configured data source, split it, and write compact uint8 train/val/test
-tensors plus a manifest with the normalisation, shapes, classes and the data's fingerprint."""
+"""Stage 1: read the configured data source, split it, and stream each split in chunks into
+uint8 ``.npy`` files that later stages memory-map, plus a manifest with the normalisation,
+shapes, classes and the data's fingerprint. Memory is bounded by the chunk, not the data; the
+bytes written do not depend on the chunk size, so ``dvc repro`` and the flow's cache agree."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from dataclasses import asdict, replace
+import warnings
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -13,14 +17,16 @@ from sklearn.model_selection import train_test_split
 
 from shrinkflow.models import preprocess
 from shrinkflow.tasks.config import DataConfig, Params, RegisteredOptions, comes_trained
-from shrinkflow.tasks.datachecks import check_classes, check_splits
+from shrinkflow.tasks.datachecks import check_classes, check_splits, report_duplicates
 from shrinkflow.tasks.gate import certifiable
-from shrinkflow.tasks.io import write_json, write_torch
+from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import SPLITS, Layout
 from shrinkflow.tasks.records import Manifest, load_manifest
 from shrinkflow.tasks.sources import DataError, RawData, load_source
 
 log = logging.getLogger(__name__)
+
+CHUNK = 1024  # images decoded, converted and written at a time: what bounds prepare's memory
 
 
 def split_indices(labels: np.ndarray, cfg: DataConfig, seed: int, n_test: int = 0) -> dict[str, np.ndarray]:
@@ -51,17 +57,6 @@ def _stratified(idx: np.ndarray, labels: np.ndarray, key: str, seed: int, **size
         raise DataError(f"{key}: cannot split {len(idx)} images stratified by class: {exc}") from None
 
 
-def fingerprint(tensors: dict[str, dict[str, torch.Tensor]]) -> str:
-    """sha256 over the prepared tensors' bytes, split by split: independent of file format."""
-    digest = hashlib.sha256()
-    for split in SPLITS:
-        for key in ("x", "y"):
-            t = tensors[split][key].contiguous()
-            digest.update(f"{split}/{key}/{t.dtype}/{tuple(t.shape)}".encode())
-            digest.update(t.numpy().tobytes())
-    return digest.hexdigest()
-
-
 def split_heldout(labels: np.ndarray, cfg: DataConfig, seed: int, n_heldout: int) -> dict[str, np.ndarray]:
     """For a model that comes trained: val, gate and test drawn (stratified, in the proportions of
     the three fractions) from the last ``n_heldout`` rows alone, the images it has never seen;
@@ -79,7 +74,7 @@ def split_heldout(labels: np.ndarray, cfg: DataConfig, seed: int, n_heldout: int
     return {"train": np.sort(train), "val": np.sort(val), "gate": np.sort(gate), "test": np.sort(test)}
 
 
-def check_unseen(raw: RawData, params: Params) -> None:
+def check_unseen(raw: RawData, params: Params, chunk: int = CHUNK) -> None:
     """A model that comes trained is certified only on images it has not seen: the source must
     declare them, and none of them may also be among the training images (same pixels)."""
     if not raw.n_test:
@@ -88,21 +83,26 @@ def check_unseen(raw: RawData, params: Params) -> None:
             f"seen, so nothing can be certified: put them in <data.root>/test/<class>/ (beside train/) or "
             "set data.heldout_root"
         )
-    seen = {raw.images[i].tobytes(): i for i in range(len(raw.images) - raw.n_test)}
-    overlap = [
-        i for i in range(len(raw.images) - raw.n_test, len(raw.images)) if raw.images[i].tobytes() in seen
-    ]
+    n_seen = len(raw.labels) - raw.n_test
+    digests = [d for images in raw.chunks(np.arange(len(raw.labels)), chunk) for d in _digests(images)]
+    seen = {digest: i for i, digest in enumerate(digests[:n_seen])}
+    overlap = [i for i in range(n_seen, len(digests)) if digests[i] in seen]
     if overlap:
         first = raw.paths[overlap[0]] if raw.paths else f"row {overlap[0]}"
-        twin = raw.paths[seen[raw.images[overlap[0]].tobytes()]] if raw.paths else "a training row"
+        twin = raw.paths[seen[digests[overlap[0]]]] if raw.paths else "a training row"
         raise DataError(
             f"{len(overlap)} of the {raw.n_test} held-out images ({raw.heldout}) are also training images "
             f"(e.g. {first} = {twin}); the model may have seen them, so the certificate would mean nothing"
         )
 
 
-def prepare(params: Params, layout: Layout) -> Manifest:
-    """Read ``data.source``, split it, and write ``{train,val,test}.pt`` (uint8) + manifest."""
+def _digests(images: np.ndarray) -> list[bytes]:
+    return [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
+
+
+def prepare(params: Params, layout: Layout, chunk: int = CHUNK) -> Manifest:
+    """Read ``data.source``, split it, and write each split's images and labels as ``.npy``
+    (uint8, int64) + manifest, ``chunk`` images at a time."""
     cfg = params.data
     if cfg.heldout_root:
         cfg = cfg.model_copy(update={"heldout_root": str(layout.root / cfg.heldout_root)})
@@ -113,7 +113,7 @@ def prepare(params: Params, layout: Layout) -> Manifest:
         raw = replace(raw, heldout=f"the {params.data.source} test split")
     heldout = comes_trained(params.model) and (raw.n_test or not isinstance(params.model, RegisteredOptions))
     if heldout:  # every split but train comes from the held-out images; check_splits sees each
-        check_unseen(raw, params)
+        check_unseen(raw, params, chunk)
         parts = split_heldout(raw.labels, cfg, params.seed, raw.n_test)
     else:
         check_classes(raw, cfg, layout.root / cfg.root)
@@ -121,21 +121,21 @@ def prepare(params: Params, layout: Layout) -> Manifest:
     check_splits(raw, parts, cfg)
     if too_small := certifiable(params.promote, len(parts["gate"])):
         log.warning(too_small)
-    tensors = {
-        split: {"x": torch.from_numpy(raw.images[idx]), "y": torch.from_numpy(raw.labels[idx])}
-        for split, idx in parts.items()
-    }
+    forget_earlier(layout)
+    with contextlib.ExitStack() as files:  # every file renamed into place only if all are written
+        written = write_splits(raw, parts, layout, chunk, files)
+    report_duplicates(parts, written.digests)
     declared = params.model.input.resolved() if hasattr(params.model, "input") else {}
     if declared.get("mean") is not None:
         mean, std, normalisation = list(declared["mean"]), list(declared["std"]), params.model.input.preset
         normalisation = "model" if normalisation == "data" else normalisation
     else:
-        (mean, std), normalisation = channel_stats(raw.images[parts["train"]], raw.scale), "data"
+        (mean, std), normalisation = channel_stats(written.histogram, raw.scale), "data"
     manifest = Manifest(
         source=params.data.source,
-        fingerprint=fingerprint(tensors),
+        fingerprint=written.fingerprint,
         classes=raw.classes,
-        input_shape=list(raw.images.shape[1:]),
+        input_shape=list(raw.shape),
         sizes={split: len(idx) for split, idx in parts.items()},
         mean=mean,
         std=std,
@@ -145,11 +145,68 @@ def prepare(params: Params, layout: Layout) -> Manifest:
         heldout=raw.heldout if heldout else "",
         origin=_origin(raw, heldout),
     )
-    for split in SPLITS:
-        write_torch(layout.split(split), tensors[split])
-    write_json(layout.manifest, asdict(manifest))
+    write_json(layout.manifest, asdict(manifest))  # last: without it, nothing here is trusted
     log.info("prepared %s: %s, fingerprint %s", manifest.source, manifest.sizes, manifest.fingerprint[:12])
     return manifest
+
+
+def forget_earlier(layout: Layout) -> None:
+    """Before anything is written: the manifest goes (it is written last, so a prepare that stops
+    leaves none, and no stage, cache key or ``dvc commit`` trusts a half-replaced set), and so do
+    split files of the older layout, with one line saying why."""
+    layout.manifest.unlink(missing_ok=True)
+    older = [path for split in SPLITS if (path := layout.prepared / f"{split}.pt").is_file()]
+    if older:
+        log.info(
+            "re-preparing %s: it holds the older layout (%s, whole tensors loaded into memory); splits "
+            "are now .npy files read as memory maps",
+            layout.prepared,
+            ", ".join(p.name for p in older),
+        )
+    for path in older:
+        path.unlink()
+
+
+@dataclass(frozen=True)
+class Written:
+    """What streaming the splits measured on the way."""
+
+    fingerprint: str  # sha256 over every split's pixels and labels (see write_splits)
+    digests: dict[str, list[bytes]]  # per split, one digest per image: duplicates across splits
+    histogram: np.ndarray  # C x 256: the training split's pixel values per channel
+
+
+def write_splits(
+    raw: RawData, parts: dict[str, np.ndarray], layout: Layout, chunk: int, files: contextlib.ExitStack
+) -> Written:
+    """Stream each split's images from ``raw``, ``chunk`` at a time, into ``<split>-images.npy``
+    and its labels into ``<split>-labels.npy`` (temporaries entered into ``files``, renamed when
+    it closes). The fingerprint hashes each split's pixels then labels, with their dtype and
+    shape: the same value as the earlier ``.pt`` layout gave, whatever the file format."""
+    fingerprint = hashlib.sha256()
+    digests: dict[str, list[bytes]] = {}
+    histogram = np.zeros((raw.shape[0], 256), dtype=np.int64)
+    for split in SPLITS:
+        rows, shape = parts[split], (len(parts[split]), *map(int, raw.shape))
+        fingerprint.update(f"{split}/x/torch.uint8/{shape}".encode())
+        digests[split] = []
+        with open(files.enter_context(atomic_path(layout.images(split))), "wb") as out:
+            header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(out, header)
+            for images in raw.chunks(rows, chunk):
+                data = np.ascontiguousarray(images, dtype=np.uint8).data
+                out.write(data)
+                fingerprint.update(data)
+                digests[split] += _digests(images)
+                if split == "train":
+                    for c in range(shape[1]):
+                        histogram[c] += np.bincount(images[:, c].ravel(), minlength=256)
+        labels = raw.labels[rows]
+        fingerprint.update(f"{split}/y/torch.int64/{labels.shape}".encode())
+        fingerprint.update(labels.tobytes())
+        with open(files.enter_context(atomic_path(layout.labels(split))), "wb") as out:
+            np.save(out, labels, allow_pickle=False)
+    return Written(fingerprint.hexdigest(), digests, histogram)
 
 
 def _origin(raw: RawData, heldout: bool) -> dict[str, str]:
@@ -168,13 +225,12 @@ def _origin(raw: RawData, heldout: bool) -> dict[str, str]:
     return dict.fromkeys(SPLITS, "one random stratified split")
 
 
-def channel_stats(images: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
-    """Exact per-channel mean and std of uint8 images over ``scale``, from value histograms (no
-    float copy of the data set is ever made)."""
+def channel_stats(histogram: np.ndarray, scale: float) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean and std of uint8 images over ``scale``, from their value histograms
+    (``C x 256`` counts; no float copy of the data set is ever made)."""
     values = np.arange(256, dtype=np.float64) / scale
     mean, std = [], []
-    for c in range(images.shape[1]):
-        counts = np.bincount(images[:, c].ravel(), minlength=256).astype(np.float64)
+    for counts in histogram.astype(np.float64):
         mu = float(counts @ values / counts.sum())
         var = float(counts @ (values - mu) ** 2 / counts.sum())
         mean.append(round(mu, 8))
@@ -182,20 +238,59 @@ def channel_stats(images: np.ndarray, scale: float) -> tuple[list[float], list[f
     return mean, std
 
 
-def load_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as float32 images normalised as the manifest says, and int64 labels."""
+class MappedImages:
+    """A split's images as every model takes them: rows of the uint8 memory map, normalised as
+    they are read (a batch at a time), so no stage holds a split as float, and concurrent
+    workers share one copy of the pixels in the page cache."""
+
+    def __init__(self, pixels: torch.Tensor, manifest: Manifest):
+        self.pixels, self.manifest = pixels, manifest
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.pixels.shape
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The images at ``rows`` (a slice, or a tensor of indices) as normalised float32."""
+        return normalise(self.pixels[rows], self.manifest)
+
+
+def load_split(layout: Layout, split: str) -> tuple[MappedImages, torch.Tensor]:
+    """One split: its images, normalised as the manifest says as they are read, and its labels."""
     x, y = load_raw_split(layout, split)
-    return normalise(x, load_manifest(layout)), y
+    return MappedImages(x, load_manifest(layout)), y
 
 
 def load_raw_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as stored: uint8 pixels (what a served model takes) and int64 labels."""
-    path = layout.split(split)
+    """One split as stored: uint8 pixels (what a served model takes) and int64 labels. The pixels
+    are a tensor over the file's read-only memory map: pages are read when used, shared by every
+    worker through the page cache, and never charged as the process's own memory; they are only
+    ever indexed or converted (an in-place write would fault)."""
+    path = layout.images(split)
+    if not layout.manifest.is_file():  # written last: without it the files are not a prepared set
+        raise DataError(
+            f"{layout.manifest} does not exist: prepare did not finish (or never ran); run "
+            "`shrinkflow stage prepare`"
+        )
+    if not path.is_file() and (older := layout.prepared / f"{split}.pt").is_file():
+        raise DataError(
+            f"{older} is the older prepared layout (whole tensors); run `shrinkflow stage prepare` to "
+            "re-prepare it as memory-mapped .npy files"
+        )
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        return data["x"], data["y"]
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist; run `shrinkflow stage prepare` first") from None
+        pixels = np.load(path, mmap_mode="r", allow_pickle=False)
+        labels = np.load(layout.labels(split), allow_pickle=False)
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or labels.shape != pixels.shape[:1]:
+            raise ValueError(f"{pixels.dtype} pixels {pixels.shape}, {labels.dtype} labels {labels.shape}")
+        with warnings.catch_warnings():  # torch has no read-only tensors; see the docstring
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            mapped = torch.from_numpy(pixels)
+        return mapped, torch.from_numpy(labels.astype(np.int64, copy=False))
+    except FileNotFoundError as exc:
+        raise DataError(f"{exc.filename} does not exist; run `shrinkflow stage prepare` first") from None
     except Exception as exc:  # truncated, overwritten, not ours
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
         raise DataError(

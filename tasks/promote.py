@@ -40,25 +40,34 @@ from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_p
 log = logging.getLogger(__name__)
 
 
+SERVED_BATCH = 1024  # test images a served model predicts at a time (uint8 in, float inside)
+
+
 @dataclass(frozen=True)
 class ServedTest:
-    """The test split as a served model takes it (stored uint8 pixels) and as the pipeline's
-    models do (normalised), with its labels and class names."""
+    """The test split as a served model takes it (stored uint8 pixels, memory-mapped), with its
+    labels and class names; a served model sees it a batch at a time."""
 
     images: np.ndarray
-    normalised: np.ndarray
     labels: np.ndarray
     classes: list[str]
+    manifest: Manifest
 
     @classmethod
     def load(cls, layout: Layout) -> ServedTest:
         (images, labels), manifest = load_raw_split(layout, "test"), load_manifest(layout)
-        normalised = normalise(images, manifest)  # as load_split gives it, from one read of the file
-        return cls(images.numpy(), normalised.numpy(), labels.numpy(), manifest.classes)
+        return cls(images.numpy(), labels.numpy(), manifest.classes, manifest)
+
+    def normalised(self, rows: slice) -> np.ndarray:
+        """The images at ``rows`` as the pipeline's models take them."""
+        return normalise(torch.from_numpy(self.images[rows]), self.manifest).numpy()
 
     def predict(self, model) -> np.ndarray:
         """A registered version's predicted class for every test image."""
-        return predicted_classes(model, self.images, self.normalised, self.classes)
+        batches = (slice(i, i + SERVED_BATCH) for i in range(0, len(self.images), SERVED_BATCH))
+        return np.concatenate(
+            [predicted_classes(model, self.images[b], self.normalised(b), self.classes) for b in batches]
+        )
 
     def accuracy(self, predictions: np.ndarray) -> float:
         return accuracy(torch.from_numpy(predictions), torch.from_numpy(self.labels))

@@ -1,14 +1,16 @@
 """Raw data sets by name (``data.source``): each loader turns one kind of data directory into
-uint8 images, labels and class names; :func:`load_source` then gives them the configured
-channel count and size. A new source is one function and one line in :data:`LOADERS`."""
+labels, class names and a reader of uint8 images at the configured channel count and size, so
+``prepare`` can stream any rows in chunks and no loader holds a folder of images decoded. A new
+source is one function and one line in :data:`LOADERS`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
@@ -32,15 +34,22 @@ class DataError(ShrinkflowError, RuntimeError):
 
 @dataclass(frozen=True)
 class RawData:
-    """A whole data set in memory, compactly: the source's own test split, if it has one, last."""
+    """A data set's labels, and its images read on demand: the source's own test split, if it
+    has one, last."""
 
-    images: np.ndarray  # uint8, N x C x H x W
     labels: np.ndarray  # int64, N
     classes: list[str]
     scale: float  # the pixel value that means full intensity (255; 16 for sklearn's digits)
+    shape: tuple[int, int, int]  # C x H x W of every image ``read`` returns
+    read: Callable[[np.ndarray], np.ndarray]  # rows -> their uint8 images, N x C x H x W
     n_test: int = 0  # the last n_test rows are the source's own test split (or the held-out folder)
     paths: tuple[str, ...] = ()  # each row's file, where the source has files
     heldout: str = ""  # what the last n_test rows are: "<data.root>/test/", "data.heldout_root", ""
+
+    def chunks(self, rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+        """The images of ``rows``, in order, ``size`` at a time."""
+        for start in range(0, len(rows), size):
+            yield self.read(rows[start : start + size])
 
 
 Loader = Callable[[DataConfig, Path], RawData]
@@ -52,7 +61,23 @@ def load_digits_source(cfg: DataConfig, root: Path) -> RawData:
 
     digits = load_digits()
     images = digits.images.astype(np.uint8)[:, None, :, :]  # integer intensities 0..16
-    return RawData(images, digits.target.astype(np.int64), [str(c) for c in digits.target_names], 16.0)
+    return in_memory(images, digits.target.astype(np.int64), [str(c) for c in digits.target_names], 16.0, cfg)
+
+
+def in_memory(
+    images: np.ndarray, labels: np.ndarray, classes: list[str], scale: float, cfg: DataConfig, n_test: int = 0
+) -> RawData:
+    """A source whose files hold every image in one array (bounded: torchvision's and scikit-learn's
+    fixed data sets); rows are converted as they are read."""
+    channels = cfg.channels or images.shape[1]
+    size = cfg.image_size or images.shape[2]
+    shape = images.shape[1:] if (channels, size, size) == images.shape[1:] else (channels, size, size)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        x = to_channels(torch.from_numpy(images[rows]), channels)
+        return fit_size(x, size, cfg.resize, scale).numpy()
+
+    return RawData(labels, classes, scale, tuple(shape), read, n_test)
 
 
 def load_image_folder(cfg: DataConfig, root: Path) -> RawData:
@@ -81,11 +106,22 @@ def load_image_folder(cfg: DataConfig, root: Path) -> RawData:
         raise DataError(f"{root}: {other} must hold the same class folders")
     files = [f for _, tree_files in found for f in tree_files]
     mode, size = _common_format(files, cfg)
-    images = np.stack([_read(path, mode, size, cfg.resize) for path, _ in files])
     labels = np.array([label for _, label in files], dtype=np.int64)
     n_test = len(found[1][1]) if len(found) == 2 else 0
-    log.info("read %d images of %d classes from %s", len(files), len(classes), root)
-    return RawData(images, labels, classes, 255.0, n_test, tuple(p for p, _ in files), heldout)
+    paths = tuple(p for p, _ in files)
+    log.info("found %d images of %d classes in %s", len(files), len(classes), root)
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        # PIL and torch release the GIL while decoding and resizing, so threads use every core;
+        # map keeps the order, so the bytes do not depend on the thread count.
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            return np.stack(list(pool.map(lambda r: _read(paths[r], mode, size, cfg.resize), rows)))
+
+    shape = (1 if mode == "L" else 3, size, size)
+    return RawData(labels, classes, 255.0, shape, read, n_test, paths, heldout)
+
+
+DECODE_THREADS = os.cpu_count() or 1
 
 
 def _scan(tree: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -205,7 +241,7 @@ def torchvision_loader(class_name: str) -> Loader:
             ) from None
         images = np.concatenate([_as_nchw(train.data), _as_nchw(test.data)])
         labels = np.concatenate([np.asarray(train.targets), np.asarray(test.targets)]).astype(np.int64)
-        return RawData(images, labels, [str(c) for c in train.classes], 255.0, n_test=len(test.data))
+        return in_memory(images, labels, [str(c) for c in train.classes], 255.0, cfg, n_test=len(test.data))
 
     return load
 
@@ -236,22 +272,8 @@ assert set(LOADERS) == set(get_args(DataConfig.model_fields["source"].annotation
 
 
 def load_source(cfg: DataConfig, root: Path) -> RawData:
-    """The data set ``cfg.source`` names, read from ``root``, with the configured channels and size."""
+    """The data set ``cfg.source`` names, at ``root``, read as the configured channels and size."""
     raw = LOADERS[cfg.source](cfg, root)
     if len(raw.labels) == 0:
         raise DataError(f"data.source {cfg.source} at {root} holds no images")
-    return conform(raw, cfg)
-
-
-def conform(raw: RawData, cfg: DataConfig, chunk: int = 4096) -> RawData:
-    """Convert to ``cfg.channels`` and resize to ``cfg.image_size`` (no-ops when already so), in
-    chunks, so a large data set never exists as float at once."""
-    channels = cfg.channels or raw.images.shape[1]
-    size = cfg.image_size or raw.images.shape[2]
-    if (channels, size, size) == raw.images.shape[1:]:
-        return raw
-    out = []
-    for start in range(0, len(raw.images), chunk):
-        x = to_channels(torch.from_numpy(raw.images[start : start + chunk]), channels)
-        out.append(fit_size(x, size, cfg.resize, raw.scale).numpy())
-    return replace(raw, images=np.concatenate(out))
+    return raw

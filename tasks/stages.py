@@ -23,7 +23,7 @@ from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.prepare import load_raw_split, prepare
 from shrinkflow.tasks.promote import promote
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
@@ -142,7 +142,7 @@ def run_prepare(ctx: Context) -> Manifest:
         manifest = prepare(ctx.params, ctx.layout)
         tags = {"data_fingerprint": manifest.fingerprint}
         ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags=tags)
-        train_x = load_split(ctx.layout, "train")[0].numpy()
+        train_x = load_raw_split(ctx.layout, "train")[0].numpy()  # the memory map, as stored
         ctx.tracker.log_dataset(run, manifest, train_x, ctx.layout.prepared)
         ctx.tracker.log_artifact(run, ctx.layout.manifest)
     ctx.tracker.end_run(run)

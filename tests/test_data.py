@@ -22,7 +22,7 @@ from shrinkflow.tasks.cache import baseline_key, intact
 from shrinkflow.tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
 from shrinkflow.tasks.engine import augment_batch, fit
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.prepare import load_raw_split, load_split, prepare
 from shrinkflow.tasks.records import load_record
 from shrinkflow.tasks.sources import LOADERS, DataError
 from shrinkflow.tasks.tracking import Tracker
@@ -75,10 +75,9 @@ def test_image_folder_runs_through_prepare_and_baseline(cifar_folder, tmp_path):
     assert manifest.classes == CIFAR_CLASSES and manifest.input_shape == [3, 32, 32]
     assert manifest.sizes["test"] == 80, "the folder's own test/ tree is the test split"
     assert manifest.sizes["train"] + manifest.sizes["val"] + manifest.sizes["gate"] == 240
-    stored = torch.load(layout.split("train"), weights_only=True)
-    assert stored["x"].dtype == torch.uint8, "images are stored compactly"
+    assert load_raw_split(layout, "train")[0].dtype == torch.uint8, "images are stored compactly"
     x, y = load_split(layout, "train")
-    assert x.dtype == torch.float32 and x.mean(dim=(0, 2, 3)).abs().max() < 1e-3
+    assert x[:].dtype == torch.float32 and x[:].mean(dim=(0, 2, 3)).abs().max() < 1e-3
     counts = torch.bincount(y)
     assert len(counts) == 10 and counts.max() - counts.min() <= 1, "stratified"
 
@@ -118,7 +117,7 @@ def test_mnist_through_torchvision_from_local_idx_files(mnist_root, tmp_path):
     assert manifest.sizes == {"train": 500, "val": 1000, "gate": 3000, "test": 10000}
     assert manifest.classes[0] == "0 - zero"
     x, _ = load_split(layout, "test")
-    assert abs(float(x.mean())) < 0.2 and x.shape == (10000, 1, 28, 28)
+    assert abs(float(x[:].mean())) < 0.2 and x.shape == (10000, 1, 28, 28)
 
     resized = _params(
         "data.source=mnist",
@@ -294,7 +293,125 @@ def test_stored_digits_are_exact_integers_with_their_scale(tmp_path):
     params = _params()
     layout = Layout.from_params(params, tmp_path)
     manifest = prepare(params, layout)
-    stored = torch.load(layout.split("train"), weights_only=True)["x"]
+    stored = load_raw_split(layout, "train")[0]
     assert stored.dtype == torch.uint8 and int(stored.max()) == 16 and manifest.scale == 16.0
-    x, _ = load_split(layout, "train")
+    x = load_split(layout, "train")[0][:]
     assert np.isclose(float(x.mean()), 0.0, atol=1e-5) and np.isclose(float(x.std()), 1.0, atol=1e-3)
+
+
+def _prepared_files(layout: Layout) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(layout.prepared.iterdir())}
+
+
+def test_prepared_bytes_depend_on_neither_the_run_nor_the_chunk_size(cifar_folder, tmp_path):
+    """Decoded by several threads, streamed in chunks of 1024 or of 7 images: the same files."""
+    params = _params("data.source=imagefolder", f"data.root={cifar_folder}")
+    runs = [Layout.from_params(params, tmp_path / name) for name in ("a", "b", "c")]
+    manifests = [prepare(params, runs[0]), prepare(params, runs[1]), prepare(params, runs[2], chunk=7)]
+    assert manifests[0] == manifests[1] == manifests[2]
+    files = [_prepared_files(layout) for layout in runs]
+    assert files[0] == files[1] == files[2] and len(files[0]) == 9  # 4 x (images, labels) + manifest
+    pixels = np.load(runs[0].images("train"), mmap_mode="r", allow_pickle=False)
+    assert pixels.dtype == np.uint8 and pixels.shape == (manifests[0].sizes["train"], 3, 32, 32)
+
+
+def test_an_older_pt_layout_is_refused_then_re_prepared(tmp_path, caplog):
+    params = _params()
+    layout = Layout.from_params(params, tmp_path)
+    prepare(params, layout)
+    for split in ("train", "val", "gate", "test"):  # what an earlier version left
+        x, y = load_raw_split(layout, split)
+        torch.save({"x": x.clone(), "y": y}, layout.prepared / f"{split}.pt")
+        layout.images(split).unlink()
+    with pytest.raises(DataError, match=r"train.pt is the older prepared layout.*shrinkflow stage prepare"):
+        load_split(layout, "train")
+    with caplog.at_level("INFO", logger="shrinkflow.tasks.prepare"):
+        prepare(params, layout)
+    (line,) = [r.getMessage() for r in caplog.records if "older layout" in r.getMessage()]
+    assert "re-preparing" in line and "train.pt" in line
+    assert not list(layout.prepared.glob("*.pt")) and len(load_split(layout, "train")[0]) == 718
+
+
+def test_a_prepare_killed_mid_write_leaves_nothing_to_trust(tmp_path):
+    """The process is killed (SIGXFSZ: a file-size limit) while it writes the first split, over an
+    earlier complete prepare: no manifest is left (so no stage, cache key or `dvc commit` takes the
+    files), only temporaries the next run sweeps, and the stages refuse in one line."""
+    import signal
+    import subprocess
+    import sys
+
+    from shrinkflow.tasks.io import sweep_temporaries
+
+    write_params(tmp_path)
+    params = _params()
+    layout = Layout.from_params(params, tmp_path)
+    prepare(params, layout)
+    earlier = _prepared_files(layout)
+    code = (
+        "import resource, signal\n"
+        "from shrinkflow.tasks.config import load_params\n"
+        "from shrinkflow.tasks.layout import Layout\n"
+        "from shrinkflow.tasks.prepare import prepare\n"
+        "params = load_params('params.yaml')\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel's default kills\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))\n"
+        "prepare(params, Layout.from_params(params, '.'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGXFSZ, done.stderr.decode()[-2000:]
+    assert not layout.manifest.exists()
+    left = sweep_temporaries(layout.prepared)
+    assert left and all(p.name.startswith(".train-images.npy.") for p in left)
+    assert set(_prepared_files(layout)) == set(earlier) - {"manifest.json"}
+    with pytest.raises(DataError, match="did not finish.*shrinkflow stage prepare"):
+        load_split(layout, "train")
+
+
+def test_training_runs_under_a_memory_limit_smaller_than_the_data_as_float32(mnist_root, tmp_path):
+    """The baseline stage in a process that may allocate 384 MiB more than its imports took
+    (RLIMIT_DATA; the read-only maps of the prepared files are not charged to it), about half the
+    data as float32 (737 MB); the test split alone as float (491 MB) does not fit there."""
+    import subprocess
+    import sys
+
+    overrides = (
+        "data.source=mnist",
+        f"data.root={mnist_root}",
+        "data.channels=3",
+        "data.image_size=64",
+        "data.max_train_samples=1000",
+        "model.channels=[4, 8]",
+        "model.hidden=[16]",
+        "train.epochs=1",
+    )
+    write_params(tmp_path, *overrides)
+    params = _params(*overrides)
+    manifest = prepare(params, Layout.from_params(params, tmp_path))
+    per_image = 4 * int(np.prod(manifest.input_shape))
+    limit = 384 << 20
+    assert per_image * sum(manifest.sizes.values()) > 1.8 * limit
+    assert per_image * manifest.sizes["test"] > limit
+    code = f"""
+import resource
+import torch._dynamo  # noqa: F401  (imported by the stage on first use: counted before the limit)
+from shrinkflow.tasks.config import load_params
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.train import train_baseline
+
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+in_use = int(status["VmData"].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (in_use + {limit}, resource.RLIM_INFINITY))
+params = load_params("params.yaml")
+layout = Layout.from_params(params, ".")
+print("trained", train_baseline(params, layout).best_val_acc)
+try:
+    load_split(layout, "test")[0][:]  # a whole split as float: what every stage used to hold
+except RuntimeError as exc:
+    print("a whole split as float does not fit:", exc)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "trained" in done.stdout and "a whole split as float does not fit" in done.stdout, done.stdout

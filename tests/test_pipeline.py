@@ -34,13 +34,14 @@ import mlflow, torch
 from shrinkflow.tasks.config import load_params
 from shrinkflow.tasks.engine import accuracy
 from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_raw_split
 from shrinkflow.tasks.records import load_manifest
 
 layout = Layout.from_params(load_params("params.yaml"), ".")
-test = torch.load(layout.split("test"), weights_only=True)  # raw uint8 pixels, as a user has them
-labels = mlflow.pyfunc.load_model({uri!r}).predict(test["x"].numpy())["label"]
+x, y = load_raw_split(layout, "test")  # raw uint8 pixels, as a user has them
+labels = mlflow.pyfunc.load_model({uri!r}).predict(x.numpy())["label"]
 classes = load_manifest(layout).classes
-print(accuracy(torch.tensor([classes.index(label) for label in labels]), test["y"]))
+print(accuracy(torch.tensor([classes.index(label) for label in labels]), y))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     return float(out.stdout.strip().splitlines()[-1])

@@ -26,9 +26,10 @@ def test_prepare_is_deterministic_stratified_and_fingerprinted(tmp_path, small_p
     assert sum(a.sizes.values()) == 1797 and a.input_shape == [1, 8, 8] and a.num_classes == 10
     assert a.sizes == {"train": 718, "val": 179, "gate": 540, "test": 360}
     for split in ("train", "val", "gate", "test"):
-        assert (tmp_path / "a/data/prepared" / f"{split}.pt").read_bytes() == (
-            tmp_path / "b/data/prepared" / f"{split}.pt"
-        ).read_bytes()
+        for path in (f"{split}-images.npy", f"{split}-labels.npy"):
+            assert (tmp_path / "a/data/prepared" / path).read_bytes() == (
+                tmp_path / "b/data/prepared" / path
+            ).read_bytes()
     layout = Layout.from_params(small_params, tmp_path / "a")
     _, y_train = load_split(layout, "train")
     _, y_test = load_split(layout, "test")
