@@ -49,7 +49,7 @@ def _params(root: Path, **model) -> Path:
     raw = yaml.safe_load((EXAMPLE / "params.yaml").read_text())
     raw["model"] = {**raw["model"], "code_path": str(EXAMPLE), **model}
     raw["train"]["epochs"] = 3
-    raw["shrink"]["epochs"] = 10  # the tiny network fine-tunes in well under a second an epoch
+    raw["shrink"]["epochs"] = 20  # the tiny network fine-tunes in well under a second an epoch
     raw["shrink"]["candidates"] = {"l1-50-kd": raw["shrink"]["candidates"]["l1-50-kd"]}
     raw["evaluate"] = {"latency_warmup": 1, "latency_repeats": 3}
     raw["promote"]["model_name"] = f"byo-{uuid.uuid4().hex[:8]}"
