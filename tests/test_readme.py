@@ -114,8 +114,11 @@ def test_readmes_dvc_experiments_are_accepted(dvc_repo):
             for override in option_values(argv, "-S"):
                 load_params(REPO / "params.yaml", (override,))
             continue
+        args = argv[3:]
+        if len(args) >= 2 and not args[-2].startswith("-"):
+            args = args[:-1]  # the example's own stage target (e.g. `evaluate`): dry-run up to prepare
         done = subprocess.run(
-            [str(BIN / "dvc"), "exp", "run", "--dry", *argv[3:], "prepare"],
+            [str(BIN / "dvc"), "exp", "run", "--dry", *args, "prepare"],
             cwd=dvc_repo,
             capture_output=True,
             text=True,
