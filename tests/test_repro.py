@@ -206,7 +206,7 @@ def test_a_version_from_a_dirty_tree_says_so_and_is_not_rebuilt(repo):
     assert dirty, "the edited params.yaml was never committed"
     version = dirty[0]
     assert version.description.startswith("**Registered from a dirty tree**")
-    done = run_cli("reproduce", "repro-e2e", version.version, cwd=repo)
+    done = run_cli("reproduce", "repro-e2e", str(version.version), cwd=repo)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"error: repro-e2e v{version.version} was registered from a dirty tree at "
