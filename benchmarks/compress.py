@@ -66,6 +66,7 @@ from shrinkflow.tasks.evaluate import (
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split, prepare
 from shrinkflow.tasks.records import load_record
+from shrinkflow.tasks.reproduce import cpu_model
 from shrinkflow.tasks.stages import fan_out
 from shrinkflow.tasks.train import candidate_train_config, seeded, shrink_candidate
 
@@ -570,14 +571,9 @@ def _dvc_repro(root: Path) -> tuple[float, str]:
 
 def machine() -> dict:
     """What the figures were measured on."""
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.MULTILINE)
-        cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),

@@ -22,6 +22,7 @@ import torch
 from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.models.quantize import Int8Net, inlined, quantize_int8
 from shrinkflow.models.registry import model_spec
+from shrinkflow.tasks.reproduce import cpu_model
 
 MODELS = {
     "digits BaseNet (1x8x8, 32-64, 128)": dict(in_channels=1, image_size=8, channels=(32, 64), hidden=(128,)),
@@ -81,8 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    with open("/proc/cpuinfo") as fh:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "?")
+    cpu = cpu_model()
     print(
         f"torch {torch.__version__}, torchao {__import__('torchao').__version__}, {cpu}, "
         f"{platform.machine()}, 1 thread; median ms (ratio to float eager, <1 is faster)\n"

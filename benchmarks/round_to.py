@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import time
 
@@ -21,17 +20,10 @@ import torch
 from shrinkflow.models import apply_strategy
 from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.tasks.evaluate import count_flops
+from shrinkflow.tasks.reproduce import cpu_model
 
 RATIOS = (0.6, 0.7, 0.8)
 ROUND_TO = (None, 8, 16)
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def _models() -> dict[tuple[float, int | None], torch.nn.Module]:
@@ -73,7 +65,7 @@ def main() -> None:
             times[key][1] += _time(model, x1, 100)
             times[key][64] += _time(model, x64, 10)
     base = {b: statistics.median(times[0.0, None][b]) for b in (1, 64)}
-    print(f"CPU: {_cpu()}; torch {torch.__version__}; 1 thread; float32 eval; {args.rounds} rounds")
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; 1 thread; float32 eval; {args.rounds} rounds")
     print("(100 batch-1 and 10 batch-64 passes per model per round; medians)\n")
     print(
         "| ratio | round_to | channels | hidden | MFLOPs/image | batch 1 (ms) | batch 64 (ms)"

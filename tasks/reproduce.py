@@ -11,6 +11,7 @@ throwaway MLflow store: the registry and its aliases are only read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,11 +53,13 @@ def git_state(root: Path) -> tuple[str, bool] | None:
 def dvc_remote(root: Path) -> str:
     """``name url`` of the DVC default remote configured for ``root``'s repository, or ``none``."""
     from dvc.config import Config
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
 
-    dvc_dir = _find_up(root, ".dvc")
-    if dvc_dir is None:
+    try:
+        config = Config(dvc_dir=str(Path(Repo.find_root(str(root))) / ".dvc"))
+    except NotDvcRepoError:
         return "none"
-    config = Config(dvc_dir=str(dvc_dir))
     name = config["core"].get("remote")
     if not name:
         return "none"
@@ -64,8 +67,12 @@ def dvc_remote(root: Path) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (floating point can differ between CPU families), else the arch."""
-    with_name = [line for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")]
+    """The CPU's model name (floating point and latency differ between CPU families), else the arch."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    with_name = [line for line in lines if line.startswith("model name")]
     return with_name[0].split(":", 1)[1].strip() if with_name else platform.machine()
 
 
@@ -131,7 +138,7 @@ def reproduce(name: str, version: str, root: Path, keep: bool = False) -> Rebuil
         if not keep:
             _git(top, "worktree", "remove", "--force", str(tree))
             shutil.rmtree(scratch, ignore_errors=True)
-    return Rebuilt(rebuilt.identical, rebuilt.line, project if keep else None)
+    return dataclasses.replace(rebuilt, where=project) if keep else rebuilt
 
 
 def _usable_commit(label: str, tags: dict[str, str], root: Path) -> str:
@@ -196,7 +203,9 @@ def _why(tags: dict[str, str], precision: str, fingerprint: str, code: Path | No
         reasons.append(
             f"the data differs (fingerprint {fingerprint[:12]}, registered {tags.get('data_fingerprint')})"
         )
-    here = {"precision": precision, "torch": _torch_version(), "cpu": cpu_model()}
+    import torch
+
+    here = {"precision": precision, "torch": torch.__version__, "cpu": cpu_model()}
     reasons += [
         f"{key} {value} here, {tags[key]} at registration"
         for key, value in here.items()
@@ -229,23 +238,3 @@ def _git(cwd: Path, *args: str) -> str:
 def _last_line(done: subprocess.CompletedProcess) -> str:
     lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
     return lines[-1].strip() if lines else f"exit {done.returncode}"
-
-
-def _find_up(start: Path, name: str) -> Path | None:
-    for folder in (start.resolve(), *start.resolve().parents):
-        if (folder / name).is_dir():
-            return folder / name
-    return None
-
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
