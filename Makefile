@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test repro lint clean
+.PHONY: install run test test-scenarios repro lint clean
 
 install: $(STAMP)
 
@@ -19,8 +19,14 @@ $(STAMP): pyproject.toml
 run: install  ## the whole Prefect flow on the offline default data set
 	$(BIN)/shrinkflow run
 
-test: install  ## the whole test suite, two workers (a test file stays on one worker)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
+# Two workers; a test file stays on one worker, so its module fixtures are built once.
+PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
+
+test: install  ## the suite without the long scenarios (under 10 minutes on 2 cores)
+	$(PYTEST) -m "not scenario"
+
+test-scenarios: install  ## the long end-to-end scenarios (DVC, real servers, runners, the quick benchmark)
+	$(PYTEST) -m scenario
 
 repro: install  ## the same pipeline stage by stage through DVC
 	$(BIN)/dvc repro

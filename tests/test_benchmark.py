@@ -64,6 +64,7 @@ def _cells(line: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_quick_benchmark_writes_every_column_row_and_target(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.compress", "--quick", "--out", str(tmp_path)],

@@ -367,6 +367,7 @@ def test_a_prepare_killed_mid_write_leaves_nothing_to_trust(tmp_path):
         load_split(layout, "train")
 
 
+@pytest.mark.scenario
 def test_training_runs_under_a_memory_limit_smaller_than_the_data_as_float32(mnist_root, tmp_path):
     """The baseline stage in a process that may allocate 384 MiB more than its imports took
     (RLIMIT_DATA; the read-only maps of the prepared files are not charged to it), about half the

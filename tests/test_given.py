@@ -102,6 +102,7 @@ def champion(brought, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_a_factory_model_from_a_package_called_models_is_certified_registered_and_served(champion):
     params, layout, decision = champion
     manifest = load_manifest(layout)
@@ -145,6 +146,7 @@ def test_a_factory_model_from_a_package_called_models_is_certified_registered_an
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_the_registered_champion_is_shrunk_again_with_lineage(champion, brought, tmp_path):
     first, first_layout, first_decision = champion
     name = first.promote.model_name

@@ -193,6 +193,7 @@ def test_sweep_removes_only_what_a_killed_writer_left(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.scenario
 def test_run_killed_during_shrink_resumes_without_redoing_finished_work(tmp_path):
     """SIGKILL the flow once one candidate has finished and another is training; the second run
     reuses the baseline and the finished candidate, trains the rest, and registers once."""

@@ -89,6 +89,7 @@ def _deterministic_outputs(root) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.scenario
 def test_forced_reproductions_are_byte_identical(repo):
     before = _deterministic_outputs(repo)
     assert _ran(_dvc(repo, "repro", "--force", "evaluate")) == [
@@ -104,6 +105,7 @@ def test_forced_reproductions_are_byte_identical(repo):
     assert not differing, f"not reproduced bit for bit: {differing}"
 
 
+@pytest.mark.scenario
 def test_changing_one_candidate_reruns_only_it_evaluate_and_promote(repo):
     _dvc(repo, "repro", "evaluate")  # up to date whatever ran before
     _write_params(repo, "shrink.candidates.w50.ratio=0.625")
@@ -123,6 +125,7 @@ def test_changing_one_candidate_reruns_only_it_evaluate_and_promote(repo):
     assert shown["reports/promotion.json"]["data"]["winner"] in {"baseline", "w50", "l1-50"}
 
 
+@pytest.mark.scenario
 def test_plots_and_experiments(repo):
     plots = json.loads(_dvc(repo, "plots", "show", "--json").stdout)["data"]
     points = plots["accuracy-vs-size"][0]["content"]["data"]["values"]  # per model and accuracy
@@ -149,6 +152,7 @@ def _git(root, *args: str) -> str:
     return subprocess.run([*git, *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
 
 
+@pytest.mark.scenario
 def test_an_experiment_becomes_a_version_from_a_clean_commit_that_a_clone_pulls_and_rebuilds(repo, tmp_path):
     """README's path from `dvc exp run` to the registry, then the lineage: the version's commit
     holds the experiment's params; pushed to a directory remote, a fresh clone pulls everything and
@@ -196,6 +200,7 @@ def test_an_experiment_becomes_a_version_from_a_clean_commit_that_a_clone_pulls_
     assert _git(repo, "worktree", "list").count("\n") == 0, "the temporary worktree is gone"
 
 
+@pytest.mark.scenario
 def test_a_version_from_a_dirty_tree_says_so_and_is_not_rebuilt(repo):
     """test_changing_one_candidate registered from an uncommitted params.yaml."""
     dirty = [

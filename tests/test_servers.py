@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import BIN, free_port, stop, wait_http, write_params
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
 
 def _log(path: Path):
