@@ -681,7 +681,8 @@ def worst_classes(verdict: Verdict, champion: dict | None) -> list[str]:
     """The classes this version loses most on against the baseline, with the champion's today."""
     if not verdict.per_class:
         return []
-    worst = sorted(verdict.per_class, key=lambda c: c["difference"])[:WORST_CLASSES]
+    # Most lost against the baseline first; then (a baseline, or no loss) the weakest classes.
+    worst = sorted(verdict.per_class, key=lambda c: (c["difference"], c["model"]))[:WORST_CLASSES]
     theirs = (champion or {}).get("per_class", {})
     lines = [
         f"**Worst classes on test** (of {len(verdict.per_class)}):",

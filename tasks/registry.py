@@ -120,16 +120,19 @@ def _ensure_registered(client: MlflowClient, name: str) -> str:
 
 def version_record(client: MlflowClient, name: str, version: str) -> dict[str, str]:
     """Everything a version records: its run's :data:`RECORD_FILE` overlaid with its tags (a tag
-    edited in the registry wins). A version registered before the record existed has it all in
-    its tags."""
+    edited in the registry wins). The record counts only when it names the version's own
+    checkpoint (a version registered by hand from a shrinkflow run's model has none); a version
+    registered before the record existed has it all in its tags."""
     found = client.get_model_version(name, str(version))
     record: dict[str, str] = {}
-    if found.run_id:
+    if found.run_id and found.tags.get("checkpoint_sha256"):
         with tempfile.TemporaryDirectory(prefix="shrinkflow-record-") as tmp:
             try:
                 record = read_json(Path(client.download_artifacts(found.run_id, RECORD_FILE, tmp)))
             except (OSError, ValueError, mlflow.exceptions.MlflowException):
                 record = {}
+    if not isinstance(record, dict) or record.get("checkpoint_sha256") != found.tags.get("checkpoint_sha256"):
+        record = {}
     return {**record, **found.tags}
 
 
