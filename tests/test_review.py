@@ -137,6 +137,12 @@ def test_review_approve_and_roll_back(registry):
     tags = _tags(registry, "1")
     assert (tags["approval"], tags["approved_by"], tags["previous_champion"]) == ("rollback", "carol", "2")
 
+    further = _cli(registry, "rollback", name, "--to", "3", "--reason", "the one signed off", "--by", "bob")
+    assert further.returncode == 0 and f"{name} v3 as @champion (was v1)" in further.stdout, further.stderr
+    again = _cli(registry, "review", name, "--with", "2")
+    assert again.returncode == 0 and "version v2 minus champion v3 on today's" in again.stdout, again.stderr
+    assert "rollback by bob" in again.stdout and "rollback by carol" in again.stdout
+
 
 def _stored_checkpoint(registry, art: Path, version: str) -> Path:
     """The version's model.pt as it lies in the server's artefact store."""
