@@ -51,7 +51,13 @@ def model_name():
 
 
 def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, model_name):
-    decision = _promote(evaluated, tmp_path / "1", model_name)
+    params, layout = copy_project(evaluated, tmp_path / "1", f"promote.model_name={model_name}")
+    tracker = Tracker(tracking_uri(tmp_path), params.tracking.experiment)
+    parent = tracker.start_run("pipeline")  # as a whole run nests its stages
+    decision = run_promote(Context(params, layout, tracker, parent))
+    assert tracker.client.get_run(parent).info.run_name == f"{model_name} v1 @champion: {decision.winner}"
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "not MLflow's GenAI view"
     assert decision.verdict == "champion" and "no champion yet" in decision.verdict_reason
     version = MlflowClient().get_model_version_by_alias(model_name, "champion")
     keys = "candidate composition params size_bytes test_acc test_acc_change_pts gate_bound_pts verdict"
