@@ -729,10 +729,14 @@ def model_tags(identity: dict[str, str], cfg: PromoteConfig) -> dict[str, str]:
 
 
 def name_parent_run(tracker: Tracker, run_id: str, title: str) -> None:
-    """Name the pipeline's parent run after its outcome (it starts as ``pipeline``)."""
-    parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-    if parent:
-        tracker.client.update_run(parent, name=title[:250])
+    """Name the pipeline's parent run after its outcome (it starts as ``pipeline``); a name is
+    not worth failing a promotion whose decision is already written."""
+    try:
+        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if parent:
+            tracker.client.update_run(parent, name=title[:250])
+    except Exception as exc:
+        log.warning("the pipeline's run keeps its name: %s", exc)
 
 
 def validate(
