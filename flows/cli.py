@@ -343,6 +343,110 @@ def reproduce(
         raise typer.Exit(1)
 
 
+NameArg = Annotated[str, typer.Argument(help="registered model name, e.g. shrinkflow-digits")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why; recorded on the version")]
+ByOpt = Annotated[str | None, typer.Option("--by", help="who decides (default: $USER, else the login)")]
+
+
+def _reviewing(params: Path, root: Path | None):
+    """The config, the registry and today's test images of the project a reviewer works in."""
+    from shrinkflow.tasks.given import trust_user_code
+    from shrinkflow.tasks.layout import Layout
+    from shrinkflow.tasks.promote import ServedTest
+    from shrinkflow.tasks.tracking import Tracker
+
+    cfg = load_params(params)
+    root = project_root(params, root)
+    layout = Layout.from_params(cfg, root)
+    trust_user_code(cfg, layout)
+    return cfg, Tracker.for_project(root, cfg.tracking.experiment), ServedTest.load(layout)
+
+
+@app.command()
+def review(
+    name: NameArg,
+    versus: Annotated[
+        str | None,
+        typer.Option("--with", help="compare the champion with this version (default: challenger)"),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = None,
+) -> None:
+    """List NAME's versions (aliases, verdicts, key figures), then the champion and the challenger
+    side by side, compared paired on the project's current test images. Moves nothing.
+
+    Example: shrinkflow review shrinkflow-digits
+    """
+    from shrinkflow.tasks.review import registered, side_by_side, versions_table
+
+    with _user_errors():
+        cfg, tracker, test = _reviewing(params, root)
+        aliases = registered(tracker, name)
+        table = versions_table(tracker, name)
+        typer.echo(
+            f"{name}: {len(table)} versions; " + ", ".join(f"@{a} v{v}" for a, v in sorted(aliases.items()))
+        )
+        typer.echo(table.to_string(index=False) if len(table) else "(no versions)")
+        champion, other = aliases.get(cfg.promote.alias), versus or aliases.get(cfg.promote.challenger_alias)
+        if champion and other and other != champion:
+            typer.echo("")
+            pair = {"champion": champion, "challenger" if versus is None else "version": other}
+            typer.echo("\n".join(side_by_side(tracker, name, pair, test, cfg.promote)))
+
+
+@app.command()
+def approve(
+    name: NameArg,
+    version: Annotated[str, typer.Argument(help="the version to make champion")],
+    reason: ReasonOpt,
+    by: ByOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = None,
+) -> None:
+    """Re-validate VERSION on the current data and make it NAME@champion, recording who, when, why
+    and the champion it replaced; refuses in one line, moving nothing, if it does not validate.
+
+    Example: shrinkflow approve shrinkflow-digits 3 --reason "faster on the edge boxes"
+    """
+    from shrinkflow.tasks.review import move_champion, registered, revalidate, who
+
+    with _user_errors():
+        cfg, tracker, test = _reviewing(params, root)
+        registered(tracker, name)
+        checked = revalidate(tracker, name, version, cfg.promote, test)
+        typer.echo(checked.line)
+        moved = move_champion(tracker, name, checked, reason, who(by), cfg.promote)
+    typer.echo(moved.line)
+
+
+@app.command()
+def rollback(
+    name: NameArg,
+    reason: ReasonOpt,
+    to: Annotated[
+        str | None, typer.Option("--to", help="the version to go back to (default: the previous champion)")
+    ] = None,
+    by: ByOpt = None,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = None,
+) -> None:
+    """Make NAME@champion the champion before it again (or --to VERSION), re-validated on the
+    current data, recording who, when and why; refuses in one line, moving nothing, otherwise.
+
+    Example: shrinkflow rollback shrinkflow-digits --reason "v4 misreads 7s in production"
+    """
+    from shrinkflow.tasks.review import move_champion, revalidate, rollback_target, who
+
+    with _user_errors():
+        cfg, tracker, test = _reviewing(params, root)
+        target, current = rollback_target(tracker, name, cfg.promote, to)
+        checked = revalidate(tracker, name, target, cfg.promote, test)
+        typer.echo(checked.line)
+        expected = current if to is None else None  # going back from exactly the champion seen
+        moved = move_champion(tracker, name, checked, reason, who(by), cfg.promote, "rollback", expected)
+    typer.echo(moved.line)
+
+
 # MLflow retries failed HTTP calls with exponential back-off; its defaults (7 retries, factor 2,
 # 120 s timeout) leave a pipeline hanging for many minutes when the server is down. These give
 # about half a minute of retrying before a clear failure; the environment still wins.

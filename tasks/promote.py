@@ -21,6 +21,7 @@ from shrinkflow.tasks.decide import Champion, Kind, PromotionError, Verdict, dec
 from shrinkflow.tasks.engine import accuracy
 from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table
+from shrinkflow.tasks.gate import class_accuracies
 from shrinkflow.tasks.given import lineage_tags
 from shrinkflow.tasks.io import read_json, write_json
 from shrinkflow.tasks.layout import Layout
@@ -28,11 +29,14 @@ from shrinkflow.tasks.lock import registry_lock
 from shrinkflow.tasks.prepare import load_raw_split, normalise
 from shrinkflow.tasks.records import Manifest, load_manifest, load_record
 from shrinkflow.tasks.registry import (
+    RECORD_FILE,
+    describe_registered_model,
     load_version,
     predicted_classes,
     register_model,
     set_alias,
     version_by_alias,
+    version_record,
 )
 from shrinkflow.tasks.reproduce import dirty_warning
 from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
@@ -92,8 +96,9 @@ def current_champion(
         ) from exc
     if version is None:
         return None
-    size = float(version.tags.get(cfg.objective, "inf"))
-    sha, tags = version.tags.get("checkpoint_sha256", ""), dict(version.tags)
+    tags = version_record(tracker.client, cfg.model_name, version.version)
+    size = float(tags.get(cfg.objective, "inf"))
+    sha = tags.get("checkpoint_sha256", "")
     gone = Champion(str(version.version), None, size, sha, tags)
     if difference := task_difference(identity, tags, str(version.version)):
         if not force:
@@ -193,6 +198,7 @@ def promote(
     verdict = arena.meet(champion)
     if verdict.verdict == Kind.VETOED:
         publish(verdict)
+        name_parent_run(tracker, run_id, f"{cfg.model_name}: {verdict.winner} vetoed by test")
         return verdict
     if verdict.verdict == Kind.UNCHANGED:
         verdict = replace(
@@ -201,14 +207,20 @@ def promote(
         if champion.tags.get(REGISTRATION_TAG) == "pending":  # its run died after the alias move
             mark_registration(tracker, cfg.model_name, champion.version, "complete")
         publish(verdict)
+        name_parent_run(tracker, run_id, f"{cfg.model_name}: unchanged, {cfg.alias} v{champion.version}")
         return verdict
-    tags = {**arena.identity, **lineage_tags(load_record(layout, "baseline").origin), **(extra_tags or {})}
+    lineage = lineage_tags(load_record(layout, "baseline").origin)
+    tags = {**arena.identity, **lineage, **(extra_tags or {})}
     if champion:
         tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
     row, sha256 = table[table["name"] == verdict.winner].iloc[0], arena.checkpoints[verdict.winner]
     version = pending_version(tracker, cfg.model_name, sha256, verdict.verdict)
     if version is None:
         onnx = layout.onnx(verdict.winner)
+        figures = version_figures(verdict, row, manifest.fingerprint, sha256, tags, composition(params, row))
+        story = arena.story(
+            table, decision_alias(verdict, cfg), links(tracker, run_id, layout), figures["composition"]
+        )
         version = register_model(
             tracker,
             run_id,
@@ -217,12 +229,13 @@ def promote(
             manifest=layout.manifest,
             onnx=onnx if row["onnx"] == "ok" and onnx.is_file() else f"unavailable: {row['onnx']}",
             raw_example=served.images[:2],
-            tags=version_tags(verdict, row, manifest.fingerprint, sha256, tags),
-            description=dirty_warning(tags) + describe(verdict, table, decision_alias(verdict, cfg)),
+            tags=review_tags(figures, keep=lineage),
+            description=dirty_warning(tags) + story,
+            record=figures,
         )
     validate(tracker, cfg.model_name, version, served, verdict.test_acc, sha256)
     alias, previous = arena.move_alias(version, champion)
-    return settle(tracker, cfg, arena.verdict, table, version, alias, previous, run_id, publish)
+    return settle(tracker, cfg, arena, table, version, alias, previous, run_id, publish, layout, manifest)
 
 
 def checkpoint_hashes(layout: Layout, table: pd.DataFrame) -> dict[str, str]:
@@ -233,17 +246,19 @@ def checkpoint_hashes(layout: Layout, table: pd.DataFrame) -> dict[str, str]:
 def settle(
     tracker: Tracker,
     cfg: PromoteConfig,
-    verdict: Verdict,
+    arena: Arena,
     table: pd.DataFrame,
     version: str,
     alias: str | None,
     previous: str | None,
     run_id: str,
     publish: Publish,
+    layout: Layout,
+    manifest: Manifest,
 ) -> Verdict:
     """Write the verdict for a version whose ``alias`` just moved (from ``previous``) and mark
     it complete; if the verdict cannot be written, put the alias back."""
-    name = cfg.model_name
+    name, verdict = cfg.model_name, arena.verdict
     if alias is None:  # the champion became this very checkpoint meanwhile
         mark_registration(tracker, name, version, "complete", verdict)
         verdict = replace(
@@ -266,7 +281,16 @@ def settle(
             "(tag registration=pending) and the next run completes it"
         ) from exc
     try:  # the alias moved and the decision is written: a failure here must not undo either
-        mark_registration(tracker, name, version, "complete", verdict, describe(verdict, table, alias))
+        registered = tracker.client.get_model_version(name, version)
+        steps = registered.tags.get("composition", "")
+        story = arena.story(table, alias, links(tracker, registered.run_id or run_id, layout), steps)
+        if alias == cfg.alias:  # what `shrinkflow rollback` goes back to
+            tracker.client.set_model_version_tag(name, version, PREVIOUS_TAG, previous or "none")
+        mark_registration(tracker, name, version, "complete", verdict, story)
+        describe_registered_model(
+            tracker.client, name, model_description(manifest, cfg), model_tags(arena.identity, cfg)
+        )
+        name_parent_run(tracker, run_id, f"{name} v{version} @{alias}: {verdict.winner}")
     except Exception as exc:
         log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
     log.info("registered %s as %s v%s @%s", verdict.winner, name, version, alias)
@@ -295,9 +319,11 @@ class Arena:
     force: bool
     fingerprint: str  # of this run's prepared data
     verdict: Verdict | None = None
+    champion: Champion | None = None  # the one the verdict was compared with
 
     def meet(self, champion: Champion | None) -> Verdict:
         """Decide against ``champion`` (None: there is none); the verdict is kept and returned."""
+        self.champion = champion
         verdict = decide(
             self.table,
             self.predictions,
@@ -315,6 +341,12 @@ class Arena:
             verdict = replace(verdict, warning="; ".join(filter(None, [verdict.warning, note])))
         self.verdict = verdict
         return verdict
+
+    def story(self, table: pd.DataFrame, alias: str, links: dict[str, str], steps: str) -> str:
+        """The version page's Markdown: the verdict, side by side with the champion compared with;
+        ``steps`` is the winner's composition."""
+        figures = champion_figures(self.champion, self.served)
+        return describe(self.verdict, table, alias, figures, links, steps)
 
     def check_record(self, champion: Champion) -> str:
         """A warning when the champion, measured on the very test images it was certified on
@@ -387,6 +419,7 @@ def _same(now, champion: Champion | None) -> bool:
 
 
 REGISTRATION_TAG = "registration"  # pending (registered, alias not yet moved) | complete
+PREVIOUS_TAG = "previous_champion"  # the version @champion pointed at before this one took it
 
 
 def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> str | None:
@@ -422,7 +455,7 @@ def mark_registration(
         tracker.client.set_model_version_tag(name, version, "verdict", verdict.verdict)
         tracker.client.set_model_version_tag(name, version, "forced", str(verdict.forced).lower())
     if description:
-        tags = tracker.client.get_model_version(name, version).tags
+        tags = version_record(tracker.client, name, version)
         tracker.client.update_model_version(name, version, description=dirty_warning(tags) + description)
     tracker.client.set_model_version_tag(name, version, REGISTRATION_TAG, state)
 
@@ -449,17 +482,60 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def version_tags(
-    verdict: Verdict, row: pd.Series, fingerprint: str, sha256: str, extra: dict[str, str]
+# The tags a reviewer filters on in the registry, and those code searches by (the integrity checks,
+# the completion of an interrupted run, `shrinkflow reproduce`, the links to the flow run). Every
+# figure, these included, is in the version's record (registry.RECORD_FILE).
+REVIEW_TAGS = (
+    "task_source",
+    "task_classes",
+    "task_input_shape",
+    "verdict",
+    "forced",
+    "candidate",
+    "composition",
+    "params",
+    "size_bytes",
+    "test_acc",
+    "test_acc_change_pts",
+    "gate_bound_pts",
+    "code_version",
+    "data_fingerprint",
+)
+BOOKKEEPING_TAGS = (
+    "checkpoint_sha256",
+    REGISTRATION_TAG,
+    PROCESS_TAG,
+    "git_commit",
+    "git_dirty",
+    "prefect_flow_run_id",
+)
+
+
+def composition(params: Params, row: pd.Series) -> str:
+    """The candidate's steps joined by ``+`` (``prune_l1+distill+int8``): the table's column when
+    it has one, else from the candidate's config."""
+    if isinstance(value := row.get("composition"), str) and value:
+        return value
+    name = str(row["name"])
+    if name == "baseline":
+        return "baseline"
+    candidate = params.shrink.candidates.get(name)
+    return "+".join(candidate.steps()) if candidate is not None else str(row["strategy"])
+
+
+def version_figures(
+    verdict: Verdict, row: pd.Series, fingerprint: str, sha256: str, extra: dict[str, str], steps: str
 ) -> dict[str, str]:
-    gate = verdict.gate
-    tags = {
-        "multiplicity": verdict.multiplicity,
-        "family_level": verdict.family_level if verdict.family_level is not None else "none",
-        "certified_by": verdict.certified_by,
+    """Every figure a registered version records. Changes are the model minus the baseline in
+    accuracy points: positive means better."""
+    gate, test = verdict.gate, verdict.test
+    figures = {
+        "verdict": verdict.verdict,
+        "forced": str(verdict.forced).lower(),
+        "candidate": verdict.winner,
+        "composition": steps,
         "strategy": verdict.strategy,
         "ratio": verdict.ratio,
-        "candidate": verdict.winner,
         "params": int(row["params"]),
         "flops": int(row["flops"]),
         "size_bytes": int(row["size_bytes"]),
@@ -470,63 +546,197 @@ def version_tags(
         "baseline_val_acc": round(verdict.baseline_val_acc, 4),
         "baseline_gate_acc": round(verdict.baseline_gate_acc, 4),
         "baseline_test_acc": round(verdict.baseline_test_acc, 4),
-        "acc_drop": round(verdict.baseline_test_acc - verdict.test_acc, 4),
+        "test_acc_change_pts": round(verdict.test_acc - verdict.baseline_test_acc, 4),
+        "gate_acc_change_pts": gate["delta"],
+        "gate_bound_pts": gate["lower"],
+        "gate_p_value": f"{gate['p_value']:.3g}" if gate.get("p_value") is not None else "none",
+        "gate_images": gate["n"],
+        "test_interval_pts": f"[{test['lower']}, {test['upper']}]",
+        "gate_summary": verdict.summary,
+        "multiplicity": verdict.multiplicity,
+        "family_level": verdict.family_level if verdict.family_level is not None else "none",
+        "certified_by": verdict.certified_by,
         "tolerance": f"{verdict.tolerance} {verdict.tolerance_mode}",
         "confidence": verdict.confidence if verdict.confidence is not None else "off (point rule)",
-        "gate_delta": gate["delta"],
-        "gate_lower": gate["lower"],
-        "gate_p_value": f"{gate['p_value']:.3g}",
-        "gate_images": gate["n"],
-        "test_delta": verdict.test["delta"],
-        "test_interval": f"[{verdict.test['lower']}, {verdict.test['upper']}]",
-        "gate_summary": verdict.summary,
         "data_fingerprint": fingerprint,
         "checkpoint_sha256": sha256,
-        "verdict": verdict.verdict,
-        "forced": str(verdict.forced).lower(),
         REGISTRATION_TAG: "pending",
         PROCESS_TAG: this_process(),
         **extra,
     }
-    return {k: str(v) for k, v in tags.items()}
+    return {k: str(v) for k, v in figures.items()}
 
 
-def describe(verdict: Verdict, table: pd.DataFrame, alias: str) -> str:
-    """The Markdown a reviewer reads on the version page."""
-    row = table[table["name"] == verdict.winner].iloc[0]
-    base = table[table["name"] == "baseline"].iloc[0]
+def review_tags(figures: dict[str, str], keep: dict[str, str] | None = None) -> dict[str, str]:
+    """The few figures that become tags (and ``keep``, e.g. a brought baseline's lineage)."""
+    wanted = {*REVIEW_TAGS, *BOOKKEEPING_TAGS, *(keep or {})}
+    return {k: v for k, v in figures.items() if k in wanted}
+
+
+def links(tracker: Tracker, run_id: str, layout: Layout) -> dict[str, str]:
+    """Where, in the MLflow UI, the run's Pareto plot and the version's record lie."""
+    run = f"#/experiments/{tracker.experiment_id}/runs/{run_id}/artifacts"
+    return {"Pareto plot": f"{run}/{layout.pareto_png.name}", "every figure (JSON)": f"{run}/{RECORD_FILE}"}
+
+
+def champion_figures(champion: Champion | None, served: ServedTest) -> dict | None:
+    """The champion a verdict was compared with, as its record says and as it scores today."""
+    if champion is None:
+        return None
+    figures = {"version": champion.version, "tags": champion.tags, "error": champion.error}
+    if champion.predictions is not None:
+        figures["test_acc_today"] = served.accuracy(champion.predictions)
+        per_class = class_accuracies(champion.predictions, served.labels, len(served.classes))
+        figures["per_class"] = dict(zip(served.classes, per_class.tolist(), strict=True))
+    return figures
+
+
+WORST_CLASSES = 3  # shown on the version page; report.md has them all
+
+
+def describe(
+    verdict: Verdict,
+    table: pd.DataFrame,
+    alias: str,
+    champion: dict | None = None,
+    links: dict[str, str] | None = None,
+    steps: str = "",
+) -> str:
+    """The Markdown a reviewer reads on the version page: the verdict, then this version side by
+    side with the champion it was compared with (``champion``, see :func:`champion_figures`) and
+    the baseline, its worst classes, and ``links`` to the Pareto plot and its record."""
     before = verdict.champion_before
     champ = f"v{before['version']}" if before else "none"
-    gate, test = verdict.gate, verdict.test
+    gate = verdict.gate
+    p_value = f"p = {gate['p_value']:.3g}" if gate.get("p_value") is not None else "point rule"
+    lines = [
+        f"**Verdict: `{alias}`**{' (forced)' * verdict.forced}: {markdown_text(verdict.verdict_reason)}.",
+        "",
+        f"**Gate:** {markdown_text(verdict.summary)} ({p_value} for a drop of {gate['margin']:g} points "
+        "or more).",
+        "",
+        f"Selected in its run because {markdown_text(verdict.reason)}.",
+        "",
+        f"**Certified by:** {markdown_text(verdict.certified_by)}.",
+        "",
+        *comparison_table(verdict, table, champion, steps),
+        "",
+        *worst_classes(verdict, champion),
+        "",
+        f"Champion before this run: {champ}.",
+    ]
+    if links:
+        lines += ["", " · ".join(f"[{text}]({url})" for text, url in links.items())]
+    if verdict.warning:
+        lines += ["", f"**Warning:** {markdown_text(verdict.warning)}."]
+    return "\n".join(lines)
+
+
+def comparison_table(verdict: Verdict, table: pd.DataFrame, champion: dict | None, steps: str) -> list[str]:
+    """This version | the champion it was compared with | the baseline, figure by figure."""
+    row = table[table["name"] == verdict.winner].iloc[0]
+    base = table[table["name"] == "baseline"].iloc[0]
+    tags = champion["tags"] if champion else {}
+    title = f"champion v{champion['version']} (`{tags.get('candidate', '?')}`)" if champion else "champion"
+
+    def theirs(key: str, fmt: str) -> str:
+        try:
+            return format(float(tags[key]), fmt)
+        except (KeyError, ValueError):
+            return "—" if champion else "none yet"
+
+    versus = verdict.champion_comparison
+    today = (
+        f"{champion['test_acc_today']:.2f}" if champion and "test_acc_today" in champion else theirs("", "")
+    )
+    test = verdict.test
+    vs_champion = (
+        f"{versus['delta']:+.2f} [{versus['lower']:+.2f}, {versus['upper']:+.2f}] on {versus['n']} images "
+        f"({versus['gain']} won, {versus['loss']} lost)"
+        if versus
+        else (markdown_text(champion["error"]) if champion and champion["error"] else "—")
+    )
+    return [
+        f"| | this version (`{verdict.winner}`) | {title} | baseline |",
+        "|---|---|---|---|",
+        f"| composition | {markdown_code(steps or row['strategy'])} | "
+        f"{markdown_code(tags['composition']) if 'composition' in tags else '—'} | |",
+        f"| params | {int(row['params'])} | {theirs('params', '.0f')} | {int(base['params'])} |",
+        f"| size (bytes) | {int(row['size_bytes'])} | {theirs('size_bytes', '.0f')} | "
+        f"{int(base['size_bytes'])} |",
+        f"| FLOPs | {int(row['flops'])} | {theirs('flops', '.0f')} | {int(base['flops'])} |",
+        f"| latency (ms, batch 1) | {float(row['latency_ms']):.3f} | {theirs('latency_ms', '.3f')} | "
+        f"{float(base['latency_ms']):.3f} |",
+        f"| gate accuracy (certifies) | {verdict.gate_acc:.2f} | {theirs('gate_acc', '.2f')} (its own run) | "
+        f"{verdict.baseline_gate_acc:.2f} |",
+        f"| test accuracy, today's images | {verdict.test_acc:.2f} | {today} | "
+        f"{verdict.baseline_test_acc:.2f} |",
+        f"| test change vs baseline, points [interval] | {test['delta']:+.2f} "
+        f"[{test['lower']:+.2f}, {test['upper']:+.2f}] | | 0 |",
+        f"| this version minus the champion on today's test images, points [interval] | {vs_champion} | | |",
+    ]
+
+
+def worst_classes(verdict: Verdict, champion: dict | None) -> list[str]:
+    """The classes this version loses most on against the baseline, with the champion's today."""
+    if not verdict.per_class:
+        return []
+    # Most lost against the baseline first; then (a baseline, or no loss) the weakest classes.
+    worst = sorted(verdict.per_class, key=lambda c: (c["difference"], c["model"]))[:WORST_CLASSES]
+    theirs = (champion or {}).get("per_class", {})
+    lines = [
+        f"**Worst classes on test** (of {len(verdict.per_class)}):",
+        "",
+        "| class | this version | champion | baseline | change vs baseline, points |",
+        "|---|---|---|---|---|",
+    ]
+    for c in worst:
+        champ = f"{theirs[c['class']]:.1f}" if c["class"] in theirs else "—"
+        lines.append(
+            f"| {markdown_text(c['class'])} | {c['model']:.1f} | {champ} | {c['baseline']:.1f} | "
+            f"{c['difference']:+.1f} |"
+        )
+    return lines
+
+
+def model_description(manifest: Manifest, cfg: PromoteConfig) -> str:
+    """The registered model's page: the task, and how its versions are chosen."""
+    shape = "x".join(str(d) for d in manifest.input_shape)
+    classes = ", ".join(markdown_code(c) for c in manifest.classes)
     return "\n".join(
         [
-            f"**Registered as `{alias}`**{' (forced)' * verdict.forced}: "
-            f"{markdown_text(verdict.verdict_reason)}.",
+            f"**Task:** `{markdown_text(manifest.source)}`, {len(manifest.classes)} classes: {classes}.",
             "",
-            f"**Gate:** {markdown_text(verdict.summary)} (p = {gate['p_value']:.3g} for a drop of "
-            f"{gate['margin']:g} points or more).",
+            f"**Input:** uint8 images as stored (any batch, layout and size; resized to {shape}, "
+            f"pixels 0-{manifest.scale:g}); **output:** the class name and one probability per class.",
             "",
-            f"Selected in its run because {markdown_text(verdict.reason)}.",
+            f"**How versions are chosen:** each `shrinkflow run` certifies the candidate with the "
+            f"fewest `{cfg.objective}` whose gate accuracy is within {cfg.tolerance:g} points "
+            f"({cfg.tolerance_mode}) of the baseline, then compares it on the current test images "
+            f"with `@{cfg.alias}`: smaller and not worse by {cfg.champion_tolerance:g} points, or more "
+            f"accurate, and it becomes `@{cfg.alias}`; otherwise `@{cfg.challenger_alias}`.",
             "",
-            f"**Certified by:** {markdown_text(verdict.certified_by)}.",
-            "",
-            "| | this version | baseline |",
-            "|---|---|---|",
-            f"| gate accuracy (certifies) | {verdict.gate_acc:.2f} | {verdict.baseline_gate_acc:.2f} |",
-            f"| test accuracy (may veto) | {verdict.test_acc:.2f} | {verdict.baseline_test_acc:.2f} |",
-            f"| test difference [interval] | {test['delta']:+.2f} "
-            f"[{test['lower']:+.2f}, {test['upper']:+.2f}] | |",
-            f"| val accuracy (tunes) | {verdict.val_acc:.2f} | {verdict.baseline_val_acc:.2f} |",
-            f"| params | {int(row['params'])} | {int(base['params'])} |",
-            f"| FLOPs | {int(row['flops'])} | {int(base['flops'])} |",
-            f"| size (bytes) | {int(row['size_bytes'])} | {int(base['size_bytes'])} |",
-            f"| latency (ms, batch 1) | {float(row['latency_ms']):.3f} | {float(base['latency_ms']):.3f} |",
-            "",
-            f"Champion before this run: {champ}. "
-            f"Strategy {markdown_code(verdict.strategy)}, candidate {markdown_code(verdict.winner)}.",
-            *(["", f"**Warning:** {markdown_text(verdict.warning)}."] if verdict.warning else []),
+            "A reviewer compares with `shrinkflow review NAME`, and moves `@champion` only with "
+            "`shrinkflow approve` or `shrinkflow rollback` (they re-validate the version and record "
+            "who and why). MLflow's *Promote model* button copies a version to another registered "
+            "model; it is not an approval.",
         ]
     )
+
+
+def model_tags(identity: dict[str, str], cfg: PromoteConfig) -> dict[str, str]:
+    return {**identity, "objective": cfg.objective, "managed_by": "shrinkflow"}
+
+
+def name_parent_run(tracker: Tracker, run_id: str, title: str) -> None:
+    """Name the pipeline's parent run after its outcome (it starts as ``pipeline``); a name is
+    not worth failing a promotion whose decision is already written."""
+    try:
+        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        if parent:
+            tracker.client.update_run(parent, name=title[:250])
+    except Exception as exc:
+        log.warning("the pipeline's run keeps its name: %s", exc)
 
 
 def validate(

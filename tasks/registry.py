@@ -30,6 +30,8 @@ from shrinkflow.tasks.tracking import Tracker
 SERVING_CODE = Path(__file__).with_name("serving.py")
 MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
 CHECKSUM_FILE = "model.pt.sha256"
+# Every figure of a version beyond the few tags a reviewer filters on, logged in its run.
+RECORD_FILE = "version_record.json"
 
 
 def serving_package(into: Path) -> Path:
@@ -60,11 +62,13 @@ def register_model(
     raw_example: np.ndarray,
     tags: dict[str, Any],
     description: str,
+    record: dict[str, Any] | None = None,
 ) -> str:
     """Log ``checkpoint`` as a pyfunc model that takes raw images, with the ``manifest`` that
     prepares them and ``onnx``, the export evaluate checked against it (a string: why there is
     none), in ``run_id``; register it; return the version. ``raw_example`` is a few images as
-    stored uint8 pixels (the input example)."""
+    stored uint8 pixels (the input example); ``record`` (every figure that is not a tag) goes
+    to the run as :data:`RECORD_FILE`."""
     classes = read_json(manifest)["classes"]
     with tempfile.TemporaryDirectory(prefix="shrinkflow-register-") as tmp:
         recorded = Path(tmp) / CHECKSUM_FILE  # checked by the served model before it loads
@@ -92,6 +96,8 @@ def register_model(
                 ],
             )
     tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
+    if record is not None:
+        tracker.client.log_dict(run_id, {k: str(v) for k, v in record.items()}, RECORD_FILE)
     version = tracker.client.create_model_version(
         name=_ensure_registered(tracker.client, name),
         source=info.model_uri,
@@ -110,6 +116,33 @@ def _ensure_registered(client: MlflowClient, name: str) -> str:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     return name
+
+
+def version_record(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    """Everything a version records: its run's :data:`RECORD_FILE` overlaid with its tags (a tag
+    edited in the registry wins). The record counts only when it names the version's own
+    checkpoint (a version registered by hand from a shrinkflow run's model has none); a version
+    registered before the record existed has it all in its tags."""
+    found = client.get_model_version(name, str(version))
+    record: dict[str, str] = {}
+    if found.run_id and found.tags.get("checkpoint_sha256"):
+        with tempfile.TemporaryDirectory(prefix="shrinkflow-record-") as tmp:
+            try:
+                record = read_json(Path(client.download_artifacts(found.run_id, RECORD_FILE, tmp)))
+            except (OSError, ValueError, mlflow.exceptions.MlflowException):
+                record = {}
+    if not isinstance(record, dict) or record.get("checkpoint_sha256") != found.tags.get("checkpoint_sha256"):
+        record = {}
+    return {**record, **found.tags}
+
+
+def describe_registered_model(
+    client: MlflowClient, name: str, description: str, tags: dict[str, str]
+) -> None:
+    """The registered model's own page: what it classifies and how its versions are chosen."""
+    client.update_registered_model(name, description=description)
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, str(value))
 
 
 def version_by_alias(tracker: Tracker, name: str, alias: str):

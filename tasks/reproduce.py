@@ -118,9 +118,10 @@ def reproduce(name: str, version: str, root: Path, keep: bool = False) -> Rebuil
     """Rebuild ``name`` version ``version`` from its commit and data and compare its checkpoint."""
     from mlflow import MlflowClient
 
+    from shrinkflow.tasks.registry import version_record
     from shrinkflow.tasks.tracking import PROJECT_ROOT, tracking_uri
 
-    tags = MlflowClient(tracking_uri(root)).get_model_version(name, version).tags
+    tags = version_record(MlflowClient(tracking_uri(root)), name, version)  # its tags and record
     label = f"{name} v{version}"
     commit = _usable_commit(label, tags, root)
     top = Path(_git(root, "rev-parse", "--show-toplevel")).resolve()

@@ -91,6 +91,12 @@ def check_writable_store(uri: str) -> None:
         )
 
 
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this is the kind
+# it shows with runs, metrics and models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
@@ -105,9 +111,13 @@ class Tracker:
     def _experiment(self, name: str, location: str | None) -> str:
         for _ in range(3):  # another process may create it between our get and create
             if (found := self.client.get_experiment_by_name(name)) is not None:
+                if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older shrinkflow
+                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return found.experiment_id
             try:
-                return self.client.create_experiment(name, artifact_location=location)
+                return self.client.create_experiment(
+                    name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                )
             except mlflow.exceptions.MlflowException as exc:
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from shrinkflow.tasks.evaluate import load_table
 from shrinkflow.tasks.promote import PromotionError
+from shrinkflow.tasks.registry import version_record
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, free_port, stop, wait_http
@@ -50,13 +51,40 @@ def model_name():
 
 
 def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, model_name):
-    decision = _promote(evaluated, tmp_path / "1", model_name)
+    params, layout = copy_project(evaluated, tmp_path / "1", f"promote.model_name={model_name}")
+    tracker = Tracker(tracking_uri(tmp_path), params.tracking.experiment)
+    parent = tracker.start_run("pipeline")  # as a whole run nests its stages
+    decision = run_promote(Context(params, layout, tracker, parent))
+    assert tracker.client.get_run(parent).info.run_name == f"{model_name} v1 @champion: {decision.winner}"
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "not MLflow's GenAI view"
     assert decision.verdict == "champion" and "no champion yet" in decision.verdict_reason
     version = MlflowClient().get_model_version_by_alias(model_name, "champion")
-    keys = "strategy ratio params flops latency_ms size_bytes val_acc test_acc baseline_test_acc acc_drop"
-    for key in [*keys.split(), "tolerance", "data_fingerprint", "code_version"]:
+    keys = "candidate composition params size_bytes test_acc test_acc_change_pts gate_bound_pts verdict"
+    for key in [*keys.split(), "task_classes", "data_fingerprint", "code_version", "checkpoint_sha256"]:
         assert version.tags[key], key
-    assert "Registered as `champion`" in version.description and decision.winner in version.description
+    assert len(version.tags) <= 22, sorted(version.tags)  # the few a reviewer filters on
+    change = float(version.tags["test_acc_change_pts"])  # positive: better than the baseline
+    assert change == pytest.approx(decision.test_acc - decision.baseline_test_acc, abs=1e-3)
+    record = version_record(MlflowClient(), model_name, version.version)  # every other figure
+    for key in [
+        "strategy",
+        "ratio",
+        "flops",
+        "latency_ms",
+        "val_acc",
+        "gate_acc",
+        "baseline_test_acc",
+        "certified_by",
+    ]:
+        assert record[key], key
+    assert "acc_drop" not in record
+    step = {"w50": "width", "l1-50": "prune_l1", "baseline": "baseline"}[decision.winner]
+    assert version.tags["composition"] == step
+    assert "**Verdict: `champion`**" in version.description and decision.winner in version.description
+    assert "| FLOPs |" in version.description and "[Pareto plot](#/experiments/" in version.description
+    registered = MlflowClient().get_registered_model(model_name)
+    assert "How versions are chosen" in registered.description and registered.tags["task_source"]
     report = (tmp_path / "1/reports/report.md").read_text()
     assert "val_f1" in report and "test_f1" in report, "macro-F1 on validation and test"
     assert f"## Per class on test: `{decision.winner}` against the baseline" in report

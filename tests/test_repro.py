@@ -22,6 +22,7 @@ import yaml
 from mlflow import MlflowClient
 
 from shrinkflow.tasks.evaluate import MACHINE_COLUMNS
+from shrinkflow.tasks.registry import version_record
 from tests.conftest import BIN, REPO, run_cli, write_params
 
 pytestmark = pytest.mark.slow
@@ -168,7 +169,7 @@ def test_an_experiment_becomes_a_version_from_a_clean_commit_that_a_clone_pulls_
     assert _ran(_dvc(repo, "repro")) == ["promote"], "the experiment's evaluate is reused"
     version = json.loads((repo / "reports/promotion.json").read_text())["registry"]["version"]
     client = MlflowClient()
-    tags = client.get_model_version("repro-lineage", version).tags
+    tags = version_record(client, "repro-lineage", version)  # its tags and the rest of its figures
     assert (tags["git_commit"], tags["git_dirty"]) == (commit, "false")
     assert (
         yaml.safe_load(_git(repo, "show", f"{commit}:params.yaml"))["promote"]["model_name"]
