@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -78,6 +79,8 @@ print(json.dumps({"seconds": time.perf_counter() - start, "start_anon": start_an
 
 def synthetic_folder(root: Path, n: int, seed: int = 0) -> None:
     """``n`` learnable JPEGs: each class a colour gradient at its own angle, shifted and noised."""
+    if sum(1 for _ in root.rglob("*.jpg")) == n:  # a --work kept from an earlier run
+        return
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(np.arange(SIZE), np.arange(SIZE), indexing="ij")).astype(np.float32) / SIZE
     for c in range(CLASSES):
@@ -134,6 +137,7 @@ def run_stage(project: Path, stage: str, pythonpath: str) -> dict:
 
 def scale_run(work: Path, full: Path, scale: int, base: int, code: str, pythonpath: str) -> list[dict]:
     project = work / f"{code}-{scale}x"
+    shutil.rmtree(project, ignore_errors=True)  # a --work kept from an earlier run
     subset(full, project / "images", scale * base)
     (project / "params.yaml").write_text(yaml.safe_dump(SETTINGS))
     rows = []
@@ -283,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         full = work / "full"
         synthetic_folder(full, max(args.scales + args.old_scales) * args.base)
         old = work / "old-code"
+        shutil.rmtree(old, ignore_errors=True)
         (old / "shrinkflow").mkdir(parents=True)
         archive = subprocess.run(
             ["git", "-C", str(REPO), "archive", args.old_commit], capture_output=True, check=True

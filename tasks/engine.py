@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import functools
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -287,6 +290,23 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+# glibc's mallopt parameter, and the block size from which freed memory goes back to the system.
+_M_MMAP_THRESHOLD, _MMAP_THRESHOLD = -3, 16 << 20
+
+
+@functools.cache
+def release_freed_batches() -> None:
+    """Fix glibc's mmap threshold at 16 MiB (once per process). By default glibc raises it to the
+    largest block it has freed (up to 32 MiB), so after the first large prediction batch every
+    batch-sized tensor comes from the heap and stays in the process when freed: a candidate that
+    had predicted on 32 MiB batches kept 380 MB more than one that had not, and its peak grew with
+    the split until a split filled a batch. Fixed, large blocks go back when freed and a stage's
+    memory is bounded by its batch and model (benchmarks/results/scaling-2026-12-01-c.md)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+
+
 # Float input per prediction batch: 1,024 images up to 32x32 RGB (the results of small images
 # stay as they were); fewer of larger ones, so memory is bounded by the model, not the image size.
 PREDICT_BYTES = 32 << 20
@@ -296,6 +316,7 @@ PREDICT_BYTES = 32 << 20
 def predict(model: nn.Module, x: Images, batch_size: int = 1024) -> Tensor:
     """Class predictions for ``x``, read a batch at a time (at most ``batch_size`` images and
     :data:`PREDICT_BYTES` of input), on the model's device, in eval mode; returned on the CPU."""
+    release_freed_batches()
     model.eval()
     device = model_device(model)
     batch_size = max(1, min(batch_size, PREDICT_BYTES // (4 * math.prod(x.shape[1:]))))
@@ -329,6 +350,7 @@ def fit(
     sparsity, fixed zeros) and ``cfg.l1`` adds the L1 weight penalty. Training runs on
     ``cfg.device`` in ``cfg.precision``; the model is handed back on the CPU, float32 and
     contiguous, where checkpoints and latency are taken."""
+    release_freed_batches()
     generator = torch.Generator().manual_seed(seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg, device, model)

@@ -6,6 +6,8 @@ that keeps a latency objective off int8 models slower than their float twin."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -213,3 +215,39 @@ def test_a_latency_objective_never_picks_int8_slower_than_its_float_twin():
         "small-int8",
         "tiny-int8",
     }
+
+
+_HEAP = """
+import sys
+import torch
+from shrinkflow.tasks.engine import release_freed_batches
+def anon():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) << 10
+if sys.argv[1] == "fixed":
+    release_freed_batches()
+first = torch.ones(30 << 18)  # 30 MiB, freed: glibc's default raises its threshold to this size
+del first
+before = anon()
+batches, kept = [], []
+for _ in range(10):
+    batches.append(torch.ones(20 << 18))  # 20 MiB each, as prediction batches of large images
+    kept.append(bytearray(200_000))  # something still alive between them
+del batches
+print(anon() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_batches_go_back_to_the_system():
+    """A stage's memory is bounded by its batch, not by the largest batch it has freed before:
+    with glibc's default, ten freed 20 MiB batches stay in the process (~200 MB)."""
+    kept = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", _HEAP, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("default", "fixed")
+    }
+    assert kept["default"] > 150 << 20, "the default allocator keeps them (else this test proves nothing)"
+    assert kept["fixed"] < 20 << 20, kept
