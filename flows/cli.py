@@ -98,15 +98,45 @@ _details.setLevel(logging.INFO)  # its records reach only the log file (see _con
 # Prefect reports a failed task or flow run, and MLflow a failed database write, at ERROR with a
 # traceback; under the CLI the failure is already one `error:` line, so these go to the log file only.
 _FILE_ONLY = ("prefect.flow_runs", "prefect.task_runs", "mlflow.store")
-# Loggers with console handlers of their own: the root (Prefect's handler, or basicConfig's) and
-# MLflow's, which does not propagate.
-_CONSOLE_LOGGERS = ("", "mlflow")
+# Libraries talking about themselves: torch's warnings about its own internals (the `_pytree`
+# Enum deprecation a piped run printed), Python warnings raised inside libraries (captured into
+# `py.warnings` for the session), onnxscript's and onnx_ir's export steps, alembic's migrations.
+_CHATTER = ("torch", "py.warnings", "onnxscript", "onnx_ir", "alembic")
+# Loggers with console handlers of their own: the root (basicConfig's under `stage`; under `run`
+# Prefect leaves the root to the log file once it has a handler), and MLflow's and torch's, which
+# do not propagate.
+_CONSOLE_LOGGERS = ("", "mlflow", "torch")
+_OWN = "shrinkflow"  # the package's loggers: the only ones whose INFO a console shows
 
 
 def _console_quiet(record: logging.LogRecord) -> bool:
-    if record.name == _details.name:
+    """Whether a console shows ``record``: on a clean run only progress and the verdict reach
+    the terminal; everything else (MLflow creating its tables or validating an input example,
+    Prefect's temporary-server banner, torch's and onnxscript's chatter) goes to the log file."""
+    if record.name == _details.name or record.name.startswith(_CHATTER):
+        return False
+    if record.levelno < logging.WARNING and not record.name.startswith(_OWN):
         return False
     return not (record.levelno >= logging.ERROR and record.name.startswith(_FILE_ONLY))
+
+
+class _FileOnly(logging.Filter):
+    """On a logger whose console handlers are remade at will (torch re-creates its own when a
+    library sets its log levels), hands each record to the log file alone."""
+
+    def __init__(self, file: logging.Handler) -> None:
+        super().__init__()
+        self.file = file
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.file.level:
+            self.file.handle(record)
+        return False
+
+
+def _torch_loggers() -> list[logging.Logger]:
+    known = logging.Logger.manager.loggerDict.items()
+    return [lg for name, lg in known if name.split(".")[0] == "torch" and isinstance(lg, logging.Logger)]
 
 
 @contextlib.contextmanager
@@ -119,12 +149,20 @@ def _project_session(root: Path, command: str) -> Iterator[None]:
         handler = logging.FileHandler(Path(root) / STATE_DIR / "shrinkflow.log", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
         handler.setLevel(logging.INFO)
+        logging.captureWarnings(True)  # Python warnings become `py.warnings` records: the log file's
+        own, own_level = logging.getLogger(_OWN), logging.getLogger(_OWN).level
+        own.setLevel(logging.INFO)  # the stages' own account reaches the log (and Prefect's run logs)
+        import mlflow  # noqa: F401 - MLflow adds its console handler at import: filter it too
+
         loggers = [logging.getLogger(name) for name in _CONSOLE_LOGGERS]
         consoles = [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
         for lg in loggers:
             lg.addHandler(handler)
         for console in consoles:
             console.addFilter(_console_quiet)
+        torch_only_to_file, torch_loggers = _FileOnly(handler), _torch_loggers()
+        for lg in torch_loggers:
+            lg.addFilter(torch_only_to_file)
         _details.info("shrinkflow %s in %s", command, Path(root).resolve())
         try:
             yield
@@ -137,6 +175,10 @@ def _project_session(root: Path, command: str) -> Iterator[None]:
             handler.close()
             for console in consoles:
                 console.removeFilter(_console_quiet)
+            for lg in torch_loggers:
+                lg.removeFilter(torch_only_to_file)
+            own.setLevel(own_level)
+            logging.captureWarnings(False)
 
 
 _watchers: list = []  # kept referenced, so their pipes stay open until this process exits
@@ -209,7 +251,7 @@ def run(
 
     Example: shrinkflow run -s shrink.workers=1 -s promote.tolerance=0.5
     """
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shrinkflow")
     root = project_root(params, root)
     with _user_errors():
         cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
@@ -283,7 +325,7 @@ def serve(
 
     Example: shrinkflow serve --cron "0 3 * * 0"
     """
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks,models")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shrinkflow")
     with _user_errors():
         check_prefect_home()
         from shrinkflow.flows.pipeline import configured
@@ -464,6 +506,9 @@ QUIET_DEFAULTS = {
     # Prefect's 20 s for its temporary server is too short on a loaded machine (see `run`).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # The stages' own log lines go to Prefect's run logs (PREFECT_LOGGING_EXTRA_LOGGERS); one
+    # logged outside a run (before the flow starts) stays in the log file without a warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -6,18 +6,23 @@ orchestration (task runs, parallelism, logging) and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from shrinkflow.tasks import cache, stages
-from shrinkflow.tasks.config import ShrinkConfig, load_params
+from shrinkflow.tasks.config import Params, ShrinkConfig, load_params
 from shrinkflow.tasks.decide import Verdict
+from shrinkflow.tasks.report import links_section
 
 
 def _baseline_key(_, args: dict) -> str:
@@ -48,7 +53,9 @@ def pipeline(
     Returns the promotion decision as a dict."""
     logger = get_run_logger()
     ctx = stages.Context.load(params_file, tuple(overrides or ()), root)
+    tag_flow_run(run_tags(ctx.params))
     with stages.pipeline_run(ctx, flow_run_id=str(flow_run.id)) as ctx:
+        link_to_flow_run(ctx, [ctx.parent_run])
         prepare(ctx)
         base = reuse_or_train_baseline(ctx)
         together, alone = stages.fan_out(ctx.params)
@@ -63,9 +70,49 @@ def pipeline(
         table = evaluate(ctx, runs)
         decision: Verdict = promote(ctx, {"prefect_flow_run_id": str(flow_run.id)}, force)
         stages.summarise(ctx, runs)
-        publish(ctx.layout.report_md.read_text(), table)
+        link_to_flow_run(ctx, runs.values())
+        publish(ctx, decision, table)
+    tag_flow_run([f"outcome:{decision.verdict}"])
     logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
     return asdict(decision)
+
+
+def run_name(params: Params) -> str:
+    """A flow run's name: what is shrunk, on which data, when (e.g.
+    ``shrink-basenet-digits-20261130-2350``)."""
+    return f"shrink-{params.model.arch}-{params.data.source}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_tags(params: Params) -> list[str]:
+    """The tags a flow run is found by in Prefect's UI; ``outcome:<verdict>`` is added at the end."""
+    return [
+        "shrinkflow",
+        f"data:{params.data.source}",
+        f"arch:{params.model.arch}",
+        f"model:{params.promote.model_name}",
+    ]
+
+
+def tag_flow_run(tags: Iterable[str]) -> None:
+    """Add ``tags`` to this flow run (a run started by the CLI has no deployment to inherit any from)."""
+    with get_client(sync_client=True) as client:
+        now = client.read_flow_run(flow_run.id).tags  # the run context keeps the tags it started with
+        client.update_flow_run(flow_run.id, tags=sorted({*now, *tags}))
+
+
+def flow_run_links() -> dict[str, str]:
+    """This flow run as MLflow tags: its id, name and, where Prefect knows its UI, its page."""
+    links = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    if PREFECT_UI_URL.value():
+        links["prefect.flow_run_url"] = str(flow_run.ui_url)
+    return links
+
+
+def link_to_flow_run(ctx: stages.Context, runs: Iterable[str]) -> None:
+    """Tag the MLflow ``runs`` with this flow run, so each leads back to it."""
+    links = flow_run_links()
+    for run in runs:
+        ctx.tracker.log(run, tags=links)
 
 
 def reuse_or_train_baseline(ctx: stages.Context) -> stages.Tracked:
@@ -102,9 +149,22 @@ def _reusable(ctx: stages.Context, name: str, state) -> bool:
     return False
 
 
-def publish(report: str, table) -> None:
-    """The run's report and candidates table as Prefect artefacts on the flow run."""
-    create_markdown_artifact(key="shrink-report", markdown=report, description="decision and candidates")
+def publish(ctx: stages.Context, decision: Verdict, table) -> None:
+    """The run's report, headed by links to its MLflow runs and registered version, and the
+    candidates table as Prefect artefacts on the flow run."""
+    links = links_section(
+        ctx.tracker.uri,
+        ctx.tracker.experiment_id,
+        ctx.parent_run,
+        decision.registry,
+        str(flow_run.name),
+        flow_run_links().get("prefect.flow_run_url"),
+    )
+    title, report = ctx.layout.report_md.read_text().split("\n", 1)
+    report = "\n".join([title, "", *links, report])
+    create_markdown_artifact(
+        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.verdict}"
+    )
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
     create_table_artifact(key="candidates", table=rows, description="every candidate, measured")
 
@@ -134,7 +194,9 @@ def task_runner(cfg: ShrinkConfig) -> TaskRunner:
 def configured(params_file: str | Path = "params.yaml", overrides: tuple[str, ...] = ()):
     """The flow with the task runner ``params.shrink`` asks for (validates the config first)."""
     params = load_params(params_file, overrides)
-    return pipeline.with_options(task_runner=task_runner(params.shrink))
+    return pipeline.with_options(
+        task_runner=task_runner(params.shrink), flow_run_name=partial(run_name, params)
+    )
 
 
 def run(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,30 @@ SERVER_MARK = "prefect.server.api.server:create_app"  # in the temporary server'
 PROC = Path("/proc")
 
 
-def watch(parent: int) -> subprocess.Popen | None:
-    """Start a watcher of ``parent`` (this process); None where ``/proc`` is missing."""
+def watch(parent: int) -> int | None:
+    """Start a watcher of ``parent`` (this process) and return its pid; None where ``/proc`` is
+    missing. The write end of its stdin pipe stays open, as a bare descriptor that no child
+    inherits, until this process ends; no ``Popen`` object outlives the run to warn at exit that
+    the watcher is still running (it is meant to be)."""
     if not (PROC / str(parent) / "cmdline").exists():
         return None
-    return subprocess.Popen(
-        [sys.executable, "-m", "shrinkflow.flows.reaper", str(parent)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # a Ctrl-C to the run's group must not stop the watcher first
-    )
+    read, _write = os.pipe()  # both close-on-exec: only the dup2 below reaches the watcher
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        return os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-m", "shrinkflow.flows.reaper", str(parent)],
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, read, 0),
+                (os.POSIX_SPAWN_DUP2, devnull, 1),
+                (os.POSIX_SPAWN_DUP2, devnull, 2),
+            ],
+            setsid=True,  # a Ctrl-C to the run's group must not stop the watcher first
+        )
+    finally:
+        os.close(read)
+        os.close(devnull)
 
 
 def servers_of(parent: int) -> dict[int, str]:

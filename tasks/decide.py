@@ -3,9 +3,14 @@
 Nothing here reads a file or talks to MLflow; :mod:`shrinkflow.tasks.promote` gathers the inputs
 (``candidates.csv``, ``predictions.csv``, the registry's champion) and carries the verdict out.
 
+- **Costs** (``promote.objective``, then size in bytes, then latency): only a model strictly
+  smaller than the baseline by the objective can win; when none is certified the baseline stands
+  and the verdict says nothing smaller was certified. A tie on the objective goes to the next
+  cost, and int8 kernels slower than their float twin count as dearer than any model at the same
+  objective that is not.
 - **The family** (``promote.multiplicity``): the gate certifies the *decision*, not each candidate.
-  ``fixed_sequence`` (default) orders the candidates by size before looking at the gate, largest
-  first, one recipe per size level and none that a smaller recipe matches on validation, tests
+  ``fixed_sequence`` (default) orders the candidates by cost before looking at the gate, dearest
+  first, one recipe per cost level and none that a cheaper recipe matches on validation, tests
   them one after another at the full level and stops at the first failure; the last one that
   passed wins. It controls the family-wise error at ``1 - confidence`` with no adjustment
   (Maurer, Hothorn & Lehmacher 1995; Hsu & Berger 1999). ``holm`` tests the same family with
@@ -53,7 +58,7 @@ class Outcome(StrEnum):
     CERTIFIED = "certified"  # passed the gate within the procedure
     FAILED = "failed"  # tested, did not pass
     UNTESTED = "untested"  # after the sequence stopped
-    DOMINATED = "dominated"  # a recipe no larger did at least as well on validation
+    DOMINATED = "dominated"  # a recipe no dearer did at least as well on validation
     NOT_SMALLER = "not smaller"  # not smaller than the baseline
     SLOWER_INT8 = "slower int8"  # latency objective: int8 kernels slower than its float twin here
     NOT_MEASURED = "not measured"  # it did not train
@@ -128,6 +133,7 @@ class Verdict:
     champion_comparison: dict = field(default_factory=dict)
     per_class: list[dict] = field(default_factory=list)  # test accuracy per class: winner, baseline
     registry: dict[str, str] = field(default_factory=dict)
+    composition: str = ""  # the winner's steps, e.g. prune_l1+distill+int8 (candidates.csv)
 
 
 def decide(
@@ -160,6 +166,7 @@ def decide(
     verdict = Verdict(
         winner=won,
         strategy=str(row["strategy"]),
+        composition=row["composition"] if isinstance(row.get("composition"), str) else "",
         ratio=float(row["ratio"]),
         objective=cfg.objective,
         objective_value=float(row[cfg.objective]),
@@ -196,11 +203,14 @@ def tested(table: pd.DataFrame, gate: pd.DataFrame, cfg: PromoteConfig) -> list[
     ]
     ok, slower = _faster_int8(ok, cfg)
     left += _set_aside(slower, size, Outcome.SLOWER_INT8)
-    if cfg.multiplicity != "none":  # the order, from sizes and validation only
-        smaller = ok[size] < table.loc[table["name"] == "baseline", size].iloc[0]
-        left += _set_aside(ok[~smaller], size, Outcome.NOT_SMALLER)
-        ranked = ok[smaller].sort_values([size, "val_acc", "name"], ascending=[False, False, True])
-        front = validation_front(ranked, size)
+    # Only a model strictly smaller than the baseline can win, whatever the procedure: a same-size
+    # one (magnitude pruning counted dense, int8 of the baseline) would shrink nothing.
+    smaller = ok[size] < table.loc[table["name"] == "baseline", size].iloc[0]
+    left += _set_aside(ok[~smaller], size, Outcome.NOT_SMALLER)
+    ok = ok[smaller]
+    if cfg.multiplicity != "none":  # the order, from costs and validation only
+        ranked = by_cost(ok, cfg, dearest_first=True)
+        front = validation_front(ranked, cost_keys(ok, cfg))
         left += _set_aside(ranked[~ranked.index.isin(front.index)], size, Outcome.DOMINATED)
         ok = front
     comparisons = [_versus_baseline(gate, name, cfg) for name in ok["name"]]
@@ -218,14 +228,59 @@ def tested(table: pd.DataFrame, gate: pd.DataFrame, cfg: PromoteConfig) -> list[
     return family + left
 
 
-def validation_front(ranked: pd.DataFrame, size: str) -> pd.DataFrame:
-    """The sequence, largest first: one recipe per size level (the best on validation; ties: the
-    name), and no model that validation says is at most as accurate as a smaller one (it could
-    only stop the sequence early). Chosen on validation alone, so the gate's level holds."""
-    best = ranked.drop_duplicates(size)
-    # The best validation accuracy among strictly smaller models, for each row (largest first).
-    smaller_best = best["val_acc"][::-1].cummax()[::-1].shift(-1, fill_value=-np.inf)
-    return best[best["val_acc"] > smaller_best]
+def validation_front(ranked: pd.DataFrame, costs: list[str]) -> pd.DataFrame:
+    """The sequence, dearest first (``ranked`` by :func:`by_cost`): one recipe per cost level
+    (the best on validation; ties: the name), and no model that validation says is at most as
+    accurate as a cheaper one (it could only stop the sequence early, and could not win). Chosen
+    on costs and validation alone, so the gate's level holds."""
+    best = ranked.drop_duplicates(costs)
+    # The best validation accuracy among strictly cheaper models, for each row (dearest first).
+    cheaper_best = best["val_acc"][::-1].cummax()[::-1].shift(-1, fill_value=-np.inf)
+    return best[best["val_acc"] > cheaper_best]
+
+
+# What breaks a tie on the objective, in order (issue #25: l1-50-int8 won a params tie with l1-50
+# while 6.5x slower): int8 kernels no faster than their float twin count as dearer than any model
+# that is not, then the bytes, then latency. Latency is a measurement, so two models tie on it
+# unless one is more than LATENCY_NOISE slower than the fastest that ties with it on the rest.
+LATENCY_NOISE = 0.25
+SLOWER_INT8, SLOWER = "_slower_int8", "_slower"
+
+
+def by_cost(frame: pd.DataFrame, cfg: PromoteConfig, dearest_first: bool = False) -> pd.DataFrame:
+    """``frame`` cheapest first (``dearest_first``: the reverse), then the best on validation,
+    then by name; with the columns of :func:`cost_keys` that it adds."""
+    keys = cost_keys(frame, cfg)
+    return with_costs(frame, cfg).sort_values(
+        [*keys, "val_acc", "name"], ascending=[not dearest_first] * len(keys) + [False, True]
+    )
+
+
+def cost_keys(frame: pd.DataFrame, cfg: PromoteConfig) -> list[str]:
+    """The columns that order models by cost (see :func:`with_costs`)."""
+    keys = [cfg.objective, SLOWER_INT8]
+    if cfg.objective != "size_bytes" and "size_bytes" in frame:
+        keys.append("size_bytes")
+    if cfg.objective != "latency_ms":
+        keys.append(SLOWER)
+    return keys
+
+
+def with_costs(frame: pd.DataFrame, cfg: PromoteConfig) -> pd.DataFrame:
+    """``frame`` with the derived costs: whether it runs int8 kernels slower than its float twin,
+    and whether it is slower beyond noise than the fastest model it otherwise ties with."""
+    frame = frame.assign(**{SLOWER_INT8: slower_int8(frame)})
+    tied_on = [k for k in cost_keys(frame, cfg) if k != SLOWER]
+    fastest = frame.groupby(tied_on, dropna=False)["latency_ms"].transform("min")
+    return frame.assign(**{SLOWER: frame["latency_ms"] > fastest * (1 + LATENCY_NOISE)})
+
+
+def slower_int8(frame: pd.DataFrame) -> pd.Series:
+    """Which models run int8 kernels that are no faster here than their float twin's."""
+    if "float_latency_ms" not in frame:
+        return pd.Series(False, index=frame.index)
+    twin = pd.to_numeric(frame["float_latency_ms"], errors="coerce")
+    return twin.notna() & (frame["latency_ms"] >= twin)
 
 
 def _set_aside(rows: pd.DataFrame, size: str, outcome: Outcome) -> list[Candidate]:
@@ -257,13 +312,19 @@ def holm(p_values: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def winner(table: pd.DataFrame, family: list[Candidate], cfg: PromoteConfig) -> str:
-    """The smallest certified candidate (ties: the higher gate accuracy, then the name); the
+    """The cheapest certified candidate strictly smaller than the baseline by the objective
+    (ties: the next costs, see :func:`by_cost`, then the higher gate accuracy, then the name); the
     baseline when none is."""
-    names = {"baseline", *(c.name for c in family if c.outcome == Outcome.CERTIFIED)}
-    pool = table[table["name"].isin(names)]
-    return str(
-        pool.sort_values([cfg.objective, "gate_acc", "name"], ascending=[True, False, True]).iloc[0]["name"]
+    certified = {c.name for c in family if c.outcome == Outcome.CERTIFIED}
+    base = table.loc[table["name"] == "baseline", cfg.objective].iloc[0]
+    pool = table[table["name"].isin(certified) & (table[cfg.objective] < base)]
+    if pool.empty:
+        return "baseline"
+    keys = cost_keys(pool, cfg)
+    ranked = with_costs(pool, cfg).sort_values(
+        [*keys, "gate_acc", "name"], ascending=[True] * len(keys) + [False, True]
     )
+    return str(ranked.iloc[0]["name"])
 
 
 def family_level(cfg: PromoteConfig) -> float | None:
@@ -297,6 +358,8 @@ def reason(won: str, row: pd.Series, family: list[Candidate], cfg: PromoteConfig
         f"{won} has the fewest {cfg.objective} ({row[cfg.objective]:g}) of the {certified} models "
         f"{rule}-{cfg.tolerance:g} ({cfg.tolerance_mode})"
     )
+    if won == "baseline":
+        head = f"{NOTHING_SMALLER}: the baseline ({row[cfg.objective]:g} {cfg.objective}) stands"
     by[Outcome.FAILED] = [
         c.name + (f" ({c.note})" if c.note else "") for c in family if c.outcome == Outcome.FAILED
     ]
@@ -310,10 +373,12 @@ def reason(won: str, row: pd.Series, family: list[Candidate], cfg: PromoteConfig
     return "; ".join(parts)
 
 
+NOTHING_SMALLER = "nothing smaller than the baseline was certified"
+
 REASONS = {
     Outcome.FAILED: "failed the gate",
     Outcome.UNTESTED: "not tested after the sequence stopped",
-    Outcome.DOMINATED: "no more accurate on validation than a recipe at most as large",
+    Outcome.DOMINATED: "no more accurate on validation than a cheaper recipe",
     Outcome.NOT_SMALLER: "not smaller than the baseline",
     Outcome.SLOWER_INT8: "int8 slower than its float twin here",
     Outcome.NOT_MEASURED: "not measured",
@@ -322,9 +387,9 @@ REASONS = {
 
 def _faster_int8(ok: pd.DataFrame, cfg: PromoteConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A latency objective never picks int8 kernels that are slower than the float ones here."""
-    if cfg.objective != "latency_ms" or "float_latency_ms" not in ok:
+    if cfg.objective != "latency_ms":
         return ok, ok.iloc[:0]
-    slower = ok["float_latency_ms"].notna() & (ok["latency_ms"] >= ok["float_latency_ms"])
+    slower = slower_int8(ok)
     return ok[~slower], ok[slower]
 
 
@@ -332,7 +397,7 @@ def _class_guard(row: pd.Series, cfg: PromoteConfig) -> str:
     """Why the per-class guard refuses the model ("": it does not)."""
     lost = row.get("worst_class_drop")
     if cfg.max_class_drop is not None and lost is not None and lost == lost and lost > cfg.max_class_drop:
-        return f"loses {lost:g} points on class {row['worst_class']!r} > {cfg.max_class_drop:g}"
+        return f"loses {lost:.1f} points on class {row['worst_class']!r} > {cfg.max_class_drop:g}"
     return ""
 
 
@@ -374,6 +439,8 @@ def against_champion(
             verdict, verdict=Kind.UNCHANGED, verdict_reason=f"identical to {cfg.alias} v{champion.version}"
         )
     alias, why = judge(verdict, champion, versus, cfg)
+    if verdict.winner == "baseline":
+        why = f"{NOTHING_SMALLER}; {why}"
     if verdict.vetoed:
         why = f"{why}; test disagrees ({on_test.line(verdict.winner, 'test')})"
     forced = force and (

@@ -47,6 +47,7 @@ PAIRED_STATS = ("delta", "lower", "upper", "p")
 COLUMNS = [
     "name",
     "strategy",
+    "composition",  # the steps, e.g. prune_l1+distill+int8 (Params.composition)
     "ratio",
     "status",
     "val_acc",
@@ -70,7 +71,6 @@ COLUMNS = [
     "error",
     "sparsity",
     "compressed_bytes",
-    "steps",
     "note",
 ]
 MACHINE_COLUMNS = ("latency_ms", "float_latency_ms", "ort_latency_ms")
@@ -167,16 +167,17 @@ def _note(steps: list[str]) -> str:
 
 
 def _row(
-    record: ModelRecord, layout: Layout, splits: dict[str, Split], cfg: EvaluateConfig
+    record: ModelRecord, layout: Layout, splits: dict[str, Split], params: Params
 ) -> tuple[dict, dict[str, np.ndarray]]:
+    cfg = params.evaluate
     row = {
         "name": record.name,
         "strategy": record.strategy,
+        "composition": params.composition(record.name),
         "ratio": record.options.get("ratio", 0.0),
         "status": record.status,
         "epochs": record.epochs,
         "error": record.error or "",
-        "steps": ">".join(record.steps),
         "note": _note(record.steps),
     }
     if record.status != "ok":
@@ -209,7 +210,7 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     records = [_record(params, layout, name) for name in names]
     rows, predictions = [], {}
     for record in records:
-        row, predicted = _row(record, layout, splits, params.evaluate)
+        row, predicted = _row(record, layout, splits, params)
         rows.append(row)
         if predicted:
             predictions[record.name] = predicted

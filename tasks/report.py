@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -14,6 +16,7 @@ from shrinkflow.tasks.stats import margin_points
 SHOWN = [
     "name",
     "strategy",
+    "composition",
     "ratio",
     "status",
     "val_acc",
@@ -38,17 +41,21 @@ SHOWN = [
     "param_ratio",
 ]
 
+TERMINAL_WIDTH = 120  # columns of the printed table and summary (the full table is report.md's)
+CONSOLE_NAME_CHARS = 18
+CONSOLE_COMPOSITION_CHARS = 24
+
 
 def plain_code(value: object) -> str:
     return f"`{value}`"
 
 
-def format_table(
+def full_table(
     table: pd.DataFrame, winner: str | None = None, text=markdown_text, verdict: Verdict | None = None
 ) -> str:
-    """The candidates table as Markdown, the promoted row marked with a star and, with the
-    ``verdict``, what the decision made of each model; names pass through ``text`` (``str`` for
-    a terminal)."""
+    """Every column of the candidates table as Markdown (report.md, Prefect's artefact), the
+    promoted row marked with a star and, with the ``verdict``, what the decision made of each
+    model; names pass through ``text``."""
     outcomes = {c["name"]: c["outcome"] for c in verdict.candidates} if verdict else {}
     shown = table.assign(decision=[outcomes.get(n, "") for n in table["name"]]).reindex(columns=SHOWN)
     for column in ("params", "flops", "size_bytes"):  # counts, even with a failed row's blanks
@@ -56,21 +63,84 @@ def format_table(
     shown["gate_p"] = [f"{p:.2g}" if p == p else "" for p in shown["gate_p"]]
     shown = shown.astype(object).where(shown.notna(), "")
     shown.insert(0, " ", ["*" if name == winner else "" for name in shown["name"]])
-    for column in ("name", "strategy", "onnx"):
+    for column in ("name", "strategy", "composition", "onnx"):
         shown[column] = [text(v) if v != "" else v for v in shown[column]]
     return shown.to_markdown(index=False, floatfmt=".2f")
 
 
-def decision_lines(decision: Verdict, text=markdown_text, code=markdown_code) -> list[str]:
+def format_table(
+    table: pd.DataFrame, winner: str | None = None, text=markdown_text, verdict: Verdict | None = None
+) -> str:
+    """The candidates table for a terminal, at most :data:`TERMINAL_WIDTH` columns: each model's
+    composition, its size and latency as a fraction of the baseline's, the gate's paired delta
+    and lower bound, whether the decision found it eligible (or what it made of it) and the test
+    delta; the promoted row is starred. Long names are shortened; :func:`full_table` has it all."""
+    base = table[table["name"] == "baseline"].iloc[0]
+    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates} if verdict else {}
+    eligible = set(verdict.eligible) if verdict else set()
+
+    def decided(name: str) -> str:
+        if not verdict:
+            return ""
+        return "yes" if name in eligible else str(outcomes.get(name, ""))
+
+    shown = pd.DataFrame(
+        {
+            " ": ["*" if name == winner else "" for name in table["name"]],
+            "name": [_cell(text(n), CONSOLE_NAME_CHARS) for n in table["name"]],
+            "composition": [_cell(text(c), CONSOLE_COMPOSITION_CHARS) for c in _column(table, "composition")],
+            "size": _ratio(table["params"], base["params"]),
+            "latency": _ratio(table["latency_ms"], base["latency_ms"]),
+            "gate_delta": _points(table["gate_delta"]),
+            "gate_bound": _points(table["gate_lower"]),
+            "eligible": [decided(n) for n in table["name"]],
+            "test_delta": _points(table["test_delta"]),
+        }
+    )
+    return _aligned(shown)
+
+
+def _aligned(frame: pd.DataFrame) -> str:
+    """``frame``'s text cells in left-aligned columns two spaces apart, a rule under the header."""
+    rows = [list(frame.columns), *frame.astype(str).values.tolist()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rows.insert(1, ["-" * w for w in widths])
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _column(table: pd.DataFrame, column: str) -> list:
+    """A column that a table from before it existed lacks (blank)."""
+    return table[column].fillna("").tolist() if column in table else [""] * len(table)
+
+
+def _cell(value: object, chars: int) -> str:
+    """One line of at most ``chars`` characters: a name's control characters become spaces."""
+    line = "".join(c if c.isprintable() else " " for c in str(value))
+    return line if len(line) <= chars else line[: chars - 1] + "…"
+
+
+def _ratio(values: pd.Series, base: float) -> list[str]:
+    return [f"{v / base:.2f}x" if v == v and base else "" for v in pd.to_numeric(values, errors="coerce")]
+
+
+def _points(values: pd.Series) -> list[str]:
+    return [f"{v:+.2f}" if v == v else "" for v in pd.to_numeric(values, errors="coerce")]
+
+
+def decision_lines(
+    decision: Verdict, text=markdown_text, code=markdown_code, width: int | None = None
+) -> list[str]:
     """The decision in a few sentences: the printed summary, report.md and Prefect's artefact.
-    Names and reasons pass through ``text`` and ``code`` (plain ones for a terminal)."""
+    Names and reasons pass through ``text`` and ``code`` (plain ones for a terminal, where each
+    sentence is also wrapped to ``width``, :data:`TERMINAL_WIDTH` unless told)."""
     reg = decision.registry
     where = "nothing"
     if reg.get("alias"):
         where = f"{code(reg.get('model_name'))} v{reg.get('version')} as {code('@' + str(reg['alias']))}"
     elif reg:
         where = f"{code(reg.get('model_name'))} v{reg.get('version')} (no alias)"
-    lines = [f"**Winner:** {code(decision.winner)} ({text(decision.strategy)}), registered {where}."]
+    made_of = decision.composition or decision.strategy
+    lines = [f"**Winner:** {code(decision.winner)} ({text(made_of)}), registered {where}."]
     if decision.gate:
         p_value = decision.gate.get("p_value")
         p_text = f"; p = {p_value:.3g}" if p_value is not None else ""
@@ -78,7 +148,7 @@ def decision_lines(decision: Verdict, text=markdown_text, code=markdown_code) ->
     lines.append(f"**Why this model:** {text(decision.reason)}.")
     if decision.certified_by:
         order = " > ".join(decision.order) or "none"
-        stop = f", stopped at {decision.stopped_at}" if decision.stopped_at else ""
+        stop = f", stopped at {text(decision.stopped_at)}" if decision.stopped_at else ""
         lines.append(f"**Certified by:** {text(decision.certified_by)}; order tested: {text(order)}{stop}.")
     if test := decision.test:
         lines.append(
@@ -90,6 +160,9 @@ def decision_lines(decision: Verdict, text=markdown_text, code=markdown_code) ->
         lines.append(f"**Against the registry:** {decision.verdict} - {text(decision.verdict_reason)}.")
     if decision.warning:
         lines.append(f"**Warning:** {text(decision.warning)}.")
+    width = width or (TERMINAL_WIDTH if text is str else None)
+    if width:
+        lines = [textwrap.fill(line, width, subsequent_indent="  ", break_on_hyphens=False) for line in lines]
     return lines
 
 
@@ -108,6 +181,40 @@ def per_class_section(decision: Verdict) -> list[str]:
     ]
 
 
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+
+
+def links_section(
+    tracking_uri: str,
+    experiment_id: str,
+    parent_run: str,
+    registry: dict[str, str],
+    flow_run: str = "",
+    flow_run_url: str | None = None,
+) -> list[str]:
+    """Where this run lives in MLflow (the parent run, the registered version) and in Prefect, as
+    Markdown links: a tracking server's own pages, or for a local store the pages `mlflow ui`
+    serves once started on it."""
+    served = tracking_uri.startswith(("http://", "https://"))
+    ui = tracking_uri.rstrip("/") if served else MLFLOW_UI_DEFAULT
+    run_url = f"{ui}/#/experiments/{quote(experiment_id)}/runs/{quote(parent_run)}"
+    lines = ["## Links", "", f"- MLflow parent run: [{markdown_text(parent_run)}]({run_url})"]
+    if registry.get("version"):
+        name, version = str(registry["model_name"]), str(registry["version"])
+        alias = f" {markdown_code('@' + registry['alias'])}" if registry.get("alias") else ""
+        url = f"{ui}/#/models/{quote(name, safe='')}/versions/{quote(version)}"
+        lines.append(f"- Registered version: [{markdown_text(name)} v{markdown_text(version)}]({url}){alias}")
+    else:
+        lines.append("- Registered version: none (nothing registered by this run)")
+    if not served:
+        serve = markdown_code(f"mlflow ui --backend-store-uri {tracking_uri}")
+        lines.append(f"- The store is local: {serve} serves these pages")
+    if flow_run:
+        where = f"[{markdown_text(flow_run)}]({flow_run_url})" if flow_run_url else markdown_code(flow_run)
+        lines.append(f"- Prefect flow run: {where} (the MLflow runs carry it as `prefect.flow_run_*` tags)")
+    return [*lines, ""]
+
+
 def markdown_report(table: pd.DataFrame, decision: Verdict) -> str:
     """The run's decision, its reason and the whole table, for Prefect and MLflow."""
     return "\n".join(
@@ -119,13 +226,14 @@ def markdown_report(table: pd.DataFrame, decision: Verdict) -> str:
             *per_class_section(decision),
             "## Candidates (`*` = this run's winner)",
             "",
+            "`composition`: the model's steps in order (e.g. `prune_l1+distill+int8`); "
             "`gate_*`: paired comparison with the baseline on the gate split (delta, one-sided lower "
             "bound, p-value of the non-inferiority test); `decision`: what the procedure made of the "
-            "model (certified, failed, untested after the sequence stopped, same size as a recipe "
-            "better on validation, not smaller than the baseline); `test_*`: the same on test, with "
-            "both bounds.",
+            "model (certified, failed, untested after the sequence stopped, dominated: no more "
+            "accurate on validation than a cheaper recipe, not smaller than the baseline, slower int8: "
+            "int8 kernels no faster here than float); `test_*`: the same on test, with both bounds.",
             "",
-            format_table(table, decision.winner, verdict=decision),
+            full_table(table, decision.winner, verdict=decision),
         ]
     )
 

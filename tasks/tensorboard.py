@@ -17,14 +17,15 @@ from shrinkflow.tasks.records import ModelRecord
 
 # history key -> TensorBoard tag
 SCALARS = {"train_loss": "train/loss", "val_acc": "val/acc", "lr": "train/lr"}
-HPARAMS = ("strategy", "ratio")
+HPARAMS = ("strategy", "composition", "ratio")
 METRICS = ("val_acc", "test_acc", "params", "latency_ms")
 HPARAMS_RUN = "hparams"
 
 
 def write_runs(directory: Path, records: list[ModelRecord], table: pd.DataFrame) -> None:
     """``<directory>/<model>/``: each trained model's curves; ``<directory>/hparams/<model>/``:
-    strategy and ratio against accuracy, params and latency for every measured model. What an
+    strategy, composition (e.g. ``prune_l1+distill+int8``) and ratio against accuracy, params and
+    latency for every measured model. What an
     earlier run wrote there is replaced, so each model has one curve."""
     for record in records:
         shutil.rmtree(directory / record.name, ignore_errors=True)
@@ -43,12 +44,12 @@ def write_history(directory: Path, history: list[dict[str, float]]) -> None:
 
 def write_hparams(directory: Path, table: pd.DataFrame) -> None:
     ok = table[table["status"] == "ok"]
-    strategies = sorted(ok["strategy"].unique().tolist())
+    discrete = {key: sorted(ok[key].astype(str).unique().tolist()) for key in ("strategy", "composition")}
     with SummaryWriter(log_dir=str(directory)) as writer:
         for row in ok.to_dict("records"):
             writer.add_hparams(
-                {"strategy": str(row["strategy"]), "ratio": float(row["ratio"])},
+                {key: float(row[key]) if key == "ratio" else str(row[key]) for key in HPARAMS},
                 {f"hparam/{key}": float(row[key]) for key in METRICS},
-                hparam_domain_discrete={"strategy": strategies},
+                hparam_domain_discrete=discrete,
                 run_name=str(row["name"]),
             )

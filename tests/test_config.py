@@ -18,6 +18,18 @@ def test_repository_params_are_valid():
     assert {c.strategy for c in params.shrink.candidates.values()} <= set(STRATEGIES)
 
 
+def test_each_model_names_its_composition():
+    params = load_params(REPO / "params.yaml")
+    made_of = {name: params.composition(name) for name in ["baseline", *params.shrink.candidates]}
+    assert made_of["baseline"] == "baseline" and made_of["width-50"] == "width"
+    assert made_of["l1-75-kd"] == "prune_l1+distill" and made_of["l1-50-int8"] == "prune_l1+int8"
+    both = load_params(REPO / "params.yaml", ["shrink.candidates.l1-75-kd.quantize=int8"])
+    assert both.composition("l1-75-kd") == "prune_l1+distill+int8"
+    brought = load_params(REPO / "examples/byo/params.yaml")
+    assert brought.composition("baseline") == brought.model.arch == "factory"
+    assert params.promote.max_class_drop == 10, "the per-class guard is on in the shipped params"
+
+
 def test_overrides_apply_and_are_validated(tmp_path):
     params = load_params(REPO / "params.yaml", ["train.epochs=3", "promote.tolerance=0.5"])
     assert params.train.epochs == 3 and params.promote.tolerance == 0.5

@@ -126,6 +126,77 @@ def test_bad_input_is_one_clear_line():
         PromoteConfig(multiplicity="bonferroni")
 
 
+# --- pitfalls of a default-sized run (issue #25) ----------------------------------------------
+def _costed(models: dict[str, tuple[int, float, int]], **columns: dict[str, float]):
+    """:func:`_inputs` with per-model cost columns (``size_bytes={"a": 10}``); unnamed models get
+    the baseline's, a float twin's latency is blank for a float model."""
+    table, predictions = _inputs(models)
+    table["size_bytes"] = 4000
+    table["float_latency_ms"] = np.nan
+    for column, values in columns.items():
+        for name, value in values.items():
+            table.loc[table["name"] == name, column] = value
+    return table, predictions
+
+
+@pytest.mark.parametrize("multiplicity", ["fixed_sequence", "holm", "none"])
+def test_a_tie_on_the_objective_goes_to_the_smaller_then_the_faster(multiplicity):
+    cfg = PromoteConfig(multiplicity=multiplicity)
+    # Same params, same validation and gate: the fewer bytes win, not the name.
+    tied = {"a-big": (500, 98.0, 2), "b-small": (500, 98.0, 2)}
+    bytes_ = decide(*_costed(tied, size_bytes={"a-big": 2000, "b-small": 1000}), cfg)
+    assert bytes_.winner == "b-small"
+    # Same params and bytes: the faster wins.
+    speed = decide(*_costed(tied, latency_ms={"a-big": 0.9, "b-small": 0.5}), cfg)
+    assert speed.winner == "b-small"
+    # Latencies within measurement noise of each other tie: validation, then the gate decide.
+    noise = _costed({"a-big": (500, 98.5, 1), "b-small": (500, 98.0, 2)}, latency_ms={"a-big": 1.2})
+    assert decide(*noise, cfg).winner == "a-big"
+
+
+@pytest.mark.parametrize("multiplicity", ["fixed_sequence", "holm", "none"])
+def test_a_slower_int8_never_beats_its_float_twin_on_a_tie(multiplicity):
+    # As in the default run: int8 has the float model's params (counted on its dense twin), a
+    # quarter of its bytes, better validation and gate scores by noise, and runs 6x slower.
+    models = {"l1-50": (500, 98.0, 2), "l1-50-int8": (500, 98.5, 1)}
+    costs = {
+        "size_bytes": {"l1-50": 2000, "l1-50-int8": 500},
+        "latency_ms": {"l1-50": 0.15, "l1-50-int8": 0.9},
+        "float_latency_ms": {"l1-50-int8": 0.15},
+    }
+    verdict = decide(*_costed(models, **costs), PromoteConfig(multiplicity=multiplicity))
+    assert verdict.winner == "l1-50"
+    # Where its kernels are faster than float, the int8 model's fewer bytes do win the tie.
+    costs["latency_ms"]["l1-50-int8"] = 0.1
+    assert decide(*_costed(models, **costs), PromoteConfig(multiplicity=multiplicity)).winner == "l1-50-int8"
+
+
+@pytest.mark.parametrize("multiplicity", ["fixed_sequence", "holm", "none"])
+def test_only_a_strictly_smaller_model_wins(multiplicity):
+    # Magnitude pruning keeps every parameter (zeros count): the baseline's size, better on gate.
+    same_size = {"mag-75": (1000, 99.5, 0), "too-lossy": (300, 97.0, 60)}
+    table, predictions = _inputs(same_size)
+    table.loc[table["name"] == "baseline", "gate_acc"] = 99.5  # mag-75 is better on gate
+    verdict = decide(table, predictions, PromoteConfig(multiplicity=multiplicity))
+    assert verdict.winner == "baseline" and verdict.eligible == ["baseline"]
+    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates}
+    assert outcomes["mag-75"] == "not smaller"
+    assert verdict.reason.startswith("nothing smaller than the baseline was certified: the baseline (1000")
+    assert verdict.verdict_reason.startswith("nothing smaller than the baseline was certified; ")
+
+
+def test_the_per_class_guard_is_on_by_default():
+    assert PromoteConfig().max_class_drop == 10.0
+    table, predictions = _inputs({"a": (800, 98.5, 2), "c": (200, 97.5, 3)})
+    table["worst_class"] = "3"
+    table.loc[table["name"] == "c", "worst_class_drop"] = 12.5  # 7 of ~54 gate images of one class
+    verdict = decide(table, predictions, PromoteConfig())
+    assert verdict.winner == "a"
+    assert "c (loses 12.5 points on class '3' > 10)" in verdict.reason
+    off = decide(table, predictions, PromoteConfig(max_class_drop=None))
+    assert off.winner == "c"
+
+
 # --- simulation -------------------------------------------------------------------------------
 # Ten candidates, largest first, with true gate-accuracy drops shaped like a default digits run
 # (smaller is worse, not monotonically: the real run's gate deltas go -0.2, -0.4, -0.4, -0.7,

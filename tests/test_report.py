@@ -12,8 +12,18 @@ from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
 from shrinkflow.tasks.decide import decide
+from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table
-from shrinkflow.tasks.report import format_table, markdown_report, pareto_plot
+from shrinkflow.tasks.report import (
+    TERMINAL_WIDTH,
+    decision_lines,
+    format_table,
+    full_table,
+    links_section,
+    markdown_report,
+    pareto_plot,
+    plain_code,
+)
 from tests.conftest import copy_project
 
 
@@ -37,9 +47,67 @@ def test_markdown_report_names_the_winner_and_reason(evaluated, tmp_path):
     decision = decide(table, load_predictions(layout.predictions_csv), params.promote)
     text = markdown_report(table, decision)
     assert decision.certified_by in text and "order tested" in text
-    assert f"`{decision.winner}`" in text and decision.reason in text
-    star_rows = [line for line in format_table(table, decision.winner).splitlines() if line.startswith("| *")]
+    assert f"`{decision.winner}`" in text and markdown_text(decision.reason) in text
+    star_rows = [line for line in full_table(table, decision.winner).splitlines() if line.startswith("| *")]
     assert len(star_rows) == 1 and decision.winner in star_rows[0]
+    assert "| composition " in text and "| prune_l1 " in text
+
+
+def test_the_console_table_and_summary_fit_a_terminal(evaluated, tmp_path):
+    params, layout = copy_project(evaluated, tmp_path, "promote.tolerance=50")
+    table = load_table(layout.candidates_csv)
+    long = {"l1-50": "l1-50-" + "x" * 60}  # a user's long name, and a long composition
+    table["name"] = table["name"].replace(long)
+    table.loc[table["name"] == long["l1-50"], "composition"] = "+".join(["prune_l1", "distill", "int8"] * 5)
+    predictions = {s: f.rename(columns=long) for s, f in load_predictions(layout.predictions_csv).items()}
+    decision = decide(table, predictions, params.promote)
+    console = format_table(table, decision.winner, text=str, verdict=decision)
+    # As `shrinkflow report` prints them, without the bold markers.
+    lines = [line.replace("**", "") for line in decision_lines(decision, text=str, code=plain_code)]
+    printed = [*console.splitlines(), *"\n".join(lines).splitlines()]
+    assert max(len(line) for line in printed) <= TERMINAL_WIDTH, "\n".join(printed)
+    header = console.splitlines()[0].split()
+    assert header == [
+        "name",
+        "composition",
+        "size",
+        "latency",
+        "gate_delta",
+        "gate_bound",
+        "eligible",
+        "test_delta",
+    ]
+    rows = {line.split()[0].lstrip("*"): line for line in console.splitlines()[2:]}
+    assert "l1-50-xxxxxxxxxxx…" in console and "prune_l1+distill+int8+p…" in console
+    base = table.set_index("name").loc["baseline"]
+    w50 = table.set_index("name").loc["w50"]
+    assert (
+        f"{w50['params'] / base['params']:.2f}x" in rows["w50"] and f"{w50['gate_delta']:+.2f}" in rows["w50"]
+    )
+    assert rows["baseline"].split()[1:4] == ["baseline", "1.00x", "1.00x"]
+    # The full table, with every column, is report.md's.
+    assert " ort_latency_ms |" in markdown_report(table, decision) and "ort_latency_ms" not in console
+
+
+def test_the_report_links_to_mlflow_and_prefect():
+    served = links_section(
+        "http://mlflow:5000/",
+        "3",
+        "abc",
+        {"model_name": "shrinkflow digits", "version": "7", "alias": "champion"},
+        "shrink-basenet-digits-20261130-2350",
+        "http://prefect:4300/flow-runs/flow-run/f1",
+    )
+    text = "\n".join(served)
+    assert "[abc](http://mlflow:5000/#/experiments/3/runs/abc)" in text
+    assert (
+        "[shrinkflow digits v7](http://mlflow:5000/#/models/shrinkflow%20digits/versions/7) `@champion`"
+        in text
+    )
+    assert "[shrink-basenet-digits-20261130-2350](http://prefect:4300/flow-runs/flow-run/f1)" in text
+    local = "\n".join(links_section("sqlite:////p/mlflow.db", "1", "abc", {}))
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/abc" in local
+    assert "`mlflow ui --backend-store-uri sqlite:////p/mlflow.db`" in local and "nothing registered" in local
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["stage"], ["serve"], ["report"]])

@@ -23,6 +23,7 @@ def test_tensorboard_gets_every_models_curves_and_one_hparams_summary(evaluated,
     run_evaluate(ctx)
     run_evaluate(ctx)  # a second run replaces the curves rather than doubling them
     table = load_table(layout.candidates_csv).set_index("name")
+    assert table["composition"].to_dict() == {"baseline": "baseline", "w50": "width", "l1-50": "prune_l1"}
     for name in ("baseline", "w50", "l1-50"):
         history = load_record(layout, name).history
         events = _events(layout.runs / name)
@@ -36,6 +37,7 @@ def test_tensorboard_gets_every_models_curves_and_one_hparams_summary(evaluated,
         content = summary.PluginTagToContent("hparams")["_hparams_/session_start_info"]
         hparams = HParamsPluginData.FromString(content).session_start_info.hparams
         assert hparams["strategy"].string_value == table.loc[name, "strategy"]
+        assert hparams["composition"].string_value == table.loc[name, "composition"]
         assert hparams["ratio"].number_value == table.loc[name, "ratio"]
         metrics = {tag: summary.Scalars(tag)[0].value for tag in summary.Tags()["scalars"]}
         assert metrics["hparam/val_acc"] == pytest.approx(table.loc[name, "val_acc"], rel=1e-6)
