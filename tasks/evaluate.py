@@ -63,7 +63,6 @@ COLUMNS = [
     "ort_latency_ms",
     "onnx",
     "param_ratio",
-    "acc_drop",
     *(f"{split}_{stat}" for split in PAIRED_SPLITS for stat in PAIRED_STATS),
     "worst_class",
     "worst_class_drop",
@@ -218,7 +217,6 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     table = pd.DataFrame(rows).reindex(columns=COLUMNS)
     base = table.iloc[0]
     table["param_ratio"] = (base["params"] / table["params"]).round(3)
-    table["acc_drop"] = (base["test_acc"] - table["test_acc"]).round(3)
     labels = {split: y.numpy() for split, (_, y) in splits.items()}
     compare_with_baseline(table, predictions, labels, params.promote, load_manifest(layout).classes)
     with atomic_path(layout.candidates_csv) as tmp:

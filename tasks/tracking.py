@@ -100,6 +100,9 @@ EXPERIMENT_KIND = "custom_model_development"
 class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
+        if artifact_root is None and uri.startswith("sqlite:///"):
+            # Beside the database, not MLflow's default ./mlruns under whatever directory we run in.
+            artifact_root = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
         location = artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
         check_writable_store(uri)
         try:  # creating the client already opens (and migrates) an sqlite store

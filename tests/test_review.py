@@ -257,20 +257,21 @@ def test_the_version_page_shows_the_verdict_and_the_champion_comparison(promoted
         pytest.skip("chromium is not installed and cannot be (apt-get install chromium needs root)")
     url = f"{server['url']}/#/models/{promoted['name']}/versions/2"
     dom = ""
-    for _ in range(2):  # a loaded machine may not finish the page within one virtual-time budget
+    # A loaded machine (the other test worker training) may not finish the page within one
+    # virtual-time budget: the UI's script bundle and the registry calls are real requests.
+    for budget in (15_000, 30_000, 60_000, 60_000):
+        dom = _dump_dom(chromium, url, budget)
         if "Verdict:" in dom:
             break
-        dom = _dump_dom(chromium, url)
     # The description rendered from Markdown: the verdict, and the table beside the champion.
-    assert "<strong>Verdict: <code>challenger</code></strong>: not better than champion v1" in dom, dom[
-        -3000:
-    ]
+    verdict = re.search(r"<strong>Verdict: <code>challenger</code></strong>: ([^<]*)", dom)
+    assert verdict and "not better than champion v1" in verdict[1], dom[-3000:]
     assert re.search(r"<th[^>]*>champion v1 \(<code>", dom), "the champion's column"
     assert re.search(r"<td[^>]*>this version minus the champion on today's test images", dom)
     assert "<strong>Worst classes on test</strong>" in dom and ">Pareto plot</a>" in dom
 
 
-def _dump_dom(chromium: str, url: str) -> str:
+def _dump_dom(chromium: str, url: str, budget_ms: int) -> str:
     """The page as a real headless Chromium renders it (MLflow's UI is a script-built page)."""
     with tempfile.TemporaryDirectory(prefix="shrinkflow-chromium-") as profile:
         return subprocess.run(
@@ -282,7 +283,7 @@ def _dump_dom(chromium: str, url: str) -> str:
                 "--disable-dev-shm-usage",
                 "--disable-background-networking",
                 f"--user-data-dir={profile}",
-                "--virtual-time-budget=15000",
+                f"--virtual-time-budget={budget_ms}",
                 "--dump-dom",
                 url,
             ],
