@@ -621,13 +621,14 @@ def candidates_table(rows: list[dict], winners: dict[str, str]) -> str:
     difference with the baseline and its one-sided 95% lower bound, and for an int8 model its
     float twin's latency (int8 is only worth it where it is faster)."""
     lines = [
-        "| candidate | steps | ratio | gate delta (pts) | 95% lower bound | eligible | test acc % "
+        "| candidate | composition | ratio | gate delta (pts) | 95% lower bound | eligible | test acc % "
         "| params | FLOPs | latency b1 (ms) | int8 vs float | widths kept (allocated) |",
         "|" + "---|" * 12,
     ]
     for r in rows:
         marks = [f"promoted by {o}" for o, name in winners.items() if name == r["name"]]
-        steps = r["steps"] if isinstance(r["steps"], str) and r["steps"] else "baseline"
+        composition = r.get("composition")
+        composition = composition if isinstance(composition, str) and composition else "baseline"
         name = r["name"] + (f" ({', '.join(marks)})" if marks else "")
         twin = r.get("float_latency_ms")
         int8 = (
@@ -636,7 +637,7 @@ def candidates_table(rows: list[dict], winners: dict[str, str]) -> str:
             else (f"{'faster' if r['latency_ms'] < twin else 'slower'} ({twin:.3f} ms float)")
         )
         lines.append(
-            f"| {name} | {steps} | {r['ratio']:.3f} | {r['gate_delta']:+.2f} "
+            f"| {name} | {composition} | {r['ratio']:.3f} | {r['gate_delta']:+.2f} "
             f"| {r['gate_lower']:+.2f} | {'yes' if r['eligible'] else 'no'} | {r['test_acc']:.2f} "
             f"| {int(r['params']):,} | {int(r['flops']):,} | {r['latency_ms']:.3f} | {int8} "
             f"| {widths_cell(r.get('widths'))} |"
