@@ -24,7 +24,7 @@ from shrinkflow.models.architecture import classifier_layers
 from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint, sha256_file
 from shrinkflow.models.registry import build_model
 from shrinkflow.tasks.config import Params, RegisteredOptions
-from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.records import Manifest
 from shrinkflow.tasks.registry import download_version, version_by_alias
@@ -99,7 +99,9 @@ def build_given(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
         except GivenError as exc:
             raise BaselineError(str(exc)) from None
         except Exception as exc:  # the user's own constructor
-            raise BaselineError(f"model: building {_described(model_cfg)} failed: {_first(exc)}") from None
+            raise BaselineError(
+                f"model: building {_described(model_cfg)} failed: {first_line(exc, 300)}"
+            ) from None
         origin = {"source": _described(model_cfg)}
         if model_cfg.weights:
             path = layout.root / model_cfg.weights
@@ -117,10 +119,6 @@ def _described(model_cfg: GivenOptions) -> str:
     return f"torchvision {model_cfg.name}"
 
 
-def _first(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 def _load_weights(net: nn.Module, path: Path, model_cfg: GivenOptions) -> None:
     """A plain state dict (``torch.save(model.state_dict())`` or safetensors) into ``net``; one
     line naming what does not fit."""
@@ -134,7 +132,7 @@ def _load_weights(net: nn.Module, path: Path, model_cfg: GivenOptions) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BaselineError(f"model.weights {path} cannot be loaded safely: {_first(exc)}") from None
+        raise BaselineError(f"model.weights {path} cannot be loaded safely: {first_line(exc, 300)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a common checkpoint convention
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -184,7 +182,7 @@ def check_given(model: nn.Module, x: torch.Tensor, y: torch.Tensor, classes: lis
             logits = model(x[:2])
         except Exception as exc:
             raise BaselineError(
-                f"the model fails on the prepared images (shape {list(x.shape[1:])}): {_first(exc)}"
+                f"the model fails on the prepared images (shape {list(x.shape[1:])}): {first_line(exc, 300)}"
             ) from None
         if logits.ndim != 2 or logits.shape[1] != len(classes):
             raise BaselineError(
@@ -229,7 +227,9 @@ def _registered(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
             else tracker.client.get_model_version(name, version_ref)
         )
     except Exception as exc:
-        raise BaselineError(f"model.uri {uri}: cannot read it from the registry: {_first(exc)}") from None
+        raise BaselineError(
+            f"model.uri {uri}: cannot read it from the registry: {first_line(exc, 300)}"
+        ) from None
     if version is None:
         raise BaselineError(f"model.uri {uri}: no such registered version")
     with tempfile.TemporaryDirectory(prefix="shrinkflow-given-") as tmp:
@@ -237,7 +237,7 @@ def _registered(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
             local = download_version(tracker, name, str(version.version), Path(tmp))
         except Exception as exc:
             raise BaselineError(
-                f"model.uri {uri}: cannot download v{version.version}: {_first(exc)}"
+                f"model.uri {uri}: cannot download v{version.version}: {first_line(exc, 300)}"
             ) from None
         files = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
         checkpoint, their_manifest = local / files["checkpoint"]["path"], local / files["manifest"]["path"]

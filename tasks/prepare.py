@@ -18,6 +18,7 @@ from sklearn.model_selection import train_test_split
 from shrinkflow.models import preprocess
 from shrinkflow.tasks.config import DataConfig, Params, RegisteredOptions, comes_trained
 from shrinkflow.tasks.datachecks import check_classes, check_splits, report_duplicates
+from shrinkflow.tasks.errors import first_line
 from shrinkflow.tasks.gate import certifiable
 from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import SPLITS, Layout
@@ -292,7 +293,7 @@ def load_raw_split(layout: Layout, split: str) -> tuple[torch.Tensor, torch.Tens
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename} does not exist; run `shrinkflow stage prepare` first") from None
     except Exception as exc:  # truncated, overwritten, not ours
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:150]
+        first = first_line(exc, 150)
         raise DataError(
             f"{path} is damaged ({first}); run `shrinkflow stage prepare` (or delete {path.parent}) "
             "to rebuild it"

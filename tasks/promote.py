@@ -19,6 +19,7 @@ from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
 from shrinkflow.tasks.decide import Champion, Kind, PromotionError, Verdict, decide
 from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.errors import first_line, named_first_line
 from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table
 from shrinkflow.tasks.gate import class_accuracies
@@ -89,7 +90,7 @@ def current_champion(
     try:
         version = version_by_alias(tracker, cfg.model_name, cfg.alias)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc)
         raise PromotionError(
             f"could not read {cfg.model_name}@{cfg.alias} from the registry ({first}); "
             "nothing registered, no alias moved"
@@ -109,18 +110,18 @@ def current_champion(
     try:
         predictions = test.predict(load_version(tracker, cfg.model_name, version.version, sha256=sha))
     except (FileNotFoundError, CheckpointError) as exc:
-        return replace(gone, error=f"no longer loads ({_first_line(exc)})")
+        return replace(gone, error=f"no longer loads ({named_first_line(exc)})")
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "No such file" not in str(exc):
             raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
-        return replace(gone, error=f"no longer loads ({_first_line(exc)})")
+        return replace(gone, error=f"no longer loads ({named_first_line(exc)})")
     except Exception as exc:
         raise PromotionError(_unreachable(cfg, version.version, exc)) from exc
     return replace(gone, predictions=predictions)
 
 
 def _unreachable(cfg: PromoteConfig, version: str, exc: BaseException) -> str:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = first_line(exc)
     return (
         f"could not load {cfg.model_name}@{cfg.alias} v{version} to compare with it "
         f"({type(exc).__name__}: {first}); nothing registered, no alias moved"
@@ -277,7 +278,7 @@ def settle(
             log.warning("interrupted before the decision was written: %s", undone)
             raise
         raise PromotionError(
-            f"could not write the decision ({_first_line(exc)}); {undone}; v{version} stays registered "
+            f"could not write the decision ({named_first_line(exc)}); {undone}; v{version} stays registered "
             "(tag registration=pending) and the next run completes it"
         ) from exc
     try:  # the alias moved and the decision is written: a failure here must not undo either
@@ -474,12 +475,7 @@ def undo_alias(tracker: Tracker, cfg: PromoteConfig, alias: str, version: str, p
             set_alias(tracker, name, alias, previous)
             return f"the move of @{alias} to v{version} was undone (@{alias} is v{previous} again)"
     except Exception as exc:
-        return f"@{alias} still points at v{version}: undoing the move failed too ({_first_line(exc)})"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return f"@{alias} still points at v{version}: undoing the move failed too ({named_first_line(exc)})"
 
 
 # The tags a reviewer filters on in the registry, and those code searches by (the integrity checks,
@@ -748,7 +744,7 @@ def validate(
         measured = test.accuracy(test.predict(load_version(tracker, name, version, sha256=sha256)))
     except Exception as exc:
         raise PromotionError(
-            f"registered {name} v{version} failed to load back; no alias moved: {_first_line(exc)}"
+            f"registered {name} v{version} failed to load back; no alias moved: {named_first_line(exc)}"
         ) from exc
     if measured != expected_acc:
         raise PromotionError(
@@ -764,7 +760,7 @@ def load_decision(layout: Layout) -> Verdict:
     try:
         raw = read_json(path)
     except (OSError, ValueError) as exc:
-        raise PromotionError(f"{path} cannot be read ({_first_line(exc)}); {fix}") from None
+        raise PromotionError(f"{path} cannot be read ({named_first_line(exc)}); {fix}") from None
     known = {f.name for f in fields(Verdict)}
     if not isinstance(raw, dict):
         raise PromotionError(f"{path} is not a decision (a JSON {type(raw).__name__}); {fix}")

@@ -21,7 +21,7 @@ import pandas as pd
 
 from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import PromoteConfig
-from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.lock import registry_lock
 from shrinkflow.tasks.promote import PREVIOUS_TAG, ServedTest, task_difference, task_identity
@@ -98,7 +98,7 @@ def revalidate(tracker: Tracker, name: str, version: str, cfg: PromoteConfig, te
     try:
         predictions = test.predict(load_version(tracker, name, str(version), sha256=sha))
     except (CheckpointError, OSError, mlflow.exceptions.MlflowException) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc, 300)
         raise ReviewError(f"{label} does not load from the registry ({first}); nothing moved") from None
     measured = round(test.accuracy(predictions), 4)
     try:
@@ -273,7 +273,7 @@ def side_by_side(
             sha = records[label].get("checkpoint_sha256")
             predicted[label] = test.predict(load_version(tracker, name, v, sha256=sha))
         except Exception as exc:  # a review shows what it can; approve refuses such a version
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc)
             problems.append(f"{label} v{v} does not load: {first}")
     keys = ["candidate", "composition", "params", "size_bytes", "flops", "latency_ms", "gate_acc", "test_acc"]
     frame = pd.DataFrame(

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shrinkflow.models.preprocess import fit_size, to_channels
 from shrinkflow.tasks.config import DataConfig
-from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.errors import ShrinkflowError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def torchvision_loader(class_name: str) -> Loader:
             test = cls(str(root), train=False, download=cfg.download)
         except (RuntimeError, OSError) as exc:
             hint = "" if cfg.download else " (set data.download: true to fetch them)"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc, None)
             raise DataError(
                 f"data.source {cfg.source}: {first}; expected {_expected_files(cls, root)}{hint}"
             ) from None

@@ -19,6 +19,7 @@ import torch
 from shrinkflow.tasks import progress, tensorboard
 from shrinkflow.tasks.config import Params, load_params
 from shrinkflow.tasks.decide import PromotionError, Verdict
+from shrinkflow.tasks.errors import named_first_line
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
@@ -318,7 +319,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
             ctx.tracker.end_run(run, "FAILED")
         raise TrackingUnavailable(
             f"the decision is made and written ({decision.verdict}, {_registered(decision)}), but "
-            f"logging it to MLflow at {ctx.tracker.uri} failed: {_one_line(exc)}"
+            f"logging it to MLflow at {ctx.tracker.uri} failed: {named_first_line(exc)}"
         ) from exc
     ctx.tracker.end_run(run)
     return decision
@@ -335,8 +336,3 @@ def _registered(decision: Verdict) -> str:
 def _os_error(exc: OSError) -> str:
     where = f" ({exc.filename})" if exc.filename else ""
     return f"{exc.strerror or exc}{where}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

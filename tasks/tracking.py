@@ -27,7 +27,7 @@ import psutil
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.records import Manifest, ModelRecord
 
@@ -139,7 +139,7 @@ class Tracker:
         try:
             self.client.get_experiment(self.experiment_id)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            first = first_line(exc)
             raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unreachable: {first}") from None
 
     def identity(self) -> str:
@@ -299,7 +299,7 @@ def _unusable(uri: str, exc: Exception) -> str:
     """One line for a tracking store that failed: a server is unreachable, a file store unusable."""
     while exc.__cause__ is not None:  # MLflow wraps the database's own, clearer, error
         exc = exc.__cause__
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = first_line(exc)
     how = "is unreachable" if uri.startswith(("http:", "https:")) else "cannot be used"
     return f"MLflow tracking at {uri} {how}: {first}"
 

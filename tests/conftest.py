@@ -3,6 +3,7 @@ point at a per-session temporary directory before either is imported."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -11,8 +12,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -115,6 +118,47 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@contextlib.contextmanager
+def mlflow_server_at(root: Path, workers: int = 1) -> Iterator[str]:
+    """A real ``mlflow server`` on a free port of 127.0.0.1, with its own sqlite store in ``root``
+    and artefacts proxied into ``root/art``; yields its URL and stops it afterwards."""
+    port = free_port()
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    cmd += [
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(root / "art"),
+    ]
+    with (root / "server.log").open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def gate_refuses_all(layout: Layout) -> None:
+    """Every candidate fails the gate (its gate predictions are all wrong), so a promotion from
+    ``layout`` has the (big) baseline as its winner."""
+    predictions = pd.read_csv(layout.predictions_csv)
+    gate = predictions["split"] == "gate"
+    for name in predictions.columns.drop(["split", "index", "label", "baseline"]):
+        predictions.loc[gate, name] = (predictions.loc[gate, "label"] + 1) % 10
+    predictions.to_csv(layout.predictions_csv, index=False)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

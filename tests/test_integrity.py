@@ -18,14 +18,13 @@ from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from shrinkflow.tasks.promote import PromotionError
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, REPO, copy_project, free_port, run_cli, stop, wait_http
+from tests.conftest import REPO, copy_project, gate_refuses_all, mlflow_server_at, run_cli
 
 RACER = REPO / "tests" / "promote_racer.py"
 SMALL_WINS = ("promote.tolerance=50", "promote.champion_tolerance=100")  # a small candidate wins
@@ -43,16 +42,6 @@ def _promote(evaluated, root, name, *overrides, force=False, tamper=None):
     return run_promote(
         Context(params, layout, Tracker(tracking_uri(root), params.tracking.experiment)), force=force
     )
-
-
-def _baseline_wins(layout):
-    """Every candidate fails the gate (its gate predictions are all wrong), so this run's winner
-    is the (big) baseline."""
-    predictions = pd.read_csv(layout.predictions_csv)
-    gate = predictions["split"] == "gate"
-    for name in predictions.columns.drop(["split", "index", "label", "baseline"]):
-        predictions.loc[gate, name] = (predictions.loc[gate, "label"] + 1) % 10
-    predictions.to_csv(layout.predictions_csv, index=False)
 
 
 def _aliases(name, client=None):
@@ -122,22 +111,8 @@ def test_served_pixels_beyond_the_data_scale_are_refused(evaluated, tmp_path, mo
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("race-server")
-    port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    cmd += [
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "art"),
-    ]
-    with (root / "server.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+    with mlflow_server_at(tmp_path_factory.mktemp("race-server"), workers=2) as url:
+        yield url
 
 
 def _racer(root: Path, env: dict, *args: str) -> subprocess.Popen:
@@ -180,7 +155,7 @@ def test_two_processes_promoting_into_one_server_never_skip_a_comparison(
     small, big = tmp_path / "small", tmp_path / "big"
     copy_project(evaluated, small, f"promote.model_name={name}", *SMALL_WINS)
     _, layout = copy_project(evaluated, big, f"promote.model_name={name}")
-    _baseline_wins(layout)
+    gate_refuses_all(layout)
     late, early = (small, big) if paused == "small" else (big, small)
     (early / "go").touch()
     waiting = _racer(late, env)
@@ -261,7 +236,7 @@ def test_an_interrupted_promotion_ends_killed_and_leaves_no_stale_decision(
 
 
 def test_a_decision_that_cannot_be_written_undoes_the_alias_move(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name, tamper=_baseline_wins)  # v1: the baseline
+    _promote(evaluated, tmp_path / "1", model_name, tamper=gate_refuses_all)  # v1: the baseline
 
     def unwritable_report(layout):  # report.md cannot be replaced: a real OSError from the OS
         (layout.report_md / "x").mkdir(parents=True)

@@ -18,7 +18,7 @@ from shrinkflow.tasks.promote import PromotionError
 from shrinkflow.tasks.registry import version_record
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, copy_project, free_port, stop, wait_http
+from tests.conftest import BIN, copy_project, free_port, gate_refuses_all, stop, wait_http
 
 
 def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
@@ -27,15 +27,6 @@ def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
         tamper(layout)
     ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment))
     return run_promote(ctx, force=force)
-
-
-def _gate_refuses_all(layout):
-    """Every candidate fails the gate: its gate predictions are all wrong."""
-    predictions = pd.read_csv(layout.predictions_csv)
-    gate = predictions["split"] == "gate"
-    for name in predictions.columns.drop(["split", "index", "label", "baseline"]):
-        predictions.loc[gate, name] = (predictions.loc[gate, "label"] + 1) % 10
-    predictions.to_csv(layout.predictions_csv, index=False)
 
 
 def _aliases(name):
@@ -98,12 +89,12 @@ def test_rules_worse_becomes_challenger_better_becomes_champion(evaluated, tmp_p
     assert first.winner != "baseline" and _aliases(model_name) == {"champion": 1}
     # With every candidate failing the gate the (bigger) baseline is this run's winner: bigger and
     # not at comparable size, so it must not displace the champion.
-    second = _promote(evaluated, tmp_path / "2", model_name, tamper=_gate_refuses_all)
+    second = _promote(evaluated, tmp_path / "2", model_name, tamper=gate_refuses_all)
     assert second.winner == "baseline" and second.verdict == "challenger"
     assert _aliases(model_name) == {"champion": 1, "challenger": 2}
     assert "not better than champion v1" in MlflowClient().get_model_version(model_name, "2").description
     # A forced promotion overrides the rules and says so.
-    third = _promote(evaluated, tmp_path / "3", model_name, tamper=_gate_refuses_all, force=True)
+    third = _promote(evaluated, tmp_path / "3", model_name, tamper=gate_refuses_all, force=True)
     assert third.forced and third.verdict == "champion"
     assert _aliases(model_name) == {"champion": 3, "challenger": 2}
     assert MlflowClient().get_model_version(model_name, "3").tags["forced"] == "true"
@@ -125,7 +116,7 @@ def test_identical_winner_registers_nothing_new(evaluated, tmp_path, model_name)
 
 
 def test_version_that_fails_validation_moves_no_alias(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name, tamper=_gate_refuses_all)  # baseline is champion
+    _promote(evaluated, tmp_path / "1", model_name, tamper=gate_refuses_all)  # baseline is champion
 
     def misreport(layout):  # the table claims an accuracy the registered model does not have
         table = load_table(layout.candidates_csv)

@@ -15,7 +15,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -26,7 +25,7 @@ from shrinkflow.tasks.promote import ServedTest
 from shrinkflow.tasks.review import ReviewError, revalidate, rollback_target
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, this_process
-from tests.conftest import BIN, copy_project, free_port, run_cli, stop, wait_http
+from tests.conftest import BIN, copy_project, gate_refuses_all, mlflow_server_at, run_cli
 
 SMALL_WINS = ("promote.tolerance=50", "promote.champion_tolerance=100")  # a small candidate wins
 
@@ -35,30 +34,8 @@ SMALL_WINS = ("promote.tolerance=50", "promote.champion_tolerance=100")  # a sma
 def server(tmp_path_factory):
     """A real `mlflow server` (its own sqlite store, artefacts proxied under ``art/``)."""
     root = tmp_path_factory.mktemp("review-server")
-    port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    cmd += [
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "art"),
-    ]
-    with (root / "server.log").open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield {"url": f"http://127.0.0.1:{port}", "art": root / "art"}
-    finally:
-        stop(proc)
-
-
-def _baseline_wins(layout):
-    """Every candidate fails the gate, so the run's winner is the (big) baseline."""
-    predictions = pd.read_csv(layout.predictions_csv)
-    gate = predictions["split"] == "gate"
-    for name in predictions.columns.drop(["split", "index", "label", "baseline"]):
-        predictions.loc[gate, name] = (predictions.loc[gate, "label"] + 1) % 10
-    predictions.to_csv(layout.predictions_csv, index=False)
+    with mlflow_server_at(root) as url:
+        yield {"url": url, "art": root / "art"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +44,7 @@ def promoted(evaluated, tmp_path_factory, server):
     (@challenger: bigger, not more accurate). Returns the model name and the small project."""
     name, root = f"review-{uuid.uuid4().hex[:6]}", tmp_path_factory.mktemp("review")
     decisions = []
-    for sub, overrides, tamper in (("small", SMALL_WINS, None), ("big", (), _baseline_wins)):
+    for sub, overrides, tamper in (("small", SMALL_WINS, None), ("big", (), gate_refuses_all)):
         params, layout = copy_project(evaluated, root / sub, f"promote.model_name={name}", *overrides)
         if tamper:
             tamper(layout)
@@ -240,21 +217,11 @@ def test_two_approvals_at_once_are_serialised(registry):
     assert not client.search_registered_models(f"name='{name}.alias-lock'"), "the lock is released"
 
 
-def _chromium() -> str | None:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"], capture_output=True
-        )
-        found = shutil.which("chromium")
-    return found
-
-
 def test_the_version_page_shows_the_verdict_and_the_champion_comparison(promoted, server):
     """The challenger's page in `mlflow server`'s own UI, rendered by a real headless Chromium."""
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("chromium is not installed and cannot be (apt-get install chromium needs root)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:  # .ci/run installs it (as root); a developer's machine may not have it
+        pytest.skip("no chromium on PATH to render the MLflow UI: apt-get install chromium (Debian's)")
     url = f"{server['url']}/#/models/{promoted['name']}/versions/2"
     dom = ""
     # A loaded machine (the other test worker training) may not finish the page within one

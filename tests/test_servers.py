@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, free_port, stop, wait_http, write_params
+from tests.conftest import BIN, free_port, mlflow_server_at, stop, wait_http, write_params
 
 pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
@@ -23,29 +23,8 @@ def _log(path: Path):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(root / "art"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=_log(root / "server.log"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc)
+    with mlflow_server_at(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(scope="module")
