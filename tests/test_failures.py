@@ -150,7 +150,7 @@ def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
-    write_params(tmp_path, "train.epochs=300")  # long enough
+    write_params(tmp_path, "train.epochs=100000")  # only the kill ends it
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
     run = subprocess.Popen(
         [str(BIN / "shrinkflow"), "run"],
@@ -186,7 +186,8 @@ def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_a_training_stage_ends_its_mlflow_run_killed(trained, tmp_path, sig):
     experiment = f"signalled-{sig.name}-{os.getpid()}"
-    copy_project(trained, tmp_path, "train.epochs=500", f"tracking.experiment={experiment}")
+    # Never done on its own, however slow the test is to see the run: only the signal ends it.
+    copy_project(trained, tmp_path, "train.epochs=100000", f"tracking.experiment={experiment}")
     # As a terminal's Ctrl-C would: Python's own SIGINT handler even if this test runs in the background.
     restore = "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
     main = "from shrinkflow.flows.cli import main; sys.argv = ['shrinkflow', 'stage', 'baseline']; main()"
