@@ -25,6 +25,7 @@ from shrinkflow.models.strategies import STRATEGIES
 from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import EvaluateConfig, Params, PromoteConfig
 from shrinkflow.tasks.engine import Split, accuracy, predict
+from shrinkflow.tasks.errors import ShrinkflowError, named_first_line
 from shrinkflow.tasks.export import check_onnx
 from shrinkflow.tasks.gate import versus_baseline, worst_class
 from shrinkflow.tasks.given import trust_user_code
@@ -194,9 +195,64 @@ def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig, keep: Path 
     return {"onnx": check.status, "ort_latency_ms": check.ort_latency_ms}
 
 
+class TableError(ShrinkflowError, ValueError):
+    """``candidates.csv`` is not a whole table as :func:`write_table` wrote it."""
+
+
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV injection
+# list); such text, and text already starting with the quote, is written with one more quote in
+# front, which spreadsheets show as text and :func:`load_table` takes off again.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def write_table(path: Path, table: pd.DataFrame) -> None:
+    """Write ``candidates.csv`` atomically; class names and errors stay text in a spreadsheet."""
+    text = table.select_dtypes(include=["object", "str"]).columns
+    safe = table.assign(**{col: table[col].map(_quoted) for col in text})
+    with atomic_path(path) as tmp:
+        safe.to_csv(tmp, index=False, float_format="%.4f")
+
+
+def _quoted(value: object) -> object:
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def load_table(path: str | Path) -> pd.DataFrame:
-    """Read ``candidates.csv`` back; only empty cells are missing (a candidate may be named "nan")."""
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    """Read ``candidates.csv`` back as :func:`write_table` wrote it; only empty cells are missing
+    (a candidate may be named "nan"). A truncated or damaged file is refused in one line."""
+    path = Path(path)
+    fix = "run `shrinkflow stage evaluate` to write it again"
+    try:
+        raw = path.read_bytes()
+        table = pd.read_csv(io.BytesIO(raw), keep_default_na=False, na_values=[""])
+    except (OSError, ValueError) as exc:
+        raise TableError(f"{path} cannot be read ({named_first_line(exc)}); {fix}") from None
+    if problem := _damage(table, raw):
+        raise TableError(f"{path} is truncated or damaged ({problem}); {fix}")
+    for col in table.select_dtypes(include=["object", "str"]).columns:
+        table[col] = table[col].map(_unquoted)
+    return table
+
+
+def _damage(table: pd.DataFrame, raw: bytes) -> str:
+    """What shows that ``table`` is not whole (pandas reads a cut file without complaint)."""
+    if missing := [col for col in ("name", "status", *SUMMARY) if col not in table.columns]:
+        return f"no column {', '.join(missing)}"
+    if table.empty or table["name"].iloc[0] != "baseline":
+        return "no baseline row"
+    if not raw.endswith(b"\n"):
+        return "its last line is cut short"
+    if table.loc[table["status"] == "ok", list(SUMMARY)].isna().any(axis=None):
+        return "a measured model lacks its figures"
+    return ""
+
+
+def _unquoted(value: object) -> object:
+    return (
+        value[1:]
+        if isinstance(value, str) and value[:1] == "'" and value[1:].startswith(_FORMULA_START)
+        else value
+    )
 
 
 def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
@@ -219,8 +275,7 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     table["param_ratio"] = (base["params"] / table["params"]).round(3)
     labels = {split: y.numpy() for split, (_, y) in splits.items()}
     compare_with_baseline(table, predictions, labels, params.promote, load_manifest(layout).classes)
-    with atomic_path(layout.candidates_csv) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.4f")
+    write_table(layout.candidates_csv, table)
     write_predictions(layout.predictions_csv, predictions, labels)
     write_json(layout.metrics_json, metrics_summary(table, load_manifest(layout).fingerprint))
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import re
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from shrinkflow.flows.cli import app
 from shrinkflow.tasks.decide import decide
 from shrinkflow.tasks.escape import markdown_text
-from shrinkflow.tasks.evaluate import load_predictions, load_table
+from shrinkflow.tasks.evaluate import load_predictions, load_table, write_table
 from shrinkflow.tasks.report import (
     TERMINAL_WIDTH,
     decision_lines,
@@ -166,3 +167,29 @@ def test_untrusted_names_stay_text_in_the_markdown_report(evaluated, tmp_path):
     assert f"`{decision.winner.removesuffix(hostile)}\\|' <img" in text
     # The terminal keeps names as they are.
     assert decision.winner.splitlines()[0] in format_table(table, decision.winner, text=str)
+
+
+def test_a_class_name_is_never_a_spreadsheet_formula(evaluated, tmp_path):
+    _, layout = copy_project(evaluated, tmp_path)
+    table = load_table(layout.candidates_csv)
+    names = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(A1)", "'=quoted", "cat"]
+    table["worst_class"] = (names * len(table))[: len(table)]
+    write_table(layout.candidates_csv, table)
+    cells = [row[table.columns.get_loc("worst_class")] for row in csv.reader(layout.candidates_csv.open())]
+    assert not [cell for cell in cells[1:] if cell.startswith(("=", "+", "-", "@"))], cells
+    assert load_table(layout.candidates_csv)["worst_class"].tolist() == table["worst_class"].tolist()
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [lambda text: text.splitlines()[0] + "\n", lambda text: text[: len(text) - 7], lambda text: ""],
+    ids=["header only", "last line cut", "empty"],
+)
+def test_a_truncated_table_is_refused_in_one_line(evaluated, tmp_path, cut):
+    copy_project(evaluated, tmp_path)
+    path = tmp_path / "reports" / "candidates.csv"
+    path.write_text(cut(path.read_text()))
+    result = CliRunner().invoke(app, ["report", "-p", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "candidates.csv" in result.stderr and "shrinkflow stage evaluate" in result.stderr
