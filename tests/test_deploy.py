@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -167,6 +168,9 @@ def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
             )
             with urllib.request.urlopen(request, timeout=60) as response:
                 predictions = json.loads(response.read())["predictions"]
+            refused = _post_error(
+                port, np.minimum(x[:2].astype(np.int64) + 255, 255)
+            )  # 0-255 to a 0-16 model
         finally:
             proc.terminate()
             try:
@@ -177,6 +181,23 @@ def test_mlflow_models_serve_answers_raw_images_over_rest(registered, tmp_path):
     assert set(predictions[0]) == {"label", *probability_columns(load_manifest(layout).classes)}
     served = _label_accuracy([p["label"] for p in predictions], layout, y)
     assert served >= _test_acc(layout, MODEL), (served, (tmp_path / "serve.log").read_text()[-3000:])
+    scale = load_manifest(layout).scale
+    status, message = refused
+    assert status == 400 and f"pixel values must lie in [0, {scale:g}]" in message, (status, message)
+    assert "Traceback" not in message and "site-packages" not in message, message
+
+
+def _post_error(port: int, images: np.ndarray) -> tuple[int, str]:
+    """The HTTP status and body of a request the server refuses (N x C x H x W sent as N x H x W x C)."""
+    body = json.dumps({"inputs": images.transpose(0, 2, 3, 1).tolist()}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
 
 
 def _fluent(uri: str):
