@@ -100,8 +100,9 @@ _details.setLevel(logging.INFO)  # its records reach only the log file (see _con
 _FILE_ONLY = ("prefect.flow_runs", "prefect.task_runs", "mlflow.store")
 # Libraries talking about themselves: torch's warnings about its own internals (the `_pytree`
 # Enum deprecation a piped run printed), Python warnings raised inside libraries (captured into
-# `py.warnings` for the session), onnxscript's and onnx_ir's export steps, alembic's migrations.
-_CHATTER = ("torch", "py.warnings", "onnxscript", "onnx_ir", "alembic")
+# `py.warnings` for the session), onnxscript's and onnx_ir's export steps, alembic's migrations,
+# urllib3's retries of a tracking server that stopped answering (the error line says so).
+_CHATTER = ("torch", "py.warnings", "onnxscript", "onnx_ir", "alembic", "urllib3")
 # Loggers with console handlers of their own: the root (basicConfig's under `stage`; under `run`
 # Prefect leaves the root to the log file once it has a handler), and MLflow's and torch's, which
 # do not propagate.
@@ -506,6 +507,9 @@ QUIET_DEFAULTS = {
     # Prefect's 20 s for its temporary server is too short on a loaded machine (see `run`).
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Against a tracking server MLflow prints two "View run/experiment" lines per ended run to
+    # stdout (dozens in a pipeline run); the verdict links the parent run instead.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     # The stages' own log lines go to Prefect's run logs (PREFECT_LOGGING_EXTRA_LOGGERS); one
     # logged outside a run (before the flow starts) stays in the log file without a warning.
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",

@@ -130,11 +130,19 @@ def ends_failed(ctx: Context, run: str) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
-        with contextlib.suppress(Exception):  # the tracking store may be what failed
-            ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
-            ctx.tracker.end_run(run, status)
+        _close(ctx, run, exc)
         raise
+
+
+def _close(ctx: Context, run: str, exc: BaseException, tags: dict[str, str] | None = None) -> None:
+    """End ``run`` FAILED (KILLED when interrupted) with the error as a tag; not when the tracking
+    store is what failed (each call would only wait out MLflow's retries)."""
+    if isinstance(exc, TrackingUnavailable):
+        return
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+    with contextlib.suppress(Exception):  # the store may have failed in a way we did not see
+        ctx.tracker.log(run, tags={**(tags or {}), "shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        ctx.tracker.end_run(run, status)
 
 
 def run_prepare(ctx: Context) -> Manifest:
@@ -203,12 +211,7 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
         with progress.showing(name):
             record = train(run)
     except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
-        with contextlib.suppress(Exception):  # the tracking store may be what failed
-            ctx.tracker.log(
-                run, tags={"shrinkflow.status": "failed", "shrinkflow.error": f"{type(exc).__name__}: {exc}"}
-            )
-            ctx.tracker.end_run(run, status)
+        _close(ctx, run, exc, {"shrinkflow.status": "failed"})
         raise
     ctx.tracker.log_record(run, record)
     ctx.tracker.log_artifact(run, ctx.layout.checkpoint(name))
@@ -285,10 +288,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a read-only project cannot even delete them
             discard_decision(ctx.layout)
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
-        with contextlib.suppress(Exception):  # the tracking store may be what failed
-            ctx.tracker.log(run, tags={"shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
-            ctx.tracker.end_run(run, status)
+        _close(ctx, run, exc)
         if isinstance(exc, OSError):
             raise PromotionError(
                 f"promotion stopped: {_os_error(exc)}; no alias moved and no decision written "

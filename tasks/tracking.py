@@ -9,8 +9,10 @@ processes never cross wires.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -27,7 +29,7 @@ import psutil
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 
-from shrinkflow.tasks.errors import ShrinkflowError, first_line
+from shrinkflow.tasks.errors import ShrinkflowError, first_line, named_first_line
 from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.records import Manifest, ModelRecord
 
@@ -36,6 +38,42 @@ log = logging.getLogger(__name__)
 
 class TrackingUnavailable(ShrinkflowError, RuntimeError):
     """The MLflow tracking server cannot be reached (after MLflow's own retries)."""
+
+
+def _answering(method):
+    """A write the tracking store stops answering mid-run (the server died, the network went, the
+    database's disk filled) fails as one line naming the store and the call, not as MLflow's
+    traceback; errors of ours (a value MLflow refuses) keep theirs."""
+
+    @functools.wraps(method)
+    def call(self: Tracker, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except TrackingUnavailable:
+            raise
+        except Exception as exc:
+            if (lost := _lost(exc)) is None:
+                raise
+            raise TrackingUnavailable(
+                f"MLflow tracking at {self.uri} stopped answering ({lost}); files already written stay, "
+                "re-run once it answers"
+            ) from exc
+
+    return call
+
+
+def _lost(exc: BaseException) -> str | None:
+    """What a failure says about the store being gone (``None``: not that kind of failure)."""
+    text = str(exc)
+    if isinstance(exc, mlflow.exceptions.MlflowException) and text.startswith("API request to "):
+        call = re.search(r"/api/[\d.]+/mlflow/(\S+?) failed", text)
+        why = re.search(r"\[Errno \d+\] [^\"')]+|[Rr]ead timed out|\d{3} Server Error[^\n]*", text)
+        return f"{call.group(1) if call else 'a request'}: {why.group(0) if why else first_line(exc, 120)}"
+    while exc.__cause__ is not None:  # MLflow wraps the database's own error
+        exc = exc.__cause__
+    if isinstance(exc, sqlite3.OperationalError | OSError):
+        return named_first_line(exc, 150)
+    return None
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -170,9 +208,11 @@ class Tracker:
         except Exception as exc:  # the first write a stage makes: a read-only store fails here
             raise TrackingUnavailable(_unusable(self.uri, exc)) from exc
 
+    @_answering
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    @_answering
     def close_orphaned_runs(self) -> list[str]:
         """Mark ``KILLED`` the runs still ``RUNNING`` whose process, on this machine, is gone (a
         killed run cannot end its own runs); returns their ids. Runs of live processes and of
@@ -190,6 +230,7 @@ class Tracker:
                 closed.append(run.info.run_id)
         return closed
 
+    @_answering
     def log(
         self,
         run_id: str,
@@ -204,9 +245,11 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
+    @_answering
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    @_answering
     def log_record(self, run_id: str, record: ModelRecord) -> None:
         """A trained model's options, per-epoch curves and summary."""
         params = {"strategy": record.strategy, **record.options, "epochs": record.epochs}
@@ -244,6 +287,7 @@ class Tracker:
         if record.error:
             self.log(run_id, tags={"shrinkflow.error": record.error[:5000]})
 
+    @_answering
     def log_candidates(self, run_id: str, table: pd.DataFrame, runs: dict[str, str]) -> None:
         """The candidates table as an MLflow table and as Markdown linking each model's run."""
         # MLflow scans object columns for images; pandas 3 strings go as object, as it expects.
@@ -261,6 +305,7 @@ class Tracker:
         ]
         self.client.log_text(run_id, links.to_markdown(index=False), "candidates.md")
 
+    @_answering
     def log_dataset(self, run_id: str, manifest: Manifest, train_x: np.ndarray, source: Path) -> None:
         """Record the prepared data as the run's dataset input, named by its fingerprint."""
         with warnings.catch_warnings():  # MLflow registers two identical resolvers for local paths

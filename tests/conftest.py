@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -112,18 +113,33 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+def stop(proc: subprocess.Popen, grace: float = 5) -> None:
+    """Stop a server and every process it started: SIGTERM, then after ``grace`` seconds SIGKILL
+    for what is left (``mlflow server`` alone can take 20 s to pass SIGTERM on to uvicorn)."""
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    for each in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            each.kill()
+    proc.wait()
 
 
 @contextlib.contextmanager
 def mlflow_server_at(root: Path, workers: int = 1) -> Iterator[str]:
     """A real ``mlflow server`` on a free port of 127.0.0.1, with its own sqlite store in ``root``
     and artefacts proxied into ``root/art``; yields its URL and stops it afterwards."""
+    with mlflow_server_process(root, workers) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def mlflow_server_process(root: Path, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`mlflow_server_at`, with the server's process for a test that stops it early."""
     port = free_port()
     cmd = [
         str(BIN / "mlflow"),
@@ -146,7 +162,7 @@ def mlflow_server_at(root: Path, workers: int = 1) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", proc)
-        yield url
+        yield url, proc
     finally:
         stop(proc)
 

@@ -21,7 +21,7 @@ from shrinkflow.tasks.evaluate import load_table
 from shrinkflow.tasks.promote import PromotionError
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, copy_project, run_cli, small_raw, write_params
+from tests.conftest import BIN, copy_project, mlflow_server_process, run_cli, small_raw, stop, write_params
 
 
 def _one_class_project(root: Path, *overrides: str) -> Path:
@@ -216,3 +216,35 @@ def test_a_project_that_cannot_be_written_is_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
     assert done.stderr.startswith(f"error: project {tmp_path} cannot be written: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".shrinkflow", "params.yaml"]
+
+
+def test_a_tracking_server_that_dies_mid_stage_is_one_line(trained, tmp_path):
+    copy_project(trained, tmp_path / "project", "train.epochs=30", "tracking.experiment=dies")
+    (tmp_path / "server").mkdir()
+    with mlflow_server_process(tmp_path / "server") as (url, server):
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "CI": "1"}
+        stage = subprocess.Popen(
+            [str(BIN / "shrinkflow"), "stage", "baseline"],
+            cwd=tmp_path / "project",
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            client = MlflowClient(url)
+            while not (found := client.get_experiment_by_name("dies")) or not client.search_runs(
+                [found.experiment_id]
+            ):
+                assert stage.poll() is None, stage.communicate()[1][-3000:]
+                time.sleep(0.2)
+            stop(server, grace=0)  # dies while the baseline trains; its results are logged at the end
+            out, err = stage.communicate(timeout=300)
+        finally:
+            if stage.poll() is None:
+                stage.kill()
+    assert stage.returncode == 1, err[-3000:]
+    assert _error_lines(err) == [err.strip().splitlines()[-1]], err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"error: MLflow tracking at {url} stopped answering (")
+    assert "Connection refused" in err and out == "", out
+    assert (tmp_path / "project/artifacts/baseline/model.pt").exists(), "the trained model stays"
