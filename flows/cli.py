@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -50,7 +51,6 @@ def project_root(params: Path, root: Path | None) -> Path:
 def _terminated_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler stopping the job, `kill`) unwinds like Ctrl-C, so every stage ends
     its MLflow run KILLED and leaves no half-made decision; only in the main thread."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -91,6 +91,14 @@ def _user_errors() -> Iterator[None]:
     except (ShrinkflowError, CheckpointError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see _terminated_as_interrupt)
+        term = "SIGTERM" in str(exc)
+        typer.echo(
+            f"error: interrupted by {'SIGTERM' if term else 'Ctrl-C'}; the MLflow runs of unfinished "
+            "stages are marked KILLED and no decision was left half-made",
+            err=True,
+        )
+        raise typer.Exit(128 + (signal.SIGTERM if term else signal.SIGINT)) from None
 
 
 _details = logging.getLogger("shrinkflow.cli")
@@ -267,7 +275,8 @@ def run(
             flow = configured(params, tuple(set_ or ()))
             start_temporary_prefect_server()
             try:
-                flow(str(params), list(set_ or ()), str(root), force)
+                with _terminated_as_interrupt():
+                    flow(str(params), list(set_ or ()), str(root), force)
             finally:
                 progress.stop()
     report(params=params, root=root)

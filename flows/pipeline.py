@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkflow.tasks import cache, stages
+from shrinkflow.tasks import cache, stages, stop
 from shrinkflow.tasks.config import Params, ShrinkConfig, load_params
 from shrinkflow.tasks.decide import Verdict
 from shrinkflow.tasks.report import links_section
@@ -52,17 +52,14 @@ def pipeline(
     tolerance (``force``: make it champion even if the registry rules say challenger).
     Returns the promotion decision as a dict."""
     logger = get_run_logger()
+    stop.clear()
     ctx = stages.Context.load(params_file, tuple(overrides or ()), root)
     tag_flow_run(run_tags(ctx.params))
     with stages.pipeline_run(ctx, flow_run_id=str(flow_run.id)) as ctx:
         link_to_flow_run(ctx, [ctx.parent_run])
         prepare(ctx)
         base = reuse_or_train_baseline(ctx)
-        together, alone = stages.fan_out(ctx.params)
-        futures = {name: shrink.submit(ctx, name) for name in together}
-        shrunk = {name: settle(ctx, name, future) for name, future in futures.items()}
-        for name in alone:  # steps that patch torch process-wide run with the process to themselves
-            shrunk[name] = settle(ctx, name, shrink.submit(ctx, name))
+        shrunk = shrink_all(ctx)
         for name, failure in shrunk.items():
             if isinstance(failure, BaseException):
                 logger.warning("candidate %s failed: %s", name, failure)
@@ -124,12 +121,38 @@ def reuse_or_train_baseline(ctx: stages.Context) -> stages.Tracked:
     return baseline.with_options(refresh_cache=True)(ctx)
 
 
+def shrink_all(ctx: stages.Context) -> dict[str, stages.Tracked | BaseException]:
+    """Every candidate's result (or failure): those that may train together concurrently, then
+    the rest one at a time. Interrupted (Ctrl-C, SIGTERM), the candidates still training stop at
+    their next batch and end their MLflow runs KILLED."""
+    together, alone = stages.fan_out(ctx.params)
+    try:
+        futures = {name: shrink.submit(ctx, name) for name in together}
+        shrunk = {name: settle(ctx, name, future) for name, future in futures.items()}
+        for name in alone:  # steps that patch torch process-wide run with the process to themselves
+            shrunk[name] = settle(ctx, name, shrink.submit(ctx, name))
+    except BaseException as exc:
+        if not isinstance(exc, Exception):
+            stop.request(f"the run was interrupted ({type(exc).__name__})")
+        raise
+    return shrunk
+
+
 def settle(ctx: stages.Context, name: str, future) -> stages.Tracked | BaseException:
     """A candidate's result (or its failure); a cached one whose checkpoint changed is redone."""
-    result = future.result(raise_on_failure=False)
+    result = _waited(future).result(raise_on_failure=False)
     if isinstance(result, BaseException) or _reusable(ctx, name, future.state):
         return result
-    return shrink.with_options(refresh_cache=True).submit(ctx, name).result(raise_on_failure=False)
+    redo = shrink.with_options(refresh_cache=True).submit(ctx, name)
+    return _waited(redo).result(raise_on_failure=False)
+
+
+def _waited(future):
+    """``future`` once done, waited for in half-second steps: a signal is handled by the main
+    thread, which a single blocking wait would keep asleep until the candidate's last epoch."""
+    while not future.wrapped_future.done():
+        future.wait(timeout=0.5)
+    return future
 
 
 def _reusable(ctx: stages.Context, name: str, state) -> bool:

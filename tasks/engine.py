@@ -18,7 +18,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from shrinkflow.tasks import progress
+from shrinkflow.tasks import progress, stop
 from shrinkflow.tasks.config import TrainConfig
 from shrinkflow.tasks.errors import ShrinkflowError
 
@@ -218,6 +218,7 @@ def train_one_epoch(
     order = torch.randperm(len(y), generator=generator)
     total = 0.0
     for start in range(0, len(y), batch_size):
+        stop.check()  # an interrupted run stops here, in every thread
         idx = order[start : start + batch_size]
         # Batches are read, normalised and moved to the model's device one at a time.
         inputs = augment_batch(x[idx], augment, generator).to(device)

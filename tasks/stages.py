@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from shrinkflow.tasks import progress, tensorboard
+from shrinkflow.tasks import progress, stop, tensorboard
 from shrinkflow.tasks.config import Params, load_params
 from shrinkflow.tasks.decide import PromotionError, Verdict
 from shrinkflow.tasks.errors import named_first_line
@@ -78,8 +78,8 @@ def pipeline_run(ctx: Context, flow_run_id: str = "") -> Iterator[Context]:
     )
     try:
         yield Context(ctx.params, ctx.layout, ctx.tracker, parent)
-    except BaseException:
-        ctx.tracker.end_run(parent, "FAILED")
+    except BaseException as exc:
+        _close(ctx, parent, exc)
         raise
     ctx.tracker.end_run(parent)
 
@@ -135,11 +135,12 @@ def ends_failed(ctx: Context, run: str) -> Iterator[None]:
 
 
 def _close(ctx: Context, run: str, exc: BaseException, tags: dict[str, str] | None = None) -> None:
-    """End ``run`` FAILED (KILLED when interrupted) with the error as a tag; not when the tracking
+    """End ``run`` FAILED, or KILLED when interrupted (Ctrl-C, SIGTERM, Prefect's termination
+    signal: anything that is not an ``Exception``), with the error as a tag; not when the tracking
     store is what failed (each call would only wait out MLflow's retries)."""
     if isinstance(exc, TrackingUnavailable):
         return
-    status = "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+    status = "FAILED" if isinstance(exc, Exception) else "KILLED"
     with contextlib.suppress(Exception):  # the store may have failed in a way we did not see
         ctx.tracker.log(run, tags={**(tags or {}), "shrinkflow.error": f"{type(exc).__name__}: {exc}"[:5000]})
         ctx.tracker.end_run(run, status)
@@ -203,6 +204,7 @@ def _trial_logger(ctx: Context, name: str, candidate_run: str):
 
 
 def _model_stage(ctx: Context, name: str, train) -> Tracked:
+    stop.check()  # queued behind an interrupted run's candidates: no run to open and close
     stage = "baseline" if name == "baseline" else "shrink"
     run = ctx.tracker.start_run(
         name, ctx.parent_run, tags={"shrinkflow.stage": stage, "shrinkflow.candidate": name}

@@ -248,3 +248,38 @@ def test_a_tracking_server_that_dies_mid_stage_is_one_line(trained, tmp_path):
     assert err.strip().splitlines()[-1].startswith(f"error: MLflow tracking at {url} stopped answering (")
     assert "Connection refused" in err and out == "", out
     assert (tmp_path / "project/artifacts/baseline/model.pt").exists(), "the trained model stays"
+
+
+@pytest.mark.scenario
+def test_sigterm_during_the_fan_out_stops_every_candidate_promptly(trained, tmp_path):
+    """A scheduler stopping `shrinkflow run` (SIGTERM) while candidates train in worker threads:
+    they stop at their next batch, every MLflow run ends KILLED, no decision is written, one line."""
+    experiment = f"terminated-{os.getpid()}"
+    copy_project(trained, tmp_path, "shrink.epochs=100000", f"tracking.experiment={experiment}")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
+    run = subprocess.Popen(
+        [str(BIN / "shrinkflow"), "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while not [r for r in _runs(experiment) if r.data.tags.get("shrinkflow.stage") == "shrink"]:
+            assert run.poll() is None, run.communicate()[1][-3000:]
+            time.sleep(0.5)
+        time.sleep(2)  # in their epochs
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    err = err.decode()
+    assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert _error_lines(err) == ["error: " + err.split("error: ", 1)[1].strip()], err[-3000:]
+    assert "interrupted by SIGTERM" in err
+    status = {r.info.run_name: r.info.status for r in _runs(experiment)}
+    shrunk = {name: s for name, s in status.items() if name not in ("prepare", "baseline", "pipeline")}
+    assert shrunk and set(shrunk.values()) == {"KILLED"}, status
+    assert status["pipeline"] == "KILLED", status
+    assert not (tmp_path / "reports/promotion.json").exists()
