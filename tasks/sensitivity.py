@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
@@ -34,6 +35,7 @@ from shrinkflow.models.allocation import (
     loss_and_accuracy,
     measure_sensitivity,
     reestimate_batch_norm,
+    round_kept,
     with_latency,
 )
 from shrinkflow.models.timing import median_latency_ms
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 # (each time the median of REPEATS passes, evaluate's timer), and keeps each one's fastest round
 # as a ratio to the unpruned model's: a machine under load (13 ms for a 1.85 ms baseline was
 # seen) slows every model of a round alike, so the ratios hold where the milliseconds do not.
-WARMUP, REPEATS, ROUNDS = 2, 10, 5
+WARMUP, REPEATS, ROUNDS = 1, 3, 20
 # A latency budget is checked on the allocated model, timed the same way against the baseline:
 # a measured ratio above keep * (1 + LATENCY_NOISE) tightens the budget and allocates again, at
 # most TIGHTEN_STEPS times.
@@ -188,7 +190,23 @@ def allocator(
         chosen = once(model, scores, budget.keep)
         if budget.objective != "latency_ms":
             return chosen
-        return checked_latency(model, scores, chosen, budget.keep, once, prune_to, calibration[0][:1].float())
+        return checked_latency(
+            model, scores, chosen, budget.keep, once, prune_to, shrink, calibration[0][:1].float()
+        )
+
+    def shrink(model: nn.Module, chosen: Allocation, factor: float) -> Allocation:
+        costs = with_latency(cost_model(model, calibration[0][:1].float()), table)
+        low = floors(costs.widths, options["max_layer_ratio"], options["round_to"])
+        widths = {
+            g: max(low[g], round_kept(math.floor(kept * factor), costs.widths[g], options["round_to"]))
+            for g, kept in chosen.widths.items()
+        }
+        return Allocation(
+            chosen.method,
+            widths,
+            {o: round(costs.fraction(o, widths), 6) for o in ("params", "flops", "latency_ms")},
+            table.predicted_loss(widths, costs.widths),
+        )
 
     def prune_to(model: nn.Module, widths: Widths) -> nn.Module:
         return apply_strategy(strategy, copy.deepcopy(model), calibration, widths=widths)
@@ -203,20 +221,27 @@ def checked_latency(
     keep: float,
     allocate_at: Callable[[nn.Module, dict[str, Tensor], float], Allocation],
     prune_to: Callable[[nn.Module, Widths], nn.Module],
+    shrink: Callable[[nn.Module, Allocation, float], Allocation],
     example: Tensor,
 ) -> Allocation:
     """``chosen`` (allocated to a ``keep`` latency budget from the lookup table) timed against
-    ``model`` in interleaved rounds; while the measured ratio misses the budget by more than
-    LATENCY_NOISE, the budget the table is asked for is tightened by the miss and allocated
-    again (at most TIGHTEN_STEPS times). The last allocation carries, in ``measured``, the
-    predicted and measured ratios and each step."""
+        ``model`` in interleaved rounds; while the measured ratio misses the budget by more than
+        LATENCY_NOISE, the budget the table is asked for is tightened by the miss and allocated
+        again, or, where the table offers nothing cheaper, every group's width is ``shrink``-ed (at
+    most TIGHTEN_STEPS steps in all). The last allocation carries, in ``measured``, the
+        predicted and measured ratios and each step."""
     time = timed_together(example)
-    asked, steps = keep, []
+    asked, steps, by = keep, [], "table"
     while True:
         base_ms, ms = time([model, prune_to(model, chosen.widths)])
         measured = ms / base_ms
         steps.append(
-            {"asked": round(asked, 4), "predicted": chosen.cost["latency_ms"], "measured": round(measured, 4)}
+            {
+                "by": by,
+                "asked": round(asked, 4),
+                "predicted": chosen.cost["latency_ms"],
+                "measured": round(measured, 4),
+            }
         )
         if measured <= keep * (1 + LATENCY_NOISE):
             break
@@ -242,14 +267,29 @@ def checked_latency(
             measured,
             tighter,
         )
-        try:
-            retry = allocate_at(model, scores, tighter)
-        except ValueError as exc:  # the floors reached: keep what was measured
-            log.warning("latency budget %.3f: cannot tighten further (%s)", keep, exc)
-            break
-        if retry.widths == chosen.widths:
-            log.warning("latency budget %.3f: every group is at its floor, %.3f is the least", keep, measured)
-            break
+        # The table's last offer brought no real saving: shrink from here on
+        helps = by == "table" and (len(steps) < 2 or measured < steps[-2]["measured"] * (1 - LATENCY_NOISE))
+        retry = None
+        if helps:
+            try:
+                retry = allocate_at(model, scores, tighter)
+            except ValueError as exc:  # out of the table's reach
+                log.info("latency budget %.3f: the table cannot go to %.3f (%s)", keep, tighter, exc)
+        if retry is None or retry.widths == chosen.widths:  # the table has nothing cheaper to offer
+            # linear, though a middle layer's time goes as width squared: fixed costs do not shrink
+            factor = keep / measured
+            retry, by = shrink(model, chosen, factor), "shrink"
+            log.info(
+                "latency budget %.3f: the lookup table has no cheaper widths that measure cheaper; "
+                "each group's width shrunk by %.2f instead (no group below its floor)",
+                keep,
+                factor,
+            )
+            if retry.widths == chosen.widths:
+                log.warning(
+                    "latency budget %.3f missed: every group is at its floor (measured %.3f)", keep, measured
+                )
+                break
         asked, chosen = tighter, retry
     chosen.measured = {
         "budget": keep,

@@ -62,7 +62,7 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _table(model: nn.Module, calibration, val, ratios=(0.25, 0.5, 0.75, 0.9), timer=(2, 1, 3)):
     """The sensitivity table; ``timer``: rounds, warm-up and repeats (a glance where latency is
-    not what a test checks)."""
+    not what a test checks; ``()``: the pipeline's)."""
     return measure_sensitivity(
         model,
         calibration[0][:1],
@@ -347,7 +347,7 @@ def _wide_data(n: int, seed: int):
 @pytest.fixture(scope="module")
 def wide_table():
     model, calibration, val = Wide().eval(), _wide_data(32, 0), _wide_data(64, 1)
-    return model, calibration, val, _table(model, calibration, val, (0.25, 0.5, 0.75), timer=(5, 2, 10))
+    return model, calibration, val, _table(model, calibration, val, (0.25, 0.5, 0.75), timer=())
 
 
 def _latency_allocator(table, calibration, val, **budget):
@@ -375,18 +375,20 @@ def test_a_latency_budget_is_met_by_measurement_and_the_ratios_are_recorded(wide
 def test_a_table_that_flatters_the_pruned_model_is_caught_by_measurement(wide_table, caplog):
     model, calibration, val, table = wide_table
     # As if the table had been timed while the unpruned model ran under load: every pruned copy
-    # looks three times cheaper (relative to the base) than it is.
+    # looks three times the saving it is.
     flattering = copy.deepcopy(table)
     base = flattering.base["latency_ms"]
     for row in flattering.groups.values():
-        row["latency_ms"] = [max(0.05 * base, base - (base - ms) * 3) for ms in row["latency_ms"]]
+        row["latency_ms"] = [max(0.05 * base, base - 3 * (base - ms)) for ms in row["latency_ms"]]
     with caplog.at_level("INFO", logger="shrinkflow.tasks.sensitivity"):
-        chosen = _latency_allocator(flattering, calibration, val, keep=0.6)(copy.deepcopy(model), {})
+        chosen = _latency_allocator(flattering, calibration, val, keep=0.5)(copy.deepcopy(model), {})
     steps = chosen.measured["steps"]
-    assert steps[0]["measured"] > 0.6 * 1.05, "the flattering table missed the budget at first"
-    assert len(steps) > 1 and steps[1]["asked"] < 0.6
+    assert steps[0]["measured"] > 0.5 * 1.05, "the flattering table missed the budget at first"
+    assert len(steps) > 1 and steps[1]["asked"] < 0.5
     assert "allocating again" in caplog.text
-    assert chosen.measured["met"] and chosen.measured["measured_ratio"] <= 0.6 * 1.05, steps
+    # The record says what was measured, never the table's flattering figure, and it is met.
+    assert chosen.measured["measured_ratio"] == steps[-1]["measured"] <= 0.5 * 1.05, steps
+    assert chosen.measured["met"] and steps[-1]["measured"] < steps[0]["measured"]
 
 
 def test_a_structured_ratio_candidate_has_its_widths_in_the_table(evaluated):
