@@ -246,16 +246,34 @@ class Sensitivity:
         return points
 
 
+def interleaved_ms(
+    models: list[nn.Module], time_one: Callable[[nn.Module], float], rounds: int
+) -> list[float]:
+    """Each of ``models`` timed once per round by ``time_one``, all in turn and the order reversed
+    every other round, the fastest round kept: a load that comes and goes hits every model alike,
+    and the minimum is what the model costs when nothing else runs."""
+    best = [math.inf] * len(models)
+    for r in range(rounds):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            best[i] = min(best[i], time_one(models[i]))
+    return best
+
+
 def measure_sensitivity(
     model: nn.Module,
     example: Tensor,
     prune: Prune,
     score: Score,
-    latency: Callable[[nn.Module], float],
+    latency: Callable[[list[nn.Module]], list[float]],
     ratios: tuple[float, ...],
 ) -> Sensitivity:
     """Prune each group alone (a copy of ``model``) at each ratio and measure it: ``score``
-    (which re-estimates BatchNorm where there is any) and ``latency`` (ms at batch 1)."""
+    (which re-estimates BatchNorm where there is any) and ``latency``, which times a list of
+    models together (ms at batch 1, see :func:`interleaved_ms`): per group, the unpruned model
+    first and the group's pruned copies after it. Each copy's latency is kept as its ratio to
+    the unpruned model timed in the same rounds, times the fastest unpruned figure of all groups,
+    so a load that changes between groups does not tilt one group against another."""
     costs = cost_model(model, example)
     loss, acc = score(copy.deepcopy(model))
     base = {
@@ -265,12 +283,12 @@ def measure_sensitivity(
         "flops": costs.cost("flops", costs.widths),
         "latency_ms": 0.0,
     }
-    groups, base_ms = {}, [latency(model)]
+    groups, base_ms, relative = {}, [], {}
     for g, n in costs.widths.items():
-        base_ms.append(latency(model))  # timed between the groups too: one unlucky spike is not the base
         row: dict[str, list[float]] = {
             k: [] for k in ("width", "kept", "loss", "acc", "params", "flops", "latency_ms")
         }
+        pruned_copies = []
         for r in ratios:
             kept = max(1, math.floor(n * (1 - r) + _EPS))
             pruned = prune(copy.deepcopy(model), {g: kept})
@@ -281,9 +299,14 @@ def measure_sensitivity(
             row["acc"].append(acc)
             row["params"].append(costs.cost("params", {g: kept}))
             row["flops"].append(costs.cost("flops", {g: kept}))
-            row["latency_ms"].append(latency(pruned))
+            pruned_copies.append(pruned.eval())
+        timed = latency([model, *pruned_copies])
+        base_ms.append(timed[0])
+        relative[g] = [ms / timed[0] for ms in timed[1:]]
         groups[g] = row
-    base["latency_ms"] = float(np.median(base_ms))
+    base["latency_ms"] = min(base_ms) if base_ms else latency([model])[0]
+    for g, row in groups.items():
+        row["latency_ms"] = [base["latency_ms"] * share for share in relative[g]]
     return Sensitivity(list(ratios), base, groups)
 
 
@@ -306,6 +329,8 @@ class Allocation:
     cost: dict[str, float]
     predicted_loss: float | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)
+    # A latency budget: the allocated model timed against the baseline (see tasks/sensitivity.py)
+    measured: dict[str, Any] = field(default_factory=dict)
 
 
 def _levels(n: int, low: int, round_to: int | None) -> list[int]:

@@ -19,9 +19,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from shrinkflow.models.allocation import prunable_groups
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.models.strategies import STRATEGIES
+from shrinkflow.models.strategies.structured import StructuredOptions
 from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import EvaluateConfig, Params, PromoteConfig
 from shrinkflow.tasks.engine import Split, accuracy, predict
@@ -72,6 +74,7 @@ COLUMNS = [
     "sparsity",
     "compressed_bytes",
     "note",
+    "widths",  # structured pruning: channels kept per prunable group, e.g. "features.0=12 features.3=24"
 ]
 MACHINE_COLUMNS = ("latency_ms", "float_latency_ms", "ort_latency_ms")
 
@@ -185,7 +188,21 @@ def _row(
     model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
     measurement, predicted = measure(model, splits, cfg)
     onnx = onnx_columns(model, splits["test"], cfg, layout.onnx(record.name))
-    return row | vars(measurement) | onnx, predicted
+    return row | vars(measurement) | onnx | {
+        "widths": widths_text(record, model, splits["test"][0][:1])
+    }, predicted
+
+
+def widths_text(record: ModelRecord, model: nn.Module, example: Tensor) -> str:
+    """A structured-pruning candidate's kept channels per prunable group, ``group=n`` apart by
+    spaces: the recorded allocation's, else read off the model; empty for any other model."""
+    structured = [
+        s for s in record.steps if s in STRATEGIES and issubclass(STRATEGIES[s].options, StructuredOptions)
+    ]
+    if not structured:
+        return ""
+    widths = record.options.get("widths") or prunable_groups(dense_twin(model), example)
+    return " ".join(f"{group}={kept}" for group, kept in widths.items())
 
 
 def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig, keep: Path | None = None) -> dict:

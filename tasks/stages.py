@@ -217,6 +217,9 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
         raise
     ctx.tracker.log_record(run, record)
     ctx.tracker.log_artifact(run, ctx.layout.checkpoint(name))
+    if table := (record.options.get("sensitivity") or {}).get("file"):  # the table a budget allocated from
+        for path in (ctx.layout.root / table, (ctx.layout.root / table).with_suffix(".png")):
+            ctx.tracker.log_artifact(run, path, "sensitivity")
     ctx.tracker.end_run(run)
     return Tracked(record, run)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -20,12 +22,11 @@ from shrinkflow.models.allocation import (
     with_latency,
 )
 from shrinkflow.models.checkpoint import load_checkpoint
-from shrinkflow.tasks.config import ConfigError, EvaluateConfig, parse_params
-from shrinkflow.tasks.evaluate import count_flops, latency_ms
-from shrinkflow.tasks.sensitivity import scorer
+from shrinkflow.models.strategies.structured import Budget
+from shrinkflow.tasks.config import ConfigError, parse_params
+from shrinkflow.tasks.evaluate import count_flops, evaluate_models, load_table
+from shrinkflow.tasks.sensitivity import allocator, scorer, summary, timed_together
 from tests.conftest import small_raw
-
-TIMER = EvaluateConfig(latency_warmup=1, latency_repeats=3)
 
 
 class Crafted(nn.Module):
@@ -59,13 +60,15 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, :4].argmax(1)
 
 
-def _table(model: nn.Module, calibration, val, ratios=(0.25, 0.5, 0.75, 0.9)):
+def _table(model: nn.Module, calibration, val, ratios=(0.25, 0.5, 0.75, 0.9), timer=(2, 1, 3)):
+    """The sensitivity table; ``timer``: rounds, warm-up and repeats (a glance where latency is
+    not what a test checks; ``()``: the pipeline's)."""
     return measure_sensitivity(
         model,
         calibration[0][:1],
         lambda m, widths: apply_strategy("prune_l1", m, calibration, widths=widths),
         scorer(calibration, val),
-        lambda m: latency_ms(m, calibration[0][:1], TIMER),
+        timed_together(calibration[0][:1], *timer),
         ratios,
     )
 
@@ -251,6 +254,15 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in saved.state_dict().items()
     }
+    # candidates.csv carries each budget candidate's widths, as the record has them.
+    evaluate_models(params, layout)
+    table = load_table(layout.candidates_csv).set_index("name")
+    for name, record in (("p", first), ("l", second)):
+        cell = table.loc[name, "widths"]
+        assert cell[0].isalpha() and dict(item.split("=") for item in cell.split()) == {
+            g: str(n) for g, n in record.options["widths"].items()
+        }
+    assert pd.isna(table.loc["baseline", "widths"])
     # A changed baseline: the cached table is refused and measured again.
     stored = json.loads(cache.read_text())
     cache.write_text(json.dumps(stored | {"key": stored["key"] | {"baseline_sha256": "0" * 64}}))
@@ -282,6 +294,14 @@ def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_
     logged = ctx.tracker.client.get_run(tracked.run_id).data.params
     assert json.loads(logged["widths"].replace("'", '"')) == record.options["widths"]
     assert "sensitivity" in logged and "allocated" in logged
+    # The table and plot it allocated from are the candidate run's artefacts.
+    logged_files = {a.path for a in ctx.tracker.client.list_artifacts(tracked.run_id, "sensitivity")}
+    assert logged_files == {"sensitivity/sensitivity-prune_l1.json", "sensitivity/sensitivity-prune_l1.png"}
+    local = ctx.tracker.client.download_artifacts(tracked.run_id, "sensitivity/sensitivity-prune_l1.json")
+    assert (
+        json.loads(Path(local).read_text())["key"]["baseline_sha256"]
+        == json.loads(trained_layout.record("baseline").read_text())["sha256"]
+    )
 
 
 @pytest.mark.parametrize("strategy", ["prune_l1", "prune_taylor"])
@@ -302,3 +322,84 @@ def test_recorded_widths_rebuild_the_exact_pruned_model(strategy):
     assert all(torch.equal(v, expected[k]) for k, v in rebuilt.state_dict().items())
     with pytest.raises(ValueError, match="not a prunable group"):
         apply_strategy(strategy, copy.deepcopy(model), batch, widths={"classifier.3": 4})
+
+
+class Wide(nn.Module):
+    """An MLP whose batch-1 time is its two big matrix products, not Python overhead: a latency
+    budget of a half is within reach."""
+
+    num_classes = 10
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(512, 1024), nn.Linear(1024, 1024), nn.Linear(1024, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def _wide_data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 512, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.fixture(scope="module")
+def wide_table():
+    model, calibration, val = Wide().eval(), _wide_data(32, 0), _wide_data(64, 1)
+    return model, calibration, val, _table(model, calibration, val, (0.25, 0.5, 0.75), timer=())
+
+
+def _latency_allocator(table, calibration, val, **budget):
+    options = {
+        "budget": Budget(objective="latency_ms", **budget),
+        "allocation": "sensitivity",
+        "max_layer_ratio": 0.75,
+        "round_to": None,
+        "samples": 2,
+    }
+    return allocator("prune_l1", options, table, calibration, val, seed=0)
+
+
+def test_a_latency_budget_is_met_by_measurement_and_the_ratios_are_recorded(wide_table):
+    model, calibration, val, table = wide_table
+    chosen = _latency_allocator(table, calibration, val, keep=0.5)(copy.deepcopy(model), {})
+    measured = chosen.measured
+    assert measured["predicted_ratio"] == chosen.cost["latency_ms"] <= 0.5
+    assert measured["met"] and measured["measured_ratio"] <= 0.5 * 1.05, measured
+    assert 0.05 < measured["measured_ratio"] < 1.0 and measured["baseline_ms"] > 0
+    found = summary(chosen, table, "candidates/sensitivity-prune_l1.json")
+    assert found["allocated"]["latency"] == measured
+
+
+def test_a_table_that_flatters_the_pruned_model_is_caught_by_measurement(wide_table, caplog):
+    model, calibration, val, table = wide_table
+    # As if the table had been timed while the unpruned model ran under load: every pruned copy
+    # looks three times the saving it is.
+    flattering = copy.deepcopy(table)
+    base = flattering.base["latency_ms"]
+    for row in flattering.groups.values():
+        row["latency_ms"] = [max(0.05 * base, base - 3 * (base - ms)) for ms in row["latency_ms"]]
+    with caplog.at_level("INFO", logger="shrinkflow.tasks.sensitivity"):
+        chosen = _latency_allocator(flattering, calibration, val, keep=0.5)(copy.deepcopy(model), {})
+    steps = chosen.measured["steps"]
+    assert steps[0]["measured"] > 0.5 * 1.05, "the flattering table missed the budget at first"
+    assert len(steps) > 1 and steps[1]["asked"] < 0.5
+    assert "allocating again" in caplog.text
+    # The record says what was measured, never the table's flattering figure, and it is met.
+    assert chosen.measured["measured_ratio"] == steps[-1]["measured"] <= 0.5 * 1.05, steps
+    assert chosen.measured["met"] and steps[-1]["measured"] < steps[0]["measured"]
+
+
+def test_a_structured_ratio_candidate_has_its_widths_in_the_table(evaluated):
+    from shrinkflow.tasks.layout import Layout
+    from shrinkflow.tasks.prepare import load_split
+
+    layout = Layout.from_params(parse_params(small_raw()), evaluated)
+    table = load_table(layout.candidates_csv).set_index("name")
+    widths = dict(item.split("=") for item in table.loc["l1-50", "widths"].split())
+    record = json.loads(layout.record("l1-50").read_text())
+    model, _ = load_checkpoint(layout.root / record["checkpoint"], sha256=record["sha256"])
+    read_off = prunable_groups(model, load_split(layout, "val")[0][:1])
+    assert widths and {g: str(n) for g, n in read_off.items()} == widths
+    assert table.loc[["baseline", "w50"], "widths"].isna().all()
