@@ -225,11 +225,14 @@ def checked_latency(
     example: Tensor,
 ) -> Allocation:
     """``chosen`` (allocated to a ``keep`` latency budget from the lookup table) timed against
-        ``model`` in interleaved rounds; while the measured ratio misses the budget by more than
-        LATENCY_NOISE, the budget the table is asked for is tightened by the miss and allocated
-        again, or, where the table offers nothing cheaper, every group's width is ``shrink``-ed (at
+    ``model`` in interleaved rounds; while the measured ratio misses the budget by more than
+    LATENCY_NOISE, the budget the table is asked for is tightened by the miss and allocated
+    again, or, where the table offers nothing cheaper, every group's width is ``shrink``-ed (at
     most TIGHTEN_STEPS steps in all). The last allocation carries, in ``measured``, the
-        predicted and measured ratios and each step."""
+    predicted and measured ratios and each step.
+
+    Measured here and now: unlike a params or FLOPs budget (exact, from the graph), a latency
+    budget's widths can differ between machines, and between runs on a loaded one."""
     time = timed_together(example)
     asked, steps, by = keep, [], "table"
     while True:
