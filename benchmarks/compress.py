@@ -332,8 +332,15 @@ class _Pool:
                 future.result()
 
     def map(
-        self, params_file: Path, overrides: tuple[str, ...], root: Path, names: tuple[str, ...]
+        self, params_file: Path, overrides: tuple[str, ...], root: Path, names: tuple[str, ...], workers: int
     ) -> list[tuple[float, str]]:
+        """Each of ``names`` on the pool; with ``workers=1`` one at a time, each submitted when
+        the previous is done (one worker busy: the 1-worker case on the same warm pool)."""
+        if workers == 1:
+            return [
+                self.pool.submit(_shrink_one, params_file, overrides, root, n, **self._pure()).result()
+                for n in names
+            ]
         futures = [
             self.pool.submit(_shrink_one, params_file, overrides, root, n, **self._pure()) for n in names
         ]
@@ -352,6 +359,7 @@ class _Pool:
 
 def shrink_seconds(
     pool: _Pool,
+    workers: int,
     params_file: Path,
     overrides: tuple[str, ...],
     project: Path,
@@ -360,20 +368,21 @@ def shrink_seconds(
 ) -> dict:
     """The shrink stage's work for ``names`` on ``pool``, on a copy of the prepared data and
     baseline: its wall time and each candidate's (best val_acc, checkpoint sha256)."""
-    overrides = (*overrides, f"shrink.workers={pool.workers}", f"shrink.runner={pool.runner}")
+    overrides = (*overrides, f"shrink.workers={workers}", f"shrink.runner={pool.runner}")
     params = load_params(params_file, overrides)
     for sub in (params.paths.prepared, params.paths.baseline):
         shutil.copytree(project / sub, scratch / sub, dirs_exist_ok=True)
     start = time.perf_counter()
-    results = pool.map(params_file, overrides, scratch, names)
+    results = pool.map(params_file, overrides, scratch, names, workers)
     work = time.perf_counter() - start
     return {"work_s": work, "results": dict(zip(names, results, strict=True))}
 
 
 def parallel_speedup(params_file: Path, project: Path, tmp: Path, setup: Setup) -> dict:
     """Per runner, the shrink stage on the same candidates with 1 single-thread worker and with
-    2. Every pool is started once (its start-up timed: workers up, imports done), then each
-    (runner, workers) pair runs the work in turn, ``REPEATS`` rounds, best of each: load from
+    2. Each runner's 2-worker pool is started once (its start-up timed: workers up, imports
+    done); the 1-worker case runs the candidates on it one after another. Each (runner,
+    workers) pair runs the work in turn, ``REPEATS`` rounds, best of each: load from
     elsewhere on a shared machine then hits every side alike, and the first round's lazy
     initialisation in a fresh worker does not count. Two single-thread workers on two cores can
     show scaling; two threads each could not. The speedup is of the work alone; a pool's
@@ -383,16 +392,23 @@ def parallel_speedup(params_file: Path, project: Path, tmp: Path, setup: Setup) 
     pools, startup = {}, {}
     try:
         for runner in RUNNERS:
-            for workers in (1, 2):
-                start = time.perf_counter()
-                pools[runner, workers] = _Pool(runner, workers)
-                startup[runner, workers] = time.perf_counter() - start
-        runs: dict[tuple[str, int], list[dict]] = {key: [] for key in pools}
+            start = time.perf_counter()
+            pools[runner] = _Pool(runner, 2)
+            startup[runner] = time.perf_counter() - start
+        runs: dict[tuple[str, int], list[dict]] = {(r, w): [] for r in RUNNERS for w in (1, 2)}
         for i in range(REPEATS):
-            for (runner, workers), pool in pools.items():
+            for runner, workers in runs:
                 scratch = tmp / f"speedup-{runner}-{workers}-{i}"
                 runs[runner, workers].append(
-                    shrink_seconds(pool, params_file, overrides, project, scratch, setup.speedup_candidates)
+                    shrink_seconds(
+                        pools[runner],
+                        workers,
+                        params_file,
+                        overrides,
+                        project,
+                        scratch,
+                        setup.speedup_candidates,
+                    )
                 )
                 shutil.rmtree(scratch)
     finally:
@@ -407,8 +423,7 @@ def parallel_speedup(params_file: Path, project: Path, tmp: Path, setup: Setup) 
             "one_worker_s": one,
             "two_workers_s": two,
             "speedup": one / two,
-            "startup_1_s": startup[runner, 1],
-            "startup_2_s": startup[runner, 2],
+            "startup_s": startup[runner],
         }
     best = max(RUNNERS, key=lambda r: per_runner[r]["speedup"])
     first = runs["thread", 1][0]["results"]
@@ -419,6 +434,8 @@ def parallel_speedup(params_file: Path, project: Path, tmp: Path, setup: Setup) 
         "identical": len(results) == 1,
         "results": {n: {"val_acc": acc, "sha256": sha} for n, (acc, sha) in first.items()},
         "repeats": REPEATS,
+        # Every run's (val_acc, sha256) per candidate, to find which differ when not identical.
+        "runs": {f"{r}-{w}": [run["results"] for run in done] for (r, w), done in runs.items()},
     }
 
 
@@ -497,12 +514,16 @@ def throughput(initial: nn.Module, train: Split, val: Split, params: Params, epo
 
 def training_throughput(params: Params, layout: Layout, epochs: int) -> dict[str, float]:
     """:func:`throughput` on the baseline's architecture over the first ``THROUGHPUT_IMAGES``
-    training images, validating on the whole validation split, with every core."""
+    training images (repeated where the split has fewer), validating on the whole validation
+    split, with every core."""
     torch.set_num_threads(os.cpu_count() or 1)
     x, y = load_split(layout, "train")
     val = load_split(layout, "val")
     initial, _ = load_checkpoint(layout.checkpoint("baseline"))
-    return throughput(initial, (x[:THROUGHPUT_IMAGES], y[:THROUGHPUT_IMAGES]), val, params, epochs)
+    # A smaller split (digits) is repeated up to the epoch's size: a few hundred images would time
+    # milliseconds, where the per-epoch fixed costs of either side decide the ratio.
+    rows = torch.arange(THROUGHPUT_IMAGES) % len(y)
+    return throughput(initial, (x[rows], y[rows]), val, params, epochs)
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
@@ -854,8 +875,8 @@ def efficiency_table(eff: dict) -> str:
                 f"| fan-out scaling, 2 single-thread workers vs 1, {runner} runner | {r['speedup']:.2f} "
                 f"| work {r['one_worker_s']:.1f} s -> {r['two_workers_s']:.1f} s on "
                 f"{', '.join(speed['candidates'])} ({speed['epochs']} epoch(s) each; best of "
-                f"{speed['repeats']}); pool start-up (not in the work) {r['startup_1_s']:.1f} s / "
-                f"{r['startup_2_s']:.1f} s; results identical across runners: "
+                f"{speed['repeats']}); 2-worker pool start-up {r['startup_s']:.1f} s, not in the work; "
+                "results identical across runners: "
                 f"{'yes' if speed['identical'] else 'NO'} |"
                 for runner, r in speed["runners"].items()
             ),
