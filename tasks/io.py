@@ -22,7 +22,9 @@ from shrinkflow.tasks.errors import ShrinkflowError
 
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success rename it over ``target``."""
+    """Yield a temporary path next to ``target``; on success rename it over ``target``. A
+    failure to write or replace it (disk full, a directory in the way) names ``target``, not the
+    temporary file nobody asked for."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -33,6 +35,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.filename not in (None, tmp):
+            raise  # about some other file: its own name is the right one
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(target)) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

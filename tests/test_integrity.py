@@ -246,8 +246,19 @@ def test_a_decision_that_cannot_be_written_undoes_the_alias_move(evaluated, tmp_
     message = str(failed.value)
     assert len(message.splitlines()) == 1
     assert "could not write the decision" in message and "@champion is v1 again" in message, message
+    assert f"Is a directory: '{tmp_path / '2/reports/report.md'}'" in message, "the file, not a temporary"
     assert _aliases(model_name) == {"champion": 1}
     assert not (tmp_path / "2/reports/promotion.json").exists()
+    (promote_run,) = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`shrinkflow.stage` = 'promote'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    assert (
+        promote_run.info.status == "FAILED" and "could not write" in promote_run.data.tags["shrinkflow.error"]
+    )
     assert MlflowClient().get_model_version(model_name, "2").tags["registration"] == "pending"
     # Once the disk is fixed the next run completes v2 instead of registering a v3.
     shutil.rmtree(tmp_path / "2")
