@@ -151,11 +151,24 @@ def _corrupt_image(root: Path) -> None:
     (root / "cat/broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
 
 
+def _cut_png(root: Path) -> None:
+    """Among good images, a real PNG cut in half: its header is valid, its pixels are not all there."""
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "cat/cut.png")
+    data = (root / "cat/cut.png").read_bytes()
+    (root / "cat/cut.png").write_bytes(data[: len(data) // 2])
+
+
 BAD_DATA = [
     ("imagefolder", None, r"is not a directory; expected images as <root>/<class>/\*.png\|jpg"),
     ("imagefolder", _loose_files, "Couldn't find any class folder.*Expected images as <root>/<class>/"),
     ("imagefolder", _empty_class, "Found no valid file for the classes dog.*Expected images as"),
     ("imagefolder", _corrupt_image, r"broken.jpg is not a readable image"),
+    ("imagefolder", _cut_png, r"cut.png is not a readable image: image file is truncated"),
     ("imagefolder", _train_and_val, r"has train/ without its pair; expected images as"),
     ("mnist", None, r"expected .*/MNIST/raw/\{train-images-idx3-ubyte,.*\(set data.download: true"),
     ("fashion_mnist", None, r"expected .*/FashionMNIST/raw/\{train-images-idx3-ubyte"),

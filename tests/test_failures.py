@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
+from typer.testing import CliRunner
 
 from shrinkflow.flows import reaper
+from shrinkflow.flows.cli import app
 from shrinkflow.tasks.evaluate import load_table
 from shrinkflow.tasks.promote import PromotionError
 from shrinkflow.tasks.stages import Context, run_promote
@@ -283,3 +285,45 @@ def test_sigterm_during_the_fan_out_stops_every_candidate_promptly(trained, tmp_
     assert shrunk and set(shrunk.values()) == {"KILLED"}, status
     assert status["pipeline"] == "KILLED", status
     assert not (tmp_path / "reports/promotion.json").exists()
+
+
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+DAMAGED = [  # (case, stage, what is done to the project, what the one line must say)
+    (
+        "prepared pixels cut short",
+        ["baseline"],
+        lambda root: _cut(root / "data/prepared/train-images.npy", 300),
+        ["train-images.npy is damaged", "shrinkflow stage prepare"],
+    ),
+    (
+        "manifest cut short",
+        ["baseline"],
+        lambda root: _cut(root / "data/prepared/manifest.json", 20),
+        ["manifest.json is not valid JSON", "re-run the stage that writes it"],
+    ),
+    (
+        "empty record",
+        ["evaluate"],
+        lambda root: (root / "artifacts/baseline/record.json").write_text(""),
+        ["baseline/record.json is not valid JSON"],
+    ),
+    (
+        "diverging baseline",
+        ["baseline", "-s", "train.lr=1e6"],
+        lambda root: None,
+        ["training diverged in epoch 1 at lr 1e+06", "lower the lr"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "stage", "damage", "says"), DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_damaged_project_files_are_one_line_naming_the_file(trained, tmp_path, case, stage, damage, says):
+    copy_project(trained, tmp_path, "tracking.experiment=damaged")
+    damage(tmp_path)
+    result = CliRunner().invoke(app, ["stage", *stage, "-p", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
+    assert len(errors) == 1 and all(part in errors[0] for part in says), result.stderr[-3000:]

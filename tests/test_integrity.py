@@ -20,7 +20,9 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from shrinkflow.flows.cli import app
 from shrinkflow.tasks.promote import PromotionError
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
@@ -291,19 +293,33 @@ def test_an_untagged_foreign_champion_is_refused_with_the_fix_and_force_replaces
 # 8. the project is where the params file is ----------------------------------------------------
 
 
-def test_commands_default_to_the_params_files_directory(evaluated, tmp_path):
+def test_commands_default_to_the_params_files_directory(evaluated, tmp_path, monkeypatch):
     copy_project(evaluated, tmp_path / "project")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     done = run_cli("report", "-p", str(tmp_path / "project/params.yaml"), cwd=elsewhere)
     assert done.returncode == 0, done.stderr
     assert "baseline" in done.stdout and not list(elsewhere.iterdir())
+    # A stage too: its outputs, lock and log go beside the params file, not into the cwd.
+    monkeypatch.chdir(elsewhere)
+    (tmp_path / "project/data/prepared/manifest.json").unlink()
+    result = CliRunner().invoke(app, ["stage", "prepare", "-p", "../project/params.yaml"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "project/data/prepared/manifest.json").exists() and not list(elsewhere.iterdir())
 
 
-def test_a_broken_decision_file_is_one_line_under_report(evaluated, tmp_path):
+BROKEN_DECISIONS = [
+    ("cut short", '{"winner": "w50", "strat', "cannot be read"),
+    ("not an object", "[1, 2]", "is not a decision (a JSON list)"),
+    ("an unknown verdict", '{"winner": "w50", "verdict": "crowned"}', "is not a complete decision"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "says"), BROKEN_DECISIONS, ids=[c[0] for c in BROKEN_DECISIONS])
+def test_a_broken_decision_file_is_one_line_under_report(evaluated, tmp_path, case, text, says):
     _, layout = copy_project(evaluated, tmp_path)
-    layout.promotion_json.write_text('{"winner": "w50", "strat')
-    done = run_cli("report", cwd=tmp_path)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith(f"error: {layout.promotion_json} cannot be read"), done.stderr
-    assert "shrinkflow stage promote" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    layout.promotion_json.write_text(text)
+    result = CliRunner().invoke(app, ["report", "-p", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.stderr.startswith(f"error: {layout.promotion_json} {says}"), result.stderr
+    assert "shrinkflow stage promote" in result.stderr and len(result.stderr.strip().splitlines()) == 1
