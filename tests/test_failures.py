@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
@@ -327,3 +328,26 @@ def test_damaged_project_files_are_one_line_naming_the_file(trained, tmp_path, c
     assert result.exit_code == 1, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error") or "Traceback" in line]
     assert len(errors) == 1 and all(part in errors[0] for part in says), result.stderr[-3000:]
+
+
+@pytest.mark.scenario
+def test_a_temporary_prefect_server_that_never_answers_is_one_line_and_left_running_nowhere(tmp_path):
+    write_params(tmp_path)
+    home = tmp_path / "prefect"
+    env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1", "CI": "1"}
+    done = run_cli("run", cwd=tmp_path, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert _error_lines(done.stderr) == [done.stderr.strip()], done.stderr[-3000:]
+    assert "temporary API server did not answer within 1 s, 2 times" in done.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in done.stderr
+    time.sleep(1)
+
+    def ours(proc: psutil.Process) -> bool:
+        try:
+            return proc.environ().get("PREFECT_HOME") == str(home)
+        except psutil.Error:
+            return False
+
+    assert not [p.cmdline() for p in psutil.process_iter() if ours(p)], (
+        "a server too slow to answer is stopped"
+    )
