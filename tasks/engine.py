@@ -291,21 +291,19 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-# glibc's mallopt parameter, and the block size from which freed memory goes back to the system.
-_M_MMAP_THRESHOLD, _MMAP_THRESHOLD = -3, 16 << 20
-
-
 @functools.cache
 def release_freed_batches() -> None:
-    """Fix glibc's mmap threshold at 16 MiB (once per process). By default glibc raises it to the
-    largest block it has freed (up to 32 MiB), so after the first large prediction batch every
-    batch-sized tensor comes from the heap and stays in the process when freed: a candidate that
-    had predicted on 32 MiB batches kept 380 MB more than one that had not, and its peak grew with
-    the split until a split filled a batch. Fixed, large blocks go back when freed and a stage's
-    memory is bounded by its batch and model (benchmarks/results/scaling-2026-12-01-c.md)."""
+    """Give the heap memory of freed batches back to the system (glibc's ``malloc_trim``). After
+    the first large block it frees, glibc raises its mmap threshold to that block's size (up to
+    32 MiB), so later batch-sized tensors come from the heap and stay in the process when freed:
+    a candidate that had predicted on 32 MiB batches kept 380 MB more than one that had not
+    (benchmarks/results/scaling-2026-12-01-c.md). Trimming after each prediction pass returns
+    them. The threshold itself is left to glibc: fixing it at 16 MiB (the first fix) made every
+    training step map and fault in its large gradients afresh, a third of the time in the
+    kernel and 30% fewer images per second for CIFAR's BaseNet."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
-            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # Float input per prediction batch: 1,024 images up to 32x32 RGB (the results of small images
@@ -317,13 +315,14 @@ PREDICT_BYTES = 32 << 20
 def predict(model: nn.Module, x: Images, batch_size: int = 1024) -> Tensor:
     """Class predictions for ``x``, read a batch at a time (at most ``batch_size`` images and
     :data:`PREDICT_BYTES` of input), on the model's device, in eval mode; returned on the CPU."""
-    release_freed_batches()
     model.eval()
     device = model_device(model)
     batch_size = max(1, min(batch_size, PREDICT_BYTES // (4 * math.prod(x.shape[1:]))))
-    return torch.cat(
+    predicted = torch.cat(
         [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
     )
+    release_freed_batches()
+    return predicted
 
 
 def accuracy(predictions: Tensor, targets: Tensor) -> float:
@@ -351,7 +350,6 @@ def fit(
     sparsity, fixed zeros) and ``cfg.l1`` adds the L1 weight penalty. Training runs on
     ``cfg.device`` in ``cfg.precision``; the model is handed back on the CPU, float32 and
     contiguous, where checkpoints and latency are taken."""
-    release_freed_batches()
     generator = torch.Generator().manual_seed(seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg, device, model)
