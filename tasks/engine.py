@@ -11,7 +11,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -291,19 +291,47 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
+@contextlib.contextmanager
+def batches_given_back() -> Iterator[None]:
+    """Inside, memory blocks of 16 MiB and more are mapped afresh and returned to the system when
+    freed; afterwards glibc's heap serves everything under 32 MiB again, and what the block freed
+    is trimmed. For prediction passes: by default glibc raises its mmap threshold to the largest
+    block it has freed (up to 32 MiB), so once a 32 MiB prediction batch was freed later
+    batch-sized tensors came from the heap and stayed (a candidate that had predicted on 32 MiB
+    batches kept 380 MB more than one that had not: benchmarks/results/scaling-2026-12-01-c.md).
+    Not for training: with the threshold at 16 MiB every step mapped and faulted in BaseNet's
+    32 MB fc1 gradient afresh, a third of the time in the kernel and 30% fewer images per second
+    on CIFAR-10 (the first fix did that from `fit`). Does nothing where libc is not glibc."""
+    _mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+    try:
+        yield
+    finally:
+        # Where glibc's dynamic thresholds end up after a 32 MiB block: its ceiling, and twice it
+        # for trimming the heap's top (left at 128 KiB, a freed gradient would be unmapped
+        # every step).
+        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        if (libc := _glibc()) is not None:
+            libc.malloc_trim(0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
 @functools.cache
-def release_freed_batches() -> None:
-    """Give the heap memory of freed batches back to the system (glibc's ``malloc_trim``). After
-    the first large block it frees, glibc raises its mmap threshold to that block's size (up to
-    32 MiB), so later batch-sized tensors come from the heap and stay in the process when freed:
-    a candidate that had predicted on 32 MiB batches kept 380 MB more than one that had not
-    (benchmarks/results/scaling-2026-12-01-c.md). Trimming after each prediction pass returns
-    them. The threshold itself is left to glibc: fixing it at 16 MiB (the first fix) made every
-    training step map and fault in its large gradients afresh, a third of the time in the
-    kernel and 30% fewer images per second for CIFAR's BaseNet."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to do
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (e.g. musl)
+        return None
+
+
+def _mallopt(param: int, value: int) -> None:
+    if (libc := _glibc()) is not None:
+        libc.mallopt(param, value)
 
 
 # Float input per prediction batch: 1,024 images up to 32x32 RGB (the results of small images
@@ -318,11 +346,10 @@ def predict(model: nn.Module, x: Images, batch_size: int = 1024) -> Tensor:
     model.eval()
     device = model_device(model)
     batch_size = max(1, min(batch_size, PREDICT_BYTES // (4 * math.prod(x.shape[1:]))))
-    predicted = torch.cat(
-        [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-    )
-    release_freed_batches()
-    return predicted
+    with batches_given_back():
+        return torch.cat(
+            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+        )
 
 
 def accuracy(predictions: Tensor, targets: Tensor) -> float:

@@ -218,21 +218,21 @@ def test_a_latency_objective_never_picks_int8_slower_than_its_float_twin():
 
 
 _HEAP = """
+import contextlib
 import sys
 import torch
-from shrinkflow.tasks.engine import release_freed_batches
+from shrinkflow.tasks.engine import batches_given_back
 def anon():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) << 10
 first = torch.ones(30 << 18)  # 30 MiB, freed: glibc's default raises its threshold to this size
 del first
 before = anon()
-batches, kept = [], []
-for _ in range(10):
-    batches.append(torch.ones(20 << 18))  # 20 MiB each, as prediction batches of large images
-    kept.append(bytearray(200_000))  # something still alive between them
-del batches
-if sys.argv[1] == "fixed":
-    release_freed_batches()  # what predict does after its batches
+with batches_given_back() if sys.argv[1] == "fixed" else contextlib.nullcontext():  # as predict
+    batches, kept = [], []
+    for _ in range(10):
+        batches.append(torch.ones(20 << 18))  # 20 MiB each, as prediction batches of large images
+        kept.append(bytearray(200_000))  # something still alive between them
+    del batches
 print(anon() - before)
 """
 
