@@ -628,8 +628,10 @@ def contenders(params: Params, layout: Layout, winners: dict[str, str]) -> list[
     # Uniform and global torch-pruning at the parameter count of the model promoted by latency.
     same_params = n_params(dense_twin(promoted["latency_ms"]))
     by_params = {g: ratio_for(baseline, example, classes, same_params, n_params, g) for g in (False, True)}
-    # The same fine-tuning recipe, budget and loop as the pipeline's own L1 candidates.
-    recipe = candidate_train_config(params, "l1-50")
+    # The same fine-tuning recipe (lr, epochs: distillation is a step, not part of it), budget and
+    # loop as the pipeline's own 50% L1 candidate (l1-50 in the quick set, l1-50-kd on CIFAR).
+    l1_50 = next(name for name in ("l1-50", "l1-50-kd") if name in params.shrink.candidates)
+    recipe = candidate_train_config(params, l1_50)
     peers = {}
     for key, (ratio, global_pruning) in {
         "0.5": (0.5, False),
