@@ -151,18 +151,18 @@ def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypat
     ), "the original is untouched"
 
 
+def _start_run(root: Path, output: int, **popen) -> subprocess.Popen:
+    """`shrinkflow run` in ``root`` as a background job, with its own Prefect home."""
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect"), "CI": "1"}
+    return subprocess.Popen(
+        [str(BIN / "shrinkflow"), "run"], cwd=root, env=env, stdout=output, stderr=output, **popen
+    )
+
+
 @pytest.mark.slow
 def test_sigkill_of_a_run_stops_its_temporary_prefect_server(tmp_path):
     write_params(tmp_path, "train.epochs=100000")  # only the kill ends it
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
-    run = subprocess.Popen(
-        [str(BIN / "shrinkflow"), "run"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    run = _start_run(tmp_path, subprocess.DEVNULL, start_new_session=True)
     servers: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 120
@@ -259,14 +259,7 @@ def test_sigterm_during_the_fan_out_stops_every_candidate_promptly(trained, tmp_
     they stop at their next batch, every MLflow run ends KILLED, no decision is written, one line."""
     experiment = f"terminated-{os.getpid()}"
     copy_project(trained, tmp_path, "shrink.epochs=100000", f"tracking.experiment={experiment}")
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "CI": "1"}
-    run = subprocess.Popen(
-        [str(BIN / "shrinkflow"), "run"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    run = _start_run(tmp_path, subprocess.PIPE)
     try:
         while not [r for r in _runs(experiment) if r.data.tags.get("shrinkflow.stage") == "shrink"]:
             assert run.poll() is None, run.communicate()[1][-3000:]
