@@ -333,7 +333,6 @@ def test_a_temporary_prefect_server_that_never_answers_is_one_line_and_left_runn
     assert _error_lines(done.stderr) == [done.stderr.strip()], done.stderr[-3000:]
     assert "temporary API server did not answer within 1 s, 2 times" in done.stderr
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in done.stderr
-    time.sleep(1)
 
     def ours(proc: psutil.Process) -> bool:
         try:
@@ -341,6 +340,7 @@ def test_a_temporary_prefect_server_that_never_answers_is_one_line_and_left_runn
         except psutil.Error:
             return False
 
-    assert not [p.cmdline() for p in psutil.process_iter() if ours(p)], (
-        "a server too slow to answer is stopped"
-    )
+    # The run's watcher (flows/reaper.py) outlives it by a second or more by design, longer on a
+    # loaded machine; it and the server it stops must both be gone soon after, not at once.
+    _, alive = psutil.wait_procs([p for p in psutil.process_iter() if ours(p)], timeout=20)
+    assert not [p.cmdline() for p in alive], "a server too slow to answer is stopped, and its watcher ends"
