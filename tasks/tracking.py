@@ -252,32 +252,9 @@ class Tracker:
     @_answering
     def log_record(self, run_id: str, record: ModelRecord) -> None:
         """A trained model's options, per-epoch curves and summary."""
-        params = {"strategy": record.strategy, **record.options, "epochs": record.epochs}
-        params["precision"] = record.precision
-        phase = record.sparsity_phase or {}
-        curves = [
-            Metric(f"{prefix}/{key}", float(row[key]), _now(), int(row["epoch"]))
-            for prefix, history in (("epoch", record.history), ("sparsity_epoch", phase.get("history", [])))
-            for row in history
-            for key in ("train_loss", "val_acc", "lr")
-        ]
+        params, summary, curves = record_entries(record)
         for start in range(0, len(curves), 900):  # log_batch takes at most 1000 metrics
             self.client.log_batch(run_id, metrics=curves[start : start + 900])
-        summary = {
-            k: v for k, v in asdict(record).items() if k in ("best_epoch", "best_val_acc", "train_seconds")
-        }
-        if phase:
-            params |= {"sparsity_phase.epochs": phase["epochs"], "sparsity_phase.strength": phase["strength"]}
-            summary |= {
-                f"sparsity_phase.{k}": phase[k]
-                for k in ("small_bn_scales_before", "small_bn_scales_after", "val_acc_after", "seconds")
-            }
-        for r in record.rounds:
-            summary |= {f"round{r['round']}.ratio": r["ratio"], f"round{r['round']}.val_acc": r["val_acc"]}
-        params |= {f"origin.{k}": v for k, v in record.origin.items()}  # a brought baseline's lineage
-        if record.pruning:
-            params |= {"pruning.groups": record.pruning["groups"]}
-            params |= {"pruning.left_alone": ", ".join(record.pruning["left_alone"])[:500]}
         self.log(
             run_id,
             params=params,
@@ -297,13 +274,7 @@ class Tracker:
         self.client.log_table(
             run_id, data=table.astype(dict.fromkeys(text, object)), artifact_file="candidates_table.json"
         )
-        links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
-        links[["name", "strategy"]] = links[["name", "strategy"]].map(markdown_text)
-        links["run"] = [
-            f"[{runs[n][:8]}](#/experiments/{self.experiment_id}/runs/{runs[n]})" if n in runs else ""
-            for n in links["name"]
-        ]
-        self.client.log_text(run_id, links.to_markdown(index=False), "candidates.md")
+        self.client.log_text(run_id, candidates_markdown(table, runs, self.experiment_id), "candidates.md")
 
     @_answering
     def log_dataset(self, run_id: str, manifest: Manifest, train_x: np.ndarray, source: Path) -> None:
@@ -318,6 +289,47 @@ class Tracker:
             )
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
         self.client.log_inputs(run_id, datasets=[entity])
+
+
+def record_entries(record: ModelRecord) -> tuple[dict[str, Any], dict[str, Any], list[Metric]]:
+    """What MLflow keeps of a trained model's record: its params, its summary metrics and its
+    per-epoch curves (the sparsity phase's too)."""
+    params = {"strategy": record.strategy, **record.options, "epochs": record.epochs}
+    params["precision"] = record.precision
+    phase = record.sparsity_phase or {}
+    curves = [
+        Metric(f"{prefix}/{key}", float(row[key]), _now(), int(row["epoch"]))
+        for prefix, history in (("epoch", record.history), ("sparsity_epoch", phase.get("history", [])))
+        for row in history
+        for key in ("train_loss", "val_acc", "lr")
+    ]
+    summary = {
+        k: v for k, v in asdict(record).items() if k in ("best_epoch", "best_val_acc", "train_seconds")
+    }
+    if phase:
+        params |= {"sparsity_phase.epochs": phase["epochs"], "sparsity_phase.strength": phase["strength"]}
+        summary |= {
+            f"sparsity_phase.{k}": phase[k]
+            for k in ("small_bn_scales_before", "small_bn_scales_after", "val_acc_after", "seconds")
+        }
+    for r in record.rounds:
+        summary |= {f"round{r['round']}.ratio": r["ratio"], f"round{r['round']}.val_acc": r["val_acc"]}
+    params |= {f"origin.{k}": v for k, v in record.origin.items()}  # a brought baseline's lineage
+    if record.pruning:
+        params |= {"pruning.groups": record.pruning["groups"]}
+        params |= {"pruning.left_alone": ", ".join(record.pruning["left_alone"])[:500]}
+    return params, summary, curves
+
+
+def candidates_markdown(table: pd.DataFrame, runs: dict[str, str], experiment_id: str) -> str:
+    """The candidates table in Markdown, each model linked to its MLflow run."""
+    links = table[["name", "strategy", "status", "val_acc", "test_acc", "params"]].copy()
+    links[["name", "strategy"]] = links[["name", "strategy"]].map(markdown_text)
+    links["run"] = [
+        f"[{runs[n][:8]}](#/experiments/{experiment_id}/runs/{runs[n]})" if n in runs else ""
+        for n in links["name"]
+    ]
+    return links.to_markdown(index=False)
 
 
 def repair_artifact_location(sqlite_uri: str, experiment_id: str, location: str) -> None:
