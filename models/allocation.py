@@ -12,33 +12,37 @@ The pieces are pure torch and plain numbers, so they are tested on crafted nets:
   from a per-group lookup table measured by :func:`measure_sensitivity` (additive, as NetAdapt).
 - :func:`measure_sensitivity`: each group pruned alone at several ratios, its validation loss
   and accuracy (after BatchNorm re-estimation, as EagleEye) and its cost.
-- :func:`allocate`: ``uniform`` (one ratio for all), ``global`` (channels ranked across groups),
-  ``sensitivity`` (a greedy on predicted loss per unit of cost, with per-group floors) or
-  ``sample`` (EagleEye: random width vectors on the budget, each scored, the best kept).
+- :func:`allocate`: a :class:`Problem` (the costs, the typed :class:`Request` and what the
+  method needs) to an :class:`Allocation` record, by one of :data:`ALLOCATORS`: ``uniform`` (one
+  ratio for all), ``global`` (channels ranked across groups), ``sensitivity`` (a greedy on
+  predicted loss per unit of cost, with per-group floors) or ``sample`` (EagleEye: random width
+  vectors on the budget, each scored, the best kept). The pipeline allocates first and then
+  calls the strategy with the widths; nothing here calls back into it.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch_pruning as tp
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from shrinkflow.models.architecture import classifier_layers
 
 Objective = Literal["params", "flops", "latency_ms"]
-Method = Literal["uniform", "global", "sensitivity", "sample"]
 Widths = dict[str, int]  # root module name of a group -> channels it keeps
 Prune = Callable[[nn.Module, Widths], nn.Module]  # prunes a model in place to these widths
 Score = Callable[[nn.Module], tuple[float, float]]  # model -> (val loss, val accuracy %)
 
 _EPS = 1e-6
+_SMALL = 1e-3  # the least latency share the check asks for, and its divisions' floor
 
 
 def round_kept(kept: int, width: int, multiple: int | None) -> int:
@@ -315,22 +319,134 @@ def with_latency(costs: CostModel, sensitivity: Sensitivity) -> CostModel:
     return CostModel(costs.widths, costs.terms, sensitivity.base["latency_ms"], sensitivity.latency_points())
 
 
-# --- allocation --------------------------------------------------------------------------------
+# --- allocation ---------------------------------------------------------------------------------
 
 
-@dataclass
+class Budget(BaseModel):
+    """Keep ``keep`` of the baseline's ``objective`` (``None`` when a search sets it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    objective: Objective = "params"
+    keep: Annotated[float, Field(gt=0, lt=1)] | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a candidate asks of an allocator, typed: ``method`` (a name in :data:`ALLOCATORS`),
+    the ``budgets`` that must all hold (each with its ``keep``), the floors (no group gives up
+    more than ``max_layer_ratio`` of its channels), ``round_to`` (kept channels rounded to the
+    nearest multiple), and the ``samples`` and ``seed`` of a ``sample`` allocation."""
+
+    method: str
+    budgets: tuple[Budget, ...]
+    max_layer_ratio: float = 0.9
+    round_to: int | None = None
+    samples: int = 16
+    seed: int = 0
+
+    def keep(self, objective: Objective) -> float | None:
+        """The share of ``objective`` a budget keeps, or ``None`` when no budget names it."""
+        return next((b.keep for b in self.budgets if b.objective == objective), None)
+
+    def with_keep(self, objective: Objective, keep: float) -> Request:
+        """The same request with ``objective``'s budget keeping ``keep``."""
+        budgets = tuple(
+            b.model_copy(update={"keep": keep}) if b.objective == objective else b for b in self.budgets
+        )
+        return replace(self, budgets=budgets)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything an allocator reads: the baseline's ``costs``, the ``request``, and what some
+    allocations need besides: the measured sensitivity ``table`` (``sensitivity``), the channels'
+    importance ``scores`` by group (``global``), and ``evaluate(widths) -> (val loss, val acc)``,
+    which prunes a copy to ``widths`` and scores it (``sample``)."""
+
+    costs: CostModel
+    request: Request
+    table: Sensitivity | None = None
+    scores: Mapping[str, Tensor] | None = None
+    evaluate: Callable[[Widths], tuple[float, float]] | None = None
+
+    @property
+    def low(self) -> Widths:
+        """The fewest channels each group may keep."""
+        return floors(self.costs.widths, self.request.max_layer_ratio, self.request.round_to)
+
+    def limit(self, budget: Budget) -> float:
+        """``budget`` in its objective's units (params, FLOPs, ms)."""
+        return budget.keep * self.costs.cost(budget.objective, self.costs.widths)
+
+    def meets(self, widths: Widths) -> bool:
+        """Whether ``widths`` hold every budget."""
+        return all(self.costs.cost(b.objective, widths) <= self.limit(b) for b in self.request.budgets)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What an allocator chose: the ``widths``, and (``sample``) every scored vector."""
+
+    widths: Widths
+    samples: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class LatencyStep:
+    """One measurement of the latency check: how the widths were reached (``table``: allocated
+    from the lookup table asked for ``asked``; ``shrink``: every group narrowed), the share the
+    table predicted, and the share measured against the baseline (``baseline_ms``)."""
+
+    by: str
+    asked: float
+    predicted: float
+    measured: float
+    baseline_ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "by": self.by,
+            "asked": round(self.asked, 4),
+            "predicted": self.predicted,
+            "measured": round(self.measured, 4),
+        }
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """A latency budget's measured check: the ``budget``, whether it was ``met`` (within the
+    timer's noise) and every step, in order; the last step measured the widths kept."""
+
+    budget: float
+    met: bool
+    steps: tuple[LatencyStep, ...]
+
+    def as_dict(self, predicted: float) -> dict[str, Any]:
+        last = self.steps[-1]
+        return {
+            "budget": self.budget,
+            "predicted_ratio": predicted,
+            "measured_ratio": round(last.measured, 4),
+            "baseline_ms": round(last.baseline_ms, 4),
+            "met": self.met,
+            "steps": [s.as_dict() for s in self.steps],
+        }
+
+
+@dataclass(frozen=True)
 class Allocation:
     """What :func:`allocate` chose: ``widths`` per group, the cost share it predicts for each
-    objective, the predicted validation loss (sensitivity table) and, for ``sample``, every
-    sampled vector's score."""
+    objective, the predicted validation loss (sensitivity table), for ``sample`` every sampled
+    vector's score, and for a latency budget the check that measured it (a new record per step:
+    a decided allocation is never changed)."""
 
     method: str
     widths: Widths
     cost: dict[str, float]
     predicted_loss: float | None = None
-    samples: list[dict[str, Any]] = field(default_factory=list)
-    # A latency budget: the allocated model timed against the baseline (see tasks/sensitivity.py)
-    measured: dict[str, Any] = field(default_factory=dict)
+    samples: tuple[dict[str, Any], ...] = ()
+    latency: LatencyCheck | None = None
 
 
 def _levels(n: int, low: int, round_to: int | None) -> list[int]:
@@ -338,16 +454,17 @@ def _levels(n: int, low: int, round_to: int | None) -> list[int]:
     return sorted({n, *(round_kept(k, n, round_to) for k in range(low, n + 1))}, reverse=True)
 
 
-def _uniform(
-    costs: CostModel, objective: Objective, budget: float, low: Widths, round_to: int | None
-) -> Widths:
+def _uniform(problem: Problem) -> Pick:
+    """One share for every group: the smallest ratio that holds the budgets."""
+    costs, low, round_to = problem.costs, problem.low, problem.request.round_to
+
     def at(ratio: float) -> Widths:
         return {
             g: max(low[g], round_kept(max(1, math.floor(n * (1 - ratio) + _EPS)), n, round_to))
             for g, n in costs.widths.items()
         }
 
-    return at(_smallest(lambda r: costs.cost(objective, at(r)) <= budget, 0.0, 1.0))
+    return Pick(at(_smallest(lambda r: problem.meets(at(r)), 0.0, 1.0)))
 
 
 def _smallest(ok: Callable[[float], bool], lo: float, hi: float) -> float:
@@ -363,7 +480,7 @@ def _smallest(ok: Callable[[float], bool], lo: float, hi: float) -> float:
 
 
 def global_plan(
-    scores: dict[Any, Tensor], original: dict[Any, int], keep: float, low: dict[Any, int]
+    scores: Mapping[Any, Tensor], original: Mapping[Any, int], keep: float, low: Mapping[Any, int]
 ) -> dict[Any, int]:
     """Channels each group keeps when ``keep`` of all channels survive, lowest scores across
     groups removed first, no group below its floor ``low``."""
@@ -383,32 +500,30 @@ def global_plan(
     return kept
 
 
-def _global(
-    costs: CostModel,
-    objective: Objective,
-    budget: float,
-    low: Widths,
-    round_to: int | None,
-    scores: dict[str, Tensor],
-) -> Widths:
+def _global(problem: Problem) -> Pick:
+    """Channels ranked across groups by their importance: the smallest share of all channels
+    dropped that holds the budgets."""
+    if problem.scores is None:
+        raise ValueError("global allocation needs the channels' importance scores")
+    costs, low, round_to = problem.costs, problem.low, problem.request.round_to
+
     def at(drop: float) -> Widths:
-        plan = global_plan(scores, costs.widths, 1 - drop, low)
+        plan = global_plan(problem.scores, costs.widths, 1 - drop, low)
         return {g: max(low[g], round_kept(k, costs.widths[g], round_to)) for g, k in plan.items()}
 
-    return at(_smallest(lambda d: costs.cost(objective, at(d)) <= budget, 0.0, 1.0))
+    return Pick(at(_smallest(lambda d: problem.meets(at(d)), 0.0, 1.0)))
 
 
-def _greedy(
-    costs: CostModel,
-    objective: Objective,
-    budget: float,
-    low: Widths,
-    round_to: int | None,
-    sens: Sensitivity,
-) -> Widths:
+def _greedy(problem: Problem) -> Pick:
     """From full width, repeatedly take one step off the group whose next step adds the least
     predicted loss per unit of cost saved, until the budget is met."""
-    levels = {g: _levels(n, low[g], round_to) for g, n in costs.widths.items()}
+    sens, costs = problem.table, problem.costs
+    if sens is None:
+        raise ValueError("sensitivity allocation needs the measured sensitivity table")
+    if len(problem.request.budgets) != 1:
+        raise ValueError("the greedy sensitivity allocation takes one budget")
+    objective, budget = problem.request.budgets[0].objective, problem.limit(problem.request.budgets[0])
+    levels = {g: _levels(n, problem.low[g], problem.request.round_to) for g, n in costs.widths.items()}
     at = {g: 0 for g in levels}  # index into levels
     kept = {g: levels[g][0] for g in levels}
     cost = costs.cost(objective, kept)
@@ -429,88 +544,111 @@ def _greedy(
         at[best] += 1
         kept[best] = levels[best][at[best]]
         cost = costs.cost(objective, kept)
-    return kept
+    return Pick(kept)
 
 
-def _random_vectors(
-    costs: CostModel,
-    objective: Objective,
-    budget: float,
-    low: Widths,
-    round_to: int | None,
-    count: int,
-    seed: int,
-) -> list[Widths]:
-    """``count`` random width vectors on the budget: each group's share falls at its own random
-    rate ``u_g`` (``1 - t * u_g``, clipped at its floor), ``t`` the smallest that meets it."""
-    gen = torch.Generator().manual_seed(seed)
+def _random_vectors(problem: Problem) -> list[Widths]:
+    """``samples`` random width vectors on the budgets: each group's share falls at its own
+    random rate ``u_g`` (``1 - t * u_g``, clipped at its floor), ``t`` the smallest that meets
+    them."""
+    costs, low, request = problem.costs, problem.low, problem.request
+    gen = torch.Generator().manual_seed(request.seed)
     vectors = []
-    for _ in range(count):
+    for _ in range(request.samples):
         u = torch.rand(len(costs.widths), generator=gen).clamp_min(0.05).tolist()
 
         def at(t: float, u: list[float] = u) -> Widths:
             return {
-                g: max(low[g], round_kept(max(1, math.floor(n * (1 - t * ug) + _EPS)), n, round_to))
+                g: max(low[g], round_kept(max(1, math.floor(n * (1 - t * ug) + _EPS)), n, request.round_to))
                 for (g, n), ug in zip(costs.widths.items(), u, strict=True)
             }
 
-        vectors.append(
-            at(_smallest(lambda t, at=at: costs.cost(objective, at(t)) <= budget, 0.0, 1 / min(u)))
-        )
+        vectors.append(at(_smallest(lambda t, at=at: problem.meets(at(t)), 0.0, 1 / min(u))))
     return vectors
 
 
-def allocate(
-    method: Method,
-    objective: Objective,
-    keep: float,
-    costs: CostModel,
-    *,
-    max_layer_ratio: float = 0.9,
-    round_to: int | None = None,
-    sensitivity: Sensitivity | None = None,
-    scores: dict[str, Tensor] | None = None,
-    evaluate: Callable[[Widths], tuple[float, float]] | None = None,
-    samples: int = 16,
-    seed: int = 0,
-) -> Allocation:
-    """Widths per group whose ``objective`` costs at most ``keep`` of the baseline's, no group
-    below ``1 - max_layer_ratio`` of its width (rounded to ``round_to``). ``global`` needs the
-    channels' ``scores``; ``sensitivity`` the measured table; ``sample`` an ``evaluate(widths)
-    -> (val loss, val acc)`` that prunes a copy and re-estimates BatchNorm."""
-    low = floors(costs.widths, max_layer_ratio, round_to)
-    budget = keep * costs.cost(objective, costs.widths)
-    least = costs.fraction(objective, low)
-    if least > keep + _EPS:
-        raise ValueError(
-            f"budget keep {keep} of {objective} is out of reach: with every group at its floor "
-            f"(max_layer_ratio {max_layer_ratio}) the network still costs {least:.4f} of the baseline's"
-        )
+def _sample(problem: Problem) -> Pick:
+    """EagleEye: random width vectors on the budgets, each scored, the lowest loss kept."""
+    if problem.evaluate is None:
+        raise ValueError("sample allocation needs an evaluate(widths) to score each vector")
     found = []
-    if method == "uniform":
-        widths = _uniform(costs, objective, budget, low, round_to)
-    elif method == "global":
-        if scores is None:
-            raise ValueError("global allocation needs the channels' importance scores")
-        widths = _global(costs, objective, budget, low, round_to, scores)
-    elif method == "sensitivity":
-        if sensitivity is None:
-            raise ValueError("sensitivity allocation needs the measured sensitivity table")
-        widths = _greedy(costs, objective, budget, low, round_to, sensitivity)
-    elif method == "sample":
-        if evaluate is None:
-            raise ValueError("sample allocation needs an evaluate(widths) to score each vector")
-        for vector in _random_vectors(costs, objective, budget, low, round_to, samples, seed):
-            loss, acc = evaluate(vector)
-            found.append({"widths": vector, "loss": loss, "acc": acc})
-        widths = min(found, key=lambda s: s["loss"])["widths"]
-    else:
-        raise ValueError(f"unknown allocation {method!r}; choose one of uniform, global, sensitivity, sample")
+    for vector in _random_vectors(problem):
+        loss, acc = problem.evaluate(vector)
+        found.append({"widths": vector, "loss": loss, "acc": acc})
+    return Pick(min(found, key=lambda s: s["loss"])["widths"], tuple(found))
+
+
+Allocator = Callable[[Problem], Pick]
+# Every allocation by name, each a function of the problem alone (what the config's `allocation`
+# chooses among, and what the tests parametrise over).
+ALLOCATORS: dict[str, Allocator] = {
+    "uniform": _uniform,
+    "global": _global,
+    "sensitivity": _greedy,
+    "sample": _sample,
+}
+
+
+def reachable(problem: Problem) -> None:
+    """Refuse, naming it, a budget that every group at its floor still exceeds."""
+    low = problem.low
+    for budget in problem.request.budgets:
+        least = problem.costs.fraction(budget.objective, low)
+        if least > budget.keep + _EPS:
+            raise ValueError(
+                f"budget keep {budget.keep} of {budget.objective} is out of reach: with every group at "
+                f"its floor (max_layer_ratio {problem.request.max_layer_ratio}) the network still "
+                f"costs {least:.4f} of the baseline's"
+            )
+
+
+def allocate(problem: Problem) -> Allocation:
+    """Widths per group that hold every budget of ``problem.request``, chosen by its method; no
+    group below ``1 - max_layer_ratio`` of its width (rounded to ``round_to``)."""
+    reachable(problem)
+    try:
+        allocator = ALLOCATORS[problem.request.method]
+    except KeyError:
+        raise ValueError(
+            f"unknown allocation {problem.request.method!r}; choose one of {', '.join(ALLOCATORS)}"
+        ) from None
+    pick = allocator(problem)
+    return allocation_of(problem, pick.widths, pick.samples)
+
+
+def allocation_of(problem: Problem, widths: Widths, samples: tuple[dict[str, Any], ...] = ()) -> Allocation:
+    """The record of ``widths``: the cost shares they reach and their predicted loss."""
+    costs = problem.costs
     objectives = ["params", "flops", *(["latency_ms"] if costs.base_latency_ms is not None else [])]
     return Allocation(
-        method,
+        problem.request.method,
         widths,
         {o: round(costs.fraction(o, widths), 6) for o in objectives},
-        sensitivity.predicted_loss(widths, costs.widths) if sensitivity is not None else None,
-        found,
+        problem.table.predicted_loss(widths, costs.widths) if problem.table is not None else None,
+        samples,
     )
+
+
+# --- what the latency check decides ----------------------------------------------------------------
+
+
+def tightened_keep(keep: float, asked: float, measured: float, predicted: float) -> float:
+    """The latency share to ask the table for next, when widths asked for ``asked`` were
+    predicted at ``predicted`` but measured at ``measured`` against a budget of ``keep``: the
+    ask scaled by the miss, and no more than the table must save if only the measured share of
+    its predicted saving is real."""
+    tighter = asked * keep / measured
+    if measured < 1:
+        real = (1 - measured) / max(1 - predicted, _SMALL)
+        tighter = max(_SMALL, min(tighter, 1 - (1 - keep) / max(real, _SMALL)))
+    return tighter
+
+
+def shrunk(problem: Problem, chosen: Allocation, factor: float) -> Allocation:
+    """``chosen`` with every group's width times ``factor``, none below its floor."""
+    low, widths, round_to = problem.low, problem.costs.widths, problem.request.round_to
+    kept = {
+        g: max(low[g], round_kept(math.floor(k * factor), widths[g], round_to))
+        for g, k in chosen.widths.items()
+    }
+    return allocation_of(problem, kept)

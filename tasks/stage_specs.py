@@ -118,7 +118,7 @@ STAGES: dict[str, StageSpec] = {
         cmd=f"shrinkflow stage shrink --candidate {KEY}",
         foreach="${shrink.candidates}",
         data=(PREPARED, BASELINE),
-        code=(*TRAINING_CODE, "tasks/search.py", "tasks/sensitivity.py", *GATE_CODE),
+        code=(*TRAINING_CODE, "tasks/search.py", "tasks/sensitivity.py", "tasks/allocate.py", *GATE_CODE),
         params=(
             "seed",
             "data.augment",

@@ -12,8 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from shrinkflow.models import apply_strategy, build_model
+from shrinkflow.models import STRATEGIES, apply_strategy, build_model
 from shrinkflow.models.allocation import (
+    ALLOCATORS,
+    Budget,
+    Problem,
+    Request,
     allocate,
     cost_model,
     floors,
@@ -22,10 +26,10 @@ from shrinkflow.models.allocation import (
     with_latency,
 )
 from shrinkflow.models.checkpoint import load_checkpoint
-from shrinkflow.models.strategies.structured import Budget
+from shrinkflow.tasks.allocate import allocate_widths, summary
 from shrinkflow.tasks.config import ConfigError, parse_params
 from shrinkflow.tasks.evaluate import count_flops, evaluate_models, load_table
-from shrinkflow.tasks.sensitivity import allocator, scorer, summary, timed_together
+from shrinkflow.tasks.sensitivity import scorer, timed_together
 from tests.conftest import small_raw
 
 
@@ -60,6 +64,13 @@ def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, :4].argmax(1)
 
 
+def _problem(costs, method, *budgets, table=None, **options) -> Problem:
+    """``budgets``: (objective, keep) pairs; ``options``: the request's and the problem's others."""
+    scores, evaluate = options.pop("scores", None), options.pop("evaluate", None)
+    request = Request(method, tuple(Budget(objective=o, keep=k) for o, k in budgets), **options)
+    return Problem(costs, request, table, scores, evaluate)
+
+
 def _table(model: nn.Module, calibration, val, ratios=(0.25, 0.5, 0.75, 0.9), timer=(2, 1, 3)):
     """The sensitivity table; ``timer``: rounds, warm-up and repeats (a glance where latency is
     not what a test checks; ``()``: the pipeline's)."""
@@ -80,7 +91,7 @@ def test_sensitivity_prunes_the_redundant_layer_more_than_the_fragile_one(method
     table = _table(model, calibration, val)
     assert table.groups["narrow"]["acc"][0] < 90 < min(table.groups["wide"]["acc"][:3])
     costs = with_latency(cost_model(model, calibration[0][:1]), table)
-    chosen = allocate(method, "params", 0.3, costs, sensitivity=table)
+    chosen = allocate(_problem(costs, method, ("params", 0.3), table=table))
     pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
     acc = scorer(calibration, val)(pruned)[1]
     share = {g: chosen.widths[g] / n for g, n in costs.widths.items()}
@@ -124,7 +135,7 @@ def test_a_budget_is_met_within_one_rounding_step(objective):
         else (1 + costs.fraction(objective, floors(costs.widths, 0.9, None))) / 2
     )
     budget = keep * costs.cost(objective, costs.widths)
-    chosen = allocate("sensitivity", objective, keep, costs, sensitivity=table)
+    chosen = allocate(_problem(costs, "sensitivity", (objective, keep), table=table))
     cost = costs.cost(objective, chosen.widths)
     assert budget - _one_step(costs, objective, chosen.widths) < cost <= budget
     pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
@@ -134,11 +145,33 @@ def test_a_budget_is_met_within_one_rounding_step(objective):
         "latency_ms": cost,
     }[objective]
     assert actual == pytest.approx(cost, rel=1e-9)
-    for method in ("uniform", "sample"):  # every allocation stays within the budget
-        other = allocate(
-            method, objective, keep, costs, sensitivity=table, samples=3, evaluate=lambda w: (0.0, 0.0)
-        )
-        assert costs.cost(objective, other.widths) <= budget
+
+
+@pytest.mark.parametrize("method", ALLOCATORS)
+def test_every_allocation_holds_its_budget_on_the_pruned_network(method):
+    model, calibration, val = _basenet(), _digits_like(64, 0), _digits_like(128, 1)
+    example = calibration[0][:1]
+    table = _table(model, calibration, val, ratios=(0.5, 0.9), timer=(1, 0, 1))
+    costs = with_latency(cost_model(model, example), table)
+    problem = _problem(
+        costs,
+        method,
+        ("params", 0.3),
+        table=table,
+        samples=3,
+        scores=STRATEGIES["prune_l1"].scores(model, calibration),
+        evaluate=lambda widths: (0.0, 0.0),
+    )
+    chosen = allocate(problem)
+    pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
+    assert sum(p.numel() for p in pruned.parameters()) <= 0.3 * costs.cost("params", costs.widths)
+    assert chosen.method == method and chosen.cost["params"] <= 0.3
+
+
+def test_an_unknown_allocation_is_refused_naming_the_known_ones():
+    costs = cost_model(_basenet(), _digits_like(1, 0)[0])
+    with pytest.raises(ValueError, match="unknown allocation 'nosuch'; choose one of uniform, global"):
+        allocate(_problem(costs, "nosuch", ("params", 0.5)))
 
 
 def test_the_cost_model_is_exact_on_every_basenet_width():
@@ -169,7 +202,7 @@ def test_allocation_on_a_residual_network_prunes_coupled_groups_together():
     table = _table(model, calibration, val, ratios=(0.5, 0.9))
     costs = with_latency(cost_model(model, calibration[0][:1]), table)
     for method in ("sensitivity", "uniform"):
-        chosen = allocate(method, "params", 0.4, costs, sensitivity=table)
+        chosen = allocate(_problem(costs, method, ("params", 0.4), table=table))
         pruned = apply_strategy("prune_l1", copy.deepcopy(model), calibration, widths=chosen.widths)
         assert pruned(calibration[0]).shape == (32, 10)
         assert sum(p.numel() for p in pruned.parameters()) <= 0.4 * costs.cost("params", costs.widths)
@@ -179,18 +212,13 @@ def test_allocation_on_a_residual_network_prunes_coupled_groups_together():
 
 def test_global_allocation_ranks_channels_across_groups():
     model, batch = _basenet(batch_norm=False), _digits_like(16, 0)
-    heard = []
-    pruned = apply_strategy(
-        "prune_l1",
-        copy.deepcopy(model),
-        batch,
-        budget={"objective": "flops", "keep": 0.25},
-        allocation="global",
-        on_allocation=heard.append,
-    )
+    costs = cost_model(model, batch[0][:1])
+    scores = STRATEGIES["prune_l1"].scores(model, batch)
+    chosen = allocate(_problem(costs, "global", ("flops", 0.25), scores=scores))
+    pruned = apply_strategy("prune_l1", copy.deepcopy(model), batch, widths=chosen.widths)
     assert count_flops(pruned, batch[0][:1]) <= 0.25 * count_flops(model, batch[0][:1])
-    uniform = allocate("uniform", "flops", 0.25, cost_model(model, batch[0][:1]))
-    assert heard[0].widths != uniform.widths and heard[0].method == "global"
+    uniform = allocate(_problem(costs, "uniform", ("flops", 0.25)))
+    assert chosen.widths != uniform.widths and chosen.method == "global"
 
 
 @pytest.mark.parametrize(
@@ -214,7 +242,7 @@ def test_budget_misfits_are_refused_with_one_line(candidate, message):
 def test_an_unreachable_budget_is_refused_before_pruning():
     model = _basenet()
     with pytest.raises(ValueError, match="out of reach"):
-        allocate("uniform", "params", 0.001, cost_model(model, _digits_like(1, 0)[0]))
+        allocate(_problem(cost_model(model, _digits_like(1, 0)[0]), "uniform", ("params", 0.001)))
 
 
 def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_widths(trained_layout):
@@ -307,15 +335,9 @@ def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_
 @pytest.mark.parametrize("strategy", ["prune_l1", "prune_taylor"])
 def test_recorded_widths_rebuild_the_exact_pruned_model(strategy):
     model, batch = _basenet(), _digits_like(16, 0)
-    heard = []
-    allocated = apply_strategy(
-        strategy,
-        copy.deepcopy(model),
-        batch,
-        budget={"objective": "params", "keep": 0.3},
-        on_allocation=heard.append,
-    )
-    widths = json.loads(json.dumps(heard[0].widths))  # as record.json stores them
+    chosen = allocate(_problem(cost_model(model, batch[0][:1]), "uniform", ("params", 0.3)))
+    allocated = apply_strategy(strategy, copy.deepcopy(model), batch, widths=chosen.widths)
+    widths = json.loads(json.dumps(chosen.widths))  # as record.json stores them
     rebuilt = apply_strategy(strategy, copy.deepcopy(model), batch, widths=widths)
     assert rebuilt.spec() == allocated.spec()
     expected = allocated.state_dict()
@@ -350,21 +372,15 @@ def wide_table():
     return model, calibration, val, _table(model, calibration, val, (0.25, 0.5, 0.75), timer=())
 
 
-def _latency_allocator(table, calibration, val, **budget):
-    options = {
-        "budget": Budget(objective="latency_ms", **budget),
-        "allocation": "sensitivity",
-        "max_layer_ratio": 0.75,
-        "round_to": None,
-        "samples": 2,
-    }
-    return allocator("prune_l1", options, table, calibration, val, seed=0)
+def _latency_allocation(model, table, calibration, val, keep):
+    request = Request("sensitivity", (Budget(objective="latency_ms", keep=keep),), 0.75, samples=2)
+    return allocate_widths("prune_l1", request, copy.deepcopy(model), table, calibration, val)
 
 
 def test_a_latency_budget_is_met_by_measurement_and_the_ratios_are_recorded(wide_table):
     model, calibration, val, table = wide_table
-    chosen = _latency_allocator(table, calibration, val, keep=0.5)(copy.deepcopy(model), {})
-    measured = chosen.measured
+    chosen = _latency_allocation(model, table, calibration, val, keep=0.5)
+    measured = chosen.latency.as_dict(chosen.cost["latency_ms"])
     assert measured["predicted_ratio"] == chosen.cost["latency_ms"] <= 0.5
     assert measured["met"] and measured["measured_ratio"] <= 0.5 * 1.05, measured
     assert 0.05 < measured["measured_ratio"] < 1.0 and measured["baseline_ms"] > 0
@@ -380,15 +396,16 @@ def test_a_table_that_flatters_the_pruned_model_is_caught_by_measurement(wide_ta
     base = flattering.base["latency_ms"]
     for row in flattering.groups.values():
         row["latency_ms"] = [max(0.05 * base, base - 3 * (base - ms)) for ms in row["latency_ms"]]
-    with caplog.at_level("INFO", logger="shrinkflow.tasks.sensitivity"):
-        chosen = _latency_allocator(flattering, calibration, val, keep=0.5)(copy.deepcopy(model), {})
-    steps = chosen.measured["steps"]
+    with caplog.at_level("INFO", logger="shrinkflow.tasks.allocate"):
+        chosen = _latency_allocation(model, flattering, calibration, val, keep=0.5)
+    measured = chosen.latency.as_dict(chosen.cost["latency_ms"])
+    steps = measured["steps"]
     assert steps[0]["measured"] > 0.5 * 1.05, "the flattering table missed the budget at first"
     assert len(steps) > 1 and steps[1]["asked"] < 0.5
     assert "allocating again" in caplog.text
     # The record says what was measured, never the table's flattering figure, and it is met.
-    assert chosen.measured["measured_ratio"] == steps[-1]["measured"] <= 0.5 * 1.05, steps
-    assert chosen.measured["met"] and steps[-1]["measured"] < steps[0]["measured"]
+    assert measured["measured_ratio"] == steps[-1]["measured"] <= 0.5 * 1.05, steps
+    assert measured["met"] and steps[-1]["measured"] < steps[0]["measured"]
 
 
 def test_a_structured_ratio_candidate_has_its_widths_in_the_table(evaluated):

@@ -27,6 +27,9 @@ class StrategyOptions(BaseModel):
 
     # Options the pipeline consumes around the strategy (a pre-phase) rather than passing to it.
     PHASE_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # Options the pipeline reads to decide what to pass (a budget's allocation), recorded with
+    # the candidate but never passed to the strategy.
+    ALLOCATION_KEYS: ClassVar[frozenset[str]] = frozenset()
 
     def sparsity_phase(self) -> tuple[int, float] | None:
         """``(epochs, L1 strength on BatchNorm scales)`` to fine-tune with before shrinking."""
@@ -53,7 +56,9 @@ class Strategy:
     a network brought from outside (torchvision by name, a factory) is refused.
     ``exclusive``: it traces the model with torch.fx, which patches ``nn.Module.__call__`` for the
     whole process while it runs, so no other model may train in the same process meanwhile.
-    ``note``: what a reader of the results table must know about its figures."""
+    ``note``: what a reader of the results table must know about its figures.
+    ``scores``: a structured pruner's per-channel importance of each prunable group, by root
+    module name (what a ``global`` budget allocation ranks)."""
 
     name: str
     shrink: Shrink
@@ -67,6 +72,7 @@ class Strategy:
     needs_parametric: bool = False
     exclusive: bool = False
     note: str = ""
+    scores: Callable[[nn.Module, Batch], dict[str, Tensor]] | None = None
 
     def refusal(self, arch_options: dict[str, Any]) -> str | None:
         """Why this strategy cannot shrink the architecture ``arch_options`` describes, or None."""

@@ -12,36 +12,28 @@ per-layer floor, rounding to the nearest multiple) is handed to torch-pruning as
 same channels a global threshold would pick there.
 
 With a ``budget`` the kept counts come from :mod:`shrinkflow.models.allocation` instead (per-layer
-widths meeting a params, FLOPs or latency budget), and ``widths`` (kept channels by group root
-name) replays a recorded allocation exactly: the same widths on the same baseline remove the same
-channels.
+widths meeting params, FLOPs or latency budgets), allocated by the pipeline before the strategy
+runs and handed to it as ``widths`` (kept channels by group root name), which also replays a
+recorded allocation exactly: the same widths on the same baseline remove the same channels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
-from shrinkflow.models.allocation import Allocation, allocate, cost_model, global_plan, round_kept
+from shrinkflow.models.allocation import ALLOCATORS, Budget, Request, global_plan, round_kept
 from shrinkflow.models.architecture import classifier_layers, record_pruning
 from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 _EPS = 1e-6  # float slack when a ratio times a width should land on an integer (0.75 * 64)
-
-
-class Budget(BaseModel):
-    """Keep ``keep`` of the baseline's ``objective`` (``None`` when a search sets it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    objective: Literal["params", "flops", "latency_ms"] = "params"
-    keep: Annotated[float, Field(gt=0, lt=1)] | None = None
+AllocationMethod = Literal[tuple(ALLOCATORS)]  # the config offers every registered allocator
 
 
 class StructuredOptions(RatioOptions):
@@ -65,9 +57,19 @@ class StructuredOptions(RatioOptions):
     round_to: Annotated[int, Field(ge=2, le=256)] | None = None
     max_layer_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.9
     budget: Budget | None = None
-    allocation: Literal["uniform", "global", "sensitivity", "sample"] = "uniform"
+    allocation: AllocationMethod = "uniform"
     sensitivity_ratios: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.25, 0.5, 0.75, 0.9)
     samples: Annotated[int, Field(ge=1, le=200)] = 16
+    # Read by the pipeline to allocate widths before the strategy runs, never passed to it.
+    ALLOCATION_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"budget", "allocation", "sensitivity_ratios", "samples"}
+    )
+
+    def allocation_request(self, seed: int, keep: float | None = None) -> Request:
+        """The budget and how to allocate it, as the allocator reads them; ``keep``: a search's
+        trial, for the budget whose ``keep`` the search sets."""
+        budget = self.budget if keep is None else self.budget.model_copy(update={"keep": keep})
+        return Request(self.allocation, (budget,), self.max_layer_ratio, self.round_to, self.samples, seed)
 
     @model_validator(mode="after")
     def _reachable(self) -> StructuredOptions:
@@ -251,38 +253,6 @@ def prune(
     return model
 
 
-Allocator = Callable[[nn.Module, dict[str, torch.Tensor]], Allocation]
-
-
-def budget_widths(
-    model: nn.Module,
-    batch: Batch,
-    scores: dict[str, torch.Tensor],
-    budget: Budget,
-    allocation: str,
-    round_to: int | None,
-    max_layer_ratio: float,
-) -> Allocation:
-    """The allocation a budget needs when nothing was measured: ``uniform`` or ``global`` on
-    params or FLOPs (latency and the other allocations need the pipeline's measurements, see
-    :mod:`shrinkflow.tasks.sensitivity`)."""
-    if budget.objective == "latency_ms" or allocation not in ("uniform", "global"):
-        raise ValueError(
-            f"allocation {allocation} with objective {budget.objective} needs measured sensitivity; "
-            "run the candidate through shrinkflow.tasks.train or pass allocate="
-        )
-    costs = cost_model(model, batch[0][:1])
-    return allocate(
-        allocation,
-        budget.objective,
-        budget.keep,
-        costs,
-        max_layer_ratio=max_layer_ratio,
-        round_to=round_to,
-        scores=scores,
-    )
-
-
 def structured(
     name: str,
     importance: Callable[[], tp.importance.Importance],
@@ -291,9 +261,9 @@ def structured(
     **facts: Any,
 ) -> Strategy:
     """A structured-pruning strategy ranking channels by ``importance()`` (made fresh per call:
-    importances may keep state). With a ``budget``, the widths come from ``allocate(model,
-    scores)`` (the pipeline passes one built from measured sensitivity; without it, see
-    :func:`budget_widths`); ``on_allocation`` hears the chosen :class:`Allocation`."""
+    importances may keep state). A budget's widths are allocated before it runs (see
+    :mod:`shrinkflow.models.allocation`) and reach it as ``widths``; ``scores`` gives each
+    group's channel importance, which a ``global`` allocation ranks."""
 
     defaults = {k: f.default for k, f in options.model_fields.items()}
 
@@ -306,27 +276,8 @@ def structured(
         iterative_steps: int = defaults["iterative_steps"],
         round_to: int | None = defaults["round_to"],
         max_layer_ratio: float = defaults["max_layer_ratio"],
-        budget: Budget | dict | None = None,
-        allocation: str = defaults["allocation"],
-        sensitivity_ratios: tuple[float, ...] = defaults["sensitivity_ratios"],  # read by the allocator
-        samples: int = defaults["samples"],  # read by the allocator
         widths: dict[str, int] | None = None,
-        allocate: Allocator | None = None,
-        on_allocation: Callable[[Allocation], None] | None = None,
     ) -> nn.Module:
-        if budget is not None and widths is None:
-            budget = Budget.model_validate(budget)
-            if budget.keep is None:
-                raise ValueError("budget.keep is not set (a search sets it)")
-            scores = group_scores(model, batch, importance, needs_grad)
-            chosen = (
-                allocate(model, scores)
-                if allocate is not None
-                else budget_widths(model, batch, scores, budget, allocation, round_to, max_layer_ratio)
-            )
-            if on_allocation is not None:
-                on_allocation(chosen)
-            widths = chosen.widths
         return prune(
             model,
             batch,
@@ -340,5 +291,9 @@ def structured(
             widths,
         )
 
+    def scores(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        with torch.enable_grad():  # a Taylor importance needs the loss's gradients
+            return group_scores(model, batch, importance, needs_grad)
+
     shrink.__name__ = shrink.__qualname__ = name
-    return Strategy(name, shrink, options, warm_start=True, **facts)
+    return Strategy(name, shrink, options, warm_start=True, scores=scores, **facts)
