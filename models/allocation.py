@@ -617,9 +617,11 @@ def allocate(problem: Problem) -> Allocation:
 
 
 def allocation_of(problem: Problem, widths: Widths, samples: tuple[dict[str, Any], ...] = ()) -> Allocation:
-    """The record of ``widths``: the cost shares they reach and their predicted loss."""
+    """The record of ``widths``: the cost shares they reach (params and FLOPs, exact; latency
+    only where a budget asks for it, since the table's prediction adds single-group savings that
+    overlap) and their predicted loss."""
     costs = problem.costs
-    objectives = ["params", "flops", *(["latency_ms"] if costs.base_latency_ms is not None else [])]
+    objectives = ["params", "flops", *(["latency_ms"] if problem.request.keep("latency_ms") else [])]
     return Allocation(
         problem.request.method,
         widths,

@@ -186,9 +186,11 @@ def summary(allocation: Allocation, table: Sensitivity, path: str) -> dict[str, 
     """What a candidate's record (and so MLflow) keeps of its allocation: the widths, the cost
     shares they predict, the predicted validation loss, each group's measured loss curve and the
     table's file; a ``sample`` allocation's scored vectors; a latency budget's measured check."""
+    # The latency table adds single-group savings, which overlap: a prediction below zero is none.
+    cost = {o: None if o == "latency_ms" and v < 0 else v for o, v in allocation.cost.items()}
     found = {
         "widths": allocation.widths,
-        "allocated": {"method": allocation.method, "cost": allocation.cost},
+        "allocated": {"method": allocation.method, "cost": cost},
         "sensitivity": {
             "file": path,
             "ratios": table.ratios,
@@ -199,7 +201,7 @@ def summary(allocation: Allocation, table: Sensitivity, path: str) -> dict[str, 
     if allocation.predicted_loss is not None:
         found["allocated"]["predicted_val_loss"] = round(allocation.predicted_loss, 4)
     if allocation.latency is not None:
-        found["allocated"]["latency"] = allocation.latency.as_dict(allocation.cost["latency_ms"])
+        found["allocated"]["latency"] = allocation.latency.as_dict(cost["latency_ms"])
     if allocation.samples:
         found["allocated"]["samples"] = [
             {"loss": round(s["loss"], 4), "acc": round(s["acc"], 2)} for s in allocation.samples

@@ -15,7 +15,10 @@ from torch import nn
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
 from shrinkflow.models.allocation import (
     ALLOCATORS,
+    Allocation,
     Budget,
+    LatencyCheck,
+    LatencyStep,
     Problem,
     Request,
     allocate,
@@ -268,6 +271,8 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
     on_disk = json.loads(layout.record("p").read_text())
     assert on_disk["options"]["widths"] == first.options["widths"]
     assert on_disk["options"]["allocated"]["cost"]["params"] <= 0.2
+    # No latency budget, so no latency prediction (the table's would overlap savings, even below 0).
+    assert set(on_disk["options"]["allocated"]["cost"]) == {"params", "flops"}
     assert first.options["ratio"] == pytest.approx(1 - on_disk["options"]["allocated"]["cost"]["params"])
     # The recorded widths rebuild the exact shapes of the saved model from the baseline.
     baseline, _ = load_checkpoint(layout.root / first_baseline(layout), sha256=None)
@@ -386,6 +391,20 @@ def test_a_latency_budget_is_met_by_measurement_and_the_ratios_are_recorded(wide
     assert 0.05 < measured["measured_ratio"] < 1.0 and measured["baseline_ms"] > 0
     found = summary(chosen, table, "candidates/sensitivity-prune_l1.json")
     assert found["allocated"]["latency"] == measured
+
+
+def test_a_latency_prediction_below_zero_is_recorded_as_none(wide_table):
+    model, calibration, val, table = wide_table
+    step = LatencyStep("table", 0.5, -0.2, 0.45, 1.0)
+    chosen = Allocation(
+        "sensitivity",
+        {"fc1": 10},
+        {"params": 0.3, "flops": 0.3, "latency_ms": -0.2},
+        latency=LatencyCheck(0.5, True, (step,)),
+    )
+    found = summary(chosen, table, "sensitivity.json")["allocated"]
+    assert found["cost"]["latency_ms"] is None and found["latency"]["predicted_ratio"] is None
+    assert found["latency"]["measured_ratio"] == 0.45
 
 
 def test_a_table_that_flatters_the_pruned_model_is_caught_by_measurement(wide_table, caplog):
