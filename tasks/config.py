@@ -324,6 +324,29 @@ class ShrinkConfig(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _one_table_per_strategy(self) -> ShrinkConfig:
+        # The sensitivity stage measures one table per strategy for every budget candidate.
+        ratios: dict[str, tuple[str, tuple[float, ...]]] = {}
+        for name, cand in self.candidates.items():
+            if getattr(cand, "budget", None) is None:
+                continue
+            first, seen = ratios.setdefault(cand.strategy, (name, cand.sensitivity_ratios))
+            if seen != cand.sensitivity_ratios:
+                raise ValueError(
+                    f"candidates {first!r} and {name!r} allocate {cand.strategy} from different "
+                    "sensitivity_ratios; one table is measured per strategy, so give them the same"
+                )
+        return self
+
+    def sensitivity_tables(self) -> dict[str, tuple[float, ...]]:
+        """The sensitivity tables the budget candidates allocate from: strategy -> its ratios."""
+        return {
+            cand.strategy: cand.sensitivity_ratios
+            for cand in self.candidates.values()
+            if getattr(cand, "budget", None) is not None
+        }
+
 
 # The image size each built-in source has before any resize (imagefolder's is known only later).
 SOURCE_IMAGE_SIZES = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
@@ -431,6 +454,7 @@ class PathsConfig(_Section):
 
     prepared: str = "data/prepared"
     baseline: str = "artifacts/baseline"
+    sensitivity: str = "artifacts/sensitivity"  # the tables budget candidates allocate from
     candidates: str = "artifacts/candidates"
     reports: str = "reports"
     # Outputs stay inside the project unless this opts in (stages delete stale files they own).
@@ -438,7 +462,8 @@ class PathsConfig(_Section):
 
     @model_validator(mode="after")
     def _inside_the_project(self) -> PathsConfig:
-        named = {k: getattr(self, k) for k in ("prepared", "baseline", "candidates", "reports")}
+        keys = ("prepared", "baseline", "sensitivity", "candidates", "reports")
+        named = {k: getattr(self, k) for k in keys}
         for key, value in named.items():
             parts = Path(value).parts
             if not value.strip() or Path(value) == Path("."):
@@ -449,7 +474,7 @@ class PathsConfig(_Section):
                     "paths.outside_project: true"
                 )
         if len({Path(v) for v in named.values()}) < len(named):
-            raise ValueError("paths.prepared, baseline, candidates and reports must all differ")
+            raise ValueError("paths.prepared, baseline, sensitivity, candidates and reports must all differ")
         return self
 
 

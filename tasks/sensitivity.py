@@ -1,18 +1,21 @@
-"""Measured sensitivity of the baseline, which a budget candidate's allocation reads.
+"""The sensitivity stage: the measured tables budget candidates allocate from, between baseline
+and shrink.
 
-Each prunable group of the baseline is pruned alone at each ``sensitivity_ratios`` ratio by the
-candidate's own strategy (its importance picks the channels), BatchNorm statistics are
-re-estimated on the calibration images, and validation loss and accuracy, params, FLOPs and
-batch-1 single-thread latency (``evaluate``'s timer) are measured. The table is cached in
-``<paths.candidates>/sensitivity-<strategy>.json`` with the baseline checkpoint's sha256, the
-prepared data's fingerprint and the ratios: every candidate of a run reuses it, and a changed
-baseline (or data, or ratios) makes it measured again. A plot of every group's curve sits beside.
+For each strategy a budget candidate prunes with, each prunable group of the baseline is pruned
+alone at each ``sensitivity_ratios`` ratio by that strategy (its importance picks the channels),
+BatchNorm statistics are re-estimated on the calibration images, and validation loss and
+accuracy, params, FLOPs and batch-1 single-thread latency (``evaluate``'s timer) are measured.
+Each table is written to ``<paths.sensitivity>/sensitivity-<strategy>.json`` with its key (the
+baseline checkpoint's sha256, the prepared data's fingerprint, the strategy, the ratios and the
+calibration size), a plot of every group's curve beside it, and ``tables.json`` lists them (and
+is written, empty, when no candidate needs a table). A table whose key still holds is kept, not
+measured again; a candidate refuses a table that is missing or whose key no longer holds.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +32,14 @@ from shrinkflow.models.allocation import (
     measure_sensitivity,
     reestimate_batch_norm,
 )
+from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.timing import median_latency_ms
+from shrinkflow.tasks.config import Params
+from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.io import atomic_path, read_json, write_json
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.records import load_manifest, load_record
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +49,6 @@ log = logging.getLogger(__name__)
 # seen) slows every model of a round alike, so the ratios hold where the milliseconds do not.
 WARMUP, REPEATS, ROUNDS = 1, 3, 20
 BN_BATCH = 64
-_LOCKS: dict[Path, threading.Lock] = {}
-_LOCKS_LOCK = threading.Lock()
 
 Batch = tuple[Tensor, Tensor]
 
@@ -61,10 +68,6 @@ def timed_together(
     )
 
 
-def sensitivity_path(candidates_dir: Path, strategy: str) -> Path:
-    return candidates_dir / f"sensitivity-{strategy}.json"
-
-
 def scorer(calibration: Batch, val: Batch) -> Callable[[nn.Module], tuple[float, float]]:
     """Validation loss and accuracy after BatchNorm re-estimation on the calibration images."""
     batches = [calibration[0][i : i + BN_BATCH].float() for i in range(0, len(calibration[0]), BN_BATCH)]
@@ -77,36 +80,98 @@ def scorer(calibration: Batch, val: Batch) -> Callable[[nn.Module], tuple[float,
     return score
 
 
-def load_or_measure(
-    path: Path,
-    baseline: nn.Module,
-    key: dict[str, Any],
-    strategy: str,
-    calibration: Batch,
-    val: Batch,
-    ratios: tuple[float, ...],
+class TableMissing(ShrinkflowError, FileNotFoundError):
+    """A budget candidate's sensitivity table is not there, or was measured for something else."""
+
+
+def calibration_and_val(params: Params, layout: Layout) -> tuple[Batch, Batch]:
+    """The images a table is measured on: the first ``shrink.calibration_size`` training images
+    (BatchNorm re-estimation; the candidates' calibration batch) and the validation split."""
+    x, y = load_split(layout, "train")
+    n = params.shrink.calibration_size
+    return (x[:n], y[:n]), load_split(layout, "val")
+
+
+def table_key(params: Params, layout: Layout, strategy: str, calibration: Batch) -> dict[str, Any]:
+    """What a table is a function of: the baseline, the data, the strategy, its ratios and the
+    calibration images."""
+    return {
+        "baseline_sha256": load_record(layout, "baseline").sha256,
+        "data": load_manifest(layout).fingerprint,
+        "strategy": strategy,
+        "ratios": list(params.shrink.sensitivity_tables()[strategy]),
+        "calibration_size": len(calibration[0]),
+    }
+
+
+def measure_table(params: Params, layout: Layout, strategy: str) -> Path:
+    """``strategy``'s table, measured and written with its plot, unless the one there already
+    has its key."""
+    path, calibration_val = layout.sensitivity_table(strategy), calibration_and_val(params, layout)
+    key = table_key(params, layout, strategy, calibration_val[0])
+    if path.exists() and read_json(path).get("key") == key:
+        log.info("%s: measured before for this baseline, data and settings; kept", path.name)
+        return path
+    started = time.perf_counter()
+    baseline = load_record(layout, "baseline")
+    model, _ = load_checkpoint(layout.root / baseline.checkpoint, sha256=baseline.sha256)
+    table = measure(model, strategy, *calibration_val, tuple(key["ratios"]))
+    write_json(path, {"key": key, "table": asdict(table)})
+    plot_sensitivity(table, path.with_suffix(".png"))
+    log.info("%s: %d groups measured in %.1f s", path.name, len(table.groups), time.perf_counter() - started)
+    return path
+
+
+def measure(
+    model: nn.Module, strategy: str, calibration: Batch, val: Batch, ratios: tuple[float, ...]
 ) -> Sensitivity:
-    """The cached table at ``path`` when its ``key`` (baseline sha256, data fingerprint,
-    strategy, ratios) matches, else measured now and written there (one thread at a time)."""
-    with _LOCKS_LOCK:
-        lock = _LOCKS.setdefault(path.resolve(), threading.Lock())
-    with lock:
-        if path.exists():
-            cached = read_json(path)
-            if cached.get("key") == key:
-                return Sensitivity(**cached["table"])
-            log.info("%s was measured for another baseline or settings; measuring again", path.name)
-        table = measure_sensitivity(
-            baseline,
-            calibration[0][:1].float(),
-            lambda model, widths: apply_strategy(strategy, model, calibration, widths=widths),
-            scorer(calibration, val),
-            timed_together(calibration[0][:1].float()),
-            ratios,
+    """Each prunable group of ``model`` pruned alone by ``strategy`` at each ratio, measured."""
+    example = calibration[0][:1].float()
+    return measure_sensitivity(
+        model,
+        example,
+        lambda m, widths: apply_strategy(strategy, m, calibration, widths=widths),
+        scorer(calibration, val),
+        timed_together(example),
+        ratios,
+    )
+
+
+def write_index(params: Params, layout: Layout) -> Path:
+    """``tables.json``: each table the budget candidates need, with its key; a table no candidate
+    needs any more is removed, so the stage's output is exactly what it declares."""
+    wanted = {layout.sensitivity_table(s): s for s in params.shrink.sensitivity_tables()}
+    layout.sensitivity.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(layout.sensitivity.glob("sensitivity-*.*")):
+        if stale.with_suffix(".json") not in wanted:
+            stale.unlink()
+            log.info("removed %s: no budget candidate allocates from it", stale)
+    tables = {s: {"file": p.name, "key": read_json(p)["key"]} for p, s in wanted.items() if p.is_file()}
+    write_json(layout.sensitivity_index, {"tables": tables})
+    return layout.sensitivity_index
+
+
+def sensitivity_stage(params: Params, layout: Layout) -> list[Path]:
+    """Every table the budget candidates need (none: only the empty index), one after another."""
+    paths = [measure_table(params, layout, strategy) for strategy in params.shrink.sensitivity_tables()]
+    write_index(params, layout)
+    return paths
+
+
+def load_table(params: Params, layout: Layout, strategy: str, calibration: Batch) -> Sensitivity:
+    """The table a budget candidate of ``strategy`` allocates from, refused in one line when it is
+    missing or was measured for another baseline, data or settings."""
+    path = layout.sensitivity_table(strategy)
+    rerun = "run `shrinkflow stage sensitivity` (dvc repro runs it before shrink)"
+    if not path.is_file():
+        raise TableMissing(f"the sensitivity table {path.relative_to(layout.root)} is missing; {rerun}")
+    stored = read_json(path)
+    if stored.get("key") != table_key(params, layout, strategy, calibration):
+        raise TableMissing(
+            f"the sensitivity table {path.relative_to(layout.root)} was measured for another baseline, "
+            f"data or settings; {rerun}"
         )
-        write_json(path, {"key": key, "table": asdict(table)})
-        plot_sensitivity(table, path.with_suffix(".png"))
-        return table
+    return Sensitivity(**stored["table"])
 
 
 def plot_sensitivity(table: Sensitivity, path: Path) -> Path:

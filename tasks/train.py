@@ -40,7 +40,7 @@ from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
 from shrinkflow.tasks.search import Trial, best_trial, search_ratio
-from shrinkflow.tasks.sensitivity import load_or_measure, sensitivity_path
+from shrinkflow.tasks.sensitivity import load_table
 from shrinkflow.tasks.stats import Comparison
 
 log = logging.getLogger(__name__)
@@ -182,30 +182,16 @@ def _allocated(
     params: Params, layout: Layout, name: str, inputs: _Inputs, model: nn.Module, ratio: float | None
 ) -> dict[str, Any]:
     """A budget candidate's allocation, made before its strategy runs, as its record keeps it
-    (``widths`` among it): ``ratio`` (a search's trial) becomes ``budget.keep = 1 - ratio``; the
-    baseline's sensitivity is measured once and cached (see :mod:`shrinkflow.tasks.sensitivity`)."""
+    (``widths`` among it), from the table the sensitivity stage measured; ``ratio`` (a search's
+    trial) becomes ``budget.keep = 1 - ratio``."""
     cand = params.shrink.candidates[name]
     request = cand.allocation_request(params.seed, None if ratio is None else 1 - ratio)
-    path = sensitivity_path(layout.candidates, cand.strategy)
-    key = {
-        "baseline_sha256": inputs.baseline.sha256,
-        "data": load_manifest(layout).fingerprint,
-        "strategy": cand.strategy,
-        "ratios": list(cand.sensitivity_ratios),
-        "calibration_size": len(inputs.calibration[0]),
-    }
-    table = load_or_measure(
-        path,
-        _baseline(layout, inputs),
-        key,
-        cand.strategy,
-        inputs.calibration,
-        inputs.val,
-        cand.sensitivity_ratios,
-    )
+    table = load_table(params, layout, cand.strategy, inputs.calibration)
     chosen = allocate_widths(cand.strategy, request, model, table, inputs.calibration, inputs.val)
-    found = summary(chosen, table, str(path.relative_to(layout.root)))
-    return found | {"ratio": round(1 - chosen.cost[request.budgets[0].objective], 6)}
+    path = layout.sensitivity_table(cand.strategy).relative_to(layout.root)
+    return summary(chosen, table, str(path)) | {
+        "ratio": round(1 - chosen.cost[request.budgets[0].objective], 6)
+    }
 
 
 def _sparsity_phase(

@@ -32,7 +32,8 @@ from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.tasks.allocate import allocate_widths, summary
 from shrinkflow.tasks.config import ConfigError, parse_params
 from shrinkflow.tasks.evaluate import count_flops, evaluate_models, load_table
-from shrinkflow.tasks.sensitivity import scorer, timed_together
+from shrinkflow.tasks.sensitivity import TableMissing, scorer, sensitivity_stage, timed_together
+from shrinkflow.tasks.sensitivity import load_table as load_sensitivity
 from tests.conftest import small_raw
 
 
@@ -248,7 +249,18 @@ def test_an_unreachable_budget_is_refused_before_pruning():
         allocate(_problem(cost_model(model, _digits_like(1, 0)[0]), "uniform", ("params", 0.001)))
 
 
-def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_widths(trained_layout):
+def test_budget_candidates_of_one_strategy_share_their_sensitivity_ratios():
+    two = (
+        "shrink.candidates={a: {strategy: prune_l1, budget: {keep: 0.2}},"
+        " b: {strategy: prune_l1, budget: {keep: 0.3}, sensitivity_ratios: [0.5, 0.9]}}"
+    )
+    with pytest.raises(ConfigError, match="'a' and 'b' allocate prune_l1 from different sensitivity_ratios"):
+        parse_params(small_raw(two))
+
+
+def test_budget_candidates_allocate_from_the_sensitivity_stage_and_rebuild_from_their_widths(
+    trained_layout,
+):
     from shrinkflow.tasks.train import shrink_candidate
 
     params = parse_params(
@@ -260,13 +272,18 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
         )
     )
     layout = trained_layout
-    first = shrink_candidate(params, layout, "p")
-    cache = layout.candidates / "sensitivity-prune_l1.json"
+    cache = layout.sensitivity / "sensitivity-prune_l1.json"
+    assert sensitivity_stage(params, layout) == [cache]
+    assert (layout.sensitivity / "sensitivity-prune_l1.png").stat().st_size > 0
+    assert json.loads(layout.sensitivity_index.read_text())["tables"]["prune_l1"]["file"] == cache.name
     stamp = cache.stat().st_mtime_ns
-    assert (layout.candidates / "sensitivity-prune_l1.png").stat().st_size > 0
+    first = shrink_candidate(params, layout, "p")
     second = shrink_candidate(params, layout, "l")
-    assert cache.stat().st_mtime_ns == stamp, "the second candidate reuses the table"
+    sensitivity_stage(params, layout)  # again: its key still holds, so the table is kept
+    assert cache.stat().st_mtime_ns == stamp, "candidates and a second stage run reuse the table"
     assert first.options["sensitivity"] == second.options["sensitivity"]
+    assert first.options["sensitivity"]["file"] == "artifacts/sensitivity/sensitivity-prune_l1.json"
+    assert not list(layout.candidates.glob("sensitivity-*")), "no longer written beside the candidates"
     assert len(second.options["allocated"]["samples"]) == 3
     on_disk = json.loads(layout.record("p").read_text())
     assert on_disk["options"]["widths"] == first.options["widths"]
@@ -296,11 +313,31 @@ def test_budget_candidates_share_the_cached_sensitivity_and_rebuild_from_their_w
             g: str(n) for g, n in record.options["widths"].items()
         }
     assert pd.isna(table.loc["baseline", "widths"])
-    # A changed baseline: the cached table is refused and measured again.
+    # A table measured for another baseline is refused in one line, and the stage measures it again.
     stored = json.loads(cache.read_text())
     cache.write_text(json.dumps(stored | {"key": stored["key"] | {"baseline_sha256": "0" * 64}}))
-    shrink_candidate(params, layout, "p")
+    with pytest.raises(TableMissing, match="measured for another baseline.*shrinkflow stage sensitivity"):
+        shrink_candidate(params, layout, "p")
+    assert json.loads(layout.record("p").read_text())["status"] == "failed"
+    assert not layout.checkpoint("p").exists()
+    sensitivity_stage(params, layout)
     assert json.loads(cache.read_text())["key"] == stored["key"]
+
+
+def test_the_sensitivity_stage_declares_an_empty_output_and_drops_tables_no_one_needs(trained_layout):
+    layout, stale = trained_layout, trained_layout.sensitivity / "sensitivity-prune_fpgm.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
+    stale.with_suffix(".png").write_bytes(b"")
+    params = parse_params(small_raw())  # no budget candidate
+    assert sensitivity_stage(params, layout) == []
+    assert sorted(p.name for p in layout.sensitivity.iterdir()) == ["tables.json"]
+    assert json.loads(layout.sensitivity_index.read_text()) == {"tables": {}}
+    budget = parse_params(
+        small_raw("shrink.candidates={p: {strategy: prune_l1, budget: {keep: 0.2}, allocation: uniform}}")
+    )
+    with pytest.raises(TableMissing, match=r"sensitivity-prune_l1.json is missing; run `shrinkflow stage"):
+        load_sensitivity(budget, layout, "prune_l1", _digits_like(4, 0))
 
 
 def first_baseline(layout) -> str:
@@ -308,7 +345,7 @@ def first_baseline(layout) -> str:
 
 
 def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_layout):
-    from shrinkflow.tasks.stages import Context, run_candidate
+    from shrinkflow.tasks.stages import Context, run_candidate, run_sensitivity
     from shrinkflow.tasks.tracking import Tracker
 
     params = parse_params(
@@ -319,6 +356,7 @@ def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_
         )
     )
     ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "allocation-test"))
+    run_sensitivity(ctx)
     tracked = run_candidate(ctx, "s")
     record = tracked.record
     assert [t["ratio"] for t in record.trials] == [0.5, 0.8] and all(t["passed"] for t in record.trials)
