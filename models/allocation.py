@@ -1,6 +1,6 @@
-"""Per-layer widths allocated to a budget (issue #23): which share of each prunable group a
-structured pruner keeps so that the pruned network costs ``keep`` of the baseline's params,
-FLOPs or batch-1 latency.
+"""Per-layer widths allocated to budgets (issues #23, #31): which share of each prunable group a
+structured pruner keeps so that the pruned network costs at most ``keep`` of the baseline's
+params, FLOPs or batch-1 latency, for every budget at once.
 
 The pieces are pure torch and plain numbers, so they are tested on crafted nets:
 
@@ -14,16 +14,19 @@ The pieces are pure torch and plain numbers, so they are tested on crafted nets:
   and accuracy (after BatchNorm re-estimation, as EagleEye) and its cost.
 - :func:`allocate`: a :class:`Problem` (the costs, the typed :class:`Request` and what the
   method needs) to an :class:`Allocation` record, by one of :data:`ALLOCATORS`: ``uniform`` (one
-  ratio for all), ``global`` (channels ranked across groups), ``sensitivity`` (a greedy on
-  predicted loss per unit of cost, with per-group floors) or ``sample`` (EagleEye: random width
-  vectors on the budget, each scored, the best kept). The pipeline allocates first and then
-  calls the strategy with the widths; nothing here calls back into it.
+  ratio for all), ``global`` (channels ranked across groups), ``sensitivity`` (the least
+  predicted loss on a grid of widths, a multiple-choice knapsack with one row per budget solved
+  exactly by HiGHS, see :class:`Knapsack`) or ``sample`` (EagleEye: random width vectors on the
+  budgets, each scored, the best kept). The pipeline allocates first and then calls the
+  strategy with the widths; nothing here calls back into it.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
@@ -32,9 +35,13 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import Tensor, nn
 
 from shrinkflow.models.architecture import classifier_layers
+
+log = logging.getLogger(__name__)
 
 Objective = Literal["params", "flops", "latency_ms"]
 Widths = dict[str, int]  # root module name of a group -> channels it keeps
@@ -449,11 +456,6 @@ class Allocation:
     latency: LatencyCheck | None = None
 
 
-def _levels(n: int, low: int, round_to: int | None) -> list[int]:
-    """The widths a group may take, widest first."""
-    return sorted({n, *(round_kept(k, n, round_to) for k in range(low, n + 1))}, reverse=True)
-
-
 def _uniform(problem: Problem) -> Pick:
     """One share for every group: the smallest ratio that holds the budgets."""
     costs, low, round_to = problem.costs, problem.low, problem.request.round_to
@@ -514,39 +516,6 @@ def _global(problem: Problem) -> Pick:
     return Pick(at(_smallest(lambda d: problem.meets(at(d)), 0.0, 1.0)))
 
 
-def _greedy(problem: Problem) -> Pick:
-    """From full width, repeatedly take one step off the group whose next step adds the least
-    predicted loss per unit of cost saved, until the budget is met."""
-    sens, costs = problem.table, problem.costs
-    if sens is None:
-        raise ValueError("sensitivity allocation needs the measured sensitivity table")
-    if len(problem.request.budgets) != 1:
-        raise ValueError("the greedy sensitivity allocation takes one budget")
-    objective, budget = problem.request.budgets[0].objective, problem.limit(problem.request.budgets[0])
-    levels = {g: _levels(n, problem.low[g], problem.request.round_to) for g, n in costs.widths.items()}
-    at = {g: 0 for g in levels}  # index into levels
-    kept = {g: levels[g][0] for g in levels}
-    cost = costs.cost(objective, kept)
-    while cost > budget:
-        best, best_key = None, None
-        for g in levels:
-            if at[g] + 1 >= len(levels[g]):
-                continue
-            trial = kept | {g: levels[g][at[g] + 1]}
-            n = costs.widths[g]
-            d_loss = max(0.0, sens._curve(g, "loss", trial[g] / n) - sens._curve(g, "loss", kept[g] / n))
-            d_cost = cost - costs.cost(objective, trial)
-            key = (0, d_loss / d_cost, -d_cost) if d_cost > 0 else (1, d_loss, 0.0)
-            if best_key is None or key < best_key:
-                best, best_key = g, key
-        if best is None:
-            break
-        at[best] += 1
-        kept[best] = levels[best][at[best]]
-        cost = costs.cost(objective, kept)
-    return Pick(kept)
-
-
 def _random_vectors(problem: Problem) -> list[Widths]:
     """``samples`` random width vectors on the budgets: each group's share falls at its own
     random rate ``u_g`` (``1 - t * u_g``, clipped at its floor), ``t`` the smallest that meets
@@ -578,13 +547,218 @@ def _sample(problem: Problem) -> Pick:
     return Pick(min(found, key=lambda s: s["loss"])["widths"], tuple(found))
 
 
+# --- the sensitivity allocation: a multiple-choice knapsack --------------------------------------
+
+# Each group chooses one of at most GRID + 1 evenly spaced widths (every width of a group at most
+# GRID wide), plus its measured points and its floor: a few hundred binaries on a ResNet-56.
+GRID = 16
+# The objective in units of 1e-4 nats of predicted loss, plus a tie-break that keeps more of each
+# group among allocations of equal predicted loss (a flat curve): TIE per group's whole width, so
+# all of it is worth less than 1e-5 nats on a network of a few dozen groups, and one channel of a
+# 1,024-wide group still weighs more than HiGHS's absolute gap (1e-6).
+LOSS_SCALE, TIE = 1e4, 1e-2
+# Budget rows are shares of the baseline's cost; HiGHS holds a row to within 1e-7, so each row
+# is asked for this much less than its budget and the answer is then checked exactly.
+ROW_SLACK = 1e-6
+SOLVE_SECONDS = 120.0
+
+
+def choices(n: int, low: int, round_to: int | None, measured: list[int]) -> tuple[int, ...]:
+    """The widths a group of ``n`` channels may take, widest first: every one from its floor
+    ``low`` when ``n <= GRID``, else ``n * j / GRID``, its ``measured`` points and its floor, each
+    rounded to ``round_to``; always its whole width."""
+    wanted = range(low, n + 1) if n <= GRID else {low, *measured, *(round(n * j / GRID) for j in range(GRID))}
+    rounded = {round_kept(max(1, k), n, round_to) for k in wanted}
+    return tuple(sorted({n, *(k for k in rounded if low <= k <= n)}, reverse=True))
+
+
+@dataclass(frozen=True)
+class Knapsack:
+    """The sensitivity allocation as a mixed-integer program. One binary ``x[g, l]`` per group
+    ``g`` and width level ``l`` (exactly one per group). A layer whose outputs group ``a`` prunes
+    and whose inputs group ``b`` prunes costs ``amount * s_a * s_b`` (``s``: a group's kept share),
+    bilinear in two choices; one continuous ``y[a, l, b, m]`` per pair of their levels stands for
+    ``x[a, l] * x[b, m]``, tied to them by ``sum_m y[a, l, b, m] = x[a, l]`` and
+    ``sum_l y[a, l, b, m] = x[b, m]``, which with binary ``x`` leave only the product (the one
+    plan with one-hot marginals). Params and FLOPs are then linear in ``(x, y)`` and exact;
+    latency (the lookup table, additive) and the predicted loss are linear in ``x``. One row per
+    budget, as a share of the baseline's cost."""
+
+    levels: dict[str, tuple[int, ...]]  # per group, the widths it may take
+    columns: dict[Any, int]  # (group,) or (group_a, group_b): where its block of variables starts
+    size: int
+    objective: np.ndarray
+    rows: dict[str, np.ndarray]  # per budget objective, the coefficients of its share
+    constants: dict[str, float]  # per budget objective, the share no group's choice changes
+    equalities: Any  # scipy.sparse matrix: one choice per group, the pairs' marginals
+    equal_to: np.ndarray
+
+    def vector(self, widths: Mapping[str, int]) -> np.ndarray:
+        """The variables of ``widths`` (each group's level one-hot, each pair their product)."""
+        v = np.zeros(self.size)
+        at = {g: self.levels[g].index(widths[g]) for g in self.levels}
+        for key, start in self.columns.items():
+            if len(key) == 1:
+                v[start + at[key[0]]] = 1.0
+            else:
+                a, b = key
+                v[start + at[a] * len(self.levels[b]) + at[b]] = 1.0
+        return v
+
+    def share(self, objective: str, widths: Mapping[str, int]) -> float:
+        """What the program's row says ``widths`` cost, as a share of the baseline's."""
+        return float(self.constants[objective] + self.rows[objective] @ self.vector(widths))
+
+    def widths(self, v: np.ndarray) -> Widths:
+        """The widths a solution ``v`` chose (each group's level whose binary is set)."""
+        return {
+            g: lv[int(np.argmax(v[self.columns[(g,)] : self.columns[(g,)] + len(lv)]))]
+            for g, lv in self.levels.items()
+        }
+
+
+def knapsack(problem: Problem) -> Knapsack:
+    """:class:`Knapsack` of ``problem``: its groups' width levels, the predicted loss as the
+    objective, one row per budget."""
+    costs, table, low = problem.costs, problem.table, problem.low
+    measured = {g: list(row["kept"]) for g, row in table.groups.items()}
+    levels = {
+        g: choices(n, low[g], problem.request.round_to, measured.get(g, [])) for g, n in costs.widths.items()
+    }
+    shares = {g: np.array(lv) / costs.widths[g] for g, lv in levels.items()}
+    unary, pairs, constants = _terms(problem, shares)
+    columns, size = {}, 0
+    for key in [*((g,) for g in levels), *sorted({p for per in pairs.values() for p in per})]:
+        columns[key] = size
+        size += math.prod(len(levels[g]) for g in key)
+    objective = np.zeros(size)
+    for g, lv in levels.items():
+        objective[columns[(g,)] : columns[(g,)] + len(lv)] = LOSS_SCALE * _loss_increase(
+            table, g, shares[g]
+        ) + TIE * (1 - shares[g])
+    rows = {}
+    for o in unary:
+        row = np.zeros(size)
+        for g, coefficients in unary[o].items():
+            row[columns[(g,)] : columns[(g,)] + len(levels[g])] += coefficients
+        for (a, b), amount in pairs[o].items():
+            row[columns[(a, b)] : columns[(a, b)] + len(levels[a]) * len(levels[b])] += (
+                amount * np.outer(shares[a], shares[b]).ravel()
+            )
+        rows[o] = row
+    equalities, equal_to = _equalities(levels, columns, size)
+    return Knapsack(levels, columns, size, objective, rows, constants, equalities, equal_to)
+
+
+def _loss_increase(table: Sensitivity, group: str, shares: np.ndarray) -> np.ndarray:
+    """The measured validation loss increase of ``group`` alone at each of ``shares`` (none for a
+    group the table does not know)."""
+    if group not in table.groups:
+        return np.zeros(len(shares))
+    return np.array([table._curve(group, "loss", s) - table.base["loss"] for s in shares])
+
+
+def _terms(problem: Problem, shares: dict[str, np.ndarray]):
+    """Per budget objective, as shares of the baseline's cost: each group's cost at each of its
+    levels alone, each coupled pair's amount, and what no choice changes."""
+    costs = problem.costs
+    unary = {b.objective: {g: np.zeros(len(s)) for g, s in shares.items()} for b in problem.request.budgets}
+    pairs = {o: {} for o in unary}
+    constants = dict.fromkeys(unary, 0.0)
+    for o in unary:
+        full = costs.cost(o, costs.widths)
+        if o == "latency_ms":  # the lookup table: base plus each group's change, additive
+            constants[o] = costs.base_latency_ms / full
+            for g, pts in costs.latency.items():
+                unary[o][g] += (np.array([_interp(x, pts) for x in shares[g]]) - costs.base_latency_ms) / full
+            continue
+        for amount, out, into in costs.terms[o]:
+            share = amount / full
+            if out is None and into is None:
+                constants[o] += share
+            elif out is None or into is None or out == into:
+                g = out or into
+                unary[o][g] += share * shares[g] * (shares[g] if out == into else 1.0)
+            else:
+                key = tuple(sorted((out, into)))
+                pairs[o][key] = pairs[o].get(key, 0.0) + share
+    return unary, pairs, constants
+
+
+def _equalities(levels: dict[str, tuple[int, ...]], columns: dict[Any, int], size: int):
+    """One level per group; each pair's products summing to each of its two groups' choices."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    rhs: list[float] = []
+
+    def equation(terms: list[tuple[int, float]], value: float) -> None:
+        rows.extend([len(rhs)] * len(terms))
+        cols.extend(c for c, _ in terms)
+        vals.extend(v for _, v in terms)
+        rhs.append(value)
+
+    for key, start in columns.items():
+        if len(key) == 1:
+            equation([(start + i, 1.0) for i in range(len(levels[key[0]]))], 1.0)
+            continue
+        a, b = key
+        la, lb = len(levels[a]), len(levels[b])
+        for i in range(la):
+            equation([*((start + i * lb + j, 1.0) for j in range(lb)), (columns[(a,)] + i, -1.0)], 0.0)
+        for j in range(lb):
+            equation([*((start + i * lb + j, 1.0) for i in range(la)), (columns[(b,)] + j, -1.0)], 0.0)
+    return sparse.csr_array((vals, (rows, cols)), shape=(len(rhs), size)), np.array(rhs)
+
+
+def _knapsack(problem: Problem) -> Pick:
+    """The least predicted validation loss (each group's measured loss increase at its width,
+    summed) whose predicted costs hold every budget, solved exactly by HiGHS
+    (``scipy.optimize.milp``) on the width grid of :func:`choices`."""
+    if problem.table is None:
+        raise ValueError("sensitivity allocation needs the measured sensitivity table")
+    started, program = time.perf_counter(), knapsack(problem)
+    budgets = problem.request.budgets
+    binary = np.zeros(program.size)
+    for g, lv in program.levels.items():
+        binary[program.columns[(g,)] : program.columns[(g,)] + len(lv)] = 1
+    found = milp(
+        program.objective,
+        integrality=binary,
+        bounds=Bounds(0, 1),
+        constraints=[
+            LinearConstraint(program.equalities, program.equal_to, program.equal_to),
+            LinearConstraint(
+                np.vstack([program.rows[b.objective] for b in budgets]),
+                -np.inf,
+                [b.keep - program.constants[b.objective] - ROW_SLACK for b in budgets],
+            ),
+        ],
+        options={"mip_rel_gap": 0.0, "time_limit": SOLVE_SECONDS},
+    )
+    if found.x is None:
+        raise ValueError(f"no widths on the allocation's grid meet the budgets: {found.message}")
+    widths = program.widths(found.x)
+    log.info(
+        "sensitivity allocation: %d groups, %d binaries, %d variables, solved in %.2f s (%s)",
+        len(program.levels),
+        int(binary.sum()),
+        program.size,
+        time.perf_counter() - started,
+        "optimal" if found.status == 0 else found.message,
+    )
+    if not problem.meets(widths):  # the rows are exact: only a solver's tolerance could do this
+        raise ValueError(f"the solver's widths {widths} miss a budget by more than its tolerance")
+    return Pick(widths)
+
+
 Allocator = Callable[[Problem], Pick]
 # Every allocation by name, each a function of the problem alone (what the config's `allocation`
 # chooses among, and what the tests parametrise over).
 ALLOCATORS: dict[str, Allocator] = {
     "uniform": _uniform,
     "global": _global,
-    "sensitivity": _greedy,
+    "sensitivity": _knapsack,
     "sample": _sample,
 }
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from shrinkflow.models import STRATEGIES, apply_strategy
 from shrinkflow.models.allocation import (
     Allocation,
+    Budget,
     LatencyCheck,
     LatencyStep,
     Problem,
@@ -182,15 +183,20 @@ def checked_latency(problem: Problem, chosen: Allocation, measuring: Measuring) 
     return replace(chosen, latency=LatencyCheck(keep, met, tuple(steps)))
 
 
-def summary(allocation: Allocation, table: Sensitivity, path: str) -> dict[str, Any]:
+def summary(allocation: Allocation, request: Request, table: Sensitivity, path: str) -> dict[str, Any]:
     """What a candidate's record (and so MLflow) keeps of its allocation: the widths, the cost
-    shares they predict, the predicted validation loss, each group's measured loss curve and the
-    table's file; a ``sample`` allocation's scored vectors; a latency budget's measured check."""
+    shares they predict, every budget with its predicted (and, for latency, measured) share,
+    the predicted validation loss, each group's measured loss curve and the table's file; a
+    ``sample`` allocation's scored vectors; a latency budget's measured check."""
     # The latency table adds single-group savings, which overlap: a prediction below zero is none.
     cost = {o: None if o == "latency_ms" and v < 0 else v for o, v in allocation.cost.items()}
     found = {
         "widths": allocation.widths,
-        "allocated": {"method": allocation.method, "cost": cost},
+        "allocated": {
+            "method": allocation.method,
+            "cost": cost,
+            "budgets": [_budget(b, cost, allocation.latency) for b in request.budgets],
+        },
         "sensitivity": {
             "file": path,
             "ratios": table.ratios,
@@ -207,3 +213,12 @@ def summary(allocation: Allocation, table: Sensitivity, path: str) -> dict[str, 
             {"loss": round(s["loss"], 4), "acc": round(s["acc"], 2)} for s in allocation.samples
         ]
     return found
+
+
+def _budget(budget: Budget, cost: dict[str, float | None], latency: LatencyCheck | None) -> dict[str, Any]:
+    """One budget as the record keeps it: params and FLOPs are exact, so met when predicted
+    within it; latency is met when measured within it (and its noise)."""
+    entry = {"objective": budget.objective, "keep": budget.keep, "predicted": cost[budget.objective]}
+    if budget.objective == "latency_ms" and latency is not None:
+        return entry | {"measured": round(latency.steps[-1].measured, 4), "met": latency.met}
+    return entry | {"met": cost[budget.objective] <= budget.keep + 1e-6}

@@ -31,7 +31,7 @@ from shrinkflow.models.arch.given import GivenOptions
 from shrinkflow.models.architecture import ArchOptions
 from shrinkflow.models.preprocess import InputOptions
 from shrinkflow.models.strategies.base import Strategy
-from shrinkflow.models.strategies.structured import StructuredOptions
+from shrinkflow.models.strategies.structured import BUDGET_SHAPES, StructuredOptions
 from shrinkflow.tasks.errors import ShrinkflowError
 
 MAX_IMAGE_SIZE = 1024  # pixels per side after resizing (data.image_size)
@@ -234,7 +234,13 @@ class _Candidate(_Section):
                 )
         budget = getattr(self, "budget", None)
         if budget is not None:
-            if (budget.keep is None) == (self.search is None):
+            unset = sum(b.keep is None for b in self.budgets)
+            if isinstance(budget, tuple) and (unset != (self.search is not None)):
+                raise ValueError(
+                    f"{self.strategy}: give every budget a keep, or (with search) leave keep out of "
+                    "exactly one: the one the search varies"
+                )
+            if not isinstance(budget, tuple) and (budget.keep is None) == (self.search is None):
                 raise ValueError(f"{self.strategy}: set exactly one of budget.keep and search")
             if self.rounds > 1:
                 raise ValueError(f"{self.strategy}: a budget is allocated in one round; rounds must be 1")
@@ -717,11 +723,15 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
 
 
+UNION_TAGS = frozenset(BUDGET_SHAPES)
+
+
 def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = list(err["loc"])
     if loc[:2] == ["shrink", "candidates"] and len(loc) > 3:
         del loc[3]  # pydantic inserts the strategy tag of the discriminated union
+        loc = loc[:4] + [p for p in loc[4:] if p not in UNION_TAGS]  # ... and a budget's shape
     if loc[:1] == ["model"] and len(loc) > 2:
         del loc[1]  # ... and the architecture's
     key = ".".join(str(p) for p in loc) or "(top level)"

@@ -189,9 +189,8 @@ def _allocated(
     table = load_table(params, layout, cand.strategy, inputs.calibration)
     chosen = allocate_widths(cand.strategy, request, model, table, inputs.calibration, inputs.val)
     path = layout.sensitivity_table(cand.strategy).relative_to(layout.root)
-    return summary(chosen, table, str(path)) | {
-        "ratio": round(1 - chosen.cost[request.budgets[0].objective], 6)
-    }
+    ratio_of = (cand.searched or request.budgets[0]).objective  # the table's ratio column
+    return summary(chosen, request, table, str(path)) | {"ratio": round(1 - chosen.cost[ratio_of], 6)}
 
 
 def _sparsity_phase(
@@ -269,10 +268,13 @@ def _shrink_and_train(
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
     """Options as JSON: nested option models as dicts, tuples as lists."""
-    return {
-        k: v.model_dump() if isinstance(v, BaseModel) else list(v) if isinstance(v, tuple) else v
-        for k, v in options.items()
-    }
+    return {k: _plain_value(v) for k, v in options.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return [_plain_value(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _merged(results: list[FitResult]) -> FitResult:
@@ -314,6 +316,11 @@ def _search(
     return built[best.ratio], trials
 
 
+def _searched(budget: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """The recorded budget whose ``keep`` a search set."""
+    return next(b for b in budget if b["keep"] is None) if isinstance(budget, list) else budget
+
+
 def shrink_candidate(
     params: Params, layout: Layout, name: str, on_trial: Callable[[Trial], None] | None = None
 ) -> ModelRecord:
@@ -335,8 +342,8 @@ def shrink_candidate(
             built, trials = _search(params, layout, name, inputs, on_trial)
             record.trials = [asdict(t) for t in trials]
             record.options["ratio"] = best_trial(trials).ratio
-            if record.options.get("budget"):  # the search varied budget.keep = 1 - ratio
-                record.options["budget"]["keep"] = round(1 - best_trial(trials).ratio, 6)
+            if record.options.get("budget"):  # the search varied the keep left out: 1 - ratio
+                _searched(record.options["budget"])["keep"] = round(1 - best_trial(trials).ratio, 6)
         record.sparsity_phase, record.rounds = built.sparsity_phase, built.rounds
         record.options |= built.allocation
         return _save(name, built.model, record, layout, built.result, inputs.val)

@@ -25,7 +25,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 from torch import nn
 
 from shrinkflow.models.allocation import ALLOCATORS, Budget, Request, global_plan, round_kept
@@ -34,6 +34,13 @@ from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 _EPS = 1e-6  # float slack when a ratio times a width should land on an integer (0.75 * 64)
 AllocationMethod = Literal[tuple(ALLOCATORS)]  # the config offers every registered allocator
+# One objective, or a list of them that must all hold: told apart by the value's shape, so that a
+# bad one is reported against the shape it has.
+BUDGET_SHAPES = ("one", "list")
+Budgets = Annotated[
+    Annotated[Budget, Tag("one")] | Annotated[tuple[Budget, ...], Field(min_length=1), Tag("list")],
+    Discriminator(lambda value: "list" if isinstance(value, list | tuple) else "one"),
+]
 
 
 class StructuredOptions(RatioOptions):
@@ -46,17 +53,18 @@ class StructuredOptions(RatioOptions):
     more than the width it added or removed, see benchmarks/results/round-to-2026-11-29.md.
 
     ``budget`` (instead of ``ratio``): per-layer widths whose params, FLOPs or batch-1 latency are
-    ``keep`` of the baseline's, chosen by ``allocation`` (see :mod:`shrinkflow.models.allocation`):
-    ``uniform``, ``global`` (channels ranked across layers), ``sensitivity`` (least predicted loss
-    from each group pruned alone at ``sensitivity_ratios``) or ``sample`` (the best of ``samples``
-    random width vectors, each scored after BatchNorm re-estimation). No layer gives up more than
-    ``max_layer_ratio``."""
+    ``keep`` of the baseline's, or a list of such objectives that must all hold, chosen by
+    ``allocation`` (see :mod:`shrinkflow.models.allocation`): ``uniform``, ``global`` (channels
+    ranked across layers), ``sensitivity`` (least predicted loss from each group pruned alone at
+    ``sensitivity_ratios``, solved exactly as a multiple-choice knapsack) or ``sample`` (the best
+    of ``samples`` random width vectors, each scored after BatchNorm re-estimation). No layer gives
+    up more than ``max_layer_ratio``."""
 
     global_pruning: bool = False
     iterative_steps: Annotated[int, Field(ge=1, le=20)] = 1
     round_to: Annotated[int, Field(ge=2, le=256)] | None = None
     max_layer_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.9
-    budget: Budget | None = None
+    budget: Budgets | None = None
     allocation: AllocationMethod = "uniform"
     sensitivity_ratios: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.25, 0.5, 0.75, 0.9)
     samples: Annotated[int, Field(ge=1, le=200)] = 16
@@ -65,11 +73,26 @@ class StructuredOptions(RatioOptions):
         {"budget", "allocation", "sensitivity_ratios", "samples"}
     )
 
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        """Every objective the budget sets (one, or the list given); empty without a budget."""
+        return (
+            () if self.budget is None else self.budget if isinstance(self.budget, tuple) else (self.budget,)
+        )
+
+    @property
+    def searched(self) -> Budget | None:
+        """The budget whose ``keep`` a search sets (the one given without it), if any."""
+        return next((b for b in self.budgets if b.keep is None), None)
+
     def allocation_request(self, seed: int, keep: float | None = None) -> Request:
-        """The budget and how to allocate it, as the allocator reads them; ``keep``: a search's
+        """The budgets and how to allocate them, as the allocator reads them; ``keep``: a search's
         trial, for the budget whose ``keep`` the search sets."""
-        budget = self.budget if keep is None else self.budget.model_copy(update={"keep": keep})
-        return Request(self.allocation, (budget,), self.max_layer_ratio, self.round_to, self.samples, seed)
+        budgets = tuple(
+            b.model_copy(update={"keep": keep}) if b.keep is None and keep is not None else b
+            for b in self.budgets
+        )
+        return Request(self.allocation, budgets, self.max_layer_ratio, self.round_to, self.samples, seed)
 
     @model_validator(mode="after")
     def _reachable(self) -> StructuredOptions:
@@ -81,6 +104,9 @@ class StructuredOptions(RatioOptions):
             return self
         if self.ratio is not None:
             raise ValueError("set ratio or budget, not both")
+        objectives = [b.objective for b in self.budgets]
+        if twice := next((o for o in objectives if objectives.count(o) > 1), None):
+            raise ValueError(f"budget gives {twice} twice; give each objective once")
         if "global_pruning" in self.model_fields_set and self.global_pruning:
             raise ValueError("with a budget, choose allocation: global instead of global_pruning")
         if self.iterative_steps > 1:
