@@ -26,7 +26,14 @@ from shrinkflow.tasks.lock import registry_lock
 from shrinkflow.tasks.prepare import prepare
 from shrinkflow.tasks.promote import ServedTest
 from shrinkflow.tasks.registry import RegistryError
-from shrinkflow.tasks.review import ReviewError, record_of, registered, revalidate, rollback_target
+from shrinkflow.tasks.review import (
+    ReviewError,
+    record_of,
+    registered,
+    revalidate,
+    rollback_target,
+    side_by_side,
+)
 from shrinkflow.tasks.stages import Context, run_promote, summarise
 from shrinkflow.tasks.tracking import Tracker, this_process
 from tests.conftest import BIN, copy_project, gate_refuses_all, mlflow_server_at, run_cli
@@ -314,10 +321,14 @@ def test_approve_refuses_a_version_certified_on_another_split(registry, evaluate
     )
     assert _state(registry) == before
     # A version whose run logged no params (a DVC stage promoted it) is refused the same way.
+    test = ServedTest.load(layout)
     with pytest.raises(
         ReviewError, match=r"v1 was certified on data .*`shrinkflow stage prepare` and the seed"
     ):
-        revalidate(tracker, name, "1", ServedTest.load(layout), params)
+        revalidate(tracker, name, "1", test, params)
+    # `review` still compares them here, and says that these test images may have trained them.
+    shown = "\n".join(side_by_side(tracker, name, {"champion": "1", "version": "4"}, test, params.promote))
+    assert f"champion v1 was certified on other data ({theirs[:12]}): today's test images may" in shown
 
 
 def test_two_approvals_at_once_are_serialised(registry):
