@@ -116,8 +116,8 @@ def measure_table(params: Params, layout: Layout, strategy: str) -> Path:
     baseline = load_record(layout, "baseline")
     model, _ = load_checkpoint(layout.root / baseline.checkpoint, sha256=baseline.sha256)
     table = measure(model, strategy, *calibration_val, tuple(key["ratios"]))
-    write_json(path, {"key": key, "table": asdict(table)})
     plot_sensitivity(table, path.with_suffix(".png"))
+    write_json(path, {"key": key, "table": asdict(table)})  # last: a table with its key is whole
     log.info("%s: %d groups measured in %.1f s", path.name, len(table.groups), time.perf_counter() - started)
     return path
 
