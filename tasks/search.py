@@ -15,6 +15,8 @@ passed among all the trials it ran.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -167,7 +169,7 @@ class Job:
     index: int = 0
     ratio: float = 0.0
     trials: tuple[Trial, ...] = ()  # a pick's: every trial of the search, in plan order
-    work: float = 0.0  # epochs along the longest chain this job starts (its priority)
+    work: float = 0.0  # a trial's: epochs along the longest chain it starts (its priority)
 
     def arguments(self) -> tuple:
         """What the job's stage function takes after the context."""
@@ -188,10 +190,12 @@ class FanOut:
     and what each candidate came to. The flow takes jobs as workers free up and hands back what
     each returned (a trial, a model stage's result, or the exception it raised).
 
-    Order: picks first (a moment's work that finishes a candidate); then the job that starts the
-    longest chain of epochs, a search's trial counting every round its search may still need, so
-    a search's first round starts at once and its later rounds never queue behind plain
-    candidates; a trial before a plain candidate of equal work; then declaration order."""
+    Order: picks first (a moment's work that finishes a candidate); then trials, the one at the
+    head of the longest chain of epochs first (a trial counts every round its search may still
+    need): a search's rounds depend on each other, so its trials are the fan-out's critical path,
+    and a round that waited behind plain candidates would leave a worker idle at the end; then
+    plain candidates, which depend on nothing, in declaration order (the order a user wrote, and
+    the one an interrupted run resumes in)."""
 
     def __init__(self, epochs: dict[str, int], searches: dict[str, SearchConfig], width: int):
         self.width = width
@@ -205,7 +209,7 @@ class FanOut:
             if name in self._searches:
                 self._plan(name)
             else:
-                self._ready.append(Job("shrink", name, work=epochs[name]))
+                self._ready.append(Job("shrink", name))
 
     @property
     def results(self) -> dict[str, Any]:
@@ -249,4 +253,21 @@ class FanOut:
         search.waiting = len(ratios)
 
     def _urgency(self, job: Job) -> tuple:
-        return (job.kind != "pick", -job.work, job.kind != "trial", self._order.index(job.name), job.index)
+        return (job.kind != "pick", job.kind != "trial", -job.work, self._order.index(job.name), job.index)
+
+
+def simulate(
+    plan: FanOut, workers: int, seconds: Callable[[Job], float], trial: Callable[[Job], Trial]
+) -> list[tuple[float, float, Job]]:
+    """``plan`` run on ``workers`` workers with nothing lost between jobs, each job taking
+    ``seconds(job)`` and each trial coming out as ``trial(job)``: every job with when it would
+    start and end. Its last end is the fan-out's own work, what the flow's wall time is held
+    against."""
+    clock, order, running, ran = 0.0, itertools.count(), [], []
+    while not plan.finished:
+        for job in plan.take(workers - len(running)):
+            heapq.heappush(running, (clock + seconds(job), next(order), clock, job))
+        clock, _, start, job = heapq.heappop(running)
+        ran.append((start, clock, job))
+        plan.done(job, trial(job) if job.kind == "trial" else job.name)
+    return ran

@@ -30,7 +30,7 @@ from shrinkflow.tasks.promote import promote
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
 from shrinkflow.tasks.reproduce import provenance_tags
-from shrinkflow.tasks.search import FanOut, Trial
+from shrinkflow.tasks.search import FanOut, Job, Trial, simulate
 from shrinkflow.tasks.sensitivity import measure_table, sensitivity_stage, write_index
 from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
 from shrinkflow.tasks.train import (
@@ -254,6 +254,27 @@ def fan_out_plan(params: Params, names: list[str], workers: int) -> FanOut:
     candidates = params.shrink.candidates
     searches = {n: candidates[n].search for n in names if candidates[n].search is not None}
     return FanOut({n: planned_work(params, n) for n in names}, searches, params.shrink.workers)
+
+
+def fan_out_work(params: Params, layout: Layout) -> float:
+    """Seconds of the shrink stage's own work along its critical path: every job of the fan-out
+    (each trial of a search apart) at its recorded training time, in the order the flow takes
+    them, on ``shrink.workers`` workers with nothing lost between jobs; then the candidates that
+    run alone, one at a time."""
+    records = {name: load_record(layout, name) for name in params.shrink.candidates}
+
+    def seconds(job: Job) -> float:
+        if job.kind == "trial":
+            return records[job.name].trials[job.index]["seconds"]
+        return 0.0 if job.kind == "pick" else records[job.name].train_seconds
+
+    def trial(job: Job) -> Trial:
+        return Trial(**records[job.name].trials[job.index])
+
+    together, alone = fan_out(params)
+    groups = [(together, params.shrink.workers), *(([name], 1) for name in alone)]
+    ends = [simulate(fan_out_plan(params, names, n), n, seconds, trial) for names, n in groups]
+    return sum(max((end for _, end, _ in ran), default=0.0) for ran in ends)
 
 
 def _trial_logger(ctx: Context, name: str, candidate_run: str):

@@ -9,7 +9,16 @@ from dataclasses import asdict
 import pytest
 
 from shrinkflow.tasks.config import SearchConfig
-from shrinkflow.tasks.search import FanOut, NoTrialRan, Trial, best_trial, failed, next_round, run_search
+from shrinkflow.tasks.search import (
+    FanOut,
+    NoTrialRan,
+    Trial,
+    best_trial,
+    failed,
+    next_round,
+    run_search,
+    simulate,
+)
 from tests.conftest import copy_project, write_params
 
 # --- the planner, on plain tables ------------------------------------------------------------
@@ -127,15 +136,13 @@ def test_run_search_numbers_the_trials_in_plan_order():
 def _simulate(plan: FanOut, workers: int, seconds: dict[str, float], passes) -> tuple[float, list]:
     """Run ``plan`` on ``workers`` simulated workers, each job taking its candidate's ``seconds``
     (a pick none); returns when the last job ends and the (start, job) log."""
-    clock, running, log = 0.0, [], []
-    while not plan.finished:
-        for job in plan.take(workers - len(running)):
-            log.append((clock, job))
-            running.append((clock + (0.0 if job.kind == "pick" else seconds[job.name]), job))
-        running.sort(key=lambda r: r[0])
-        clock, job = running.pop(0)
-        plan.done(job, _ran(job.index, job.ratio, passes(job.ratio)) if job.kind == "trial" else job.name)
-    return clock, log
+    ran = simulate(
+        plan,
+        workers,
+        lambda job: 0.0 if job.kind == "pick" else seconds[job.name],
+        lambda job: _ran(job.index, job.ratio, passes(job.ratio)),
+    )
+    return max(end for _, end, _ in ran), [(start, job) for start, _, job in ran]
 
 
 def test_a_search_starts_first_and_its_later_rounds_never_queue_behind_plain_candidates():
@@ -214,7 +221,7 @@ def test_a_search_under_the_flow_runs_its_trials_as_tasks_and_keeps_what_the_ser
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from shrinkflow.flows.pipeline import shrink_all
-    from shrinkflow.tasks.stages import Context, run_candidate
+    from shrinkflow.tasks.stages import Context, fan_out_work, run_candidate
     from shrinkflow.tasks.tracking import Tracker
 
     def context(root, experiment):
@@ -243,6 +250,10 @@ def test_a_search_under_the_flow_runs_its_trials_as_tasks_and_keeps_what_the_ser
         [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{shrunk['s'].run_id}'"
     )
     assert sorted(r.info.run_name for r in children) == ["s-trial0", "s-trial1", "s-trial2"]
+    # The benchmark's yardstick: round one side by side, w50 beside whichever ends last, then 0.625.
+    t0, t1, t2 = (t["seconds"] for t in record.trials)
+    w50 = shrunk["w50"].record.train_seconds
+    assert fan_out_work(ctx.params, ctx.layout) == pytest.approx(max(min(t0, t1) + w50, max(t0, t1) + t2))
 
     # Another candidate changed, and the run was cut short before the search's last trial and
     # its pick were saved: the two finished trials are reused, the rest redone, to the same bytes.
