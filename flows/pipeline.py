@@ -175,7 +175,7 @@ def fill_workers(
     """Run candidates ``names`` with never more than ``workers`` jobs submitted at once, taking
     the next job (in :class:`~shrinkflow.tasks.search.FanOut`'s order) as each one finishes, so a
     worker is never idle while a trial or a candidate could run."""
-    plan = stages.fan_out_plan(ctx.params, names, workers)
+    plan = stages.fan_out_plan(ctx.params, names)
     running = {}
     while not plan.finished:
         for job in plan.take(workers - len(running)):

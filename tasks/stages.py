@@ -230,16 +230,17 @@ def run_pick(ctx: Context, name: str, trials: list[Trial]) -> Tracked:
     and the best trial made the candidate (:func:`shrinkflow.tasks.train.pick_trial`)."""
 
     def pick(run: str) -> ModelRecord:
+        log_trial = _trial_logger(ctx, name, run)
         for trial in trials:
-            _trial_logger(ctx, name, run)(trial)
+            log_trial(trial)
         return pick_trial(ctx.params, ctx.layout, name, trials)
 
     return _model_stage(ctx, name, pick)
 
 
 def planned_work(params: Params, name: str) -> int:
-    """Candidate ``name``'s epochs of training (a trial's, for a search): the fan-out's estimate of
-    how long its work takes."""
+    """Candidate ``name``'s epochs of training (each trial's, for a search): the fan-out's
+    measure of how long a search's chain of rounds is."""
     cand = params.shrink.candidates[name]
     if not STRATEGIES[cand.strategy].trains:
         return 0
@@ -247,10 +248,10 @@ def planned_work(params: Params, name: str) -> int:
     return candidate_train_config(params, name).epochs + (phase[0] if phase else 0)
 
 
-def fan_out_plan(params: Params, names: list[str], workers: int) -> FanOut:
-    """The jobs of candidates ``names`` on ``workers`` workers at once: each search's trials as
-    jobs of their own, planned ``shrink.workers`` to a round whatever ``workers`` is, so the
-    trials are the same whoever runs them."""
+def fan_out_plan(params: Params, names: list[str]) -> FanOut:
+    """The jobs of candidates ``names``: each search's trials as jobs of their own, planned
+    ``shrink.workers`` to a round however many run at once, so the trials are the same whoever
+    runs them."""
     candidates = params.shrink.candidates
     searches = {n: candidates[n].search for n in names if candidates[n].search is not None}
     return FanOut({n: planned_work(params, n) for n in names}, searches, params.shrink.workers)
@@ -273,7 +274,7 @@ def fan_out_work(params: Params, layout: Layout) -> float:
 
     together, alone = fan_out(params)
     groups = [(together, params.shrink.workers), *(([name], 1) for name in alone)]
-    ends = [simulate(fan_out_plan(params, names, n), n, seconds, trial) for names, n in groups]
+    ends = [simulate(fan_out_plan(params, names), n, seconds, trial) for names, n in groups]
     return sum(max((end for _, end, _ in ran), default=0.0) for ran in ends)
 
 

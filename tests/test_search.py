@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import pytest
 
-from shrinkflow.tasks.config import SearchConfig
+from shrinkflow.tasks.config import SearchConfig, parse_params
 from shrinkflow.tasks.search import (
     FanOut,
     NoTrialRan,
@@ -19,7 +19,7 @@ from shrinkflow.tasks.search import (
     run_search,
     simulate,
 )
-from tests.conftest import copy_project, write_params
+from tests.conftest import copy_project, small_raw, write_params
 
 # --- the planner, on plain tables ------------------------------------------------------------
 
@@ -270,3 +270,54 @@ def test_a_search_under_the_flow_runs_its_trials_as_tasks_and_keeps_what_the_ser
         "pick-s": ["Cached", "Completed"],
     }
     assert _deterministic(again["s"].record) == _deterministic(record)
+
+
+def _budget_search(low: float, step: float, high: float) -> str:
+    """A params budget searched as ``keep = 1 - ratio``: a keep below what the network costs with
+    every group at its floor fails its trial (the allocation is out of reach)."""
+    return (
+        "shrink.candidates={s: {strategy: prune_l1, epochs: 1, lr: 0.01, budget: {objective: params},"
+        f" allocation: sensitivity, search: {{mode: step, low: {low}, step: {step}, high: {high},"
+        " trials: 2}}}"
+    )
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_recorded_and_the_search_goes_on(trained_layout):
+    from shrinkflow.tasks.records import load_record
+    from shrinkflow.tasks.stages import Context, run_candidate, run_sensitivity
+    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.train import load_trial_record
+
+    def searched(*overrides):
+        params = parse_params(small_raw(*overrides, "promote.tolerance=100"))
+        ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "failed-trials"))
+        run_sensitivity(ctx)
+        return ctx
+
+    ctx = searched(_budget_search(0.5, 0.49, 0.99))
+    tracked = run_candidate(ctx, "s")
+    ok, out_of_reach = tracked.record.trials
+    assert ok["ratio"] == 0.5 and ok["passed"] and ok["error"] is None
+    assert tracked.record.options["budget"]["keep"] == 0.5, "the search went on and kept the trial that ran"
+    assert out_of_reach["ratio"] == 0.99 and not out_of_reach["passed"] and out_of_reach["val_acc"] is None
+    assert (
+        out_of_reach["error"].startswith("ValueError: budget keep 0.01")
+        and "out of reach" in out_of_reach["error"]
+    )
+    assert load_trial_record(trained_layout, "s", 0.99).status == "failed"
+    assert not trained_layout.trial_checkpoint("s", 0.99).exists()
+    children = ctx.tracker.client.search_runs(
+        [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracked.run_id}'"
+    )
+    status = {r.info.run_name: (r.info.status, r.data.tags.get("shrinkflow.error", "")) for r in children}
+    assert status["s-trial0"] == ("FINISHED", "") and status["s-trial1"][0] == "FAILED"
+    assert "out of reach" in status["s-trial1"][1]
+
+    # Every trial failing fails the candidate, in one line naming each trial's error.
+    ctx = searched(_budget_search(0.985, 0.005, 0.995))
+    with pytest.raises(NoTrialRan, match=r"^all 2 trials failed \(ratio 0.985: ValueError: budget keep"):
+        run_candidate(ctx, "s")
+    record = load_record(trained_layout, "s")
+    assert record.status == "failed" and len(record.trials) == 2
+    assert not trained_layout.checkpoint("s").exists(), "no older model left to be trusted"
