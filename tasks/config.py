@@ -239,8 +239,10 @@ class _Candidate(_Section):
             if self.rounds > 1:
                 raise ValueError(f"{self.strategy}: a budget is allocated in one round; rounds must be 1")
         elif "ratio" in self._strategy.options.model_fields:
-            if (self.ratio is None) == (self.search is None):
-                choices = "ratio, budget" if "budget" in self._strategy.options.model_fields else "ratio"
+            alternatives = self._strategy.options.RATIO_ALTERNATIVES
+            if sum(getattr(self, k) is not None for k in ("ratio", *alternatives, "search")) != 1:
+                budgets = ("budget",) if "budget" in self._strategy.options.model_fields else ()
+                choices = ", ".join(("ratio", *alternatives, *budgets))
                 raise ValueError(f"{self.strategy}: set exactly one of {choices} and search")
         elif self.search is not None:
             raise ValueError(f"{self.strategy} has no ratio to search")

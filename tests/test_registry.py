@@ -18,7 +18,7 @@ from shrinkflow.tasks.promote import PromotionError
 from shrinkflow.tasks.registry import version_record
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, copy_project, free_port, gate_refuses_all, stop, wait_http
+from tests.conftest import BIN, copy_project, free_port, gate_refuses_all, run_cli, stop, wait_http
 
 
 def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
@@ -137,6 +137,29 @@ def test_all_candidates_failed_promotes_nothing(evaluated, tmp_path, model_name)
 
     with pytest.raises(PromotionError, match="all 2 candidates failed"):
         _promote(evaluated, tmp_path / "1", model_name, tamper=fail_all)
+    assert _aliases(model_name) == {}
+
+
+def test_every_candidate_failing_prints_why_each_did(evaluated, tmp_path, model_name):
+    """The console names each failed candidate's reason, one line each (its first line, control
+    characters gone, cut to the terminal table's 120 columns), before the one-line error; nothing
+    is registered."""
+    params, layout = copy_project(evaluated, tmp_path, f"promote.model_name={model_name}")
+    table = load_table(layout.candidates_csv).astype({"error": object})  # all blank: read as floats
+    errors = {
+        "w50": "RuntimeError: the graph has no prunable group\n  File 'x.py', line 1",
+        "l1-50": "ValueError: \x1b[31m" + "wide " * 100,
+    }
+    for name, error in errors.items():
+        table.loc[table["name"] == name, ["status", "error"]] = ["failed", error]
+    table.to_csv(layout.candidates_csv, index=False)
+    done = run_cli("stage", "promote", "-p", str(tmp_path / "params.yaml"), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == "error: all 2 candidates failed; nothing promoted, no alias moved"
+    assert done.stdout.splitlines() == [
+        "candidate 'w50' failed: RuntimeError: the graph has no prunable group",
+        ("candidate 'l1-50' failed: ValueError: [31m" + "wide " * 100)[:119] + "…",  # the table's width
+    ]
     assert _aliases(model_name) == {}
 
 
