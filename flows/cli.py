@@ -71,6 +71,7 @@ def _terminated_as_interrupt() -> Iterator[None]:
 class Stage(StrEnum):
     prepare = "prepare"
     baseline = "baseline"
+    sensitivity = "sensitivity"
     shrink = "shrink"
     evaluate = "evaluate"
     promote = "promote"
@@ -387,6 +388,7 @@ def stage(
                 runners = {
                     "prepare": stages.run_prepare,
                     "baseline": stages.run_baseline,
+                    "sensitivity": stages.run_sensitivity,
                     "evaluate": stages.run_evaluate,
                 }
                 runners[name.value](ctx)

@@ -30,6 +30,7 @@ from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
 from shrinkflow.tasks.reproduce import provenance_tags
 from shrinkflow.tasks.search import Trial
+from shrinkflow.tasks.sensitivity import measure_table, sensitivity_stage, write_index
 from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
 from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
 
@@ -54,7 +55,8 @@ class Context:
         layout = Layout.from_params(params, root)
         trust_user_code(params, layout)  # a factory model's package, for every model loaded here
         tracker = Tracker.for_project(root, params.tracking.experiment)
-        for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
+        dirs = (layout.prepared, layout.baseline, layout.sensitivity, layout.candidates, layout.reports)
+        for stale in sweep_temporaries(*dirs):
             log.warning("removed %s, left half-written by an interrupted run", stale)
         for run in tracker.close_orphaned_runs():
             log.warning("marked MLflow run %s KILLED: an interrupted run left it RUNNING", run)
@@ -167,6 +169,27 @@ def _all_cores() -> None:
 def run_baseline(ctx: Context) -> Tracked:
     _all_cores()
     return _model_stage(ctx, "baseline", lambda run: train_baseline(ctx.params, ctx.layout))
+
+
+def sensitivity_strategies(params: Params) -> list[str]:
+    """The strategies whose sensitivity tables the budget candidates need (each measured apart)."""
+    return list(params.shrink.sensitivity_tables())
+
+
+def run_sensitivity(ctx: Context, strategy: str | None = None) -> list[Path]:
+    """The sensitivity tables budget candidates allocate from: ``strategy``'s, or (``None``)
+    every one and the index. With the shrink stage's thread count, so that DVC and Prefect
+    measure the same floats."""
+    stop.check()
+    torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
+    if strategy is not None:
+        return [measure_table(ctx.params, ctx.layout, strategy)]
+    return sensitivity_stage(ctx.params, ctx.layout)
+
+
+def index_sensitivity(ctx: Context) -> Path:
+    """After the tables were measured apart: the index of them, stale ones removed."""
+    return write_index(ctx.params, ctx.layout)
 
 
 def run_candidate(ctx: Context, name: str) -> Tracked:

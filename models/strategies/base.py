@@ -28,6 +28,9 @@ class StrategyOptions(BaseModel):
 
     # Options the pipeline consumes around the strategy (a pre-phase) rather than passing to it.
     PHASE_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # Options the pipeline reads to decide what to pass (a budget's allocation), recorded with
+    # the candidate but never passed to the strategy.
+    ALLOCATION_KEYS: ClassVar[frozenset[str]] = frozenset()
     # Options that set how much is removed instead of ``ratio`` (a candidate gives exactly one of
     # ``ratio``, these and ``search``).
     RATIO_ALTERNATIVES: ClassVar[tuple[str, ...]] = ()
@@ -60,7 +63,9 @@ class Strategy:
     factorising could not be rebuilt (magnitude and int8 change no shape and are not refused).
     ``exclusive``: it traces the model with torch.fx, which patches ``nn.Module.__call__`` for the
     whole process while it runs, so no other model may train in the same process meanwhile.
-    ``note``: what a reader of the results table must know about its figures."""
+    ``note``: what a reader of the results table must know about its figures.
+    ``scores``: a structured pruner's per-channel importance of each prunable group, by root
+    module name (what a ``global`` budget allocation ranks)."""
 
     name: str
     shrink: Shrink
@@ -75,6 +80,7 @@ class Strategy:
     exclusive: bool = False
     after_lowrank: bool = False
     note: str = ""
+    scores: Callable[[nn.Module, Batch], dict[str, Tensor]] | None = None
 
     def refusal(self, arch_options: dict[str, Any]) -> str | None:
         """Why this strategy cannot shrink the architecture ``arch_options`` describes, or None."""
