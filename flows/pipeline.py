@@ -8,7 +8,6 @@ orchestration (task runs, parallelism, logging) and nothing else.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from shrinkflow.tasks import cache, stages, stop
 from shrinkflow.tasks.config import Params, ShrinkConfig, load_params
-from shrinkflow.tasks.decide import Verdict
+from shrinkflow.tasks.decide import Verdict, verdict_json
 from shrinkflow.tasks.report import links_section
 
 
@@ -90,9 +89,9 @@ def pipeline(
         stages.summarise(ctx, runs)
         link_to_flow_run(ctx, runs.values())
         publish(ctx, decision, table)
-    tag_flow_run([f"outcome:{decision.verdict}"])
-    logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
-    return asdict(decision)
+    tag_flow_run([f"outcome:{decision.kind}"])
+    logger.info("%s -> %s: %s", decision.winner, decision.kind, decision.kind_reason)
+    return verdict_json(decision)
 
 
 def run_name(params: Params) -> str:
@@ -246,7 +245,7 @@ def publish(ctx: stages.Context, decision: Verdict, table) -> None:
     title, report = ctx.layout.report_md.read_text().split("\n", 1)
     report = "\n".join([title, "", *links, report])
     create_markdown_artifact(
-        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.verdict}"
+        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.kind}"
     )
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
     create_table_artifact(key="candidates", table=rows, description="every candidate, measured")

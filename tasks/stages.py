@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,7 @@ import torch
 from shrinkflow.models import STRATEGIES
 from shrinkflow.tasks import progress, stop, tensorboard
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.decide import PromotionError, Verdict
+from shrinkflow.tasks.decide import PromotionError, Verdict, verdict_json
 from shrinkflow.tasks.errors import named_first_line
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.given import trust_user_code
@@ -367,7 +367,7 @@ def discard_decision(layout: Layout) -> None:
 def publish_decision(layout: Layout, decision: Verdict) -> None:
     """Write what reviewers read; called by ``promote`` before it counts an alias move as done."""
     table = load_table(layout.candidates_csv)
-    write_json(layout.promotion_json, asdict(decision))
+    write_json(layout.promotion_json, verdict_json(decision))
     pareto_plot(table, decision, layout.pareto_png)
     write_text(layout.report_md, markdown_report(table, decision))
 
@@ -412,11 +412,14 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
                 "val_acc": decision.val_acc,
                 "gate_acc": decision.gate_acc,
                 "test_acc": decision.test_acc,
-                **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
-                **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
+                **{
+                    f"gate_{k}": getattr(decision.gate, k)
+                    for k in ("delta", "lower", "upper", "p_value", "n")
+                },
+                **{f"test_{k}": getattr(decision.test, k) for k in ("delta", "lower", "upper")},
             },
             tags={
-                "verdict": decision.verdict,
+                "verdict": decision.kind,
                 "gate_summary": decision.summary,
                 "certified_by": decision.certified_by,
             },
@@ -427,7 +430,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
         with contextlib.suppress(Exception):
             ctx.tracker.end_run(run, "FAILED")
         raise TrackingUnavailable(
-            f"the decision is made and written ({decision.verdict}, {_registered(decision)}), but "
+            f"the decision is made and written ({decision.kind}, {_registered(decision)}), but "
             f"logging it to MLflow at {ctx.tracker.uri} failed: {named_first_line(exc)}"
         ) from exc
     ctx.tracker.end_run(run)
@@ -436,10 +439,10 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
 
 def _registered(decision: Verdict) -> str:
     reg = decision.registry
-    if not reg.get("version"):
+    if not reg or not reg.version:
         return "nothing registered"
-    alias = f" @{reg['alias']}" if reg.get("alias") else ""
-    return f"{reg['model_name']} v{reg['version']}{alias}"
+    alias = f" @{reg.alias}" if reg.alias else ""
+    return f"{reg.model_name} v{reg.version}{alias}"
 
 
 def _os_error(exc: OSError) -> str:
