@@ -26,8 +26,8 @@ from benchmarks.figures import Contender, Gap, peer_name, promoted_name, wilson
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.engine import Split, fit
-from shrinkflow.tasks.evaluate import MEASURED_SPLITS, count_flops, latency_ms, measure
+from shrinkflow.tasks.engine import Split, accuracy, fit, predict
+from shrinkflow.tasks.evaluate import count_flops, latency_ms, serialized_size
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.stats import compare
@@ -118,28 +118,31 @@ def counter(measure: str, example: torch.Tensor) -> Callable[[nn.Module], int]:
 
 
 def measured(
-    name: str, how: str, model: nn.Module, params: Params, splits: dict[str, Split]
+    name: str, how: str, model: nn.Module, params: Params, test: Split
 ) -> tuple[Contender, np.ndarray]:
-    """One model through ``shrinkflow.tasks.evaluate``: accuracy (with its 95% Wilson interval),
-    params, FLOPs, size, batch-1 latency, and the same latency function on a batch of 64 for
-    throughput; and its test predictions (for paired gaps)."""
-    m, predicted = measure(model, splits, params.evaluate)
-    test = splits["test"]
-    low, high = wilson(m.test_acc, len(test[1]))
-    batch_ms = latency_ms(model, test[0][:THROUGHPUT_BATCH], params.evaluate)
+    """One model measured with ``shrinkflow.tasks.evaluate``'s functions: test accuracy (with
+    its 95% Wilson interval), params and FLOPs (of its float twin), size, batch-1 latency, and the
+    same latency function on a batch of 64 for throughput; and its test predictions (for paired
+    gaps). Only the test split: the pipeline's own measurements of val and gate are its table's."""
+    model.eval()
+    x, y = test
+    predicted, dense, example = predict(model, x), dense_twin(model), x[:1]
+    acc = accuracy(predicted, y)
+    low, high = wilson(acc, len(y))
+    batch_ms = latency_ms(model, x[:THROUGHPUT_BATCH], params.evaluate)
     row = Contender(
         name,
         how,
-        m.test_acc,
+        acc,
         low,
         high,
-        m.params,
-        m.flops,
-        m.size_bytes,
-        m.latency_ms,
+        n_params(dense),
+        count_flops(dense, example),
+        serialized_size(model),
+        latency_ms(model, example, params.evaluate),
         THROUGHPUT_BATCH * 1000 / batch_ms,
     )
-    return row, predicted["test"]
+    return row, predicted.numpy()
 
 
 # --- fine-tuning the peers side by side ----------------------------------------------------
@@ -159,15 +162,18 @@ def _fine_tune(params_file: Path, root: Path, recipe: str, model: nn.Module) -> 
 def fine_tune_all(
     models: dict[str, nn.Module], params_file: Path, root: Path, recipe: str, workers: int
 ) -> dict[str, nn.Module]:
-    """Every model fine-tuned, ``workers`` at a time, each in a spawned single-thread process."""
-    if not models:
+    """Every model fine-tuned, ``workers`` at a time, each in a spawned single-thread process (a
+    model given under two names is fine-tuned once)."""
+    unique = {id(model): model for model in models.values()}
+    if not unique:
         return {}
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(models)), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(unique)), mp_context=context) as pool:
         futures = {
-            name: pool.submit(_fine_tune, params_file, root, recipe, model) for name, model in models.items()
+            key: pool.submit(_fine_tune, params_file, root, recipe, model) for key, model in unique.items()
         }
-        return {name: future.result() for name, future in futures.items()}
+        tuned = {key: future.result() for key, future in futures.items()}
+    return {name: tuned[id(model)] for name, model in models.items()}
 
 
 # --- the table -----------------------------------------------------------------------------
@@ -198,9 +204,12 @@ def plan_peers(
             continue
         count = counter(spec.measure.lower(), example)
         ratio = ratio_for(baseline, example, classes, count(model), count, spec.global_pruning)
-        pruned = torch_pruning_peer(baseline, example, classes, ratio, spec.global_pruning)
+        twin = next((p for p in peers.values() if (p.spec.kind, p.ratio) == (spec.kind, ratio)), None)
+        pruned = (
+            twin.model if twin else torch_pruning_peer(baseline, example, classes, ratio, spec.global_pruning)
+        )
         peers[name] = _Peer(name, spec, ratio, pruned)
-        log.info("%s: ratio %.3f", name, ratio)
+        log.info("%s: ratio %.3f%s", name, ratio, f" (the model of {twin.name})" if twin else "")
     return list(peers.values())
 
 
@@ -221,8 +230,7 @@ def contenders(
     """Baseline, the seed's manual adjustment, the reference recipe, the torch-pruning peers of
     ``specs`` and shrinkflow's promoted model under each objective in ``winners``; and each
     promoted model's paired gap in test points to every peer at its size."""
-    splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
-    test = splits["test"]
+    test = load_split(layout, "test")
     example, classes = test[0][:1], len(test[1].unique())
     torch.set_num_threads(os.cpu_count() or 1)  # the shrink stage left each thread with its share
     load = lambda name: load_checkpoint(layout.checkpoint(name))[0]  # noqa: E731
@@ -245,7 +253,7 @@ def contenders(
     models += [(promoted_name(o, name), f"promoted by {o}", model) for o, (name, model) in promoted.items()]
     rows, predicted = [], {}
     for name, how, model in models:
-        row, predicted[name] = measured(name, how, model, params, splits)
+        row, predicted[name] = measured(name, how, model, params, test)
         rows.append(row)
     gaps = [
         paired_gap(o, name, p.name, predicted[promoted_name(o, name)], predicted[p.name], test[1])

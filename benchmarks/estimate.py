@@ -57,19 +57,24 @@ DVC_S = 52.7  # 2026-12-01's two dvc repro runs (digits: the same in every setup
 POOL_START_S = 5.0  # a spawned 2-worker pool up with its imports (4.6 s on 2026-12-01)
 FLOW_FIXED_S = 30.0  # the flow's own start: interpreter, Prefect's temporary server, MLflow
 FLOW_SHARE = 0.05  # orchestration on top of the stages' work (the 1.10 target allows twice this)
-SEARCH_STEPS = 30  # bisection steps of one peer's ratio (at most)
+SEARCH_STEPS = 12  # bisection steps of one peer's ratio (to within 1%: 7-10 seen)
 
 
 @dataclass(frozen=True)
 class Rate:
     """One model shape: training images/s in CPU time at one thread (what the estimate uses) and
     in wall time at one and two threads (what this machine's load left), and the CPU seconds of
-    evaluate's measurement of it."""
+    evaluate's measurement of it: a fixed part and a part per image predicted."""
 
     cpu_1t: float
     wall_1t: float
     wall_2t: float
-    evaluate_cpu_s: float
+    evaluate_fixed_s: float
+    evaluate_image_s: float
+
+    def evaluate_s(self, images: int) -> float:
+        """CPU seconds of measuring the model on ``images`` images."""
+        return self.evaluate_fixed_s + self.evaluate_image_s * images
 
 
 @dataclass(frozen=True)
@@ -105,22 +110,37 @@ def _fit_seconds(
 
 
 def measure_rate(model: nn.Module, teacher: nn.Module | None, params: Params, n: int, splits: Splits) -> Rate:
-    """``model``'s rates on ``n`` random images (validation on its share of them) and its
-    evaluate cost on random splits of the setup's sizes."""
+    """``model``'s training rates on ``n`` random images (``n // 4`` at two threads, which a loaded
+    machine slows most), validation on its share of them, and its evaluate cost."""
     train, val = random_images(n), random_images(max(n * splits.val // splits.train, 32))
     hooks = Hooks(loss=distillation_loss(teacher, 4.0, 0.7)) if teacher is not None else Hooks()
     cpu, wall_1t = _fit_seconds(model, train, val, params, hooks, 1)
-    _, wall_2t = _fit_seconds(model, train, val, params, hooks, 2)
+    quarter = (train[0][: n // 4], train[1][: n // 4])
+    _, wall_2t = _fit_seconds(model, quarter, (val[0][: n // 16], val[1][: n // 16]), params, hooks, 2)
     torch.set_num_threads(1)
-    sized = {s: random_images(getattr(splits, s)) for s in ("val", "gate", "test")}
+    return Rate(n / cpu, n / wall_1t, n // 4 / wall_2t, *evaluate_cpu_s(model, params, splits))
+
+
+def _evaluate_cpu(model: nn.Module, params: Params, sizes: dict[str, int]) -> float:
+    sized = {split: random_images(n) for split, n in sizes.items()}
     with tempfile.TemporaryDirectory() as scratch:
-        evaluate = cpu_seconds(
+        return cpu_seconds(
             lambda: (
                 measure(model, sized, params.evaluate),
                 onnx_columns(model, sized["test"], params.evaluate, Path(scratch) / "m.onnx"),
             )
         )
-    return Rate(n / cpu, n / wall_1t, n / wall_2t, evaluate)
+
+
+def evaluate_cpu_s(model: nn.Module, params: Params, splits: Splits, share: int = 8) -> tuple[float, float]:
+    """CPU seconds of evaluate's measurement of ``model`` (predictions on val, gate and test, the
+    latency timers, the ONNX export and its parity check), fixed and per image: measured on
+    64-image splits and on ``1 / share`` of the setup's images, the line through the two."""
+    sizes = {"val": splits.val, "gate": splits.gate, "test": splits.test}
+    tiny = _evaluate_cpu(model, params, dict.fromkeys(sizes, 64))
+    part = _evaluate_cpu(model, params, {k: max(v // share, 64) for k, v in sizes.items()})
+    per_image = max(part - tiny, 0.0) / max(sum(sizes.values()) / share - 3 * 64, 1)
+    return max(tiny - 3 * 64 * per_image, 0.0), per_image
 
 
 def cpu_seconds(work: Callable[[], object]) -> float:
@@ -208,7 +228,8 @@ def calibrate(n: int) -> tuple[Factors, Shapes]:
     shapes = Shapes.of(params, n)
     base_epochs, tune_epochs = raw["config"]["base_epochs"], raw["config"]["tune_epochs"]
     baseline_cpu = base_epochs * shapes.epoch_cpu_s("baseline", shapes.base, False)
-    jobs, evaluated = [], [shapes.rates["baseline"].evaluate_cpu_s]
+    everything = shapes.splits.val + shapes.splits.gate + shapes.splits.test
+    jobs, evaluated = [], [shapes.rates["baseline"].evaluate_s(everything)]
     for row in raw["candidates"]:
         if row["name"] == "baseline" or row["strategy"] == "int8":
             continue
@@ -216,7 +237,7 @@ def calibrate(n: int) -> tuple[Factors, Shapes]:
         model = apply_strategy(row["strategy"], copy.deepcopy(shapes.base), shapes.calibration, **how)
         distilled = "distill" in row["composition"]
         jobs.append(tune_epochs * shapes.epoch_cpu_s(row["name"], model, distilled))
-        evaluated.append(shapes.rate(row["name"], model, distilled).evaluate_cpu_s)
+        evaluated.append(shapes.rate(row["name"], model, distilled).evaluate_s(everything))
     work = raw["efficiency"]["overhead"]["work_s"]
     # int8 is not measured here: the other models' mean stands in for it
     evaluate_cpu = sum(evaluated) * len(raw["candidates"]) / len(evaluated)
@@ -239,22 +260,25 @@ def sensitivity_cpu_s(shapes: Shapes, strategy: str, ratios: tuple[float, ...]) 
 Phase = tuple[str, float, str]  # what, quiet wall seconds, the arithmetic
 
 
-def candidate_phases(setup: Setup, params: Params, shapes: Shapes, f: Factors) -> tuple[list[Phase], float]:
-    """Baseline, sensitivity, shrink and evaluate; and one model's mean evaluate seconds."""
+def candidate_phases(
+    setup: Setup, params: Params, shapes: Shapes, f: Factors
+) -> tuple[list[Phase], list[Rate]]:
+    """Baseline, sensitivity, shrink and evaluate; and the rates of the models evaluated."""
     epochs, base_epochs = params.shrink.epochs, params.train.epochs
     base_s = base_epochs * shapes.epoch_cpu_s("baseline", shapes.base, False) * f.two_threads
-    jobs, evaluate = {}, shapes.rate("baseline", shapes.base, False).evaluate_cpu_s
+    jobs, evaluated = {}, [shapes.rate("baseline", shapes.base, False)]
     for name, cand in params.shrink.candidates.items():
         model = candidate_shape(params, name, shapes.base, shapes.calibration)
         if model is None:
             continue
         distilled = cand.distill is not None
         jobs[name] = (cand.epochs or epochs) * shapes.epoch_cpu_s(name, model, distilled) * f.worker
-        evaluate += shapes.rates[name].evaluate_cpu_s
+        evaluated.append(shapes.rate(name, model, distilled))
+    splits = shapes.splits
+    evaluate = sum(r.evaluate_s(splits.val + splits.gate + splits.test) for r in evaluated) * f.evaluate
     tables = params.shrink.sensitivity_tables()
     sensitivity = sum(sensitivity_cpu_s(shapes, s, ratios) for s, ratios in tables.items()) * f.worker
     shrink = makespan(list(jobs.values()), params.shrink.workers)
-    n_models = len(jobs) + 1
     return [
         ("baseline", base_s, f"{base_epochs} epochs x {shapes.splits.train:,} images, 2 threads"),
         ("sensitivity", sensitivity, f"tables: {', '.join(sorted(tables)) or 'none'}, one thread"),
@@ -264,12 +288,12 @@ def candidate_phases(setup: Setup, params: Params, shapes: Shapes, f: Factors) -
             f"{len(jobs)} candidates x {epochs} epochs on 2 workers: "
             + ", ".join(f"{n} {s:.0f} s" for n, s in jobs.items()),
         ),
-        ("evaluate", evaluate * f.evaluate, f"{n_models} models"),
-    ], evaluate * f.evaluate / n_models
+        ("evaluate", evaluate, f"{len(evaluated)} models on val, gate and test"),
+    ], evaluated
 
 
 def contender_phases(
-    setup: Setup, params: Params, shapes: Shapes, f: Factors, evaluate_s: float
+    setup: Setup, params: Params, shapes: Shapes, f: Factors, evaluated: list[Rate]
 ) -> list[Phase]:
     """The peers (their ratio bisection and fine-tuning side by side) and every contender measured."""
     peer = apply_strategy("prune_l1", copy.deepcopy(shapes.base), shapes.calibration, ratio=0.5)
@@ -280,14 +304,15 @@ def contender_phases(
     tuned = makespan([params.shrink.epochs * epoch * f.worker] * peers, params.shrink.workers)
     rows = 1 + sum(r is not None for r in (setup.roles.adjusted, setup.roles.reference)) + peers
     rows += len(setup.objectives)
+    one = sum(r.evaluate_s(shapes.splits.test) for r in evaluated) / len(evaluated) * f.evaluate
     return [
-        ("peers: ratio bisection", peers * SEARCH_STEPS * prune, f"{peers} peers x <= {SEARCH_STEPS} prunes"),
+        ("peers: ratio bisection", peers * SEARCH_STEPS * prune, f"{peers} peers x {SEARCH_STEPS} prunes"),
         (
             "peers: fine-tuning",
             tuned + POOL_START_S,
             f"{peers} peers x {params.shrink.epochs} epochs on 2 single-thread workers",
         ),
-        ("contenders measured", rows * evaluate_s, f"{rows} models, as evaluate measures one"),
+        ("contenders measured", rows * one, f"{rows} models on test, at the pipeline models' mean"),
     ]
 
 
@@ -324,12 +349,12 @@ def estimate(name: str, f: Factors, shapes: Shapes) -> list[Phase]:
     setup, params = setup_params(name)
     shapes.params, shapes.splits = params, Splits.of(params)
     phases: list[Phase] = [("unpack, prepare", UNPACK_S + PREPARE_S, "2026-12-01's prepare")]
-    trained, evaluate_s = candidate_phases(setup, params, shapes, f)
+    trained, evaluated = candidate_phases(setup, params, shapes, f)
     phases += trained
     work = sum(s for _, s, _ in phases)
     orchestration = FLOW_FIXED_S + FLOW_SHARE * work
     phases.append(("flow orchestration", orchestration, f"{FLOW_FIXED_S:g} s + {FLOW_SHARE:.0%} of the work"))
-    phases += contender_phases(setup, params, shapes, f, evaluate_s)
+    phases += contender_phases(setup, params, shapes, f, evaluated)
     phases += efficiency_phases(setup, params, shapes, f, phases)
     return phases
 
@@ -337,11 +362,12 @@ def estimate(name: str, f: Factors, shapes: Shapes) -> list[Phase]:
 def rates_table(shapes: Shapes) -> str:
     lines = [
         "| shape | images/CPU-s, 1 thread | images/s wall, 1 thread | images/s wall, 2 threads "
-        "| evaluate CPU s |",
+        "| evaluate CPU s: fixed, per 1,000 images |",
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {name} | {r.cpu_1t:,.0f} | {r.wall_1t:,.0f} | {r.wall_2t:,.0f} | {r.evaluate_cpu_s:.1f} |"
+        f"| {name} | {r.cpu_1t:,.0f} | {r.wall_1t:,.0f} | {r.wall_2t:,.0f} "
+        f"| {r.evaluate_fixed_s:.1f}, {1000 * r.evaluate_image_s:.2f} |"
         for name, r in shapes.rates.items()
     ]
     return "\n".join(lines)
