@@ -21,7 +21,7 @@ from shrinkflow.tasks.config import Params, load_params
 from shrinkflow.tasks.decide import PromotionError, Verdict
 from shrinkflow.tasks.errors import named_first_line
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
-from shrinkflow.tasks.given import trust_user_code
+from shrinkflow.tasks.given import user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_raw_split, prepare
@@ -52,7 +52,6 @@ class Context:
         """Validate the config, reach the tracking server, and clear what a killed run left."""
         params = load_params(params_file, overrides)
         layout = Layout.from_params(params, root)
-        trust_user_code(params, layout)  # a factory model's package, for every model loaded here
         tracker = Tracker.for_project(root, params.tracking.experiment)
         for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
             log.warning("removed %s, left half-written by an interrupted run", stale)
@@ -210,7 +209,7 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
         name, ctx.parent_run, tags={"shrinkflow.stage": stage, "shrinkflow.candidate": name}
     )
     try:
-        with progress.showing(name):
+        with progress.showing(name), user_code(ctx.params, ctx.layout):
             record = train(run)
     except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
         _close(ctx, run, exc, {"shrinkflow.status": "failed"})
@@ -228,7 +227,7 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     """Measure every model; its figures also go to the model's own run when ``runs`` names it."""
     _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
-    with ends_failed(ctx, run):
+    with ends_failed(ctx, run), user_code(ctx.params, ctx.layout):
         table = evaluate_models(ctx.params, ctx.layout)
         if ctx.params.tracking.tensorboard:
             records = [load_record(ctx.layout, n) for n in table["name"] if ctx.layout.record(n).is_file()]
@@ -281,15 +280,16 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
             **provenance_tags(ctx.params, ctx.layout),
             **(extra_tags or {}),
         }
-        decision = promote(
-            ctx.params,
-            ctx.layout,
-            ctx.tracker,
-            run,
-            tags,
-            force,
-            publish=lambda d: publish_decision(ctx.layout, d),
-        )
+        with user_code(ctx.params, ctx.layout):  # a factory model's package travels with its version
+            decision = promote(
+                ctx.params,
+                ctx.layout,
+                ctx.tracker,
+                run,
+                tags,
+                force,
+                publish=lambda d: publish_decision(ctx.layout, d),
+            )
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a read-only project cannot even delete them
             discard_decision(ctx.layout)

@@ -34,7 +34,7 @@ from shrinkflow.tasks.engine import (
     small_bn_scales,
 )
 from shrinkflow.tasks.gate import versus_baseline
-from shrinkflow.tasks.given import build_given, check_given, is_given, trust_user_code
+from shrinkflow.tasks.given import build_given, check_given, check_runs, is_given
 from shrinkflow.tasks.io import save_checkpoint, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
@@ -105,9 +105,10 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
         "num_classes": manifest.num_classes,
         **params.model.arch_options(),
     }
-    trust_user_code(params, layout)
     with seeded(params.seed):
         model = build_model(spec)
+    if is_given(params):  # a network of the user's, trained here from scratch
+        check_runs(model, load_split(layout, "val")[0], manifest.num_classes)
     record = ModelRecord(name="baseline", strategy="baseline", options={})
     return _train_and_save("baseline", model, record, params, layout, params.train)
 
@@ -117,8 +118,8 @@ def _take_baseline(params: Params, layout: Layout, manifest: Manifest) -> ModelR
     ``model.finetune`` asks, and saved as the baseline with its lineage."""
     with seeded(params.seed):
         model, origin = build_given(params, layout, manifest)
-    x, y = load_split(layout, "val")
-    origin["val_acc_as_given"] = check_given(model, x, y, manifest.classes)
+    (x, y), train_x = load_split(layout, "val"), load_split(layout, "train")[0]
+    origin |= check_given(model, train_x, (x, y), manifest.classes, params.model.classes)
     record = ModelRecord(name="baseline", strategy="given", options={}, origin=origin)
     record.pruning = pruning_summary(model, x[:1])
     log.info(
@@ -347,7 +348,6 @@ def shrink_candidate(
         name=name, strategy=cand.strategy, options=_plain(cand.options()), steps=cand.steps()
     )
     try:
-        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
         if cand.search is None:
             built = _shrink_and_train(params, layout, name, inputs, None)

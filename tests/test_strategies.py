@@ -14,7 +14,7 @@ from torch import nn
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES, apply_strategy, build_model
 from shrinkflow.models.arch.basenet import BaseNet
-from shrinkflow.models.arch.given import trust_code
+from shrinkflow.models.arch.given import user_code
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import Int8Net, dense_twin
 from shrinkflow.models.strategies.structured import step_ratios
@@ -42,7 +42,8 @@ COVERED_ELSEWHERE = {"torchvision"}
 
 @pytest.fixture(scope="module", autouse=True)
 def _users_code():
-    trust_code(REPO / "examples" / "byo")
+    with user_code(REPO / "examples" / "byo"):
+        yield
 
 
 def test_every_architecture_has_test_settings():
