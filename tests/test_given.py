@@ -45,9 +45,10 @@ from tests.conftest import REPO, run_cli
 EXAMPLE = REPO / "examples" / "byo"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _users_code():
-    """The example's package (``models``) is the user's code in every test here."""
+    """The example's package (``models``) is the user's code in every test here (module-scoped:
+    the module's fixtures build its network too)."""
     with user_code(EXAMPLE):
         yield
 
