@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
 CANDIDATES = {
     "plain": {"l1-50": {"strategy": "prune_l1", "ratio": 0.5, "lr": 0.01}},
-    # a budget allocated from measured sensitivity: its table is a file of its own
+    # a budget allocated from measured sensitivity: its table is the sensitivity stage's output
     "budget": {
         "alloc-p10": {
             "strategy": "prune_l1",
@@ -69,6 +69,7 @@ def origin(request, tmp_path_factory):
     assert ran == [
         "prepare",
         "baseline",
+        "sensitivity",
         *(f"shrink@{c}" for c in CANDIDATES[request.param]),
         "evaluate",
         "promote",
@@ -95,14 +96,7 @@ def _undeclared(root) -> list[str]:
     return sorted(f for f in written if not any(f == o or f.startswith(f"{o}/") for o in declared))
 
 
-BUDGET_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="the sensitivity table (sensitivity-<strategy>.json/png) is written into artifacts/candidates/ "
-    "and is no stage's output until the sensitivity stage lands",
-)
-
-
-@pytest.mark.parametrize("origin", ["plain", pytest.param("budget", marks=BUDGET_PENDING)], indirect=True)
+@pytest.mark.parametrize("origin", ["plain", "budget"], indirect=True)
 def test_a_clone_pulls_every_output_and_reproduces_nothing(origin, tmp_path):
     assert not _undeclared(origin), f"written but no stage's output: {_undeclared(origin)}"
     _dvc(origin, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
@@ -140,7 +134,7 @@ def test_an_edit_to_the_resizing_makes_prepare_and_everything_after_it_stale(ori
         stale = json.loads(_dvc(origin, "status", "--json").stdout)
     finally:
         source.write_bytes(before)
-    stages = ["prepare", "baseline", "shrink@l1-50", "evaluate", "promote"]
+    stages = ["prepare", "baseline", "sensitivity", "shrink@l1-50", "evaluate", "promote"]
     assert sorted(stale) == sorted(stages)
     for stage in stages:
         assert {"changed deps": {"models": "modified"}} in stale[stage], (stage, stale[stage])
