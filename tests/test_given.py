@@ -258,7 +258,10 @@ def test_a_shuffled_class_order_is_found_and_model_classes_fixes_it(prepared):
 
 
 def test_a_model_that_is_not_accurate_is_refused_with_its_accuracy(prepared):
-    net = FactoryNet("models.tinynet:build", {}, in_channels=1, image_size=8, num_classes=10)
+    width = yaml.safe_load((prepared / "params.yaml").read_text())["model"]["kwargs"][
+        "width"
+    ]  # the example's
+    net = FactoryNet("models.tinynet:build", {"width": width}, in_channels=1, image_size=8, num_classes=10)
     torch.save(net.net.state_dict(), prepared / "untrained.pt")
     _retarget(prepared, weights="untrained.pt")
     assert "the model is not accurate on the validation images" in _fails(prepared, "baseline")
