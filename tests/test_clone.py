@@ -3,8 +3,9 @@ declared output, a second clone pulls what the first pushed and `dvc repro` ther
 and a change to a module a stage imports (the resizing in models/preprocess.py) makes that stage
 and everything after it stale.
 
-Each origin is a git + DVC copy of every file git tracks (examples/ included: its own DVC project
-must stay out of the root's pull), reproduced once with small params."""
+The origin is a git + DVC copy of every file git tracks (examples/ included: its own DVC project
+must stay out of the root's pull), reproduced once with small params and two candidates: a plain
+one, and a budget allocated from the sensitivity stage's measured table."""
 
 from __future__ import annotations
 
@@ -21,15 +22,12 @@ from tests.test_repro import _dvc, _git, _ran
 pytestmark = [pytest.mark.slow, pytest.mark.scenario]
 
 CANDIDATES = {
-    "plain": {"l1-50": {"strategy": "prune_l1", "ratio": 0.5, "lr": 0.01}},
-    # a budget allocated from measured sensitivity: its table is the sensitivity stage's output
-    "budget": {
-        "alloc-p10": {
-            "strategy": "prune_l1",
-            "lr": 0.01,
-            "budget": {"objective": "params", "keep": 0.1},
-            "allocation": "sensitivity",
-        }
+    "l1-50": {"strategy": "prune_l1", "ratio": 0.5, "lr": 0.01},
+    "alloc-p10": {
+        "strategy": "prune_l1",
+        "lr": 0.01,
+        "budget": {"objective": "params", "keep": 0.1},
+        "allocation": "sensitivity",
     },
 }
 OUTPUT_DIRS = ("data/prepared", "artifacts", "reports")
@@ -50,17 +48,16 @@ def _tracked_tree(dst) -> None:
 
 
 @pytest.fixture(scope="module")
-def origin(request, tmp_path_factory):
-    """A git + DVC copy of the repository with small params and ``request.param``'s candidates,
-    reproduced and committed."""
-    root = tmp_path_factory.mktemp(f"origin-{request.param}")
+def origin(tmp_path_factory):
+    """A git + DVC copy of the repository with small params, reproduced and committed."""
+    root = tmp_path_factory.mktemp("origin")
     _tracked_tree(root)
     write_params(
         root,
         "train.epochs=3",
         "shrink.epochs=2",
-        f"shrink.candidates={json.dumps(CANDIDATES[request.param])}",
-        f"promote.model_name=clone-{request.param}",
+        f"shrink.candidates={json.dumps(CANDIDATES)}",
+        "promote.model_name=clone",
     )
     _git(root, "init", "-q")
     _git(root, "add", "-A")
@@ -70,7 +67,7 @@ def origin(request, tmp_path_factory):
         "prepare",
         "baseline",
         "sensitivity",
-        *(f"shrink@{c}" for c in CANDIDATES[request.param]),
+        *(f"shrink@{c}" for c in CANDIDATES),
         "evaluate",
         "promote",
     ]
@@ -96,7 +93,6 @@ def _undeclared(root) -> list[str]:
     return sorted(f for f in written if not any(f == o or f.startswith(f"{o}/") for o in declared))
 
 
-@pytest.mark.parametrize("origin", ["plain", "budget"], indirect=True)
 def test_a_clone_pulls_every_output_and_reproduces_nothing(origin, tmp_path):
     assert not _undeclared(origin), f"written but no stage's output: {_undeclared(origin)}"
     _dvc(origin, "remote", "add", "-d", "shared", str(tmp_path / "remote"))
@@ -119,7 +115,6 @@ def test_a_clone_pulls_every_output_and_reproduces_nothing(origin, tmp_path):
             assert (clone / path.relative_to(origin)).read_bytes() == path.read_bytes(), path
 
 
-@pytest.mark.parametrize("origin", ["plain"], indirect=True)
 def test_an_edit_to_the_resizing_makes_prepare_and_everything_after_it_stale(origin):
     """models/preprocess.py resizes the images prepare writes; compiled Python beside it changes
     nothing."""
@@ -134,7 +129,14 @@ def test_an_edit_to_the_resizing_makes_prepare_and_everything_after_it_stale(ori
         stale = json.loads(_dvc(origin, "status", "--json").stdout)
     finally:
         source.write_bytes(before)
-    stages = ["prepare", "baseline", "sensitivity", "shrink@l1-50", "evaluate", "promote"]
+    stages = [
+        "prepare",
+        "baseline",
+        "sensitivity",
+        *(f"shrink@{c}" for c in CANDIDATES),
+        "evaluate",
+        "promote",
+    ]
     assert sorted(stale) == sorted(stages)
     for stage in stages:
         assert {"changed deps": {"models": "modified"}} in stale[stage], (stage, stale[stage])
