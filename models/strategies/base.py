@@ -51,6 +51,8 @@ class Strategy:
     drop, are refused when the config is read.
     ``needs_parametric``: it rebuilds the network from constructor arguments (widths, depths), so
     a network brought from outside (torchvision by name, a factory) is refused.
+    ``needs_graph``: it prunes through torch-pruning's dependency graph, so it fails at once on
+    a network whose graph probe found none (:mod:`shrinkflow.models.probe`).
     ``exclusive``: it traces the model with torch.fx, which patches ``nn.Module.__call__`` for the
     whole process while it runs, so no other model may train in the same process meanwhile.
     ``note``: what a reader of the results table must know about its figures."""
@@ -65,6 +67,7 @@ class Strategy:
     needs_batch_norm: bool = False
     needs_depth: bool = False
     needs_parametric: bool = False
+    needs_graph: bool = False
     exclusive: bool = False
     note: str = ""
 
