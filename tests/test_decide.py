@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from statsmodels.stats.multitest import multipletests
 
 from shrinkflow.tasks.config import PromoteConfig
-from shrinkflow.tasks.decide import Champion, Kind, PromotionError, certify, decide, holm
+from shrinkflow.tasks.decide import Champion, Kind, certify, decide, holm
 from shrinkflow.tasks.stats import compare_counts, noninferiority_p
 
 N = 540  # the default digits gate
@@ -114,12 +114,19 @@ def test_against_the_champion_from_its_predictions():
     assert verdict.champion_comparison["n"] == N and verdict.champion_before["version"] == "4"
 
 
+def test_when_every_candidate_failed_the_measured_baseline_stands():
+    # as in a run whose candidates all failed the gate: the baseline is the winner, and registered
+    table, predictions = _inputs(FAMILY)
+    failed = table.assign(status=["ok", "failed", "failed", "failed", "failed"])
+    verdict = decide(failed, predictions, PromoteConfig())
+    assert verdict.winner == "baseline" and verdict.verdict == Kind.CHAMPION
+    assert (
+        "the baseline (1000 params) stands" in verdict.reason and "not measured: a, b, c, d" in verdict.reason
+    )
+
+
 def test_bad_input_is_one_clear_line():
     table, predictions = _inputs(FAMILY)
-    with pytest.raises(PromotionError, match="all 4 candidates failed"):
-        decide(
-            table.assign(status=["ok", "failed", "failed", "failed", "failed"]), predictions, PromoteConfig()
-        )
     with pytest.raises(ValidationError, match="holm adjusts p-values"):
         PromoteConfig(multiplicity="holm", confidence=None)
     with pytest.raises(ValidationError, match="fixed_sequence"):

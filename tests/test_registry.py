@@ -131,15 +131,17 @@ def test_version_that_fails_validation_moves_no_alias(evaluated, tmp_path, model
     )
 
 
-def test_all_candidates_failed_promotes_nothing(evaluated, tmp_path, model_name):
+def test_all_candidates_failed_the_measured_baseline_stands(evaluated, tmp_path, model_name):
     def fail_all(layout):
         table = load_table(layout.candidates_csv)
         table.loc[table["name"] != "baseline", "status"] = "failed"
         table.to_csv(layout.candidates_csv, index=False)
 
-    with pytest.raises(PromotionError, match="all 2 candidates failed"):
-        _promote(evaluated, tmp_path / "1", model_name, tamper=fail_all)
-    assert _aliases(model_name) == {}
+    # as when every candidate fails the gate: the baseline wins and is registered
+    decision = _promote(evaluated, tmp_path / "1", model_name, tamper=fail_all)
+    assert decision.winner == "baseline" and decision.verdict == "champion"
+    assert "not measured: l1-50, w50" in decision.reason
+    assert _aliases(model_name) == {"champion": 1}
 
 
 def _predictions_wrong_on_test(layout, name_filter=lambda n: n != "baseline"):
