@@ -83,7 +83,9 @@ def probe_model(model: Any) -> GraphProbe:
 
     try:
         spec = model.spec()
-        return probe_graph(spec, [str(p) for p in getattr(given, "_TRUSTED", [])])  # trust_code's folders
+        # The folders trust_code declared that are still there (a loaded model's went with it).
+        code = [str(p) for p in getattr(given, "_TRUSTED", []) if p.is_dir()]
+        return probe_graph(spec, code)
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [""])[0][:200]
         return GraphProbe(type(model).__name__, False, reason=f"the probe failed: {text}")
