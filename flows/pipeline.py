@@ -1,4 +1,5 @@
-"""The shrinkflow Prefect flow: prepare -> baseline -> shrink (fan-out) -> evaluate -> promote.
+"""The shrinkflow Prefect flow: prepare -> baseline -> sensitivity -> shrink (fan-out) -> evaluate ->
+promote.
 
 Wiring only: every task is a function from ``shrinkflow.tasks.stages``; this module adds Prefect's
 orchestration (task runs, parallelism, logging) and nothing else.
@@ -7,7 +8,6 @@ orchestration (task runs, parallelism, logging) and nothing else.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -21,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from shrinkflow.tasks import cache, stages, stop
 from shrinkflow.tasks.config import Params, ShrinkConfig, load_params
-from shrinkflow.tasks.decide import Verdict
+from shrinkflow.tasks.decide import Verdict, verdict_json
 from shrinkflow.tasks.report import links_section
 
 
@@ -39,6 +39,10 @@ prepare = task(stages.run_prepare, name="prepare", cache_policy=NO_CACHE)
 # Cached on what its weights depend on (data, config, code, tracking store); see
 # reuse_or_train_baseline.
 baseline = task(stages.run_baseline, name="baseline", cache_key_fn=_baseline_key)
+# Not cached by Prefect: a table whose key still holds is kept by the stage itself.
+sensitivity = task(
+    stages.run_sensitivity, name="sensitivity", task_run_name="sensitivity-{strategy}", cache_policy=NO_CACHE
+)
 shrink = task(stages.run_candidate, name="shrink", task_run_name="shrink-{name}", cache_key_fn=_candidate_key)
 evaluate = task(stages.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 promote = task(stages.run_promote, name="promote", cache_policy=NO_CACHE)
@@ -59,6 +63,7 @@ def pipeline(
         link_to_flow_run(ctx, [ctx.parent_run])
         prepare(ctx)
         base = reuse_or_train_baseline(ctx)
+        measure_sensitivity(ctx)
         shrunk = shrink_all(ctx)
         for name, failure in shrunk.items():
             if isinstance(failure, BaseException):
@@ -69,9 +74,9 @@ def pipeline(
         stages.summarise(ctx, runs)
         link_to_flow_run(ctx, runs.values())
         publish(ctx, decision, table)
-    tag_flow_run([f"outcome:{decision.verdict}"])
-    logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
-    return asdict(decision)
+    tag_flow_run([f"outcome:{decision.kind}"])
+    logger.info("%s -> %s: %s", decision.winner, decision.kind, decision.kind_reason)
+    return verdict_json(decision)
 
 
 def run_name(params: Params) -> str:
@@ -119,6 +124,17 @@ def reuse_or_train_baseline(ctx: stages.Context) -> stages.Tracked:
     if _reusable(ctx, "baseline", state):
         return state.result()
     return baseline.with_options(refresh_cache=True)(ctx)
+
+
+def measure_sensitivity(ctx: stages.Context) -> None:
+    """The sensitivity tables the budget candidates need, one task per strategy, side by side;
+    one that fails is logged, and the candidates that need it fail alone, saying so."""
+    futures = {s: sensitivity.submit(ctx, s) for s in stages.sensitivity_strategies(ctx.params)}
+    for strategy, future in futures.items():
+        failure = _waited(future).result(raise_on_failure=False)
+        if isinstance(failure, BaseException):
+            get_run_logger().warning("sensitivity table for %s failed: %s", strategy, failure)
+    stages.index_sensitivity(ctx)
 
 
 def shrink_all(ctx: stages.Context) -> dict[str, stages.Tracked | BaseException]:
@@ -186,7 +202,7 @@ def publish(ctx: stages.Context, decision: Verdict, table) -> None:
     title, report = ctx.layout.report_md.read_text().split("\n", 1)
     report = "\n".join([title, "", *links, report])
     create_markdown_artifact(
-        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.verdict}"
+        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.kind}"
     )
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
     create_table_artifact(key="candidates", table=rows, description="every candidate, measured")

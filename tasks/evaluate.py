@@ -177,7 +177,7 @@ def _row(
         "name": record.name,
         "strategy": record.strategy,
         "composition": params.composition(record.name),
-        "ratio": record.options.get("ratio", 0.0),
+        "ratio": record.options.get("ratio") or 0.0,  # none: int8, lowrank by energy or ranks
         "status": record.status,
         "epochs": record.epochs,
         "error": record.error or "",

@@ -26,6 +26,7 @@ class Files:
     REPORT = "report.md"
     PROMOTION = "promotion.json"
     ONNX = "onnx"  # in paths.reports: <model>.onnx, each checked against its checkpoint
+    SENSITIVITY_INDEX = "tables.json"  # in paths.sensitivity, beside sensitivity-<strategy>.json/png
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Layout:
     root: Path
     prepared: Path
     baseline: Path
+    sensitivity: Path
     candidates: Path
     reports: Path
 
@@ -44,6 +46,7 @@ class Layout:
             root=root,
             prepared=root / p.prepared,
             baseline=root / p.baseline,
+            sensitivity=root / p.sensitivity,
             candidates=root / p.candidates,
             reports=root / p.reports,
         )
@@ -54,7 +57,7 @@ class Layout:
     def check_inside(self) -> None:
         """Refuse an output directory that a symlink takes outside the project (the config
         already refuses absolute and ``..`` paths)."""
-        for key in ("prepared", "baseline", "candidates", "reports"):
+        for key in ("prepared", "baseline", "sensitivity", "candidates", "reports"):
             path = getattr(self, key)
             if not path.resolve().is_relative_to(self.root):
                 raise ConfigError(
@@ -73,6 +76,16 @@ class Layout:
     @property
     def manifest(self) -> Path:
         return self.prepared / Files.MANIFEST
+
+    def sensitivity_table(self, strategy: str) -> Path:
+        """The measured sensitivity table a budget candidate of ``strategy`` allocates from (a
+        plot of it beside, ``.png``)."""
+        return self.sensitivity / f"sensitivity-{strategy}.json"
+
+    @property
+    def sensitivity_index(self) -> Path:
+        """Which tables the sensitivity stage measured, and for what (written even when none)."""
+        return self.sensitivity / Files.SENSITIVITY_INDEX
 
     def model_dir(self, name: str) -> Path:
         """Directory of the baseline (``name == "baseline"``) or of one candidate."""

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +18,7 @@ import torch
 
 from shrinkflow.tasks import progress, stop, tensorboard
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.decide import PromotionError, Verdict
+from shrinkflow.tasks.decide import PromotionError, Verdict, verdict_json
 from shrinkflow.tasks.errors import named_first_line
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.given import trust_user_code
@@ -30,6 +30,7 @@ from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
 from shrinkflow.tasks.reproduce import provenance_tags
 from shrinkflow.tasks.search import Trial
+from shrinkflow.tasks.sensitivity import measure_table, sensitivity_stage, write_index
 from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
 from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
 
@@ -54,7 +55,8 @@ class Context:
         layout = Layout.from_params(params, root)
         trust_user_code(params, layout)  # a factory model's package, for every model loaded here
         tracker = Tracker.for_project(root, params.tracking.experiment)
-        for stale in sweep_temporaries(layout.prepared, layout.baseline, layout.candidates, layout.reports):
+        dirs = (layout.prepared, layout.baseline, layout.sensitivity, layout.candidates, layout.reports)
+        for stale in sweep_temporaries(*dirs):
             log.warning("removed %s, left half-written by an interrupted run", stale)
         for run in tracker.close_orphaned_runs():
             log.warning("marked MLflow run %s KILLED: an interrupted run left it RUNNING", run)
@@ -169,6 +171,27 @@ def run_baseline(ctx: Context) -> Tracked:
     return _model_stage(ctx, "baseline", lambda run: train_baseline(ctx.params, ctx.layout))
 
 
+def sensitivity_strategies(params: Params) -> list[str]:
+    """The strategies whose sensitivity tables the budget candidates need (each measured apart)."""
+    return list(params.shrink.sensitivity_tables())
+
+
+def run_sensitivity(ctx: Context, strategy: str | None = None) -> list[Path]:
+    """The sensitivity tables budget candidates allocate from: ``strategy``'s, or (``None``)
+    every one and the index. With the shrink stage's thread count, so that DVC and Prefect
+    measure the same floats."""
+    stop.check()
+    torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
+    if strategy is not None:
+        return [measure_table(ctx.params, ctx.layout, strategy)]
+    return sensitivity_stage(ctx.params, ctx.layout)
+
+
+def index_sensitivity(ctx: Context) -> Path:
+    """After the tables were measured apart: the index of them, stale ones removed."""
+    return write_index(ctx.params, ctx.layout)
+
+
 def run_candidate(ctx: Context, name: str) -> Tracked:
     # The same thread count under Prefect's runners and under `dvc repro`, so both compute the
     # same floats; and N concurrent candidates never oversubscribe the cores.
@@ -263,7 +286,7 @@ def discard_decision(layout: Layout) -> None:
 def publish_decision(layout: Layout, decision: Verdict) -> None:
     """Write what reviewers read; called by ``promote`` before it counts an alias move as done."""
     table = load_table(layout.candidates_csv)
-    write_json(layout.promotion_json, asdict(decision))
+    write_json(layout.promotion_json, verdict_json(decision))
     pareto_plot(table, decision, layout.pareto_png)
     write_text(layout.report_md, markdown_report(table, decision))
 
@@ -308,11 +331,14 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
                 "val_acc": decision.val_acc,
                 "gate_acc": decision.gate_acc,
                 "test_acc": decision.test_acc,
-                **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
-                **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
+                **{
+                    f"gate_{k}": getattr(decision.gate, k)
+                    for k in ("delta", "lower", "upper", "p_value", "n")
+                },
+                **{f"test_{k}": getattr(decision.test, k) for k in ("delta", "lower", "upper")},
             },
             tags={
-                "verdict": decision.verdict,
+                "verdict": decision.kind,
                 "gate_summary": decision.summary,
                 "certified_by": decision.certified_by,
             },
@@ -323,7 +349,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
         with contextlib.suppress(Exception):
             ctx.tracker.end_run(run, "FAILED")
         raise TrackingUnavailable(
-            f"the decision is made and written ({decision.verdict}, {_registered(decision)}), but "
+            f"the decision is made and written ({decision.kind}, {_registered(decision)}), but "
             f"logging it to MLflow at {ctx.tracker.uri} failed: {named_first_line(exc)}"
         ) from exc
     ctx.tracker.end_run(run)
@@ -332,10 +358,10 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
 
 def _registered(decision: Verdict) -> str:
     reg = decision.registry
-    if not reg.get("version"):
+    if not reg or not reg.version:
         return "nothing registered"
-    alias = f" @{reg['alias']}" if reg.get("alias") else ""
-    return f"{reg['model_name']} v{reg['version']}{alias}"
+    alias = f" @{reg.alias}" if reg.alias else ""
+    return f"{reg.model_name} v{reg.version}{alias}"
 
 
 def _os_error(exc: OSError) -> str:

@@ -15,10 +15,10 @@ from pydantic import BaseModel
 from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
-from shrinkflow.models.allocation import Allocation
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.probe import probe_model, refuse_without_graph
 from shrinkflow.models.strategies.structured import step_ratios
+from shrinkflow.tasks.allocate import allocate_widths, summary
 from shrinkflow.tasks.config import Params, TrainConfig, comes_trained
 from shrinkflow.tasks.engine import (
     FitResult,
@@ -40,7 +40,7 @@ from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
 from shrinkflow.tasks.search import Trial, best_trial, search_ratio
-from shrinkflow.tasks.sensitivity import allocator, load_or_measure, sensitivity_path, summary
+from shrinkflow.tasks.sensitivity import load_table
 from shrinkflow.tasks.stats import Comparison
 
 log = logging.getLogger(__name__)
@@ -183,42 +183,19 @@ class _Built:
     allocation: dict[str, Any] = field(default_factory=dict)
 
 
-def _budget_options(
-    params: Params, layout: Layout, name: str, inputs: _Inputs, options: dict[str, Any], built: _Built
+def _allocated(
+    params: Params, layout: Layout, name: str, inputs: _Inputs, model: nn.Module, ratio: float | None
 ) -> dict[str, Any]:
-    """A budget candidate's options with the allocator its strategy calls: ``ratio`` (a search's
-    trial) becomes ``budget.keep = 1 - ratio``; the baseline's sensitivity is measured once and
-    cached (see :mod:`shrinkflow.tasks.sensitivity`); ``built`` hears the allocation."""
+    """A budget candidate's allocation, made before its strategy runs, as its record keeps it
+    (``widths`` among it), from the table the sensitivity stage measured; ``ratio`` (a search's
+    trial) becomes ``budget.keep = 1 - ratio``."""
     cand = params.shrink.candidates[name]
-    ratio = options.pop("ratio", None)
-    budget = options["budget"] if ratio is None else options["budget"].model_copy(update={"keep": 1 - ratio})
-    path = sensitivity_path(layout.candidates, cand.strategy)
-    key = {
-        "baseline_sha256": inputs.baseline.sha256,
-        "data": load_manifest(layout).fingerprint,
-        "strategy": cand.strategy,
-        "ratios": list(cand.sensitivity_ratios),
-        "calibration_size": len(inputs.calibration[0]),
-    }
-    table = load_or_measure(
-        path,
-        _baseline(layout, inputs),
-        key,
-        cand.strategy,
-        inputs.calibration,
-        inputs.val,
-        cand.sensitivity_ratios,
-    )
-    options = options | {"budget": budget}
-
-    def heard(allocation: Allocation) -> None:
-        built.allocation = summary(allocation, table, str(path.relative_to(layout.root)))
-        built.allocation["ratio"] = round(1 - allocation.cost[budget.objective], 6)
-
-    return options | {
-        "allocate": allocator(cand.strategy, options, table, inputs.calibration, inputs.val, params.seed),
-        "on_allocation": heard,
-    }
+    request = cand.allocation_request(params.seed, None if ratio is None else 1 - ratio)
+    table = load_table(params, layout, cand.strategy, inputs.calibration)
+    chosen = allocate_widths(cand.strategy, request, model, table, inputs.calibration, inputs.val)
+    path = layout.sensitivity_table(cand.strategy).relative_to(layout.root)
+    ratio_of = (cand.searched or request.budgets[0]).objective  # the table's ratio column
+    return summary(chosen, request, table, str(path)) | {"ratio": round(1 - chosen.cost[ratio_of], 6)}
 
 
 def _sparsity_phase(
@@ -259,8 +236,10 @@ def _shrink_and_train(
     if phase:
         built.sparsity_phase = _sparsity_phase(model, inputs, cfg, params, *phase)
     options = cand.options() | ({"ratio": ratio} if ratio is not None else {})
+    options = {k: v for k, v in options.items() if k not in info.options.ALLOCATION_KEYS}
     if getattr(cand, "budget", None) is not None:
-        options = _budget_options(params, layout, name, inputs, options, built)
+        built.allocation = _allocated(params, layout, name, inputs, model, options.pop("ratio", None))
+        options["widths"] = built.allocation["widths"]
     teacher = cand.distill and distillation_loss(_baseline(layout, inputs), **cand.distill.model_dump())
     if not info.warm_start:
         log.info("%s: %s starts from a fresh initialisation", name, cand.strategy)
@@ -294,10 +273,13 @@ def _shrink_and_train(
 
 def _plain(options: dict[str, Any]) -> dict[str, Any]:
     """Options as JSON: nested option models as dicts, tuples as lists."""
-    return {
-        k: v.model_dump() if isinstance(v, BaseModel) else list(v) if isinstance(v, tuple) else v
-        for k, v in options.items()
-    }
+    return {k: _plain_value(v) for k, v in options.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    return [_plain_value(v) for v in value] if isinstance(value, tuple) else value
 
 
 def _merged(results: list[FitResult]) -> FitResult:
@@ -339,6 +321,11 @@ def _search(
     return built[best.ratio], trials
 
 
+def _searched(budget: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """The recorded budget whose ``keep`` a search set."""
+    return next(b for b in budget if b["keep"] is None) if isinstance(budget, list) else budget
+
+
 def shrink_candidate(
     params: Params, layout: Layout, name: str, on_trial: Callable[[Trial], None] | None = None
 ) -> ModelRecord:
@@ -361,8 +348,8 @@ def shrink_candidate(
             built, trials = _search(params, layout, name, inputs, on_trial)
             record.trials = [asdict(t) for t in trials]
             record.options["ratio"] = best_trial(trials).ratio
-            if record.options.get("budget"):  # the search varied budget.keep = 1 - ratio
-                record.options["budget"]["keep"] = round(1 - best_trial(trials).ratio, 6)
+            if record.options.get("budget"):  # the search varied the keep left out: 1 - ratio
+                _searched(record.options["budget"])["keep"] = round(1 - best_trial(trials).ratio, 6)
         record.sparsity_phase, record.rounds = built.sparsity_phase, built.rounds
         record.options |= built.allocation
         return _save(name, built.model, record, layout, built.result, inputs.val)

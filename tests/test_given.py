@@ -117,11 +117,11 @@ def test_a_factory_model_from_a_package_called_models_is_certified_registered_an
     table = load_table(layout.candidates_csv).set_index("name")
     assert table.loc["l1-50-kd", "params"] < 0.5 * table.loc["baseline", "params"]
     assert table.loc["l1-50-kd", "onnx"] == "ok"
-    assert decision.winner == "l1-50-kd" and decision.verdict == "champion"
+    assert decision.winner == "l1-50-kd" and decision.kind == "champion"
     # the pruned network rebuilds from its description and pruning history, not from a pickle
     spec = torch.load(layout.checkpoint("l1-50-kd"), weights_only=True)["spec"]
     assert spec["arch"] == "factory" and spec["factory"] == "models.tinynet:build" and spec["pruning_history"]
-    version = MlflowClient().get_model_version(params.promote.model_name, decision.registry["version"])
+    version = MlflowClient().get_model_version(params.promote.model_name, decision.registry.version)
     assert version.tags["baseline_source"] == "factory models.tinynet:build"
     assert version.tags["baseline_weights_sha256"] == base.origin["weights_sha256"]
     # a fresh process, elsewhere, with no shrinkflow checkout on its path: raw images in, names out
@@ -159,7 +159,7 @@ def test_the_registered_champion_is_shrunk_again_with_lineage(champion, brought,
     params = load_params(layout.root / "params.yaml")
     prepare(params, layout)
     base = train_baseline(params, layout)
-    assert base.origin["registered_version"] == first_decision.registry["version"]
+    assert base.origin["registered_version"] == first_decision.registry.version
     assert base.origin["checkpoint_sha256"] == load_record(first_layout, "l1-50-kd").sha256
     shrink_candidate(params, layout, "l1-30")
     # the new model replays the champion's pruning, then its own
@@ -169,9 +169,9 @@ def test_the_registered_champion_is_shrunk_again_with_lineage(champion, brought,
     evaluate_models(params, layout)
     ctx = Context(params, layout, Tracker(tracking_uri(layout.root), params.tracking.experiment))
     decision = run_promote(ctx, force=True)
-    version = MlflowClient().get_model_version(name, decision.registry["version"])
+    version = MlflowClient().get_model_version(name, decision.registry.version)
     assert version.tags["baseline_source"] == f"models:/{name}@champion"
-    assert version.tags["baseline_registered_version"] == first_decision.registry["version"]
+    assert version.tags["baseline_registered_version"] == first_decision.registry.version
 
 
 # Bad input: one line, exit 1, nothing registered.
