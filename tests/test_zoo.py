@@ -50,7 +50,7 @@ def test_a_pruned_family_member_is_measured_and_registered(family, runs):
     assert not ran.failures and ran.records["l1-50"].status == "ok"
     assert ran.table.loc["l1-50", "params"] < 0.5 * ran.table.loc["baseline", "params"]
     assert (ran.table["onnx"] == "ok").all(), ran.table["onnx"]  # exported, and onnxruntime agrees
-    assert ran.decision.winner == "l1-50" and ran.decision.verdict == "champion"
+    assert ran.decision.winner == "l1-50" and ran.decision.kind == "champion"
 
 
 @pytest.mark.slow
@@ -66,7 +66,7 @@ def test_shufflenet_has_no_graph_its_structured_candidate_says_so_and_magnitude_
     assert "magnitude" in line.split("cannot run; ")[1]
     assert ran.records["mag-50"].status == "ok" and ran.table.loc["mag-50", "onnx"] == "ok"
     # magnitude pruning keeps dense shapes, so it is not smaller: the measured baseline stands
-    assert ran.decision.winner == "baseline" and ran.decision.verdict == "champion"
+    assert ran.decision.winner == "baseline" and ran.decision.kind == "champion"
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_convnext_is_pruned_measured_and_registered(runs):
     assert ran.baseline.pruning["ok"] and ran.baseline.pruning["left_alone"] == ["net.classifier.2"]
     assert not ran.failures and ran.table.loc["l1-50", "params"] < 0.5 * ran.table.loc["baseline", "params"]
     assert (ran.table["onnx"] == "ok").all(), ran.table["onnx"]
-    assert ran.decision.winner == "l1-50" and ran.decision.verdict == "champion"
+    assert ran.decision.winner == "l1-50" and ran.decision.kind == "champion"
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_vit_loses_the_same_share_of_every_attention_head(runs):
         assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (12, 32, 384)
     assert vit.hidden_dim == vit.conv_proj.out_channels == vit.class_token.shape[-1] == 384
     assert (ran.table["onnx"] == "ok").all(), ran.table["onnx"]
-    assert ran.decision.winner == "l1-50" and ran.decision.verdict == "champion"
+    assert ran.decision.winner == "l1-50" and ran.decision.kind == "champion"
 
 
 @pytest.mark.slow

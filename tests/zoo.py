@@ -159,7 +159,7 @@ print(json.dumps(labels))
 
 
 def registered_uri(ran: Ran) -> str:
-    return f"models:/{ran.decision.registry['model_name']}/{ran.decision.registry['version']}"
+    return f"models:/{ran.decision.registry.model_name}/{ran.decision.registry.version}"
 
 
 def served_labels(runs: dict[str, Ran], tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
