@@ -10,9 +10,12 @@ import torch
 
 from shrinkflow.models.arch.given import TorchvisionNet
 from shrinkflow.models.probe import NoGraph, probe_graph, refuse_without_graph
+from shrinkflow.tasks.config import parse_params
 from shrinkflow.tasks.evaluate import widths_text
-from shrinkflow.tasks.records import ModelRecord
-from tests.conftest import REPO
+from shrinkflow.tasks.io import read_json, write_json
+from shrinkflow.tasks.records import ModelRecord, load_record
+from shrinkflow.tasks.train import shrink_candidate, shrink_trial
+from tests.conftest import REPO, small_raw
 
 FACTORY = {
     "arch": "factory",
@@ -57,3 +60,27 @@ def test_a_widths_summary_torch_pruning_cannot_build_is_a_log_line(caplog):
     with caplog.at_level(logging.WARNING):
         assert widths_text(record, model, torch.zeros(1, 3, 32, 32)) == ""
     assert "l1-50: no widths column (torch-pruning: ZeroDivisionError" in caplog.text
+
+
+def test_candidates_and_search_trials_that_need_the_graph_fail_at_once(trained_layout):
+    """A baseline whose probe found no graph (as Swin's): the structured candidate and a search's
+    trial fail with the probe's line before anything is built; magnitude pruning runs."""
+    record = read_json(trained_layout.record("baseline"))
+    record["pruning"] = {"family": "torchvision swin_t", "ok": False, "reason": "stopped at its memory bound"}
+    write_json(trained_layout.record("baseline"), record)
+    params = parse_params(
+        small_raw(
+            "shrink.epochs=1",
+            "shrink.candidates={l1: {strategy: prune_l1, ratio: 0.5},"
+            " mag: {strategy: magnitude, ratio: 0.5}}",
+        )
+    )
+    line = r"^torchvision swin_t: torch-pruning has no usable graph \(stopped at its memory bound\), so "
+    with pytest.raises(NoGraph, match=line):
+        shrink_candidate(params, trained_layout, "l1")
+    failed = load_record(trained_layout, "l1")
+    assert failed.status == "failed" and failed.error.startswith("NoGraph: torchvision swin_t")
+    assert not trained_layout.checkpoint("l1").exists()
+    with pytest.raises(NoGraph, match=line):
+        shrink_trial(params, trained_layout, "l1", 0, 0.3)
+    assert shrink_candidate(params, trained_layout, "mag").status == "ok"
