@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
-from shrinkflow.models.architecture import pruning_summary
 from shrinkflow.models.checkpoint import load_checkpoint, sha256_file
+from shrinkflow.models.probe import probe_model, refuse_without_graph
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.allocate import allocate_widths, summary
 from shrinkflow.tasks.config import Params, TrainConfig, comes_trained
@@ -124,6 +124,8 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
     with seeded(params.seed):
         model = build_model(spec)
     record = ModelRecord(name="baseline", strategy="baseline", options={})
+    if is_given(params):  # a network nobody here checked, trained from scratch
+        record.pruning = _probed(model)
     return _train_and_save("baseline", model, record, params, layout, params.train)
 
 
@@ -135,17 +137,20 @@ def _take_baseline(params: Params, layout: Layout, manifest: Manifest) -> ModelR
     x, y = load_split(layout, "val")
     origin["val_acc_as_given"] = check_given(model, x, y, manifest.classes)
     record = ModelRecord(name="baseline", strategy="given", options={}, origin=origin)
-    record.pruning = pruning_summary(model, x[:1])
-    log.info(
-        "baseline: torch-pruning finds %d prunable groups; left alone: %s",
-        record.pruning["groups"],
-        ", ".join(record.pruning["left_alone"]) or "nothing",
-    )
+    record.pruning = _probed(model)
     log.info("baseline: %s, val_acc %.2f as given", origin["source"], origin["val_acc_as_given"])
     if not params.model.finetune:
         return _save("baseline", model, record, layout, None, (x, y))
     cfg = params.train.model_copy(update={"epochs": params.model.finetune})
     return _train_and_save("baseline", model, record, params, layout, cfg)
+
+
+def _probed(model: nn.Module) -> dict[str, Any]:
+    """torch-pruning's graph of a brought network, looked at in a bounded child process (on
+    Swin it never ends), logged in one line; candidates read the record it returns."""
+    probe = probe_model(model)
+    log.info("baseline: %s", probe.line())
+    return probe.as_dict()
 
 
 def candidate_train_config(params: Params, name: str) -> TrainConfig:
@@ -346,6 +351,7 @@ def shrink_trial(params: Params, layout: Layout, name: str, index: int, ratio: f
     try:
         trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
+        refuse_without_graph(record.strategy, inputs.baseline.pruning)
         built = _shrink_and_train(params, layout, name, inputs, ratio)
         _describe(record, built, ratio)
         _store(name, built.model, record, layout, built.result, inputs.val, path)
@@ -455,6 +461,7 @@ def shrink_candidate(
     try:
         trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
+        refuse_without_graph(cand.strategy, inputs.baseline.pruning)
         built = _shrink_and_train(params, layout, name, inputs, None)
         _describe(record, built, None)
         return _save(name, built.model, record, layout, built.result, inputs.val)
