@@ -108,7 +108,8 @@ def test_a_factory_model_from_a_package_called_models_is_certified_registered_an
     manifest = load_manifest(layout)
     # val, gate and test come from the never-seen test/ tree only
     assert manifest.heldout == "images/test/" and manifest.origin["gate"] == "images/test/"
-    assert manifest.sizes["train"] == 1257 and sum(manifest.sizes.values()) == 1797
+    seen = sum(1 for _ in (layout.root / "images" / "train").rglob("*.png"))  # train.py's split
+    assert manifest.sizes["train"] == seen and sum(manifest.sizes.values()) == 1797
     assert (manifest.mean, manifest.std, manifest.normalisation) == ([0.5], [0.5], "model")
     base = load_record(layout, "baseline")
     assert base.strategy == "given" and base.epochs == 0  # taken as given, not trained
@@ -196,7 +197,8 @@ def test_a_heldout_folder_that_overlaps_the_training_images_is_refused(brought, 
     raw["data"]["root"], raw["data"]["heldout_root"] = "flat", "seen"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     line = _fails(tmp_path, "prepare")
-    assert "of the 1257 held-out images (data.heldout_root seen) are also training images" in line
+    seen = sum(1 for _ in (tmp_path / "seen").rglob("*.png"))
+    assert f"of the {seen} held-out images (data.heldout_root seen) are also training images" in line
     assert not (tmp_path / "data" / "prepared" / "manifest.json").exists()
 
 
@@ -256,7 +258,10 @@ def test_a_shuffled_class_order_is_found_and_model_classes_fixes_it(prepared):
 
 
 def test_a_model_that_is_not_accurate_is_refused_with_its_accuracy(prepared):
-    net = FactoryNet("models.tinynet:build", {}, in_channels=1, image_size=8, num_classes=10)
+    width = yaml.safe_load((prepared / "params.yaml").read_text())["model"]["kwargs"][
+        "width"
+    ]  # the example's
+    net = FactoryNet("models.tinynet:build", {"width": width}, in_channels=1, image_size=8, num_classes=10)
     torch.save(net.net.state_dict(), prepared / "untrained.pt")
     _retarget(prepared, weights="untrained.pt")
     assert "the model is not accurate on the validation images" in _fails(prepared, "baseline")
