@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
@@ -70,6 +71,7 @@ def _terminated_as_interrupt() -> Iterator[None]:
 class Stage(StrEnum):
     prepare = "prepare"
     baseline = "baseline"
+    sensitivity = "sensitivity"
     shrink = "shrink"
     evaluate = "evaluate"
     promote = "promote"
@@ -84,11 +86,12 @@ def _fail(message: str) -> None:
 def _user_errors() -> Iterator[None]:
     """Errors a user can fix become one line on stderr and exit status 1, not a traceback."""
     from shrinkflow.models.checkpoint import CheckpointError
+    from shrinkflow.models.probe import NoGraph
     from shrinkflow.tasks.errors import ShrinkflowError
 
     try:
         yield
-    except (ShrinkflowError, CheckpointError) as exc:
+    except (ShrinkflowError, CheckpointError, NoGraph) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see _terminated_as_interrupt)
@@ -154,40 +157,61 @@ def _project_session(root: Path, command: str) -> Iterator[None]:
     to ``<root>/.shrinkflow/shrinkflow.log`` and expected failures kept off the console."""
     from shrinkflow.tasks.lock import STATE_DIR, project_lock
 
-    with project_lock(root, command):
-        handler = logging.FileHandler(Path(root) / STATE_DIR / "shrinkflow.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-        handler.setLevel(logging.INFO)
-        logging.captureWarnings(True)  # Python warnings become `py.warnings` records: the log file's
-        own, own_level = logging.getLogger(_OWN), logging.getLogger(_OWN).level
-        own.setLevel(logging.INFO)  # the stages' own account reaches the log (and Prefect's run logs)
-        import mlflow  # noqa: F401 - MLflow adds its console handler at import: filter it too
+    with project_lock(root, command), _command_log(Path(root) / STATE_DIR, command):
+        yield
 
-        loggers = [logging.getLogger(name) for name in _CONSOLE_LOGGERS]
-        consoles = [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+
+@contextlib.contextmanager
+def _command_log(state: Path, command: str) -> Iterator[None]:
+    """Every log record of the command appended to ``state/shrinkflow.log`` (a failure with its
+    traceback), and expected failures kept off the console; no log when ``state`` is not there."""
+    if not state.is_dir():
+        yield
+        return
+    handler = logging.FileHandler(state / "shrinkflow.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # Python warnings become `py.warnings` records: the log file's
+    own, own_level = logging.getLogger(_OWN), logging.getLogger(_OWN).level
+    own.setLevel(logging.INFO)  # the stages' own account reaches the log (and Prefect's run logs)
+    import mlflow  # noqa: F401 - MLflow adds its console handler at import: filter it too
+
+    loggers = [logging.getLogger(name) for name in _CONSOLE_LOGGERS]
+    consoles = [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+    for lg in loggers:
+        lg.addHandler(handler)
+    for console in consoles:
+        console.addFilter(_console_quiet)
+    torch_only_to_file, torch_loggers = _FileOnly(handler), _torch_loggers()
+    for lg in torch_loggers:
+        lg.addFilter(torch_only_to_file)
+    _details.info("shrinkflow %s in %s", command, state.parent.resolve())
+    try:
+        yield
+    except Exception as exc:
+        _details.error("%s failed: %s", command, exc, exc_info=True)  # the log file only
+        raise
+    finally:
         for lg in loggers:
-            lg.addHandler(handler)
+            lg.removeHandler(handler)
+        handler.close()
         for console in consoles:
-            console.addFilter(_console_quiet)
-        torch_only_to_file, torch_loggers = _FileOnly(handler), _torch_loggers()
+            console.removeFilter(_console_quiet)
         for lg in torch_loggers:
-            lg.addFilter(torch_only_to_file)
-        _details.info("shrinkflow %s in %s", command, Path(root).resolve())
-        try:
-            yield
-        except Exception as exc:
-            _details.error("%s failed: %s", command, exc, exc_info=True)  # the log file only
-            raise
-        finally:
-            for lg in loggers:
-                lg.removeHandler(handler)
-            handler.close()
-            for console in consoles:
-                console.removeFilter(_console_quiet)
-            for lg in torch_loggers:
-                lg.removeFilter(torch_only_to_file)
-            own.setLevel(own_level)
-            logging.captureWarnings(False)
+            lg.removeFilter(torch_only_to_file)
+        own.setLevel(own_level)
+        logging.captureWarnings(False)
+
+
+@contextlib.contextmanager
+def _registry_command(root: Path, command: str) -> Iterator[None]:
+    """A command that reads or moves the registry (no project lock: it writes no project file):
+    a user's error is one line on stderr, exit 1; its traceback goes to the project's log, when
+    the project has one (a run or stage made it)."""
+    from shrinkflow.tasks.lock import STATE_DIR
+
+    with _user_errors(), _command_log(Path(root) / STATE_DIR, command):
+        yield
 
 
 _watchers: list = []  # kept referenced, so their pipes stay open until this process exits
@@ -247,6 +271,43 @@ def start_temporary_prefect_server() -> None:
     )
 
 
+CANDIDATE_NAME_CHARS = 40  # of a failed candidate's quoted name; its line fits the table's width
+
+
+def failure_lines(table) -> list[str]:
+    """One line per candidate that has no measurements, saying why: the first line of its recorded
+    error (outside text: control characters gone, the line cut to the terminal table's width),
+    its name quoted."""
+    from shrinkflow.tasks.escape import one_line
+    from shrinkflow.tasks.report import TERMINAL_WIDTH
+
+    lines = []
+    for _, row in table[(table["name"] != "baseline") & (table["status"] != "ok")].iterrows():
+        error = row.get("error")
+        said = [line for line in str(error).splitlines() if line.strip()] if isinstance(error, str) else []
+        name = one_line(row["name"], CANDIDATE_NAME_CHARS)
+        line = f"candidate {name!r} {row['status']}: {said[0] if said else 'no reason recorded'}"
+        lines.append(one_line(line, TERMINAL_WIDTH))
+    return lines
+
+
+def _why_all_failed(csv: Path, since: float = 0.0) -> None:
+    """When every candidate of the table at ``csv`` (written at or after ``since``: this run's)
+    failed, print why each did: before the decision, in which the measured baseline stands, or
+    before a one-line error."""
+    from shrinkflow.tasks.errors import ShrinkflowError
+    from shrinkflow.tasks.evaluate import load_table
+
+    try:
+        if csv.stat().st_mtime < since:
+            return
+        table = load_table(csv)
+    except (OSError, ShrinkflowError):
+        return
+    if (table["status"] == "ok").sum() == 1 and len(table) > 1:  # the baseline alone
+        typer.echo("\n".join(failure_lines(table)))
+
+
 @app.command()
 def run(
     params: ParamsOpt = Path("params.yaml"),
@@ -260,8 +321,11 @@ def run(
 
     Example: shrinkflow run -s shrink.workers=1 -s promote.tolerance=0.5
     """
+    from shrinkflow.tasks.errors import ShrinkflowError
+    from shrinkflow.tasks.layout import Layout
+
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "shrinkflow")
-    root = project_root(params, root)
+    root, started = project_root(params, root), time.time()
     with _user_errors():
         cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
         check_prefect_home()
@@ -277,8 +341,13 @@ def run(
             try:
                 with _terminated_as_interrupt():
                     flow(str(params), list(set_ or ()), str(root), force)
+            except ShrinkflowError:
+                progress.stop()
+                _why_all_failed(Layout.from_params(cfg, root).candidates_csv, started)
+                raise
             finally:
                 progress.stop()
+            _why_all_failed(Layout.from_params(cfg, root).candidates_csv, started)
     report(params=params, root=root)
 
 
@@ -298,6 +367,7 @@ def stage(
     Example: shrinkflow stage shrink --candidate width-50
     """
     from shrinkflow.tasks import stages
+    from shrinkflow.tasks.errors import ShrinkflowError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     root = project_root(params, root)
@@ -312,11 +382,17 @@ def stage(
             if name is Stage.shrink:
                 stages.run_candidate(ctx, candidate)
             elif name is Stage.promote:
-                stages.run_promote(ctx, force=force)
+                try:
+                    stages.run_promote(ctx, force=force)
+                except ShrinkflowError:
+                    _why_all_failed(ctx.layout.candidates_csv)
+                    raise
+                _why_all_failed(ctx.layout.candidates_csv)
             else:
                 runners = {
                     "prepare": stages.run_prepare,
                     "baseline": stages.run_baseline,
+                    "sensitivity": stages.run_sensitivity,
                     "evaluate": stages.run_evaluate,
                 }
                 runners[name.value](ctx)
@@ -365,6 +441,8 @@ def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> Non
         decision = load_decision(layout) if layout.promotion_json.exists() else None
         table = load_table(layout.candidates_csv)
     typer.echo(format_table(table, decision.winner if decision else None, text=str, verdict=decision))
+    if failed := failure_lines(table):
+        typer.echo("\n".join(failed))
     if decision:
         lines = decision_lines(decision, text=str, code=plain_code)
         typer.echo("\n" + "\n".join(line.replace("**", "") for line in lines if line))
@@ -388,7 +466,7 @@ def reproduce(
     """
     from shrinkflow.tasks.reproduce import reproduce as rebuild
 
-    with _user_errors():
+    with _registry_command(root, "reproduce"):
         rebuilt = rebuild(name, version, root, keep)
     typer.echo(rebuilt.line + (f" (kept in {rebuilt.where})" if rebuilt.where else ""))
     if not rebuilt.identical:
@@ -422,14 +500,15 @@ def review(
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = None,
 ) -> None:
-    """List NAME's versions (aliases, verdicts, key figures), then the champion and the challenger
-    side by side, compared paired on the project's current test images. Moves nothing.
+    """List NAME's versions (aliases, verdicts, key figures) and its history of approvals and
+    rollbacks, then the champion and the challenger side by side, compared paired on the
+    project's current test images. Moves nothing.
 
     Example: shrinkflow review shrinkflow-digits
     """
-    from shrinkflow.tasks.review import registered, side_by_side, versions_table
+    from shrinkflow.tasks.review import history_lines, registered, side_by_side, versions_table
 
-    with _user_errors():
+    with _registry_command(project_root(params, root), "review"):
         cfg, tracker, test = _reviewing(params, root)
         aliases = registered(tracker, name)
         table = versions_table(tracker, name)
@@ -437,6 +516,8 @@ def review(
             f"{name}: {len(table)} versions; " + ", ".join(f"@{a} v{v}" for a, v in sorted(aliases.items()))
         )
         typer.echo(table.to_string(index=False) if len(table) else "(no versions)")
+        if events := history_lines(tracker, name):
+            typer.echo("\nhistory (every approve and rollback, oldest first):\n" + "\n".join(events))
         champion, other = aliases.get(cfg.promote.alias), versus or aliases.get(cfg.promote.challenger_alias)
         if champion and other and other != champion:
             typer.echo("")
@@ -453,17 +534,17 @@ def approve(
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = None,
 ) -> None:
-    """Re-validate VERSION on the current data and make it NAME@champion, recording who, when, why
-    and the champion it replaced; refuses in one line, moving nothing, if it does not validate.
+    """Re-validate VERSION on the split it was certified on and make it NAME@champion (completing
+    a pending registration), recording who, when, why and the champion it replaced as an event of
+    the model's history; refuses in one line, moving nothing, if it does not validate.
 
     Example: shrinkflow approve shrinkflow-digits 3 --reason "faster on the edge boxes"
     """
-    from shrinkflow.tasks.review import move_champion, registered, revalidate, who
+    from shrinkflow.tasks.review import move_champion, revalidate, who
 
-    with _user_errors():
+    with _registry_command(project_root(params, root), "approve"):
         cfg, tracker, test = _reviewing(params, root)
-        registered(tracker, name)
-        checked = revalidate(tracker, name, version, cfg.promote, test)
+        checked = revalidate(tracker, name, version, test, cfg)
         typer.echo(checked.line)
         moved = move_champion(tracker, name, checked, reason, who(by), cfg.promote)
     typer.echo(moved.line)
@@ -481,16 +562,17 @@ def rollback(
     root: RootOpt = None,
 ) -> None:
     """Make NAME@champion the champion before it again (or --to VERSION), re-validated on the
-    current data, recording who, when and why; refuses in one line, moving nothing, otherwise.
+    split it was certified on, recording who, when and why as an event of the model's history;
+    refuses in one line, moving nothing, otherwise.
 
     Example: shrinkflow rollback shrinkflow-digits --reason "v4 misreads 7s in production"
     """
     from shrinkflow.tasks.review import move_champion, revalidate, rollback_target, who
 
-    with _user_errors():
+    with _registry_command(project_root(params, root), "rollback"):
         cfg, tracker, test = _reviewing(params, root)
         target, current = rollback_target(tracker, name, cfg.promote, to)
-        checked = revalidate(tracker, name, target, cfg.promote, test)
+        checked = revalidate(tracker, name, target, test, cfg)
         typer.echo(checked.line)
         expected = current if to is None else None  # going back from exactly the champion seen
         moved = move_champion(tracker, name, checked, reason, who(by), cfg.promote, "rollback", expected)

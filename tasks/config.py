@@ -31,7 +31,7 @@ from shrinkflow.models.arch.given import GivenOptions
 from shrinkflow.models.architecture import ArchOptions
 from shrinkflow.models.preprocess import InputOptions
 from shrinkflow.models.strategies.base import Strategy
-from shrinkflow.models.strategies.structured import StructuredOptions
+from shrinkflow.models.strategies.structured import BUDGET_SHAPES, StructuredOptions
 from shrinkflow.tasks.errors import ShrinkflowError
 
 MAX_IMAGE_SIZE = 1024  # pixels per side after resizing (data.image_size)
@@ -234,13 +234,21 @@ class _Candidate(_Section):
                 )
         budget = getattr(self, "budget", None)
         if budget is not None:
-            if (budget.keep is None) == (self.search is None):
+            unset = sum(b.keep is None for b in self.budgets)
+            if isinstance(budget, tuple) and (unset != (self.search is not None)):
+                raise ValueError(
+                    f"{self.strategy}: give every budget a keep, or (with search) leave keep out of "
+                    "exactly one: the one the search varies"
+                )
+            if not isinstance(budget, tuple) and (budget.keep is None) == (self.search is None):
                 raise ValueError(f"{self.strategy}: set exactly one of budget.keep and search")
             if self.rounds > 1:
                 raise ValueError(f"{self.strategy}: a budget is allocated in one round; rounds must be 1")
         elif "ratio" in self._strategy.options.model_fields:
-            if (self.ratio is None) == (self.search is None):
-                choices = "ratio, budget" if "budget" in self._strategy.options.model_fields else "ratio"
+            alternatives = self._strategy.options.RATIO_ALTERNATIVES
+            if sum(getattr(self, k) is not None for k in ("ratio", *alternatives, "search")) != 1:
+                budgets = ("budget",) if "budget" in self._strategy.options.model_fields else ()
+                choices = ", ".join(("ratio", *alternatives, *budgets))
                 raise ValueError(f"{self.strategy}: set exactly one of {choices} and search")
         elif self.search is not None:
             raise ValueError(f"{self.strategy} has no ratio to search")
@@ -323,6 +331,29 @@ class ShrinkConfig(_Section):
                     f"candidate name {name!r} must be letters, digits, '-' or '_' and not 'baseline'"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _one_table_per_strategy(self) -> ShrinkConfig:
+        # The sensitivity stage measures one table per strategy for every budget candidate.
+        ratios: dict[str, tuple[str, tuple[float, ...]]] = {}
+        for name, cand in self.candidates.items():
+            if getattr(cand, "budget", None) is None:
+                continue
+            first, seen = ratios.setdefault(cand.strategy, (name, cand.sensitivity_ratios))
+            if seen != cand.sensitivity_ratios:
+                raise ValueError(
+                    f"candidates {first!r} and {name!r} allocate {cand.strategy} from different "
+                    "sensitivity_ratios; one table is measured per strategy, so give them the same"
+                )
+        return self
+
+    def sensitivity_tables(self) -> dict[str, tuple[float, ...]]:
+        """The sensitivity tables the budget candidates allocate from: strategy -> its ratios."""
+        return {
+            cand.strategy: cand.sensitivity_ratios
+            for cand in self.candidates.values()
+            if getattr(cand, "budget", None) is not None
+        }
 
 
 # The image size each built-in source has before any resize (imagefolder's is known only later).
@@ -431,6 +462,7 @@ class PathsConfig(_Section):
 
     prepared: str = "data/prepared"
     baseline: str = "artifacts/baseline"
+    sensitivity: str = "artifacts/sensitivity"  # the tables budget candidates allocate from
     candidates: str = "artifacts/candidates"
     reports: str = "reports"
     # Outputs stay inside the project unless this opts in (stages delete stale files they own).
@@ -438,7 +470,8 @@ class PathsConfig(_Section):
 
     @model_validator(mode="after")
     def _inside_the_project(self) -> PathsConfig:
-        named = {k: getattr(self, k) for k in ("prepared", "baseline", "candidates", "reports")}
+        keys = ("prepared", "baseline", "sensitivity", "candidates", "reports")
+        named = {k: getattr(self, k) for k in keys}
         for key, value in named.items():
             parts = Path(value).parts
             if not value.strip() or Path(value) == Path("."):
@@ -449,7 +482,7 @@ class PathsConfig(_Section):
                     "paths.outside_project: true"
                 )
         if len({Path(v) for v in named.values()}) < len(named):
-            raise ValueError("paths.prepared, baseline, candidates and reports must all differ")
+            raise ValueError("paths.prepared, baseline, sensitivity, candidates and reports must all differ")
         return self
 
 
@@ -692,11 +725,15 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
 
 
+UNION_TAGS = frozenset(BUDGET_SHAPES)
+
+
 def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = list(err["loc"])
     if loc[:2] == ["shrink", "candidates"] and len(loc) > 3:
         del loc[3]  # pydantic inserts the strategy tag of the discriminated union
+        loc = loc[:4] + [p for p in loc[4:] if p not in UNION_TAGS]  # ... and a budget's shape
     if loc[:1] == ["model"] and len(loc) > 2:
         del loc[1]  # ... and the architecture's
     key = ".".join(str(p) for p in loc) or "(top level)"

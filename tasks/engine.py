@@ -3,6 +3,7 @@ them, so a candidate differs from the baseline only in what the strategy did to 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import ctypes
@@ -10,20 +11,23 @@ import functools
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import ParamSpec, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from shrinkflow.models.allocation import has_batch_norm, reestimate_batch_norm
+from shrinkflow.models.footprint import CHUNK_BYTES, chunked_forward
 from shrinkflow.tasks import progress, stop
 from shrinkflow.tasks.config import TrainConfig
 from shrinkflow.tasks.errors import ShrinkflowError
 
 log = logging.getLogger(__name__)
+P, R = ParamSpec("P"), TypeVar("R")
 
 
 class Images(Protocol):
@@ -302,7 +306,15 @@ def batches_given_back() -> Iterator[None]:
     batches kept 380 MB more than one that had not: benchmarks/results/scaling-2026-12-01-c.md).
     Not for training: with the threshold at 16 MiB every step mapped and faulted in BaseNet's
     32 MB fc1 gradient afresh, a third of the time in the kernel and 30% fewer images per second
-    on CIFAR-10 (the first fix did that from `fit`). Does nothing where libc is not glibc."""
+    on CIFAR-10 (the first fix did that from `fit`). Does nothing where libc is not glibc.
+
+    The settings and the trim are the whole process's: while another thread trains a model (the
+    thread runner's other candidates) it does nothing, so no training step of theirs runs under
+    a prediction's thresholds or re-faults what a trim gave back. A process of its own (a
+    baseline, evaluate, the process and Dask runners' candidates) always has them."""
+    if _trains_elsewhere():
+        yield
+        return
     _mallopt(_M_MMAP_THRESHOLD, 16 << 20)
     try:
         yield
@@ -317,6 +329,35 @@ def batches_given_back() -> Iterator[None]:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+_TRAINING: collections.Counter[int] = collections.Counter()  # threads inside `fit`, by ident
+_TRAINING_LOCK = threading.Lock()
+
+
+def trains_here(fit_fn: Callable[P, R]) -> Callable[P, R]:
+    """Mark the calling thread as training for the duration of ``fit_fn``."""
+
+    @functools.wraps(fit_fn)
+    def counted(*args: P.args, **kwargs: P.kwargs) -> R:
+        me = threading.get_ident()
+        with _TRAINING_LOCK:
+            _TRAINING[me] += 1
+        try:
+            return fit_fn(*args, **kwargs)
+        finally:
+            with _TRAINING_LOCK:
+                _TRAINING[me] -= 1
+                if not _TRAINING[me]:
+                    del _TRAINING[me]
+
+    return counted
+
+
+def _trains_elsewhere() -> bool:
+    """Whether a thread other than this one is inside ``fit`` now."""
+    me = threading.get_ident()
+    with _TRAINING_LOCK:
+        return any(thread != me for thread in _TRAINING)
 
 
 @functools.cache
@@ -335,22 +376,21 @@ def _mallopt(param: int, value: int) -> None:
         libc.mallopt(param, value)
 
 
-# Float input per prediction batch: 1,024 images up to 32x32 RGB (the results of small images
-# stay as they were); fewer of larger ones, so memory is bounded by the model, not the image size.
-PREDICT_BYTES = 32 << 20
+# Bytes one prediction chunk may hold: its float input, the activations alive at once and its
+# output, measured on the model's first two images (see models/footprint.py).
+PREDICT_BYTES = CHUNK_BYTES
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, x: Images, batch_size: int = 1024) -> Tensor:
-    """Class predictions for ``x``, read a batch at a time (at most ``batch_size`` images and
-    :data:`PREDICT_BYTES` of input), on the model's device, in eval mode; returned on the CPU."""
+    """Class predictions for ``x``, read a chunk at a time (at most ``batch_size`` images and
+    :data:`PREDICT_BYTES`, activations included), on the model's device, in eval mode; returned
+    on the CPU."""
     model.eval()
     device = model_device(model)
-    batch_size = max(1, min(batch_size, PREDICT_BYTES // (4 * math.prod(x.shape[1:]))))
     with batches_given_back():
-        return torch.cat(
-            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
-        )
+        chunks = chunked_forward(model, len(x), lambda rows: x[rows].to(device), PREDICT_BYTES, batch_size)
+        return torch.cat([torch.empty(0, dtype=torch.long), *(logits.argmax(1).cpu() for logits in chunks)])
 
 
 def accuracy(predictions: Tensor, targets: Tensor) -> float:
@@ -397,6 +437,7 @@ def _dropout_seeded(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
+@trains_here
 def fit(
     model: nn.Module,
     train: Split,

@@ -18,3 +18,10 @@ def markdown_text(value: object) -> str:
 def markdown_code(value: object) -> str:
     """``value`` as inline code (whose content renderers already show literally)."""
     return f"`{str(value).translate(_ONE_CELL)}`"
+
+
+def one_line(value: object, chars: int) -> str:
+    """``value`` as one line of at most ``chars`` characters for a terminal or a one-line error:
+    control characters and runs of white space become one space, the end is cut with an ellipsis."""
+    line = " ".join("".join(c if c.isprintable() else " " for c in str(value)).split())
+    return line if len(line) <= chars else line[: chars - 1] + "…"

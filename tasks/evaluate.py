@@ -180,7 +180,7 @@ def _row(
         "name": record.name,
         "strategy": record.strategy,
         "composition": params.composition(record.name),
-        "ratio": record.options.get("ratio", 0.0),
+        "ratio": record.options.get("ratio") or 0.0,  # none: int8, lowrank by energy or ranks
         "status": record.status,
         "epochs": record.epochs,
         "error": record.error or "",
@@ -209,7 +209,11 @@ def widths_text(record: ModelRecord, model: nn.Module, example: Tensor) -> str:
     ]
     if not structured:
         return ""
-    widths = record.options.get("widths") or prunable_groups(dense_twin(model), example)
+    try:
+        widths = record.options.get("widths") or prunable_groups(dense_twin(model), example)
+    except Exception as exc:  # a summary column: torch-pruning failing here must not fail the row
+        log.warning("%s: no widths column (torch-pruning: %s)", record.name, named_first_line(exc))
+        return ""
     return " ".join(f"{group}={kept}" for group, kept in widths.items())
 
 

@@ -26,6 +26,8 @@ class Files:
     REPORT = "report.md"
     PROMOTION = "promotion.json"
     ONNX = "onnx"  # in paths.reports: <model>.onnx, each checked against its checkpoint
+    SENSITIVITY_INDEX = "tables.json"  # in paths.sensitivity, beside sensitivity-<strategy>.json/png
+    TRIALS = "trials"  # in paths.candidates/<name>: a search's trials, <ratio>/model.pt and record.json
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Layout:
     root: Path
     prepared: Path
     baseline: Path
+    sensitivity: Path
     candidates: Path
     reports: Path
 
@@ -44,6 +47,7 @@ class Layout:
             root=root,
             prepared=root / p.prepared,
             baseline=root / p.baseline,
+            sensitivity=root / p.sensitivity,
             candidates=root / p.candidates,
             reports=root / p.reports,
         )
@@ -54,7 +58,7 @@ class Layout:
     def check_inside(self) -> None:
         """Refuse an output directory that a symlink takes outside the project (the config
         already refuses absolute and ``..`` paths)."""
-        for key in ("prepared", "baseline", "candidates", "reports"):
+        for key in ("prepared", "baseline", "sensitivity", "candidates", "reports"):
             path = getattr(self, key)
             if not path.resolve().is_relative_to(self.root):
                 raise ConfigError(
@@ -74,6 +78,16 @@ class Layout:
     def manifest(self) -> Path:
         return self.prepared / Files.MANIFEST
 
+    def sensitivity_table(self, strategy: str) -> Path:
+        """The measured sensitivity table a budget candidate of ``strategy`` allocates from (a
+        plot of it beside, ``.png``)."""
+        return self.sensitivity / f"sensitivity-{strategy}.json"
+
+    @property
+    def sensitivity_index(self) -> Path:
+        """Which tables the sensitivity stage measured, and for what (written even when none)."""
+        return self.sensitivity / Files.SENSITIVITY_INDEX
+
     def model_dir(self, name: str) -> Path:
         """Directory of the baseline (``name == "baseline"``) or of one candidate."""
         return self.baseline if name == "baseline" else self.candidates / name
@@ -83,6 +97,20 @@ class Layout:
 
     def record(self, name: str) -> Path:
         return self.model_dir(name) / Files.RECORD
+
+    def trials(self, name: str) -> Path:
+        """Where candidate ``name``'s search keeps its trials, one folder per ratio tried."""
+        return self.candidates / name / Files.TRIALS
+
+    def trial_dir(self, name: str, ratio: float) -> Path:
+        return self.trials(name) / repr(float(ratio))
+
+    def trial_checkpoint(self, name: str, ratio: float) -> Path:
+        return self.trial_dir(name, ratio) / Files.CHECKPOINT
+
+    def trial_record(self, name: str, ratio: float) -> Path:
+        """The trial's record: the candidate's, were this trial kept, listing this trial alone."""
+        return self.trial_dir(name, ratio) / Files.RECORD
 
     @property
     def candidates_csv(self) -> Path:

@@ -8,6 +8,7 @@ Run logging lives in :mod:`shrinkflow.tasks.tracking`; both talk to MLflow throu
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 
 from shrinkflow.models.arch.given import code_packages
 from shrinkflow.models.checkpoint import CheckpointError, sha256_file, user_factory
+from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.io import read_json
 from shrinkflow.tasks.serving import probability_columns
 from shrinkflow.tasks.tracking import Tracker
@@ -32,6 +34,12 @@ MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
 CHECKSUM_FILE = "model.pt.sha256"
 # Every figure of a version beyond the few tags a reviewer filters on, logged in its run.
 RECORD_FILE = "version_record.json"
+SHOWN_VERSIONS = 10  # a refusal names at most this many of the versions there are
+
+
+class RegistryError(ShrinkflowError, LookupError):
+    """A registered model or version that is not there (or a version that is not a number), or a
+    registry that cannot be read: one line; MLflow's own error stays the cause, for the log."""
 
 
 def serving_package(into: Path) -> Path:
@@ -135,6 +143,51 @@ def version_record(client: MlflowClient, name: str, version: str) -> dict[str, s
     if not isinstance(record, dict) or record.get("checkpoint_sha256") != found.tags.get("checkpoint_sha256"):
         record = {}
     return {**record, **found.tags}
+
+
+def open_registry(uri: str) -> MlflowClient:
+    """A client that reads the registry at ``uri``. An sqlite store that does not exist is refused:
+    opening it would create an empty one wherever the command happened to run."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///file:"):
+        db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+        if not db.is_file():
+            raise RegistryError(
+                f"there is no MLflow registry at {db}: run in the project directory, or set "
+                "MLFLOW_TRACKING_URI to the registry's store"
+            )
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def registered_model(client: MlflowClient, name: str, where: str):
+    """The registered model ``name`` in the registry at ``where`` (its URI, for the message), or
+    one line: no such model, a name MLflow refuses, or a registry that cannot be read."""
+    try:
+        return client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            message = f"there is no registered model {name!r} in {where}"
+        elif exc.error_code == "INVALID_PARAMETER_VALUE":
+            message = f"{name!r} is not a registered model name ({first_line(exc)})"
+        else:
+            message = f"could not read registered model {name!r} from {where}: {first_line(exc)}"
+        raise RegistryError(message) from exc
+
+
+def registered_version(client: MlflowClient, name: str, version: str, where: str):
+    """Version ``version`` of ``name``, or one line naming what is wrong: no such model, a version
+    that is not a number, or no such version (naming those there are). Every registry command
+    takes its version through here, so they all answer the same input the same way."""
+    registered_model(client, name, where)
+    if not re.fullmatch(r"[0-9]+", str(version)):
+        raise RegistryError(f"version {str(version)!r} of {name} is not a version number (1, 2, ...)")
+    try:
+        return client.get_model_version(name, str(int(version)))
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"could not read {name} v{version} from {where}: {first_line(exc)}") from exc
+        there = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        shown = ", ".join(map(str, there[:SHOWN_VERSIONS])) + (", ..." if len(there) > SHOWN_VERSIONS else "")
+        raise RegistryError(f"{name} has no version {int(version)} (it has {shown or 'none'})") from exc
 
 
 def describe_registered_model(

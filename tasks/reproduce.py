@@ -116,12 +116,13 @@ class Rebuilt:
 
 def reproduce(name: str, version: str, root: Path, keep: bool = False) -> Rebuilt:
     """Rebuild ``name`` version ``version`` from its commit and data and compare its checkpoint."""
-    from mlflow import MlflowClient
-
-    from shrinkflow.tasks.registry import version_record
+    from shrinkflow.tasks.registry import open_registry, registered_version, version_record
     from shrinkflow.tasks.tracking import PROJECT_ROOT, tracking_uri
 
-    tags = version_record(MlflowClient(tracking_uri(root)), name, version)  # its tags and record
+    uri = tracking_uri(root)
+    client = open_registry(uri)
+    version = str(registered_version(client, name, version, uri).version)  # or one line: which not
+    tags = version_record(client, name, version)  # its tags and record
     label = f"{name} v{version}"
     commit = _usable_commit(label, tags, root)
     top = Path(_git(root, "rev-parse", "--show-toplevel")).resolve()

@@ -1,37 +1,72 @@
 """The reviewer's side of the registry: compare the versions, approve one as champion, roll back.
 
-``@champion`` moves here only after the version is re-validated on the current data (it loads
-from the registry with its recorded checkpoint sha256, it is for this project's task, it scores
-what it recorded), under the same registry lock as a promotion, and with who, when, why and the
-champion it replaced recorded as tags and in its description. :func:`revalidate` checks and
-:func:`move_champion` moves, so the CLI can say what was checked before it waits for the lock.
+``@champion`` moves here only after the version is re-validated on exactly the split it was
+certified on (the project's prepared data has the version's ``data_fingerprint``): it loads from
+the registry with its recorded checkpoint sha256, it is for this project's task, and it scores
+exactly the test accuracy it recorded, the reload check a promotion makes before it moves an
+alias. A version a run registered but left ``registration=pending`` is completed by that same
+check, or refused. The move happens under the registry lock promotions take; every approve and
+rollback is kept as a numbered event (:class:`Event`) that nothing overwrites, and the
+``verdict`` tag follows the alias. :func:`revalidate` checks and :func:`move_champion` moves, so
+the CLI can say what was checked before it waits for the lock.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import getpass
+import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+import shlex
+import socket
+import time
+from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
 import pandas as pd
 
 from shrinkflow.models.checkpoint import CheckpointError
-from shrinkflow.tasks.config import PromoteConfig
+from shrinkflow.tasks.config import Params, PromoteConfig
+from shrinkflow.tasks.decide import Kind
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
-from shrinkflow.tasks.escape import markdown_text
-from shrinkflow.tasks.lock import registry_lock
-from shrinkflow.tasks.promote import PREVIOUS_TAG, ServedTest, task_difference, task_identity
-from shrinkflow.tasks.registry import load_version, set_alias, version_by_alias, version_record
-from shrinkflow.tasks.stats import Comparison, compare, margin_points
-from shrinkflow.tasks.tracking import Tracker, this_process
+from shrinkflow.tasks.escape import markdown_text, one_line
+from shrinkflow.tasks.lock import REGISTRY_LOCK_STALE_S, registry_lock
+from shrinkflow.tasks.promote import (
+    PREVIOUS_TAG,
+    REGISTRATION_TAG,
+    ServedTest,
+    mark_registration,
+    task_difference,
+    task_identity,
+)
+from shrinkflow.tasks.records import Manifest
+from shrinkflow.tasks.registry import (
+    load_version,
+    registered_model,
+    registered_version,
+    set_alias,
+    version_by_alias,
+    version_record,
+)
+from shrinkflow.tasks.stage_specs import STAGES
+from shrinkflow.tasks.stats import Comparison, compare
+from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
 
 log = logging.getLogger(__name__)
 
 REASON_CHARS = 500  # a reason is a sentence or two, not a document
+# Each event is its own tag, ``audit.0001`` and on: a new event never rewrites an older one, each
+# tag stays a few hundred characters whatever the history's length (one JSON log tag would have to
+# drop old events at the tag size limit), the MLflow UI lists them one per row in order (it sorts
+# keys as text, hence the zero padding), and the JSON of each is read back by `shrinkflow review`.
+AUDIT_PREFIX = "audit."
+AUDIT_DIGITS = 4
+RETIRED = "retired"  # the verdict of a version that stopped being champion and holds no other alias
+SHOWN_OVERRIDES = 6  # the `-s` overrides a refusal spells out
+WHO_CHARS, WHY_CHARS = 40, 160  # of an event's text from outside, on a terminal line
 
 
 class ReviewError(ShrinkflowError, RuntimeError):
@@ -40,12 +75,14 @@ class ReviewError(ShrinkflowError, RuntimeError):
 
 @dataclass(frozen=True)
 class Checked:
-    """A version re-validated on the current data: what it scored, and the line that says so."""
+    """A version re-validated on the split it was certified on: what it scored, and the line that
+    says so. ``pending``: its run registered it but did not complete it; the move completes it."""
 
     version: str
     test_acc: float
     line: str
     predictions: np.ndarray
+    pending: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,71 +95,211 @@ class Moved:
     line: str
 
 
+@dataclass(frozen=True)
+class Event:
+    """One approve or rollback, as the registry keeps it: the tag :attr:`key` (JSON) on the
+    registered model (the whole history, in order) and on each version it moved ``@champion``
+    between. ``number`` is taken under the registry lock, so it is the true order of events."""
+
+    number: int
+    what: str  # approve | rollback
+    champion: str  # "v1 -> v2"
+    who: str
+    when: str
+    why: str
+    validated: str = ""  # what the re-validation measured
+
+    @property
+    def key(self) -> str:
+        return f"{AUDIT_PREFIX}{self.number:0{AUDIT_DIGITS}d}"
+
+    def value(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "number"}, ensure_ascii=False)
+
+    @classmethod
+    def read(cls, key: str, value: str) -> Event | None:
+        """The event a tag holds (None: not an audit tag, or one this code cannot read)."""
+        if (number := _event_number(key)) is None:
+            return None
+        try:
+            raw = json.loads(value)
+            told = {k: str(raw[k]) for k in ("what", "champion", "who", "when", "why")}
+            return cls(number, **told, validated=str(raw.get("validated", "")))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def line(self) -> str:
+        """One terminal line; who and why come from outside: one line each, shortened."""
+        return (
+            f"#{self.number} {self.when} {self.what} {self.champion} by {one_line(self.who, WHO_CHARS)}: "
+            f"{one_line(self.why, WHY_CHARS)}"
+        )
+
+
+def _event_number(key: str) -> int | None:
+    match = re.fullmatch(rf"{re.escape(AUDIT_PREFIX)}([0-9]+)", key)
+    return int(match[1]) if match else None
+
+
+def history(tags: dict[str, str]) -> list[Event]:
+    """The events ``tags`` (a registered model's or a version's) hold, oldest first."""
+    events = (Event.read(key, value) for key, value in tags.items())
+    return sorted((e for e in events if e is not None), key=lambda e: e.number)
+
+
 def registered(tracker: Tracker, name: str) -> dict[str, str]:
     """The registered model's aliases (alias -> version), or one line when there is no such model."""
-    try:
-        model = tracker.client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ReviewError(f"there is no registered model {name!r} in {tracker.uri}") from None
-        raise
+    model = registered_model(tracker.client, name, tracker.uri)
     return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 def record_of(tracker: Tracker, name: str, version: str) -> dict[str, str]:
-    """A version's tags and record, or one line naming the versions there are."""
-    if not str(version).isdigit():
-        raise ReviewError(f"version {version!r} of {name} is not a number")
-    try:
-        return version_record(tracker.client, name, str(version))
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-    there = sorted(int(v.version) for v in tracker.client.search_model_versions(f"name='{name}'"))
-    raise ReviewError(f"{name} has no version {version} (it has {', '.join(map(str, there)) or 'none'})")
+    """A version's tags and record, or one line: no such model, not a number, no such version."""
+    found = registered_version(tracker.client, name, version, tracker.uri)
+    return version_record(tracker.client, name, str(found.version))
 
 
-def revalidate(tracker: Tracker, name: str, version: str, cfg: PromoteConfig, test: ServedTest) -> Checked:
-    """Load ``version`` from the registry as a user would (its checkpoint must hash to the
-    recorded sha256), check it is for this project's task, and measure it on today's test images:
-    on the images it was certified on it must score exactly its record; on other data, no more
-    than ``promote.tolerance`` below it."""
-    record, label = record_of(tracker, name, version), f"{name} v{version}"
-    if difference := task_difference(task_identity(test.manifest), record, str(version)):
+def revalidate(tracker: Tracker, name: str, version: str, test: ServedTest, params: Params) -> Checked:
+    """Check ``version`` before ``@champion`` moves to it: for this project's task, certified on
+    exactly the split prepared here (its data fingerprint; ``params`` say how to get it back when
+    it is not), not being registered by a run still going, and the reload check: loaded from the
+    registry as a user would (its checkpoint must hash to the recorded sha256), it scores exactly
+    its recorded test accuracy on the test images it was certified on."""
+    found = registered_version(tracker.client, name, version, tracker.uri)
+    version, label = str(found.version), f"{name} v{found.version}"
+    record = version_record(tracker.client, name, version)
+    if difference := task_difference(task_identity(test.manifest), record, version):
         raise ReviewError(f"{label} is for another task than this project's ({difference}); nothing moved")
+    certified_split(tracker, found, record, test.manifest, params)
     sha = record.get("checkpoint_sha256")
     if not sha:
         raise ReviewError(
             f"{label} records no checkpoint_sha256, so its files cannot be verified; nothing moved"
         )
+    pending = pending_registration(found, record)
     try:
-        predictions = test.predict(load_version(tracker, name, str(version), sha256=sha))
+        measured, predictions = reproduces(tracker, found, record, test)
+    except ReviewError as exc:
+        if pending:
+            raise ReviewError(
+                f"{label} is registration=pending (its run registered it but stopped before completing "
+                f"it) and fails the reload check now too: {exc}; it stays pending: find why it does not "
+                "reproduce its record (dropout or BatchNorm left in train mode, randomness in forward, "
+                "a damaged file) and run the pipeline again; nothing moved"
+            ) from None
+        raise ReviewError(f"{exc}; nothing moved") from None
+    line = (
+        f"{label} re-validated: loads from the registry, sha256 {sha[:12]}... matches, same task, "
+        f"{measured:.2f} on the {len(test.labels)} test images it was certified on (data "
+        f"{test.manifest.fingerprint[:12]}), as recorded"
+        + ("; its pending registration is completed with the move" if pending else "")
+    )
+    return Checked(version, measured, line, predictions, pending)
+
+
+def reproduces(tracker: Tracker, found, record: dict[str, str], test: ServedTest) -> tuple[float, np.ndarray]:
+    """The reload check: the version loaded from the registry scores exactly its recorded
+    ``test_acc`` on ``test`` (the split it was certified on); its score and predictions."""
+    name, version, label = found.name, str(found.version), f"{found.name} v{found.version}"
+    try:
+        predictions = test.predict(load_version(tracker, name, version, sha256=record["checkpoint_sha256"]))
     except (CheckpointError, OSError, mlflow.exceptions.MlflowException) as exc:
-        first = first_line(exc, 300)
-        raise ReviewError(f"{label} does not load from the registry ({first}); nothing moved") from None
+        raise ReviewError(f"{label} does not load from the registry ({first_line(exc, 300)})") from None
     measured = round(test.accuracy(predictions), 4)
     try:
         recorded = float(record["test_acc"])
     except (KeyError, ValueError):
-        raise ReviewError(f"{label} records no test_acc to reproduce; nothing moved") from None
-    n = len(test.labels)
-    if record.get("data_fingerprint") == test.manifest.fingerprint:
-        if abs(measured - recorded) > 1e-3:
-            raise ReviewError(
-                f"{label} scores {measured:.2f} on the {n} test images it was certified on, but its "
-                f"record says {recorded:.2f}; nothing moved"
-            )
-        how = f"{measured:.2f} on the {n} test images it was certified on, as recorded"
-    else:
-        margin = margin_points(recorded, cfg.tolerance, cfg.tolerance_mode)
-        if measured < recorded - margin:
-            raise ReviewError(
-                f"{label} scores {measured:.2f} on today's {n} test images, more than the {margin:g}-point "
-                f"tolerance below the {recorded:.2f} it recorded on other data; nothing moved"
-            )
-        how = f"{measured:.2f} on today's {n} test images (recorded {recorded:.2f} on other data)"
-    line = f"{label} re-validated: loads from the registry, sha256 {sha[:12]}... matches, same task, {how}"
-    return Checked(str(version), measured, line, predictions)
+        raise ReviewError(f"{label} records no test_acc to reproduce") from None
+    if abs(measured - recorded) > 1e-3:  # the tag holds it to 4 decimals
+        raise ReviewError(
+            f"{label} scores {measured:.2f} on the {len(test.labels)} test images it was certified on, "
+            f"but its record says {recorded:.2f}"
+        )
+    return measured, predictions
+
+
+def certified_split(
+    tracker: Tracker, found, record: dict[str, str], manifest: Manifest, params: Params
+) -> None:
+    """Refuse, in one line, unless the data prepared here is exactly the split the version was
+    certified on (its ``data_fingerprint``): on another split (another seed, fractions, source)
+    its test images may be its own training images, and a score there proves nothing."""
+    label, theirs = f"{found.name} v{found.version}", record.get("data_fingerprint", "")
+    if theirs == manifest.fingerprint:
+        return
+    if not theirs:
+        raise ReviewError(
+            f"{label} records no data_fingerprint, so the split it was certified on cannot be told; "
+            "nothing moved"
+        )
+    raise ReviewError(
+        f"{label} was certified on data {theirs[:12]}, but the data prepared here is "
+        f"{manifest.fingerprint[:12]} (another seed, split or source: its test images may be {label}'s "
+        f"own training images); nothing moved: get its split back with "
+        f"{split_hint(tracker, found, record, params)}, then try again"
+    )
+
+
+def split_hint(tracker: Tracker, found, record: dict[str, str], params: Params) -> str:
+    """How to prepare the split a version was certified on again: the ``prepare`` params its
+    pipeline run logged that differ from this project's, as overrides; else its commit's data."""
+    here, keys = _flat(params.model_dump()), STAGES["prepare"].params
+    differ = {
+        key: value
+        for key, value in certified_params(tracker, found.run_id).items()
+        if any(key == k or key.startswith(f"{k}.") for k in keys) and value != str(here.get(key))
+    }
+    if differ:
+        overrides = sorted(differ.items())[:SHOWN_OVERRIDES]
+        shown = " ".join("-s " + shlex.quote(f"{k}={'null' if v == 'None' else v}") for k, v in overrides)
+        return f"`shrinkflow stage prepare {shown}` (the params its run logged)"
+    if (commit := record.get("git_commit", "none")) not in ("", "none"):
+        checkout = f"git checkout {commit[:12]} -- dvc.lock && dvc checkout {params.paths.prepared}"
+        return f"`{checkout}` (its commit's data)"
+    return "`shrinkflow stage prepare` and the seed and data params of the run that certified it"
+
+
+def certified_params(tracker: Tracker, run_id: str | None) -> dict[str, str]:
+    """The params the pipeline run that registered a version logged (its promote run's parent's);
+    none when it ran as a DVC stage, or they cannot be read."""
+    try:
+        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
+        return dict(tracker.client.get_run(parent).data.params) if parent else {}
+    except mlflow.exceptions.MlflowException:
+        return {}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested params as the pipeline run logs them (``data.seed``-style keys)."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        flat |= _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return flat
+
+
+def pending_registration(found, record: dict[str, str]) -> bool:
+    """Whether a run registered the version and stopped before completing it (tag
+    ``registration=pending``). As a re-run would not adopt it, it is refused, in one line, while
+    the process that registered it may still be completing it: alive on this host, or on another
+    host less than the registry lock's stale age ago."""
+    if record.get(REGISTRATION_TAG) != "pending":
+        return False
+    owner, label = record.get(PROCESS_TAG, ""), f"{found.name} v{found.version}"
+    if process_gone(owner):
+        return True
+    if owner.partition(":")[0] == socket.gethostname():
+        raise ReviewError(
+            f"{label} is registration=pending and {owner}, the run registering it, is still running: "
+            "let it finish, then try again; nothing moved"
+        )
+    age = time.time() - found.creation_timestamp / 1000
+    if age > REGISTRY_LOCK_STALE_S:
+        return True
+    raise ReviewError(
+        f"{label} is registration=pending, registered {age / 60:.0f} min ago by {owner or 'a process'} on "
+        f"another host, which may still be completing it: try again once that run has ended (or after "
+        f"{REGISTRY_LOCK_STALE_S / 60:.0f} min); nothing moved"
+    )
 
 
 def who(by: str | None) -> str:
@@ -149,13 +326,13 @@ def move_champion(
     expected: str | None = None,
 ) -> Moved:
     """Point ``@champion`` at the re-validated version under the registry lock, clear
-    ``@challenger`` if it pointed there, and record the approval. ``expected``: refuse unless
-    ``@champion`` is still that version (a rollback away from it)."""
+    ``@challenger`` if it pointed there, complete a pending registration, and record the event.
+    ``expected``: refuse unless ``@champion`` is still that version (a rollback away from it)."""
     reason = " ".join(reason.split())[:REASON_CHARS]
     if not reason:
         raise ReviewError(f"--reason is empty: say why {name} v{checked.version} should be {cfg.alias}")
-    version, client = checked.version, tracker.client
-    with registry_lock(client, name, this_process()):
+    version = checked.version
+    with registry_lock(tracker.client, name, this_process()):
         before = version_by_alias(tracker, name, cfg.alias)
         previous = str(before.version) if before is not None else None
         if expected is not None and previous != expected:
@@ -163,53 +340,73 @@ def move_champion(
                 f"{name}@{cfg.alias} moved from v{expected} to v{previous} meanwhile; nothing moved, "
                 "review again"
             )
-        if previous == version:
+        if previous == version and not checked.pending:
             raise ReviewError(f"{name} v{version} is already {cfg.alias}; nothing moved")
         set_alias(tracker, name, cfg.alias, version)
         challenger = version_by_alias(tracker, name, cfg.challenger_alias)
         cleared = challenger is not None and str(challenger.version) == version
         if cleared:
-            client.delete_registered_model_alias(name, cfg.challenger_alias)
+            tracker.client.delete_registered_model_alias(name, cfg.challenger_alias)
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        record_approval(tracker, name, checked, action, by, when, reason, previous)
-    verb = "approved" if action == "approve" else "rolled back to"
+        moved = f"v{previous} -> v{version}" if previous else f"none -> v{version}"
+        event = Event(next_event(tracker, name), action, moved, by, when, reason, f"{checked.test_acc:.4f}")
+        record_event(tracker, name, event, checked, previous, cfg)
+    was = "already" if previous == version else f"was v{previous}" if previous else "was none"
     line = (
-        f"{verb} {name} v{version} as @{cfg.alias} (was {f'v{previous}' if previous else 'none'}), "
-        f"by {by}: {reason}" + (f"; @{cfg.challenger_alias} cleared" if cleared else "")
+        f"{'approved' if action == 'approve' else 'rolled back to'} {name} v{version} as @{cfg.alias} "
+        f"({was}), by {by}: {reason}"
+        + (f"; @{cfg.challenger_alias} cleared" if cleared else "")
+        + ("; its pending registration completed" if checked.pending else "")
+        + f" (event {event.number})"
     )
     log.info(line)
     return Moved(version, previous, cleared, line)
 
 
-def record_approval(
-    tracker: Tracker,
-    name: str,
-    checked: Checked,
-    action: str,
-    by: str,
-    when: str,
-    reason: str,
-    previous: str | None,
+def next_event(tracker: Tracker, name: str) -> int:
+    """The number of the registered model's next event (called under the registry lock)."""
+    return 1 + max((e.number for e in history(tracker.client.get_registered_model(name).tags)), default=0)
+
+
+def record_event(
+    tracker: Tracker, name: str, event: Event, checked: Checked, previous: str | None, cfg: PromoteConfig
 ) -> None:
-    """The approval as tags (what a reviewer filters on) and at the top of the description."""
-    version, client = checked.version, tracker.client
-    tags = {
-        "approval": action,
-        "approved_by": by,
-        "approved_at": when,
-        "approval_reason": reason,
-        PREVIOUS_TAG: previous or "none",
-        "validated_test_acc": f"{checked.test_acc:.4f}",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    what = "Approved as `champion`" if action == "approve" else "Rolled back to as `champion`"
-    block = (
-        f"**{what}** by {markdown_text(by)} on {when}: {markdown_text(reason)}. Previous champion: "
-        f"{f'v{previous}' if previous else 'none'}. Re-validated: {markdown_text(checked.line)}.\n\n"
+    """Keep ``event`` (on the registered model first: its history is the record), then make the
+    versions say what they now are: the verdict tag follows ``@champion`` to ``checked.version``,
+    the version it left reads what it now is, and each description gets the event on top."""
+    client, version = tracker.client, checked.version
+    client.set_registered_model_tag(name, event.key, event.value())
+    client.set_model_version_tag(name, version, event.key, event.value())
+    client.set_model_version_tag(name, version, "verdict", Kind.CHAMPION)
+    if checked.pending:  # the reload check passed: what a re-run would mark
+        mark_registration(tracker, name, version, "complete")
+    how = "Approved as `champion`" if event.what == "approve" else "Made `champion` by a rollback"
+    prepend(
+        tracker, name, version, f"**{how}** (event {event.number}, {event.champion})", event, checked.line
     )
-    description = client.get_model_version(name, version).description or ""
-    client.update_model_version(name, version, description=block + description)
+    if previous == version:  # it was champion already: only its registration was pending
+        return
+    # What a rollback from it goes back to.
+    client.set_model_version_tag(name, version, PREVIOUS_TAG, previous or "none")
+    if previous is None:
+        return
+    challenger = version_by_alias(tracker, name, cfg.challenger_alias)
+    now = Kind.CHALLENGER if challenger is not None and str(challenger.version) == previous else RETIRED
+    client.set_model_version_tag(name, previous, event.key, event.value())
+    client.set_model_version_tag(name, previous, "verdict", now)
+    title = f"**No longer `champion`**, now `{now}` (event {event.number}, {event.champion})"
+    prepend(tracker, name, previous, title, event)
+
+
+def prepend(tracker: Tracker, name: str, version: str, title: str, event: Event, checked: str = "") -> None:
+    """The event at the top of the version's description, above what it said before."""
+    block = (
+        f"{title} by {markdown_text(event.who)} on {event.when}: {markdown_text(event.why)}."
+        + (f" Re-validated: {markdown_text(checked)}." if checked else "")
+        + "\n\n"
+    )
+    description = tracker.client.get_model_version(name, version).description or ""
+    tracker.client.update_model_version(name, version, description=block + description)
 
 
 def rollback_target(tracker: Tracker, name: str, cfg: PromoteConfig, to: str | None) -> tuple[str, str]:
@@ -241,7 +438,6 @@ def versions_table(tracker: Tracker, name: str) -> pd.DataFrame:
     rows = []
     for v in tracker.client.search_model_versions(f"name='{name}'"):
         tags = v.tags
-        approved = tags.get("approved_by")
         rows.append(
             {
                 "version": int(v.version),
@@ -253,12 +449,26 @@ def versions_table(tracker: Tracker, name: str) -> pd.DataFrame:
                 "size_bytes": tags.get("size_bytes", "?"),
                 "test_acc": tags.get("test_acc", "?"),
                 "vs_baseline_pts": tags.get("test_acc_change_pts", "?"),
-                "approved": f"{tags.get('approval')} by {approved} {tags.get('approved_at', '')[:10]}"
-                if approved
-                else "-",
+                "reviewed": last_review(tags),
             }
         )
     return pd.DataFrame(rows).sort_values("version", ascending=False) if rows else pd.DataFrame(rows)
+
+
+def last_review(tags: dict[str, str]) -> str:
+    """A version's last approve or rollback, short (``-``: none)."""
+    if events := history(tags):
+        last = events[-1]
+        return f"{last.what} by {one_line(last.who, WHO_CHARS)} {last.when[:10]} (#{last.number})"
+    if tags.get("approved_by"):  # recorded by a shrinkflow that kept only the last event
+        by = one_line(tags["approved_by"], WHO_CHARS)
+        return f"{tags.get('approval')} by {by} {tags.get('approved_at', '')[:10]}"
+    return "-"
+
+
+def history_lines(tracker: Tracker, name: str) -> list[str]:
+    """The registered model's approve and rollback events, oldest first, one line each."""
+    return [event.line() for event in history(registered_model(tracker.client, name, tracker.uri).tags)]
 
 
 def side_by_side(
@@ -284,6 +494,12 @@ def side_by_side(
         f"{test.accuracy(predicted[label]):.2f}" if label in predicted else "-" for label in versions
     ]
     lines = [frame.to_string(), *problems]
+    for label, v in versions.items():
+        if (data := records[label].get("data_fingerprint", "none")) != test.manifest.fingerprint:
+            lines.append(
+                f"{label} v{v} was certified on other data ({data[:12]}): today's test images may "
+                "include its training images"
+            )
     (first, a), (second, b) = list(versions.items())[:2]
     if first in predicted and second in predicted:
         versus = paired(predicted[second], predicted[first], test.labels, cfg)

@@ -117,7 +117,8 @@ def test_a_factory_model_from_a_package_called_models_is_certified_registered_an
     manifest = load_manifest(layout)
     # val, gate and test come from the never-seen test/ tree only
     assert manifest.heldout == "images/test/" and manifest.origin["gate"] == "images/test/"
-    assert manifest.sizes["train"] == 1257 and sum(manifest.sizes.values()) == 1797
+    seen = sum(1 for _ in (layout.root / "images" / "train").rglob("*.png"))  # train.py's split
+    assert manifest.sizes["train"] == seen and sum(manifest.sizes.values()) == 1797
     assert (manifest.mean, manifest.std, manifest.normalisation) == ([0.5], [0.5], "model")
     base = load_record(layout, "baseline")
     assert base.strategy == "given" and base.epochs == 0  # taken as given, not trained
@@ -126,11 +127,11 @@ def test_a_factory_model_from_a_package_called_models_is_certified_registered_an
     table = load_table(layout.candidates_csv).set_index("name")
     assert table.loc["l1-50-kd", "params"] < 0.5 * table.loc["baseline", "params"]
     assert table.loc["l1-50-kd", "onnx"] == "ok"
-    assert decision.winner == "l1-50-kd" and decision.verdict == "champion"
+    assert decision.winner == "l1-50-kd" and decision.kind == "champion"
     # the pruned network rebuilds from its description and pruning history, not from a pickle
     spec = torch.load(layout.checkpoint("l1-50-kd"), weights_only=True)["spec"]
     assert spec["arch"] == "factory" and spec["factory"] == "models.tinynet:build" and spec["pruning_history"]
-    version = MlflowClient().get_model_version(params.promote.model_name, decision.registry["version"])
+    version = MlflowClient().get_model_version(params.promote.model_name, decision.registry.version)
     assert version.tags["baseline_source"] == "factory models.tinynet:build"
     assert version.tags["baseline_weights_sha256"] == base.origin["weights_sha256"]
     # a fresh process, elsewhere, with no shrinkflow checkout on its path: raw images in, names out
@@ -168,7 +169,7 @@ def test_the_registered_champion_is_shrunk_again_with_lineage(champion, brought,
     params = load_params(layout.root / "params.yaml")
     prepare(params, layout)
     base = train_baseline(params, layout)
-    assert base.origin["registered_version"] == first_decision.registry["version"]
+    assert base.origin["registered_version"] == first_decision.registry.version
     assert base.origin["checkpoint_sha256"] == load_record(first_layout, "l1-50-kd").sha256
     shrink_candidate(params, layout, "l1-30")
     # the new model replays the champion's pruning, then its own
@@ -178,9 +179,9 @@ def test_the_registered_champion_is_shrunk_again_with_lineage(champion, brought,
     evaluate_models(params, layout)
     ctx = Context(params, layout, Tracker(tracking_uri(layout.root), params.tracking.experiment))
     decision = run_promote(ctx, force=True)
-    version = MlflowClient().get_model_version(name, decision.registry["version"])
+    version = MlflowClient().get_model_version(name, decision.registry.version)
     assert version.tags["baseline_source"] == f"models:/{name}@champion"
-    assert version.tags["baseline_registered_version"] == first_decision.registry["version"]
+    assert version.tags["baseline_registered_version"] == first_decision.registry.version
 
 
 # Bad input: one line, exit 1, nothing registered.
@@ -205,7 +206,8 @@ def test_a_heldout_folder_that_overlaps_the_training_images_is_refused(brought, 
     raw["data"]["root"], raw["data"]["heldout_root"] = "flat", "seen"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     line = _fails(tmp_path, "prepare")
-    assert "of the 1257 held-out images (data.heldout_root seen) are also training images" in line
+    seen = sum(1 for _ in (tmp_path / "seen").rglob("*.png"))
+    assert f"of the {seen} held-out images (data.heldout_root seen) are also training images" in line
     assert not (tmp_path / "data" / "prepared" / "manifest.json").exists()
 
 
@@ -265,7 +267,10 @@ def test_a_shuffled_class_order_is_found_and_model_classes_fixes_it(prepared):
 
 
 def test_a_model_that_is_not_accurate_is_refused_with_its_accuracy(prepared):
-    net = FactoryNet("models.tinynet:build", {}, in_channels=1, image_size=8, num_classes=10)
+    width = yaml.safe_load((prepared / "params.yaml").read_text())["model"]["kwargs"][
+        "width"
+    ]  # the example's
+    net = FactoryNet("models.tinynet:build", {"width": width}, in_channels=1, image_size=8, num_classes=10)
     torch.save(net.net.state_dict(), prepared / "untrained.pt")
     _retarget(prepared, weights="untrained.pt")
     assert "the model is not accurate on the validation images" in _fails(prepared, "baseline")
@@ -416,7 +421,7 @@ def user_code_folder(tmp_path_factory):
     return code
 
 
-KWARGS = {"in_channels": 1, "width": 32, "blocks": 2, "num_classes": 10}
+KWARGS = yaml.safe_load((EXAMPLE / "params.yaml").read_text())["model"]["kwargs"]  # what weights.pt fits
 
 
 def _variant(prepared: Path, code: Path, kind: str, **extra) -> tuple:
@@ -630,7 +635,8 @@ def test_a_declared_order_that_swaps_two_classes_is_refused_with_the_order_to_se
     with pytest.raises(BaselineError) as info:
         train_baseline(*_project_params(prepared))
     line = str(info.value)
-    assert "paired test on 90 validation images" in line
+    n = len(load_split(Layout.from_params(load_params(prepared / "params.yaml"), prepared), "val")[1])
+    assert "looks like class '1' (" in line and f"paired test on {n} validation images" in line
     assert line.endswith(f"set model.classes: {[str(c) for c in range(10)]}")
     _retarget(prepared, classes=[str(c) for c in range(10)])  # the folder order, declared: accepted
     assert _origin(prepared)["val_acc_as_given"] > 90

@@ -65,6 +65,7 @@ def repo(tmp_path_factory):
     assert _ran(_dvc(root, "repro", "evaluate")) == [
         "prepare",
         "baseline",
+        "sensitivity",
         "shrink@w50",
         "shrink@l1-50",
         "evaluate",
@@ -96,6 +97,7 @@ def test_forced_reproductions_are_byte_identical(repo):
     assert _ran(_dvc(repo, "repro", "--force", "evaluate")) == [
         "prepare",
         "baseline",
+        "sensitivity",
         "shrink@w50",
         "shrink@l1-50",
         "evaluate",
@@ -113,7 +115,9 @@ def test_changing_one_candidate_reruns_only_it_evaluate_and_promote(repo):
     stale = set(json.loads(_dvc(repo, "status", "--json").stdout))
     assert {"shrink@w50", "evaluate", "promote"} <= stale
     assert not stale & {"prepare", "baseline", "shrink@l1-50"}, stale
-    assert _ran(_dvc(repo, "repro")) == ["shrink@w50", "evaluate", "promote"]
+    # The sensitivity stage reads every candidate, keeps its tables (here none) and so changes
+    # nothing downstream.
+    assert _ran(_dvc(repo, "repro")) == ["sensitivity", "shrink@w50", "evaluate", "promote"]
     assert "Data and pipelines are up to date" in _dvc(repo, "status").stdout
     assert _ran(_dvc(repo, "repro")) == [], "a second repro does nothing"
     promotion = json.loads((repo / "reports/promotion.json").read_text())

@@ -109,6 +109,7 @@ class UserCode:
 # during a run serves the user's package while it loads, then the run's folder does again).
 _SERVED: dict[str, list[Path]] = {}
 _SHADOWED: dict[str, list[Path]] = {}
+_ENTERED: list[Path] = []  # the folders of the blocks open now, outermost first
 _LOCK = threading.Lock()
 
 
@@ -156,6 +157,7 @@ def user_code(path: str | Path) -> Iterator[UserCode]:
     with _LOCK:
         _push(_SERVED, code.names, code.root)
         _push(_SHADOWED, code.shadowing, code.root)
+        _ENTERED.append(code.root)
         if _FINDER not in sys.meta_path:
             sys.meta_path.insert(0, _FINDER)
     try:
@@ -164,8 +166,16 @@ def user_code(path: str | Path) -> Iterator[UserCode]:
         with _LOCK:
             _pop(_SERVED, code.names, code.root)
             _pop(_SHADOWED, code.shadowing, code.root)
+            del _ENTERED[len(_ENTERED) - 1 - _ENTERED[::-1].index(code.root)]
             if not _SERVED and _FINDER in sys.meta_path:
                 sys.meta_path.remove(_FINDER)
+
+
+def user_code_folders() -> list[Path]:
+    """The folders :func:`user_code` serves now, outermost first: what another process must
+    serve, in that order, to build the same networks."""
+    with _LOCK:
+        return list(dict.fromkeys(_ENTERED))
 
 
 def _imported_from(root: Path) -> None:

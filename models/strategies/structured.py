@@ -12,36 +12,35 @@ per-layer floor, rounding to the nearest multiple) is handed to torch-pruning as
 same channels a global threshold would pick there.
 
 With a ``budget`` the kept counts come from :mod:`shrinkflow.models.allocation` instead (per-layer
-widths meeting a params, FLOPs or latency budget), and ``widths`` (kept channels by group root
-name) replays a recorded allocation exactly: the same widths on the same baseline remove the same
-channels.
+widths meeting params, FLOPs or latency budgets), allocated by the pipeline before the strategy
+runs and handed to it as ``widths`` (kept channels by group root name), which also replays a
+recorded allocation exactly: the same widths on the same baseline remove the same channels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch_pruning as tp
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 from torch import nn
 
-from shrinkflow.models.allocation import Allocation, allocate, cost_model, global_plan, round_kept
+from shrinkflow.models.allocation import ALLOCATORS, Budget, Request, global_plan, round_kept
 from shrinkflow.models.architecture import classifier_layers, record_pruning
 from shrinkflow.models.strategies.base import Batch, RatioOptions, Strategy
 
 _EPS = 1e-6  # float slack when a ratio times a width should land on an integer (0.75 * 64)
-
-
-class Budget(BaseModel):
-    """Keep ``keep`` of the baseline's ``objective`` (``None`` when a search sets it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    objective: Literal["params", "flops", "latency_ms"] = "params"
-    keep: Annotated[float, Field(gt=0, lt=1)] | None = None
+AllocationMethod = Literal[tuple(ALLOCATORS)]  # the config offers every registered allocator
+# One objective, or a list of them that must all hold: told apart by the value's shape, so that a
+# bad one is reported against the shape it has.
+BUDGET_SHAPES = ("one", "list")
+Budgets = Annotated[
+    Annotated[Budget, Tag("one")] | Annotated[tuple[Budget, ...], Field(min_length=1), Tag("list")],
+    Discriminator(lambda value: "list" if isinstance(value, list | tuple) else "one"),
+]
 
 
 class StructuredOptions(RatioOptions):
@@ -54,20 +53,46 @@ class StructuredOptions(RatioOptions):
     more than the width it added or removed, see benchmarks/results/round-to-2026-11-29.md.
 
     ``budget`` (instead of ``ratio``): per-layer widths whose params, FLOPs or batch-1 latency are
-    ``keep`` of the baseline's, chosen by ``allocation`` (see :mod:`shrinkflow.models.allocation`):
-    ``uniform``, ``global`` (channels ranked across layers), ``sensitivity`` (least predicted loss
-    from each group pruned alone at ``sensitivity_ratios``) or ``sample`` (the best of ``samples``
-    random width vectors, each scored after BatchNorm re-estimation). No layer gives up more than
-    ``max_layer_ratio``."""
+    ``keep`` of the baseline's, or a list of such objectives that must all hold, chosen by
+    ``allocation`` (see :mod:`shrinkflow.models.allocation`): ``uniform``, ``global`` (channels
+    ranked across layers), ``sensitivity`` (least predicted loss from each group pruned alone at
+    ``sensitivity_ratios``, solved exactly as a multiple-choice knapsack) or ``sample`` (the best
+    of ``samples`` random width vectors, each scored after BatchNorm re-estimation). No layer gives
+    up more than ``max_layer_ratio``."""
 
     global_pruning: bool = False
     iterative_steps: Annotated[int, Field(ge=1, le=20)] = 1
     round_to: Annotated[int, Field(ge=2, le=256)] | None = None
     max_layer_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.9
-    budget: Budget | None = None
-    allocation: Literal["uniform", "global", "sensitivity", "sample"] = "uniform"
+    budget: Budgets | None = None
+    allocation: AllocationMethod = "uniform"
     sensitivity_ratios: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = (0.25, 0.5, 0.75, 0.9)
     samples: Annotated[int, Field(ge=1, le=200)] = 16
+    # Read by the pipeline to allocate widths before the strategy runs, never passed to it.
+    ALLOCATION_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"budget", "allocation", "sensitivity_ratios", "samples"}
+    )
+
+    @property
+    def budgets(self) -> tuple[Budget, ...]:
+        """Every objective the budget sets (one, or the list given); empty without a budget."""
+        return (
+            () if self.budget is None else self.budget if isinstance(self.budget, tuple) else (self.budget,)
+        )
+
+    @property
+    def searched(self) -> Budget | None:
+        """The budget whose ``keep`` a search sets (the one given without it), if any."""
+        return next((b for b in self.budgets if b.keep is None), None)
+
+    def allocation_request(self, seed: int, keep: float | None = None) -> Request:
+        """The budgets and how to allocate them, as the allocator reads them; ``keep``: a search's
+        trial, for the budget whose ``keep`` the search sets."""
+        budgets = tuple(
+            b.model_copy(update={"keep": keep}) if b.keep is None and keep is not None else b
+            for b in self.budgets
+        )
+        return Request(self.allocation, budgets, self.max_layer_ratio, self.round_to, self.samples, seed)
 
     @model_validator(mode="after")
     def _reachable(self) -> StructuredOptions:
@@ -79,6 +104,9 @@ class StructuredOptions(RatioOptions):
             return self
         if self.ratio is not None:
             raise ValueError("set ratio or budget, not both")
+        objectives = [b.objective for b in self.budgets]
+        if twice := next((o for o in objectives if objectives.count(o) > 1), None):
+            raise ValueError(f"budget gives {twice} twice; give each objective once")
         if "global_pruning" in self.model_fields_set and self.global_pruning:
             raise ValueError("with a budget, choose allocation: global instead of global_pruning")
         if self.iterative_steps > 1:
@@ -152,6 +180,17 @@ def _plan(
     return {m: round_kept(k, width[m], round_to) for m, k in kept.items()}
 
 
+def channel_groups(model: nn.Module) -> dict[str, dict[nn.Module, int]]:
+    """torch-pruning's channel groups for ``model``, fresh dicts every call (its defaults are
+    shared, mutable, and keep every model they saw alive). Fused attention (torch's
+    ``nn.MultiheadAttention``, as in torchvision's ViT) is grouped by head: every head loses the
+    same offsets, so ``num_heads`` stays what the weights hold and each head keeps its own
+    dimensions. torch-pruning's own ``num_heads`` option expects separate q/k/v layers and skips a
+    fused layer's group altogether (1.6.1, checked on vit_b_16)."""
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return {"in_channel_groups": dict(heads), "out_channel_groups": heads}
+
+
 def _scorer(
     model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool
 ) -> tp.pruner.BasePruner:
@@ -165,6 +204,7 @@ def _scorer(
         importance=importance(),
         pruning_ratio=0.0,
         ignored_layers=classifier_layers(model),
+        **channel_groups(model),
     )
 
 
@@ -244,43 +284,12 @@ def prune(
             pruning_ratio=0.0,
             pruning_ratio_dict=ratios,
             ignored_layers=classifier_layers(model),
+            **channel_groups(model),
         )
         pruner.step()
         record_pruning(model, pruner.DG.pruning_history())
     model.zero_grad(set_to_none=True)
     return model
-
-
-Allocator = Callable[[nn.Module, dict[str, torch.Tensor]], Allocation]
-
-
-def budget_widths(
-    model: nn.Module,
-    batch: Batch,
-    scores: dict[str, torch.Tensor],
-    budget: Budget,
-    allocation: str,
-    round_to: int | None,
-    max_layer_ratio: float,
-) -> Allocation:
-    """The allocation a budget needs when nothing was measured: ``uniform`` or ``global`` on
-    params or FLOPs (latency and the other allocations need the pipeline's measurements, see
-    :mod:`shrinkflow.tasks.sensitivity`)."""
-    if budget.objective == "latency_ms" or allocation not in ("uniform", "global"):
-        raise ValueError(
-            f"allocation {allocation} with objective {budget.objective} needs measured sensitivity; "
-            "run the candidate through shrinkflow.tasks.train or pass allocate="
-        )
-    costs = cost_model(model, batch[0][:1])
-    return allocate(
-        allocation,
-        budget.objective,
-        budget.keep,
-        costs,
-        max_layer_ratio=max_layer_ratio,
-        round_to=round_to,
-        scores=scores,
-    )
 
 
 def structured(
@@ -291,9 +300,9 @@ def structured(
     **facts: Any,
 ) -> Strategy:
     """A structured-pruning strategy ranking channels by ``importance()`` (made fresh per call:
-    importances may keep state). With a ``budget``, the widths come from ``allocate(model,
-    scores)`` (the pipeline passes one built from measured sensitivity; without it, see
-    :func:`budget_widths`); ``on_allocation`` hears the chosen :class:`Allocation`."""
+    importances may keep state). A budget's widths are allocated before it runs (see
+    :mod:`shrinkflow.models.allocation`) and reach it as ``widths``; ``scores`` gives each
+    group's channel importance, which a ``global`` allocation ranks."""
 
     defaults = {k: f.default for k, f in options.model_fields.items()}
 
@@ -306,27 +315,8 @@ def structured(
         iterative_steps: int = defaults["iterative_steps"],
         round_to: int | None = defaults["round_to"],
         max_layer_ratio: float = defaults["max_layer_ratio"],
-        budget: Budget | dict | None = None,
-        allocation: str = defaults["allocation"],
-        sensitivity_ratios: tuple[float, ...] = defaults["sensitivity_ratios"],  # read by the allocator
-        samples: int = defaults["samples"],  # read by the allocator
         widths: dict[str, int] | None = None,
-        allocate: Allocator | None = None,
-        on_allocation: Callable[[Allocation], None] | None = None,
     ) -> nn.Module:
-        if budget is not None and widths is None:
-            budget = Budget.model_validate(budget)
-            if budget.keep is None:
-                raise ValueError("budget.keep is not set (a search sets it)")
-            scores = group_scores(model, batch, importance, needs_grad)
-            chosen = (
-                allocate(model, scores)
-                if allocate is not None
-                else budget_widths(model, batch, scores, budget, allocation, round_to, max_layer_ratio)
-            )
-            if on_allocation is not None:
-                on_allocation(chosen)
-            widths = chosen.widths
         return prune(
             model,
             batch,
@@ -340,5 +330,9 @@ def structured(
             widths,
         )
 
+    def scores(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        with torch.enable_grad():  # a Taylor importance needs the loss's gradients
+            return group_scores(model, batch, importance, needs_grad)
+
     shrink.__name__ = shrink.__qualname__ = name
-    return Strategy(name, shrink, options, warm_start=True, **facts)
+    return Strategy(name, shrink, options, warm_start=True, needs_graph=True, scores=scores, **facts)
