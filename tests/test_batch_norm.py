@@ -18,15 +18,13 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from shrinkflow.models import apply_strategy
-from shrinkflow.models.arch.given import TorchvisionNet
 from shrinkflow.tasks.config import TrainConfig, load_params
 from shrinkflow.tasks.engine import fit
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import prepare
 from shrinkflow.tasks.records import load_record
 from shrinkflow.tasks.train import shrink_candidate, train_baseline
-
-MEAN, STD = [0.3, 0.3, 0.3], [0.4, 0.4, 0.4]  # what the user's training normalised with
+from tests.zoo import MEAN, STD, user_trains
 
 
 def _net() -> nn.Module:
@@ -101,57 +99,36 @@ def test_fine_tuning_ends_with_statistics_of_its_training_images_unaugmented():
 # --- torchvision networks a user trained, pruned and fine-tuned for one epoch -------------------------
 
 
-def _write_folder(root: Path, seen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``root/{train,test}/<digit>/*.png``: scikit-learn's digits at 32 px RGB, ``seen`` for
-    training and the last 397 never seen; returns the training images as the user's script
-    reads them."""
+def _write_folder(root: Path, seen: int) -> Path:
+    """``root/{train,test}/<digit>/*.png``: scikit-learn's digits, grey, at 32 px (as
+    tests/zoo.py writes them), ``seen`` for training and the last 397 never seen."""
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16
-    images = nn.functional.interpolate(images, size=32, mode="bilinear").clamp(0, 1)
-    pixels = (images * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
-    rows = [*range(seen), *range(1400, len(pixels))]
-    for i in rows:
+    x = torch.from_numpy(digits.images).float()[:, None] * (255 / 16)
+    images = nn.functional.interpolate(x, size=32, mode="bilinear").round().clamp(0, 255)[:, 0]
+    for i in [*range(seen), *range(1400, len(images))]:
         folder = root / ("train" if i < seen else "test") / str(digits.target[i])
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels[i]).save(folder / f"{i:04d}.png")
-    x = torch.tensor(pixels[:seen], dtype=torch.float32).permute(0, 3, 1, 2) / 255
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    return (x - mean) / std, torch.tensor(digits.target[:seen])
+        Image.fromarray(images[i].to(torch.uint8).numpy(), mode="L").save(folder / f"{i:04d}.png")
+    return root
 
 
-def _user_trains(name: str, x: torch.Tensor, y: torch.Tensor, epochs: int, path: Path) -> None:
-    """What a user's script does: torchvision's network, AdamW, a few epochs, the state dict."""
-    torch.manual_seed(0)
-    net = TorchvisionNet(name, in_channels=3, image_size=32, num_classes=10).net
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(32):
-            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    torch.save(net.state_dict(), path)
-
-
-# (network, training images, the user's epochs, points the halved network may stay below its
-# baseline after one epoch). Before statistics were recomputed the issue measured 10% and 83%
-# against 86% and 98%. DenseNet-121 is back within a few points from 500 images. MobileNetV3-Small
-# loses half of a network that is small already: with its statistics recomputed it is at 17%
-# before fine-tuning, and one epoch on the issue's 1,400 images brings it to 80% against 94%
-# (from 800 images: 70% against 84%); the issue's own figure after recomputing was 78.8 against 86.
-FAMILIES = [("mobilenet_v3_small", 1400, 4, 15), ("densenet121", 500, 2, 3)]
+# (network, training images, the user's epochs). Before statistics were recomputed the issue
+# measured 10% and 83% against baselines of 86% and 98%; here the halved networks end one epoch
+# at 85.0% against 87.1% (MobileNetV3-Small) and 89.3% against 92.9% (DenseNet-121). The
+# fine-tuning rate decides how near: 3e-4 left MobileNetV3-Small at 72.1%, 3e-3 DenseNet-121 at
+# 83.6%; 1e-3 suits both. MobileNetV3-Small, small already, needs the issue's 1,400 images (from
+# 500 it reached 51% against 77%).
+FAMILIES = [("mobilenet_v3_small", 1400, 4), ("densenet121", 500, 2)]
 
 
 @pytest.mark.slow
 @pytest.mark.scenario
-@pytest.mark.parametrize(("name", "seen", "epochs", "margin"), FAMILIES)
+@pytest.mark.parametrize(("name", "seen", "epochs"), FAMILIES)
 def test_a_pruned_torchvision_network_stays_near_its_baseline_after_one_epoch(
-    tmp_path, name, seen, epochs, margin
+    tmp_path, one_thread, name, seen, epochs
 ):
-    x, y = _write_folder(tmp_path / "images", seen)
-    _user_trains(name, x, y, epochs, tmp_path / "weights.pt")
+    images = _write_folder(tmp_path / "images", seen)
+    user_trains(name, {}, images, tmp_path / "weights.pt", epochs, lr=3e-3)
     raw = {
         "seed": 0,
         "data": {
@@ -165,9 +142,9 @@ def test_a_pruned_torchvision_network_stays_near_its_baseline_after_one_epoch(
             "arch": "torchvision",
             "name": name,
             "weights": "weights.pt",
-            "input": {"size": 32, "channels": 3, "mean": MEAN, "std": STD},
+            "input": {"mean": [MEAN] * 3, "std": [STD] * 3},
         },
-        "train": {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.003},
+        "train": {"epochs": 1, "batch_size": 32, "optimizer": "adamw", "lr": 0.001},
         "shrink": {"epochs": 1, "candidates": {"l1-50": {"strategy": "prune_l1", "ratio": 0.5}}},
         "promote": {"model_name": f"bn-{uuid.uuid4().hex[:8]}", "tolerance": 5},
     }
@@ -179,5 +156,14 @@ def test_a_pruned_torchvision_network_stays_near_its_baseline_after_one_epoch(
     shrink_candidate(params, layout, "l1-50")
     pruned = load_record(layout, "l1-50")
     assert base.best_val_acc > 80, base.origin
-    assert pruned.status == "ok" and pruned.best_val_acc >= base.best_val_acc - margin, pruned.history
-    assert pruned.best_val_acc > 60  # chance is 10%
+    assert pruned.status == "ok" and pruned.best_val_acc >= base.best_val_acc - 5, pruned.history
+
+
+@pytest.fixture
+def one_thread():
+    """One thread, as tests/test_zoo.py: on a loaded two-core machine two threads made these
+    networks' training steps ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
