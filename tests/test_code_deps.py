@@ -88,7 +88,9 @@ def test_what_the_stages_load_at_run_time_is_in_their_derived_code():
         "for name in sys.argv[2:]: importlib.import_module(name)\n"
         "files = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, '__file__', None)]\n"
         "files = [f.resolve() for f in files if f.is_absolute()]\n"
-        "print('\\n'.join(str(f.relative_to(root)) for f in files if f.is_relative_to(root)))"
+        "env = Path(sys.prefix).resolve()  # a virtual environment inside the checkout is not its code\n"
+        "ours = [f for f in files if f.is_relative_to(root) and not f.is_relative_to(env)]\n"
+        "print('\\n'.join(str(f.relative_to(root)) for f in ours))"
     )
     done = subprocess.run(
         [str(BIN / "python"), "-c", probe, str(CODE_ROOT), *entries],
