@@ -480,7 +480,6 @@ ByOpt = Annotated[str | None, typer.Option("--by", help="who decides (default: $
 
 def _reviewing(params: Path, root: Path | None):
     """The config, the registry and today's test images of the project a reviewer works in."""
-    from shrinkflow.tasks.given import trust_user_code
     from shrinkflow.tasks.layout import Layout
     from shrinkflow.tasks.promote import ServedTest
     from shrinkflow.tasks.tracking import Tracker
@@ -488,7 +487,6 @@ def _reviewing(params: Path, root: Path | None):
     cfg = load_params(params)
     root = project_root(params, root)
     layout = Layout.from_params(cfg, root)
-    trust_user_code(cfg, layout)
     return cfg, Tracker.for_project(root, cfg.tracking.experiment), ServedTest.load(layout)
 
 

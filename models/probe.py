@@ -79,12 +79,12 @@ def refuse_without_graph(strategy: str, probe: dict[str, Any] | None) -> None:
 def probe_model(model: Any) -> GraphProbe:
     """:func:`probe_graph` of a built network (its spec, the user code folders this process
     trusts). Never raises: a probe that cannot even start is a finding like any other."""
-    from shrinkflow.models.arch import given
+    from shrinkflow.models.arch.given import user_code_folders
 
     try:
         spec = model.spec()
-        # The folders trust_code declared that are still there (a loaded model's went with it).
-        code = [str(p) for p in getattr(given, "_TRUSTED", []) if p.is_dir()]
+        # The user code folders served now that are still there (a loaded model's went with it).
+        code = [str(p) for p in user_code_folders() if p.is_dir()]
         return probe_graph(spec, code)
     except Exception as exc:
         text = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -168,19 +168,21 @@ print(json.dumps(child_main(request)))
 def child_main(request: dict[str, Any]) -> dict[str, Any]:
     """In the child: bound memory, build the network, summarise its graph; an exception from
     torch-pruning is the record's ``reason``, named after the layer it was tracing when known."""
+    import contextlib
     import resource
 
     import torch
 
-    from shrinkflow.models.arch.given import trust_code
+    from shrinkflow.models.arch.given import user_code
     from shrinkflow.models.architecture import pruning_summary
     from shrinkflow.models.registry import build_model
 
     torch.set_num_threads(1)
-    for folder in request["code"]:
-        trust_code(folder)
     spec = request["spec"]
-    model = build_model(spec).eval()
+    with contextlib.ExitStack() as scope:
+        for folder in request["code"]:
+            scope.enter_context(user_code(folder))
+        model = build_model(spec).eval()
     example = torch.zeros(1, spec["in_channels"], spec["image_size"], spec["image_size"])
     try:
         used = _address_space()

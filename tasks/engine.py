@@ -20,6 +20,7 @@ from typing import ParamSpec, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
+from shrinkflow.models.allocation import has_batch_norm, reestimate_batch_norm
 from shrinkflow.models.footprint import CHUNK_BYTES, chunked_forward
 from shrinkflow.tasks import progress, stop
 from shrinkflow.tasks.config import TrainConfig
@@ -403,6 +404,39 @@ def evaluate(model: nn.Module, split: Split) -> float:
     return accuracy(predict(model, x), y)
 
 
+# BatchNorm statistics are recomputed on this many training images. A MobileNetV3-Small a user
+# trained on 32 px digits (800 images, 8 epochs; its own running statistics gave 10% on
+# validation) scored 90.9 / 90.2 / 92.2 / 92.4% with statistics from 64 / 128 / 256 / 512
+# images: fewer than 256 cost 1-2 points, more gained nothing measurable. 256 is also
+# shrink.calibration_size's default, the batch apply_strategy recomputes them on after pruning.
+BN_IMAGES = 256
+BN_BATCH = 64  # images per forward pass while recomputing (bounds the memory of large inputs)
+
+
+def reestimate_statistics(model: nn.Module, images: Images, n: int = BN_IMAGES) -> bool:
+    """Recompute ``model``'s BatchNorm running statistics, in place, on ``n`` of ``images``
+    (un-augmented) spread evenly over the split: a split of an image folder is in class order, so
+    its first rows would be its first classes. False (and nothing done) without BatchNorm."""
+    if not has_batch_norm(model):
+        return False
+    device = model_device(model)
+    rows = torch.linspace(0, len(images) - 1, min(n, len(images))).round().long()
+    batches = [images[rows[i : i + BN_BATCH]].to(device) for i in range(0, len(rows), BN_BATCH)]
+    reestimate_batch_norm(model, batches)
+    return True
+
+
+@contextlib.contextmanager
+def _dropout_seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Dropout draws from torch's global generator (``nn.Dropout`` takes none of its own): seed it
+    for one fit and give the process its state back afterwards, so a network with dropout (most
+    of torchvision's) fine-tunes to the same weights every run. Concurrent fits in one process
+    (the thread runner) share the generator, so their dropout masks still interleave."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @trains_here
 def fit(
     model: nn.Module,
@@ -417,7 +451,9 @@ def fit(
     best-on-validation weights; ``hooks`` select the training mode (plain, distillation,
     sparsity, fixed zeros) and ``cfg.l1`` adds the L1 weight penalty. Training runs on
     ``cfg.device`` in ``cfg.precision``; the model is handed back on the CPU, float32 and
-    contiguous, where checkpoints and latency are taken."""
+    contiguous, where checkpoints and latency are taken, with its BatchNorm statistics recomputed
+    on training images for the weights it holds (the running averages trail the weights and saw
+    augmented images)."""
     generator = torch.Generator().manual_seed(seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg, device, model)
@@ -432,32 +468,34 @@ def fit(
         None,
     )
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            loss = train_one_epoch(
-                model, train, optimizer, cfg.batch_size, generator, augment, hooks, precision, scaler
-            )
-        except TrainingDiverged as exc:
-            raise TrainingDiverged(
-                f"training diverged in epoch {epoch} at lr {lr:g}: {exc}; lower the lr"
-            ) from None
-        scheduler.step()
-        val_acc = evaluate(model, val)
-        result.history.append({"epoch": epoch, "train_loss": loss, "val_acc": val_acc, "lr": lr})
-        result.images_seen += len(train[1])
-        if cfg.keep == "last" or epoch == 1 or val_acc > result.best_val_acc:
-            result.best_epoch, result.best_val_acc = epoch, val_acc  # the epoch kept
-            if cfg.keep == "best":
-                best_state = copy.deepcopy(model.state_dict())
-        log.debug("epoch %d loss %.4f val_acc %.2f", epoch, loss, val_acc)
-        progress.epoch_done(epoch, cfg.epochs, result.history[-1])
-        if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"training diverged in epoch {epoch} at lr {lr:g}: loss became {loss}; lower the lr"
-            )
+    with _dropout_seeded(seed, device):
+        for epoch in range(1, cfg.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                loss = train_one_epoch(
+                    model, train, optimizer, cfg.batch_size, generator, augment, hooks, precision, scaler
+                )
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch} at lr {lr:g}: {exc}; lower the lr"
+                ) from None
+            scheduler.step()
+            val_acc = evaluate(model, val)
+            result.history.append({"epoch": epoch, "train_loss": loss, "val_acc": val_acc, "lr": lr})
+            result.images_seen += len(train[1])
+            if cfg.keep == "last" or epoch == 1 or val_acc > result.best_val_acc:
+                result.best_epoch, result.best_val_acc = epoch, val_acc  # the epoch kept
+                if cfg.keep == "best":
+                    best_state = copy.deepcopy(model.state_dict())
+            log.debug("epoch %d loss %.4f val_acc %.2f", epoch, loss, val_acc)
+            progress.epoch_done(epoch, cfg.epochs, result.history[-1])
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch} at lr {lr:g}: loss became {loss}; lower the lr"
+                )
     if best_state is not None:
         model.load_state_dict(best_state)
+    reestimate_statistics(model, train[0])
     model.to("cpu", memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - start
     return result

@@ -20,6 +20,7 @@ inside ``mlflow models serve``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from shrinkflow.models.arch.given import trust_code
+from shrinkflow.models.arch.given import user_code
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.footprint import chunked_forward
 from shrinkflow.models.preprocess import channels_first, to_model_input
@@ -48,15 +49,17 @@ def prediction_table(probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
 class ShrinkflowClassifier(PythonModel):
     def load_context(self, context) -> None:
         code = Path(context.artifacts["checkpoint"]).resolve().parents[1] / "code"
-        if code.is_dir():  # a user's own network: its package travels in code/, trusted from there
-            trust_code(code)
+        # A user's own network: its package travels in code/ and is imported from there while the
+        # network is built (the checkpoint holds no code).
+        scope = user_code(code) if code.is_dir() else contextlib.nullcontext()
         # The checkpoint's sha256 is logged beside it when the version is registered: a swapped or
         # damaged model.pt is refused here, before anything is served (older versions have none).
         expected = None
         if "checkpoint_sha256" in context.artifacts:
             with open(context.artifacts["checkpoint_sha256"]) as fh:
                 expected = fh.read().strip()
-        self.model, self.meta = load_checkpoint(context.artifacts["checkpoint"], sha256=expected)
+        with scope:
+            self.model, self.meta = load_checkpoint(context.artifacts["checkpoint"], sha256=expected)
         self.model.eval()
         with open(context.artifacts["manifest"]) as fh:
             self.manifest = json.load(fh)

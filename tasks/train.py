@@ -37,7 +37,7 @@ from shrinkflow.tasks.engine import (
 )
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.gate import versus_baseline
-from shrinkflow.tasks.given import build_given, check_given, is_given, trust_user_code
+from shrinkflow.tasks.given import build_given, check_given, check_runs, is_given
 from shrinkflow.tasks.io import atomic_path, read_json, save_checkpoint, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
@@ -120,9 +120,10 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
         "num_classes": manifest.num_classes,
         **params.model.arch_options(),
     }
-    trust_user_code(params, layout)
     with seeded(params.seed):
         model = build_model(spec)
+    if is_given(params):  # a network of the user's, trained here from scratch
+        check_runs(model, load_split(layout, "val")[0], manifest.num_classes)
     record = ModelRecord(name="baseline", strategy="baseline", options={})
     if is_given(params):  # a network nobody here checked, trained from scratch
         record.pruning = _probed(model)
@@ -134,8 +135,8 @@ def _take_baseline(params: Params, layout: Layout, manifest: Manifest) -> ModelR
     ``model.finetune`` asks, and saved as the baseline with its lineage."""
     with seeded(params.seed):
         model, origin = build_given(params, layout, manifest)
-    x, y = load_split(layout, "val")
-    origin["val_acc_as_given"] = check_given(model, x, y, manifest.classes)
+    (x, y), train_x = load_split(layout, "val"), load_split(layout, "train")[0]
+    origin |= check_given(model, train_x, (x, y), manifest.classes, params.model.classes)
     record = ModelRecord(name="baseline", strategy="given", options={}, origin=origin)
     record.pruning = _probed(model)
     log.info("baseline: %s, val_acc %.2f as given", origin["source"], origin["val_acc_as_given"])
@@ -349,7 +350,6 @@ def shrink_trial(params: Params, layout: Layout, name: str, index: int, ratio: f
     record = _new_record(params, name)
     path = layout.trial_checkpoint(name, ratio)
     try:
-        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
         refuse_without_graph(record.strategy, inputs.baseline.pruning)
         built = _shrink_and_train(params, layout, name, inputs, ratio)
@@ -459,7 +459,6 @@ def shrink_candidate(
         return pick_trial(params, layout, name, trials)
     record = _new_record(params, name)
     try:
-        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
         refuse_without_graph(cand.strategy, inputs.baseline.pruning)
         built = _shrink_and_train(params, layout, name, inputs, None)
