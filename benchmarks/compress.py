@@ -67,7 +67,7 @@ from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split, prepare
 from shrinkflow.tasks.records import load_record
 from shrinkflow.tasks.reproduce import cpu_model
-from shrinkflow.tasks.stages import fan_out
+from shrinkflow.tasks.stages import fan_out_work
 from shrinkflow.tasks.train import candidate_train_config, seeded, shrink_candidate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,18 +245,15 @@ def run_flow(params_file: Path, root: Path) -> float:
 def stage_work_seconds(params: Params, layout: Layout, scratch: Path) -> dict[str, float]:
     """Time spent in the stages' own work along the flow's critical path: prepare and evaluate
     re-run here on the same inputs (same work, no orchestration), training from the records;
-    concurrent candidates count once, as the 2-worker schedule of their training times."""
+    concurrent candidates (and a search's trials) count once, as the 2-worker schedule of their
+    training times in the flow's order."""
     start = time.perf_counter()
     prepare(params, Layout.from_params(params, scratch))
     prepare_s = time.perf_counter() - start
     start = time.perf_counter()
     evaluate_models(params, layout)
     evaluate_s = time.perf_counter() - start
-    together, alone = fan_out(params)
-    seconds = {name: load_record(layout, name).train_seconds for name in params.shrink.candidates}
-    shrink_s = makespan([seconds[n] for n in together], params.shrink.workers) + sum(
-        seconds[n] for n in alone
-    )
+    shrink_s = fan_out_work(params, layout)  # a search's trials each a job, as the flow runs them
     baseline_s = load_record(layout, "baseline").train_seconds
     return {
         "prepare": prepare_s,

@@ -8,7 +8,6 @@ orchestration (task runs, parallelism, logging) and nothing else.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 
 from shrinkflow.tasks import cache, stages, stop
 from shrinkflow.tasks.config import Params, ShrinkConfig, load_params
-from shrinkflow.tasks.decide import Verdict
+from shrinkflow.tasks.decide import Verdict, verdict_json
 from shrinkflow.tasks.report import links_section
 
 
@@ -36,6 +35,16 @@ def _candidate_key(_, args: dict) -> str:
     return cache.candidate_key(ctx.params, ctx.layout, args["name"], ctx.tracker.identity())
 
 
+def _trial_key(_, args: dict) -> str:
+    ctx: stages.Context = args["ctx"]
+    return cache.trial_key(ctx.params, ctx.layout, args["name"], args["index"], args["ratio"])
+
+
+def _pick_key(_, args: dict) -> str:
+    ctx: stages.Context = args["ctx"]
+    return cache.candidate_key(ctx.params, ctx.layout, args["name"], ctx.tracker.identity(), args["trials"])
+
+
 prepare = task(stages.run_prepare, name="prepare", cache_policy=NO_CACHE)
 # Cached on what its weights depend on (data, config, code, tracking store); see
 # reuse_or_train_baseline.
@@ -45,6 +54,11 @@ sensitivity = task(
     stages.run_sensitivity, name="sensitivity", task_run_name="sensitivity-{strategy}", cache_policy=NO_CACHE
 )
 shrink = task(stages.run_candidate, name="shrink", task_run_name="shrink-{name}", cache_key_fn=_candidate_key)
+# A search's trials are tasks of their own, cached apart (a finished trial is not redone after an
+# interruption); its pick, cached on the candidate and the trials it chose from, ends the search.
+trial = task(stages.run_trial, name="trial", task_run_name="trial-{name}-{ratio}", cache_key_fn=_trial_key)
+pick = task(stages.run_pick, name="pick", task_run_name="pick-{name}", cache_key_fn=_pick_key)
+JOBS = {"shrink": shrink, "trial": trial, "pick": pick}  # the task that runs each kind of FanOut job
 evaluate = task(stages.run_evaluate, name="evaluate", cache_policy=NO_CACHE)
 promote = task(stages.run_promote, name="promote", cache_policy=NO_CACHE)
 
@@ -75,9 +89,9 @@ def pipeline(
         stages.summarise(ctx, runs)
         link_to_flow_run(ctx, runs.values())
         publish(ctx, decision, table)
-    tag_flow_run([f"outcome:{decision.verdict}"])
-    logger.info("%s -> %s: %s", decision.winner, decision.verdict, decision.verdict_reason)
-    return asdict(decision)
+    tag_flow_run([f"outcome:{decision.kind}"])
+    logger.info("%s -> %s: %s", decision.winner, decision.kind, decision.kind_reason)
+    return verdict_json(decision)
 
 
 def run_name(params: Params) -> str:
@@ -139,53 +153,81 @@ def measure_sensitivity(ctx: stages.Context) -> None:
 
 
 def shrink_all(ctx: stages.Context) -> dict[str, stages.Tracked | BaseException]:
-    """Every candidate's result (or failure): those that may train together concurrently, then
-    the rest one at a time. Interrupted (Ctrl-C, SIGTERM), the candidates still training stop at
-    their next batch and end their MLflow runs KILLED."""
+    """Every candidate's result (or failure): those that may train together filling the workers,
+    a search's trials as tasks of their own; then the rest one at a time. Interrupted (Ctrl-C,
+    SIGTERM), the work still running stops at its next batch and ends its MLflow run KILLED."""
     together, alone = stages.fan_out(ctx.params)
     try:
-        futures = {name: shrink.submit(ctx, name) for name in together}
-        shrunk = {name: settle(ctx, name, future) for name, future in futures.items()}
+        shrunk = fill_workers(ctx, together, ctx.params.shrink.workers)
         for name in alone:  # steps that patch torch process-wide run with the process to themselves
-            shrunk[name] = settle(ctx, name, shrink.submit(ctx, name))
+            shrunk |= fill_workers(ctx, [name], 1)
     except BaseException as exc:
         if not isinstance(exc, Exception):
             stop.request(f"the run was interrupted ({type(exc).__name__})")
         raise
-    return shrunk
+    return {name: shrunk[name] for name in ctx.params.shrink.candidates}
 
 
-def settle(ctx: stages.Context, name: str, future) -> stages.Tracked | BaseException:
-    """A candidate's result (or its failure); a cached one whose checkpoint changed is redone."""
-    result = _waited(future).result(raise_on_failure=False)
-    if isinstance(result, BaseException) or _reusable(ctx, name, future.state):
-        return result
-    redo = shrink.with_options(refresh_cache=True).submit(ctx, name)
-    return _waited(redo).result(raise_on_failure=False)
+def fill_workers(
+    ctx: stages.Context, names: list[str], workers: int
+) -> dict[str, stages.Tracked | BaseException]:
+    """Run candidates ``names`` with never more than ``workers`` jobs submitted at once, taking
+    the next job (in :class:`~shrinkflow.tasks.search.FanOut`'s order) as each one finishes, so a
+    worker is never idle while a trial or a candidate could run."""
+    plan = stages.fan_out_plan(ctx.params, names)
+    running = {}
+    while not plan.finished:
+        for job in plan.take(workers - len(running)):
+            running[JOBS[job.kind].submit(ctx, *job.arguments())] = job
+        future = _next_done(running)
+        job = running.pop(future)
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # interrupted
+        if not isinstance(outcome, BaseException) and not _reusable(ctx, job.name, future.state):
+            running[JOBS[job.kind].with_options(refresh_cache=True).submit(ctx, *job.arguments())] = job
+            continue
+        plan.done(job, outcome)
+    return plan.results
+
+
+def _next_done(running: dict):
+    """The first of the ``running`` futures to finish, looked for in half-second steps: a signal
+    is handled by the main thread, which a single blocking wait would keep asleep until the
+    work's last epoch."""
+    while True:
+        for future in running:
+            if future.wrapped_future.done():
+                return future
+        next(iter(running)).wait(timeout=0.5)
 
 
 def _waited(future):
-    """``future`` once done, waited for in half-second steps: a signal is handled by the main
-    thread, which a single blocking wait would keep asleep until the candidate's last epoch."""
+    """``future`` once done, waited for in half-second steps (see :func:`_next_done`)."""
     while not future.wrapped_future.done():
         future.wait(timeout=0.5)
     return future
 
 
 def _reusable(ctx: stages.Context, name: str, state) -> bool:
-    """Whether ``state`` is fresh work, or a cached result whose checkpoint is still intact."""
+    """Whether ``state`` is fresh work, or a cached result (a model stage's or a trial's) whose
+    checkpoint is still intact."""
     if state.name != "Cached":
         return True
-    tracked: stages.Tracked = state.result()
-    if cache.intact(ctx.layout, name, tracked.record):
+    result = state.result()
+    if isinstance(result, stages.Tracked):
+        what, intact = name, cache.intact(ctx.layout, name, result.record)
+        where = f"checkpoint {result.record.sha256[:12]}, MLflow run {result.run_id}"
+    else:
+        what = f"{name}'s trial at ratio {result.ratio:g}"
+        intact = cache.trial_intact(ctx.layout, name, result)
+        where = f"checkpoint {(result.sha256 or '')[:12]}"
+    if intact:
         get_run_logger().info(
-            "%s reused from cache: its inputs, config and code are unchanged (checkpoint %s, MLflow run %s)",
-            name,
-            tracked.record.sha256[:12],
-            tracked.run_id,
+            "%s reused from cache: its inputs, config and code are unchanged (%s)", what, where
         )
         return True
-    get_run_logger().info("cached %s's checkpoint is missing or changed on disk; retraining it", name)
+    get_run_logger().info("cached %s's checkpoint is missing or changed on disk; retraining it", what)
     return False
 
 
@@ -203,7 +245,7 @@ def publish(ctx: stages.Context, decision: Verdict, table) -> None:
     title, report = ctx.layout.report_md.read_text().split("\n", 1)
     report = "\n".join([title, "", *links, report])
     create_markdown_artifact(
-        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.verdict}"
+        key="shrink-report", markdown=report, description=f"{decision.winner}: {decision.kind}"
     )
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
     create_table_artifact(key="candidates", table=rows, description="every candidate, measured")

@@ -1,7 +1,8 @@
-"""The promotion decision as a value: measured table and paired predictions in, a frozen verdict out.
+"""The promotion decision as a value: measured tables in, a frozen verdict out.
 
 Nothing here reads a file or talks to MLflow; :mod:`shrinkflow.tasks.promote` gathers the inputs
 (``candidates.csv``, ``predictions.csv``, the registry's champion) and carries the verdict out.
+Every rule that chooses the winner or the verdict's :class:`Kind` is here:
 
 - **Costs** (``promote.objective``, then size in bytes, then latency): only a model strictly
   smaller than the baseline by the objective can win; when none is certified the baseline stands
@@ -22,13 +23,21 @@ Nothing here reads a file or talks to MLflow; :mod:`shrinkflow.tasks.promote` ga
 - **against the champion** on the current test images: the winner takes the alias when it is
   smaller and non-inferior by ``champion_tolerance``, or better at comparable size (lower bound
   above zero); otherwise it becomes the challenger.
+- **compare-and-set**: when ``@champion`` moved while this run was promoting, the caller decides
+  again against the new one (:class:`Race`); after :data:`COMPARE_ATTEMPTS` moves the winner
+  settles for challenger, so no champion is ever replaced by a model it was not compared with.
+
+``promotion.json`` is the verdict as plain JSON (:func:`verdict_json`, :func:`verdict_from_json`);
+everywhere else it is typed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +46,8 @@ from shrinkflow.tasks.config import PromoteConfig
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
 from shrinkflow.tasks.stats import Comparison, compare
+
+log = logging.getLogger(__name__)
 
 
 class PromotionError(ShrinkflowError, RuntimeError):
@@ -66,11 +77,61 @@ class Outcome(StrEnum):
 
 @dataclass(frozen=True)
 class Candidate:
+    """One candidate and what the procedure made of it."""
+
     name: str
     size: float | None  # by promote.objective
     outcome: Outcome
-    gate: dict = field(default_factory=dict)  # Comparison against the baseline on gate; {}: none
+    gate: Comparison | None = None  # against the baseline on gate; None: not compared
     note: str = ""  # e.g. the class the per-class guard refused it for
+
+    def as_json(self) -> dict:
+        gate = asdict(self.gate) if self.gate else {}
+        return {
+            "name": self.name,
+            "size": self.size,
+            "outcome": str(self.outcome),
+            "gate": gate,
+            "note": self.note,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Candidate:
+        gate = Comparison(**raw["gate"]) if raw.get("gate") else None
+        return cls(raw["name"], raw["size"], Outcome(raw["outcome"]), gate, raw.get("note", ""))
+
+
+@dataclass(frozen=True)
+class ClassAccuracy:
+    """The winner's and the baseline's test accuracy within one class, in percent."""
+
+    name: str  # the class ("class" in promotion.json)
+    baseline: float
+    model: float
+    difference: float  # model - baseline, points
+
+    def as_json(self) -> dict:
+        return {
+            "class": self.name,
+            "baseline": self.baseline,
+            "model": self.model,
+            "difference": self.difference,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ClassAccuracy:
+        return cls(raw["class"], raw["baseline"], raw["model"], raw["difference"])
+
+
+@dataclass(frozen=True)
+class ChampionSeen:
+    """The champion a verdict was compared with, as the verdict records it."""
+
+    version: str
+    loads: bool  # False: its files are gone or refused, or it is for another task
+    size: float
+    sha256: str
+    error: str
 
 
 @dataclass(frozen=True)
@@ -85,20 +146,63 @@ class Champion:
     error: str = ""
     other_task: bool = False  # its task tags differ (only --force gets past it)
 
-    def describe(self) -> dict:
-        return {
-            "version": self.version,
-            "loads": self.predictions is not None,
-            "size": self.size,
-            "sha256": self.sha256,
-            "error": self.error,
-        }
+    def seen(self) -> ChampionSeen:
+        return ChampionSeen(self.version, self.predictions is not None, self.size, self.sha256, self.error)
+
+    @property
+    def loads(self) -> bool:
+        return self.predictions is not None
+
+
+@dataclass(frozen=True)
+class Race:
+    """``@champion`` moved while this promotion was carrying out its verdict: how many times so
+    far, and from which version the last time (``v3``, or ``none``)."""
+
+    rounds: int
+    moved_from: str
+
+
+@dataclass(frozen=True)
+class Standing:
+    """The registry as the decision meets it: its champion (None: there is none), whether the
+    operator forces the winner in, and the race, when this is a decision taken again."""
+
+    champion: Champion | None = None
+    force: bool = False
+    race: Race | None = None
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the decision knows of the run beyond its two tables."""
+
+    checkpoints: Mapping[str, str] = field(default_factory=dict)  # sha256 of each measured model
+    classes: tuple[str, ...] = ()  # the class names, for the per-class table; (): none
+    fingerprint: str = ""  # of the prepared data (a champion certified on the same is re-checked)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Where carrying the verdict out left the winner: a version, and the alias it took (None:
+    none moved, e.g. the champion is the same checkpoint)."""
+
+    model_name: str
+    version: str
+    alias: str | None = None
+    run_id: str | None = None
+
+    def as_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The whole decision. Its keys are what ``promotion.json`` holds."""
+    """The whole decision: the run's winner, how it was certified, and what the registry does
+    with it (:attr:`kind`). Only :attr:`registry` is filled later, by the step that carries the
+    verdict out."""
 
+    # The winner and its figures, from candidates.csv.
     winner: str
     strategy: str
     ratio: float
@@ -110,29 +214,30 @@ class Verdict:
     baseline_val_acc: float
     baseline_gate_acc: float
     baseline_test_acc: float
+    # The rule and the procedure that certified it.
     tolerance: float
     tolerance_mode: str
     confidence: float | None
-    eligible: list[str]  # certified candidates and the baseline
-    reason: str
+    eligible: tuple[str, ...]  # certified candidates and the baseline
+    reason: str  # why this winner
+    kind: Kind
+    kind_reason: str = ""  # why this kind ("verdict_reason" in promotion.json)
     multiplicity: str = "none"
     family_level: float | None = None  # the family-wise error the procedure controls; None: none
     certified_by: str = ""  # "fixed-sequence test of 7 candidates, family-wise 5%"
-    order: list[str] = field(default_factory=list)  # the family, in the order it was tested
+    order: tuple[str, ...] = ()  # the family, in the order it was tested
     stopped_at: str | None = None  # fixed_sequence: the first candidate that failed
-    candidates: list[dict] = field(default_factory=list)  # every candidate (Candidate)
-    gate: dict = field(default_factory=dict)  # the winner against the baseline on gate (Comparison)
-    test: dict = field(default_factory=dict)  # ... and on test: the veto's evidence
+    candidates: tuple[Candidate, ...] = ()  # every candidate
+    gate: Comparison | None = None  # the winner against the baseline on gate
+    test: Comparison | None = None  # ... and on test: the veto's evidence
     summary: str = ""  # "l1-75: -0.4 points (95% bound -1.3 > -2.0) on 540 gate images"
     warning: str = ""
     vetoed: bool = False  # test disagrees with the gate (a forced run registers anyway)
-    verdict: Kind | None = None  # None only before against_champion judged it
-    verdict_reason: str = ""
     forced: bool = False
-    champion_before: dict = field(default_factory=dict)
-    champion_comparison: dict = field(default_factory=dict)
-    per_class: list[dict] = field(default_factory=list)  # test accuracy per class: winner, baseline
-    registry: dict[str, str] = field(default_factory=dict)
+    champion_before: ChampionSeen | None = None
+    champion_comparison: Comparison | None = None  # the winner against it on the test images
+    per_class: tuple[ClassAccuracy, ...] = ()  # test accuracy per class: winner, baseline
+    registry: Registered | None = None
     composition: str = ""  # the winner's steps, e.g. prune_l1+distill+int8 (candidates.csv)
 
 
@@ -140,57 +245,80 @@ def decide(
     table: pd.DataFrame,
     predictions: Mapping[str, pd.DataFrame],
     cfg: PromoteConfig,
-    champion: Champion | None = None,
-    checkpoints: Mapping[str, str] | None = None,
-    classes: list[str] | None = None,
-    force: bool = False,
+    standing: Standing = Standing(),
+    facts: RunFacts = RunFacts(),
 ) -> Verdict:
     """The run's winner and what the registry should do with it.
 
     ``table`` is ``candidates.csv``; ``predictions`` is ``predictions.csv`` by split (``label``
-    and a column per model); ``champion`` the registry's current one (None: there is none);
-    ``checkpoints`` each model's checkpoint sha256 (a winner identical to the champion changes
-    nothing); ``classes`` names the classes of the per-class table."""
+    and a column per model); ``standing`` the registry's champion, the operator's ``--force`` and
+    the race when the champion moved under an earlier decision; ``facts`` each model's checkpoint
+    sha256 (a winner identical to the champion changes nothing), the class names and the data's
+    fingerprint."""
     base = table[table["name"] == "baseline"].iloc[0]
     if base["status"] != "ok":
         raise PromotionError("the baseline has no measurements; nothing can be promoted")
-    if (table["status"] == "ok").sum() == 1:
-        raise PromotionError(f"all {len(table) - 1} candidates failed; nothing promoted, no alias moved")
     gate, test = predictions["gate"], predictions["test"]
     family = tested(table, gate, cfg)
     won = winner(table, family, cfg)
     row = table[table["name"] == won].iloc[0]
-    on_gate, on_test = _versus_baseline(gate, won, cfg), _versus_baseline(test, won, cfg)
-    order = [c.name for c in family if c.outcome in (Outcome.CERTIFIED, Outcome.FAILED, Outcome.UNTESTED)]
-    stopped = next((c.name for c in family if c.outcome == Outcome.FAILED), None)
-    verdict = Verdict(
-        winner=won,
-        strategy=str(row["strategy"]),
-        composition=row["composition"] if isinstance(row.get("composition"), str) else "",
-        ratio=float(row["ratio"]),
-        objective=cfg.objective,
-        objective_value=float(row[cfg.objective]),
+    on_gate, labels = _versus_baseline(gate, won, cfg), test["label"].to_numpy()
+    ours = Contender(
+        won, float(row[cfg.objective]), _versus_baseline(test, won, cfg), test[won].to_numpy() == labels
+    )
+    ruling = rule(ours, standing, facts.checkpoints.get(won, ""), labels, cfg)
+    notes = [certifiable(cfg, on_gate.n), record_note(standing.champion, labels, facts, cfg)]
+    return Verdict(
+        **_figures(row, base, cfg),
+        **_procedure(family, cfg),
+        reason=reason(won, row, family, cfg),
+        gate=on_gate,
+        test=ours.test,
+        summary=on_gate.line(won),
+        warning="; ".join(filter(None, notes)),
+        vetoed=ours.vetoed,
+        per_class=per_class(test, won, facts.classes) if facts.classes else (),
+        kind=ruling.kind,
+        kind_reason=ruling.reason,
+        forced=ruling.forced,
+        champion_before=standing.champion.seen() if standing.champion else None,
+        champion_comparison=ruling.versus,
+    )
+
+
+def _figures(row: pd.Series, base: pd.Series, cfg: PromoteConfig) -> dict[str, Any]:
+    """The verdict's fields that are the winner's row of candidates.csv, and the baseline's."""
+    return {
+        "winner": str(row["name"]),
+        "strategy": str(row["strategy"]),
+        "composition": row["composition"] if isinstance(row.get("composition"), str) else "",
+        "ratio": float(row["ratio"]),
+        "objective": cfg.objective,
+        "objective_value": float(row[cfg.objective]),
         **{f"{split}_acc": float(row[f"{split}_acc"]) for split in ("val", "gate", "test")},
         **{f"baseline_{split}_acc": float(base[f"{split}_acc"]) for split in ("val", "gate", "test")},
-        tolerance=cfg.tolerance,
-        tolerance_mode=cfg.tolerance_mode,
-        confidence=cfg.confidence,
-        eligible=sorted(["baseline", *(c.name for c in family if c.outcome == Outcome.CERTIFIED)]),
-        reason=reason(won, row, family, cfg),
-        multiplicity=cfg.multiplicity,
-        family_level=family_level(cfg),
-        certified_by=certified_by(cfg, len(order)),
-        order=order,
-        stopped_at=stopped if cfg.multiplicity == "fixed_sequence" else None,
-        candidates=[vars(c) | {"outcome": str(c.outcome)} for c in family],
-        gate=on_gate.as_dict(),
-        test=on_test.as_dict(),
-        summary=on_gate.line(won),
-        warning=certifiable(cfg, on_gate.n) or "",
-        vetoed=vetoed_by_test(on_test),
-        per_class=per_class(test, won, classes) if classes else [],
+        "tolerance": cfg.tolerance,
+        "tolerance_mode": cfg.tolerance_mode,
+        "confidence": cfg.confidence,
+    }
+
+
+def _procedure(family: list[Candidate], cfg: PromoteConfig) -> dict[str, Any]:
+    """The verdict's fields that say how the procedure went: what it tested, in which order,
+    where it stopped, and what it made of every candidate."""
+    order = tuple(
+        c.name for c in family if c.outcome in (Outcome.CERTIFIED, Outcome.FAILED, Outcome.UNTESTED)
     )
-    return against_champion(verdict, test, cfg, champion, (checkpoints or {}).get(won, ""), force)
+    stopped = next((c.name for c in family if c.outcome == Outcome.FAILED), None)
+    return {
+        "eligible": tuple(sorted(["baseline", *(c.name for c in family if c.outcome == Outcome.CERTIFIED)])),
+        "multiplicity": cfg.multiplicity,
+        "family_level": family_level(cfg),
+        "certified_by": certified_by(cfg, len(order)),
+        "order": order,
+        "stopped_at": stopped if cfg.multiplicity == "fixed_sequence" else None,
+        "candidates": tuple(family),
+    }
 
 
 def tested(table: pd.DataFrame, gate: pd.DataFrame, cfg: PromoteConfig) -> list[Candidate]:
@@ -224,7 +352,7 @@ def tested(table: pd.DataFrame, gate: pd.DataFrame, cfg: PromoteConfig) -> list[
         outcome = Outcome.CERTIFIED if done[i] else Outcome.FAILED
         if cfg.multiplicity == "fixed_sequence" and i > first_fail:
             outcome = Outcome.UNTESTED
-        family.append(Candidate(str(row["name"]), float(row[cfg.objective]), outcome, c.as_dict(), g))
+        family.append(Candidate(str(row["name"]), float(row[cfg.objective]), outcome, c, g))
     return family + left
 
 
@@ -406,79 +534,140 @@ def vetoed_by_test(test: Comparison) -> bool:
     return test.upper < -test.margin
 
 
-def against_champion(
-    verdict: Verdict,
-    test: pd.DataFrame,
-    cfg: PromoteConfig,
-    champion: Champion | None,
-    sha256: str,
-    force: bool,
-) -> Verdict:
-    """The verdict's kind: the winner against the registry's ``champion`` on the test images,
-    then the veto; ``force`` makes it champion whatever the rules say."""
+# --- the winner against the registry ----------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Contender:
+    """The run's winner as the registry rules see it."""
+
+    winner: str
+    objective_value: float  # its size by promote.objective
+    test: Comparison  # against the baseline on test
+    correct: np.ndarray  # whether it gets each test image right
+
+    @property
+    def vetoed(self) -> bool:
+        return vetoed_by_test(self.test)
+
+
+@dataclass(frozen=True)
+class Ruling:
+    """What the registry does with the winner, and why."""
+
+    kind: Kind
+    reason: str
+    forced: bool = False
+    versus: Comparison | None = None  # the winner against the champion on the test images
+
+
+COMPARE_ATTEMPTS = 3  # champions that moved under one promotion before it settles for challenger
+
+
+def rule(ours: Contender, standing: Standing, sha256: str, labels: np.ndarray, cfg: PromoteConfig) -> Ruling:
+    """The verdict's kind: the veto first, then the winner against the registry's champion on
+    the test images (``labels``); ``standing.force`` makes it champion whatever the rules say.
+    ``sha256`` is the winner's checkpoint: the champion's own changes nothing."""
+    champion, force = standing.champion, standing.force
     versus = None
-    if champion is not None and champion.predictions is not None:
-        correct = test[verdict.winner].to_numpy() == test["label"].to_numpy()
-        versus = compare(
-            correct, champion.predictions == test["label"].to_numpy(), cfg.champion_tolerance, cfg.confidence
-        )
-    verdict = replace(
-        verdict,
-        champion_before=champion.describe() if champion else {},
-        champion_comparison=versus.as_dict() if versus else {},
-    )
-    on_test = Comparison(**verdict.test)
-    if verdict.vetoed and not force:
+    if champion is not None and champion.loads:
+        versus = compare(ours.correct, champion.predictions == labels, cfg.champion_tolerance, cfg.confidence)
+    disagrees = ours.test.line(ours.winner, "test")
+    if ours.vetoed and not force:
         why = (
-            f"test disagrees: {on_test.line(verdict.winner, 'test')}, and even its upper bound "
-            f"{on_test.upper:+.2f} lies beyond the tolerance; nothing registered, no alias moved"
+            f"test disagrees: {disagrees}, and even its upper bound {ours.test.upper:+.2f} lies beyond "
+            "the tolerance; nothing registered, no alias moved"
         )
-        return replace(verdict, verdict=Kind.VETOED, verdict_reason=why)
-    if champion and champion.predictions is not None and champion.sha256 == sha256 and not force:
-        return replace(
-            verdict, verdict=Kind.UNCHANGED, verdict_reason=f"identical to {cfg.alias} v{champion.version}"
-        )
-    alias, why = judge(verdict, champion, versus, cfg)
-    if verdict.winner == "baseline":
+        return Ruling(Kind.VETOED, why, versus=versus)
+    if champion is not None and champion.loads and champion.sha256 == sha256 and not force:
+        return Ruling(Kind.UNCHANGED, f"identical to {cfg.alias} v{champion.version}", versus=versus)
+    alias, why = judge(ours, champion, versus, cfg)
+    if ours.winner == "baseline":
         why = f"{NOTHING_SMALLER}; {why}"
-    if verdict.vetoed:
-        why = f"{why}; test disagrees ({on_test.line(verdict.winner, 'test')})"
-    forced = force and (
-        alias != cfg.alias or verdict.vetoed or (champion is not None and champion.other_task)
-    )
+    if ours.vetoed:
+        why = f"{why}; test disagrees ({disagrees})"
+    forced = force and (alias != cfg.alias or ours.vetoed or (champion is not None and champion.other_task))
     if forced:
         alias, why = cfg.alias, f"forced by the operator (rules said: {why})"
     kind = Kind.CHAMPION if alias == cfg.alias else Kind.CHALLENGER
-    return replace(verdict, verdict=kind, verdict_reason=why, forced=forced)
+    return raced(Ruling(kind, why, forced, versus), standing.race, cfg)
 
 
 def judge(
-    verdict: Verdict, champion: Champion | None, versus: Comparison | None, cfg: PromoteConfig
+    ours: Contender, champion: Champion | None, versus: Comparison | None, cfg: PromoteConfig
 ) -> tuple[str, str]:
-    """Which alias the run's winner deserves against the current champion, and why; ``versus``
-    is the winner against the champion on the current test images."""
+    """Which alias the run's winner (``ours``: its ``winner`` and ``objective_value``) deserves
+    against the current champion, and why; ``versus`` is the winner against the champion on the
+    current test images."""
     if champion is None:
         return cfg.alias, f"there is no {cfg.alias} yet"
     if versus is None:
         return cfg.alias, f"the current {cfg.alias} v{champion.version} {champion.error}"
-    ours, theirs = verdict.objective_value, champion.size
-    vs = f"{cfg.alias} v{champion.version} ({theirs:g} {cfg.objective}; ours {ours:g})"
-    evidence = versus.line(verdict.winner, "test")
-    if ours < theirs and versus.passed:
+    mine, theirs = ours.objective_value, champion.size
+    vs = f"{cfg.alias} v{champion.version} ({theirs:g} {cfg.objective}; ours {mine:g})"
+    evidence = versus.line(ours.winner, "test")
+    if mine < theirs and versus.passed:
         return cfg.alias, f"smaller than {vs} and not worse by {cfg.champion_tolerance:g} points: {evidence}"
-    if versus.lower > 0 and ours <= theirs * (1 + cfg.comparable_size):
+    if versus.lower > 0 and mine <= theirs * (1 + cfg.comparable_size):
         return cfg.alias, f"more accurate than {vs} at comparable size: {evidence}"
     return cfg.challenger_alias, f"not better than {vs}: {evidence}"
 
 
-def per_class(frame: pd.DataFrame, name: str, classes: list[str]) -> list[dict]:
+def raced(ruling: Ruling, race: Race | None, cfg: PromoteConfig) -> Ruling:
+    """The compare-and-set policy: a ruling taken again because ``@champion`` moved says so, and
+    once it has moved :data:`COMPARE_ATTEMPTS` times the winner settles for challenger (which
+    moves without a comparison), so no champion is replaced by a model it was not compared with."""
+    if race is None:
+        return ruling
+    why = f"{ruling.reason} (compared again: {cfg.alias} moved from {race.moved_from} during this run)"
+    if race.rounds < COMPARE_ATTEMPTS:
+        return replace(ruling, reason=why)
+    why = (
+        f"{cfg.alias} moved {COMPARE_ATTEMPTS} times while this run compared with it; registered as "
+        f"{cfg.challenger_alias}: no champion replaced unseen (last: {why})"
+    )
+    return replace(ruling, kind=Kind.CHALLENGER, reason=why)
+
+
+def alias_of(verdict: Verdict, cfg: PromoteConfig) -> str:
+    """The alias a registered winner takes: ``promote.alias`` for a champion, else the challenger's."""
+    return cfg.alias if verdict.kind == Kind.CHAMPION else cfg.challenger_alias
+
+
+def needs_same_champion(verdict: Verdict, cfg: PromoteConfig, force: bool) -> bool:
+    """Whether the verdict's alias may only move past the champion it was compared with: the
+    champion's alias does, unless the operator forced it; the challenger's moves without one."""
+    return alias_of(verdict, cfg) == cfg.alias and not force
+
+
+def record_note(champion: Champion | None, labels: np.ndarray, facts: RunFacts, cfg: PromoteConfig) -> str:
+    """A warning when the champion, measured on the very test images it was certified on (same
+    data fingerprint), does not score what its record says ("": it does, or cannot be told)."""
+    if champion is None or not champion.loads or champion.tags.get("data_fingerprint") != facts.fingerprint:
+        return ""
+    try:
+        recorded = float(champion.tags["test_acc"])
+    except (KeyError, ValueError):
+        return ""
+    measured = round(100.0 * int((champion.predictions == labels).sum()) / len(labels), 4)
+    if abs(measured - recorded) <= 1e-3:
+        return ""
+    note = (
+        f"{cfg.alias} v{champion.version} scores {measured:.2f} on the test images it was "
+        f"certified on, but its record says {recorded:.2f}"
+    )
+    log.warning(note)
+    return note
+
+
+def per_class(frame: pd.DataFrame, name: str, classes: tuple[str, ...]) -> tuple[ClassAccuracy, ...]:
     """Model ``name``'s and the baseline's accuracy within each class of one split."""
     labels = frame["label"].to_numpy()
     ours, base = (class_accuracies(frame[m].to_numpy(), labels, len(classes)) for m in (name, "baseline"))
-    return [
-        {"class": c, "baseline": float(b), "model": float(o), "difference": round(float(o - b), 4)}
+    return tuple(
+        ClassAccuracy(c, float(b), float(o), round(float(o - b), 4))
         for c, o, b in zip(classes, ours, base, strict=True)
-    ]
+    )
 
 
 def _versus_baseline(frame: pd.DataFrame, name: str, cfg: PromoteConfig) -> Comparison:
@@ -486,3 +675,67 @@ def _versus_baseline(frame: pd.DataFrame, name: str, cfg: PromoteConfig) -> Comp
     return versus_baseline(
         frame[name].to_numpy(), frame["baseline"].to_numpy(), frame["label"].to_numpy(), cfg
     )
+
+
+# --- promotion.json: the verdict as plain JSON, at the edge --------------------------------------
+
+JSON_KEYS = {"kind": "verdict", "kind_reason": "verdict_reason"}  # renamed fields; others keep theirs
+
+
+def _comparison(raw: Mapping[str, Any]) -> Comparison | None:
+    return Comparison(**raw) if raw else None
+
+
+# How each typed field comes back from JSON (a record absent from the file is {}).
+_FROM_JSON: dict[str, Callable[[Any], Any]] = {
+    "kind": Kind,
+    "eligible": tuple,
+    "order": tuple,
+    "candidates": lambda rows: tuple(Candidate.from_json(row) for row in rows),
+    "per_class": lambda rows: tuple(ClassAccuracy.from_json(row) for row in rows),
+    "gate": _comparison,
+    "test": _comparison,
+    "champion_comparison": _comparison,
+    "champion_before": lambda raw: ChampionSeen(**raw) if raw else None,
+    "registry": lambda raw: Registered(**raw) if raw else None,
+}
+
+
+def verdict_json(verdict: Verdict) -> dict[str, Any]:
+    """``verdict`` as ``promotion.json`` holds it: records as JSON objects ({}: none)."""
+    plain = {f.name: getattr(verdict, f.name) for f in fields(Verdict)}
+    plain |= {
+        "kind": str(verdict.kind),
+        "eligible": list(verdict.eligible),
+        "order": list(verdict.order),
+        "candidates": [c.as_json() for c in verdict.candidates],
+        "per_class": [c.as_json() for c in verdict.per_class],
+        **{
+            k: asdict(plain[k]) if plain[k] else {}
+            for k in ("gate", "test", "champion_comparison", "champion_before")
+        },
+        "registry": verdict.registry.as_json() if verdict.registry else {},
+    }
+    return {JSON_KEYS.get(name, name): value for name, value in plain.items()}
+
+
+def verdict_keys() -> set[str]:
+    """The keys ``promotion.json`` may hold."""
+    return {JSON_KEYS.get(f.name, f.name) for f in fields(Verdict)}
+
+
+def verdict_from_json(raw: Mapping[str, Any]) -> Verdict:
+    """The typed verdict back from ``promotion.json``'s keys (others are ignored; a key an older
+    file lacks takes its default). Raises ValueError, TypeError or KeyError on a file that is not
+    a whole verdict."""
+    keys = {f.name: JSON_KEYS.get(f.name, f.name) for f in fields(Verdict)}
+    required = [keys[f.name] for f in fields(Verdict) if f.default is f.default_factory is MISSING]
+    if missing := [key for key in required if key not in raw]:
+        raise ValueError(f"no {', '.join(missing)}")
+    return Verdict(
+        **{name: _FROM_JSON.get(name, _same)(raw[key]) for name, key in keys.items() if key in raw}
+    )
+
+
+def _same(value: Any) -> Any:
+    return value

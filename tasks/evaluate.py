@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from shrinkflow.models import build_model, model_spec
 from shrinkflow.models.allocation import prunable_groups
 from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.determinism import nondeterminism
 from shrinkflow.models.lowrank import low_rank_layers
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.models.strategies import STRATEGIES
@@ -32,7 +33,6 @@ from shrinkflow.tasks.engine import Split, accuracy, predict
 from shrinkflow.tasks.errors import ShrinkflowError, named_first_line
 from shrinkflow.tasks.export import check_onnx
 from shrinkflow.tasks.gate import versus_baseline, worst_class
-from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 MEASURED_SPLITS = ("val", "gate", "test")
 PAIRED_SPLITS = ("gate", "test")
 PAIRED_STATS = ("delta", "lower", "upper", "p")
+# Validation images every candidate is evaluated on twice (the answers must be identical); the
+# baseline stage checked the baseline the same way.
+DETERMINISM_IMAGES = 32
 
 # Every column but latency_ms is a function of data, params, seed and code alone, so two runs
 # write the same bytes; latency is a measurement of the machine (training time is left to the
@@ -189,6 +192,11 @@ def _row(
     if record.status != "ok":
         return row, {}
     model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
+    if record.name != "baseline" and (reason := nondeterminism(model, splits["val"][0][:DETERMINISM_IMAGES])):
+        # A candidate that answers the same images differently each time would pass the gate on
+        # one evaluation and serve other answers: it fails here, before anything registers it.
+        log.warning("%s fails: it answers the same images differently between calls: %s", record.name, reason)
+        return row | {"status": "failed", "error": f"answers change between calls: {reason}"}, {}
     measurement, predicted = measure(model, splits, cfg)
     onnx = onnx_columns(model, splits["test"], cfg, layout.onnx(record.name))
     return row | vars(measurement) | onnx | {
@@ -207,7 +215,12 @@ def widths_text(record: ModelRecord, model: nn.Module, example: Tensor) -> str:
     structured = [
         s for s in record.steps if s in STRATEGIES and issubclass(STRATEGIES[s].options, StructuredOptions)
     ]
-    widths = (record.options.get("widths") or prunable_groups(_whole(dense), example)) if structured else {}
+    widths = {}
+    if structured:
+        try:
+            widths = record.options.get("widths") or prunable_groups(_whole(dense), example)
+        except Exception as exc:  # a summary column: torch-pruning failing here must not fail the row
+            log.warning("%s: no widths column (torch-pruning: %s)", record.name, named_first_line(exc))
     tokens = [f"{group}={kept}{ranks.pop(group, '')}" for group, kept in widths.items()]
     return " ".join([*tokens, *(f"{name}={rank}" for name, rank in ranks.items())])
 
@@ -289,9 +302,10 @@ def _unquoted(value: object) -> object:
 
 def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     """Measure the baseline and every declared candidate; write ``candidates.csv``, every model's
-    predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed
-    keeps its row with ``status=failed``."""
-    trust_user_code(params, layout)
+    predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed, or
+    that answers the same images differently between calls, keeps its row with ``status=failed``
+    and the reason. A factory model's package must be importable (the stage runs inside
+    :func:`shrinkflow.tasks.given.user_code`)."""
     splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
     names = ["baseline", *params.shrink.candidates]
     records = [_record(params, layout, name) for name in names]

@@ -27,6 +27,7 @@ class Files:
     PROMOTION = "promotion.json"
     ONNX = "onnx"  # in paths.reports: <model>.onnx, each checked against its checkpoint
     SENSITIVITY_INDEX = "tables.json"  # in paths.sensitivity, beside sensitivity-<strategy>.json/png
+    TRIALS = "trials"  # in paths.candidates/<name>: a search's trials, <ratio>/model.pt and record.json
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,20 @@ class Layout:
 
     def record(self, name: str) -> Path:
         return self.model_dir(name) / Files.RECORD
+
+    def trials(self, name: str) -> Path:
+        """Where candidate ``name``'s search keeps its trials, one folder per ratio tried."""
+        return self.candidates / name / Files.TRIALS
+
+    def trial_dir(self, name: str, ratio: float) -> Path:
+        return self.trials(name) / repr(float(ratio))
+
+    def trial_checkpoint(self, name: str, ratio: float) -> Path:
+        return self.trial_dir(name, ratio) / Files.CHECKPOINT
+
+    def trial_record(self, name: str, ratio: float) -> Path:
+        """The trial's record: the candidate's, were this trial kept, listing this trial alone."""
+        return self.trial_dir(name, ratio) / Files.RECORD
 
     @property
     def candidates_csv(self) -> Path:

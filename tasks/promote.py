@@ -1,6 +1,10 @@
 """Stage 5: carry out the decision (:func:`shrinkflow.tasks.decide.decide`): gather its inputs,
 register the winner, validate it, and only then move an alias, past the champion it was compared
-with (compare-and-set under the registry lock).
+with (compare-and-set under the registry lock), then write what reviewers read.
+
+No rule is decided here: when ``@champion`` moved under this promotion, the decision is taken
+again with the champion found there (and the count of moves), and its verdict is carried out
+as it stands. The Markdown a reviewer reads is :mod:`shrinkflow.tasks.report`'s.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import mlflow
 import numpy as np
@@ -17,10 +21,24 @@ import torch
 
 from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
-from shrinkflow.tasks.decide import Champion, Kind, PromotionError, Verdict, decide
+from shrinkflow.tasks.decide import (
+    Champion,
+    Kind,
+    PromotionError,
+    Race,
+    Registered,
+    RunFacts,
+    Standing,
+    Verdict,
+    alias_of,
+    decide,
+    needs_same_champion,
+    verdict_from_json,
+    verdict_json,
+    verdict_keys,
+)
 from shrinkflow.tasks.engine import accuracy
 from shrinkflow.tasks.errors import first_line, named_first_line
-from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table
 from shrinkflow.tasks.gate import class_accuracies
 from shrinkflow.tasks.given import lineage_tags
@@ -39,6 +57,7 @@ from shrinkflow.tasks.registry import (
     version_by_alias,
     version_record,
 )
+from shrinkflow.tasks.report import ChampionFigures, model_description, version_page
 from shrinkflow.tasks.reproduce import dirty_warning
 from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
 
@@ -166,6 +185,59 @@ def identity_mismatch(
 Publish = Callable[[Verdict], None]
 
 
+@dataclass(frozen=True, eq=False)
+class Promotion:
+    """One promotion: what its decision is made from (read once, reused when ``@champion``
+    moves and the decision is taken again) and where the verdict is carried out."""
+
+    params: Params
+    layout: Layout
+    tracker: Tracker
+    run_id: str
+    publish: Publish  # writes what reviewers read (promotion.json, the report)
+    force: bool
+    table: pd.DataFrame  # candidates.csv
+    predictions: dict[str, pd.DataFrame]  # predictions.csv by split
+    manifest: Manifest
+    served: ServedTest
+    facts: RunFacts
+    identity: dict[str, str]  # the task a registered model classifies
+
+    @classmethod
+    def gather(
+        cls, params: Params, layout: Layout, tracker: Tracker, run_id: str, force: bool, publish: Publish
+    ) -> Promotion:
+        table = load_table(layout.candidates_csv)
+        manifest, served = load_manifest(layout), ServedTest.load(layout)
+        return cls(
+            params=params,
+            layout=layout,
+            tracker=tracker,
+            run_id=run_id,
+            publish=publish,
+            force=force,
+            table=table,
+            predictions=load_predictions(layout.predictions_csv),
+            manifest=manifest,
+            served=served,
+            facts=RunFacts(checkpoint_hashes(layout, table), tuple(served.classes), manifest.fingerprint),
+            identity=task_identity(manifest),
+        )
+
+    @property
+    def cfg(self) -> PromoteConfig:
+        return self.params.promote
+
+    def champion(self) -> Champion | None:
+        """The registry's ``@champion`` as it is now, with its predictions on the test images."""
+        return current_champion(self.tracker, self.cfg, self.served, self.identity, self.force)
+
+    def decide(self, champion: Champion | None, race: Race | None = None) -> Verdict:
+        return decide(
+            self.table, self.predictions, self.cfg, Standing(champion, self.force, race), self.facts
+        )
+
+
 def promote(
     params: Params,
     layout: Layout,
@@ -180,63 +252,21 @@ def promote(
     ``publish`` writes what reviewers read (``promotion.json`` by default); it runs once the
     verdict is final, and if it fails the alias move is undone, so no decision file ever
     disagrees with the registry."""
-    cfg = params.promote
-    publish = publish or (lambda verdict: write_json(layout.promotion_json, asdict(verdict)))
-    table = load_table(layout.candidates_csv)
-    manifest, served = load_manifest(layout), ServedTest.load(layout)
-    arena = Arena(
-        tracker,
-        cfg,
-        served,
-        task_identity(manifest),
-        table,
-        load_predictions(layout.predictions_csv),
-        checkpoint_hashes(layout, table),
-        force,
-        manifest.fingerprint,
-    )
-    champion = current_champion(tracker, cfg, served, arena.identity, force)
-    verdict = arena.meet(champion)
-    if verdict.verdict == Kind.VETOED:
-        publish(verdict)
-        name_parent_run(tracker, run_id, f"{cfg.model_name}: {verdict.winner} vetoed by test")
+    publish = publish or (lambda verdict: write_json(layout.promotion_json, verdict_json(verdict)))
+    job = Promotion.gather(params, layout, tracker, run_id, force, publish)
+    champion = job.champion()
+    verdict = job.decide(champion)
+    if verdict.kind == Kind.VETOED:
+        job.publish(verdict)
+        name_parent_run(tracker, run_id, f"{job.cfg.model_name}: {verdict.winner} vetoed by test")
         return verdict
-    if verdict.verdict == Kind.UNCHANGED:
-        verdict = replace(
-            verdict, registry={"model_name": cfg.model_name, "version": champion.version, "alias": cfg.alias}
-        )
-        if champion.tags.get(REGISTRATION_TAG) == "pending":  # its run died after the alias move
-            mark_registration(tracker, cfg.model_name, champion.version, "complete")
-        publish(verdict)
-        name_parent_run(tracker, run_id, f"{cfg.model_name}: unchanged, {cfg.alias} v{champion.version}")
-        return verdict
-    lineage = lineage_tags(load_record(layout, "baseline").origin)
-    tags = {**arena.identity, **lineage, **(extra_tags or {})}
-    if champion:
-        tags["champion_data_fingerprint"] = champion.tags.get("data_fingerprint", "")
-    row, sha256 = table[table["name"] == verdict.winner].iloc[0], arena.checkpoints[verdict.winner]
-    version = pending_version(tracker, cfg.model_name, sha256, verdict.verdict)
-    if version is None:
-        onnx = layout.onnx(verdict.winner)
-        figures = version_figures(verdict, row, manifest.fingerprint, sha256, tags, composition(params, row))
-        story = arena.story(
-            table, decision_alias(verdict, cfg), links(tracker, run_id, layout), figures["composition"]
-        )
-        version = register_model(
-            tracker,
-            run_id,
-            layout.checkpoint(verdict.winner),
-            cfg.model_name,
-            manifest=layout.manifest,
-            onnx=onnx if row["onnx"] == "ok" and onnx.is_file() else f"unavailable: {row['onnx']}",
-            raw_example=served.images[:2],
-            tags=review_tags(figures, keep=lineage),
-            description=dirty_warning(tags) + story,
-            record=figures,
-        )
-    validate(tracker, cfg.model_name, version, served, verdict.test_acc, sha256)
-    alias, previous = arena.move_alias(version, champion)
-    return settle(tracker, cfg, arena, table, version, alias, previous, run_id, publish, layout, manifest)
+    if verdict.kind == Kind.UNCHANGED:
+        return keep_champion(job, verdict, champion)
+    move = Move(verdict, champion, alias_of(verdict, job.cfg))
+    version = register(job, move, extra_tags or {})
+    sha256 = job.facts.checkpoints[verdict.winner]
+    validate(tracker, job.cfg.model_name, version, job.served, verdict.test_acc, sha256)
+    return settle(job, version, move_alias(job, version, move))
 
 
 def checkpoint_hashes(layout: Layout, table: pd.DataFrame) -> dict[str, str]:
@@ -244,172 +274,92 @@ def checkpoint_hashes(layout: Layout, table: pd.DataFrame) -> dict[str, str]:
     return {name: load_record(layout, name).sha256 for name in table.loc[table["status"] == "ok", "name"]}
 
 
-def settle(
-    tracker: Tracker,
-    cfg: PromoteConfig,
-    arena: Arena,
-    table: pd.DataFrame,
-    version: str,
-    alias: str | None,
-    previous: str | None,
-    run_id: str,
-    publish: Publish,
-    layout: Layout,
-    manifest: Manifest,
-) -> Verdict:
-    """Write the verdict for a version whose ``alias`` just moved (from ``previous``) and mark
-    it complete; if the verdict cannot be written, put the alias back."""
-    name, verdict = cfg.model_name, arena.verdict
-    if alias is None:  # the champion became this very checkpoint meanwhile
-        mark_registration(tracker, name, version, "complete", verdict)
-        verdict = replace(
-            verdict, registry={"model_name": name, "version": verdict.champion_before["version"]}
-        )
-        publish(verdict)
-        return verdict
-    verdict = replace(
-        verdict, registry={"model_name": name, "version": str(version), "alias": alias, "run_id": run_id}
-    )
-    try:
-        publish(verdict)
-    except BaseException as exc:
-        undone = undo_alias(tracker, cfg, alias, version, previous)
-        if not isinstance(exc, Exception):  # interrupted: the caller ends the run KILLED
-            log.warning("interrupted before the decision was written: %s", undone)
-            raise
-        raise PromotionError(
-            f"could not write the decision ({named_first_line(exc)}); {undone}; v{version} stays registered "
-            "(tag registration=pending) and the next run completes it"
-        ) from exc
-    try:  # the alias moved and the decision is written: a failure here must not undo either
-        registered = tracker.client.get_model_version(name, version)
-        steps = registered.tags.get("composition", "")
-        story = arena.story(table, alias, links(tracker, registered.run_id or run_id, layout), steps)
-        if alias == cfg.alias:  # what `shrinkflow rollback` goes back to
-            tracker.client.set_model_version_tag(name, version, PREVIOUS_TAG, previous or "none")
-        mark_registration(tracker, name, version, "complete", verdict, story)
-        describe_registered_model(
-            tracker.client, name, model_description(manifest, cfg), model_tags(arena.identity, cfg)
-        )
-        name_parent_run(tracker, run_id, f"{name} v{version} @{alias}: {verdict.winner}")
-    except Exception as exc:
-        log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
-    log.info("registered %s as %s v%s @%s", verdict.winner, name, version, alias)
+def keep_champion(job: Promotion, verdict: Verdict, champion: Champion) -> Verdict:
+    """The winner is the champion's own checkpoint: nothing new is registered (a champion whose
+    run died after its alias move is marked complete)."""
+    cfg = job.cfg
+    verdict = replace(verdict, registry=Registered(cfg.model_name, champion.version, cfg.alias))
+    if champion.tags.get(REGISTRATION_TAG) == "pending":
+        mark_registration(job.tracker, cfg.model_name, champion.version, "complete")
+    job.publish(verdict)
+    name_parent_run(job.tracker, job.run_id, f"{cfg.model_name}: unchanged, {cfg.alias} v{champion.version}")
     return verdict
 
 
-def decision_alias(verdict: Verdict, cfg: PromoteConfig) -> str:
-    return cfg.alias if verdict.verdict == Kind.CHAMPION else cfg.challenger_alias
+def register(job: Promotion, move: Move, extra_tags: dict[str, str]) -> str:
+    """The winner's version: the one an interrupted run registered for this checkpoint and
+    verdict, or a new one, tagged ``registration=pending`` until its alias moved."""
+    cfg, layout, verdict = job.cfg, job.layout, move.verdict
+    lineage = lineage_tags(load_record(layout, "baseline").origin)
+    tags = {**job.identity, **lineage, **extra_tags}
+    if move.champion:
+        tags["champion_data_fingerprint"] = move.champion.tags.get("data_fingerprint", "")
+    row = job.table[job.table["name"] == verdict.winner].iloc[0]
+    sha256 = job.facts.checkpoints[verdict.winner]
+    if (version := pending_version(job.tracker, cfg.model_name, sha256, verdict.kind)) is not None:
+        return version
+    figures = version_figures(
+        verdict, row, job.manifest.fingerprint, sha256, tags, composition(job.params, row)
+    )
+    onnx = layout.onnx(verdict.winner)
+    return register_model(
+        job.tracker,
+        job.run_id,
+        layout.checkpoint(verdict.winner),
+        cfg.model_name,
+        manifest=layout.manifest,
+        onnx=onnx if row["onnx"] == "ok" and onnx.is_file() else f"unavailable: {row['onnx']}",
+        raw_example=job.served.images[:2],
+        tags=review_tags(figures, keep=lineage),
+        description=dirty_warning(tags) + version_story(job, move, figures["composition"]),
+        record=figures,
+    )
 
 
-COMPARE_ATTEMPTS = 3  # comparisons with a champion that keeps moving before settling for challenger
+@dataclass(frozen=True)
+class Move:
+    """An alias move, planned or done: the verdict it carries out, the champion that verdict
+    was compared with, the alias (None: none moves) and, once moved, where it pointed before."""
+
+    verdict: Verdict
+    champion: Champion | None
+    alias: str | None
+    previous: str | None = None
 
 
-@dataclass
-class Arena:
-    """This run's decision against whichever version is ``@champion``: the verdict, and the
-    compare-and-set that moves the alias only past a champion it was compared with."""
+def move_alias(job: Promotion, version: str, move: Move) -> Move:
+    """Point the verdict's alias at ``version`` if ``@champion`` is still the one compared with;
+    otherwise take the decision again against the champion there now. This ends: after
+    COMPARE_ATTEMPTS such rounds the decision says challenger, an alias that moves without a
+    comparison; or it says unchanged (the champion became this very checkpoint): no alias moves."""
+    rounds = 0
+    while (moved := compare_and_set(job, version, move)) is None:
+        rounds += 1
+        seen = f"v{move.champion.version}" if move.champion else "none"
+        champion = job.champion()
+        verdict = job.decide(champion, Race(rounds, seen))
+        move = Move(verdict, champion, alias_of(verdict, job.cfg))
+        if verdict.kind == Kind.UNCHANGED:
+            return replace(move, alias=None)
+    return moved
 
-    tracker: Tracker
-    cfg: PromoteConfig
-    served: ServedTest
-    identity: dict[str, str]
-    table: pd.DataFrame
-    predictions: dict[str, pd.DataFrame]
-    checkpoints: dict[str, str]  # each measured model's checkpoint sha256
-    force: bool
-    fingerprint: str  # of this run's prepared data
-    verdict: Verdict | None = None
-    champion: Champion | None = None  # the one the verdict was compared with
 
-    def meet(self, champion: Champion | None) -> Verdict:
-        """Decide against ``champion`` (None: there is none); the verdict is kept and returned."""
-        self.champion = champion
-        verdict = decide(
-            self.table,
-            self.predictions,
-            self.cfg,
-            champion,
-            self.checkpoints,
-            self.served.classes,
-            self.force,
-        )
-        if (
-            champion is not None
-            and champion.predictions is not None
-            and (note := self.check_record(champion))
-        ):
-            verdict = replace(verdict, warning="; ".join(filter(None, [verdict.warning, note])))
-        self.verdict = verdict
-        return verdict
-
-    def story(self, table: pd.DataFrame, alias: str, links: dict[str, str], steps: str) -> str:
-        """The version page's Markdown: the verdict, side by side with the champion compared with;
-        ``steps`` is the winner's composition."""
-        figures = champion_figures(self.champion, self.served)
-        return describe(self.verdict, table, alias, figures, links, steps)
-
-    def check_record(self, champion: Champion) -> str:
-        """A warning when the champion, measured on the very test images it was certified on
-        (same data fingerprint), does not score what its record says."""
-        if champion.tags.get("data_fingerprint") != self.fingerprint:
-            return ""
-        try:
-            recorded = float(champion.tags["test_acc"])
-        except (KeyError, ValueError):
-            return ""
-        measured = round(self.served.accuracy(champion.predictions), 4)
-        if abs(measured - recorded) <= 1e-3:
-            return ""
-        note = (
-            f"{self.cfg.alias} v{champion.version} scores {measured:.2f} on the test images it was "
-            f"certified on, but its record says {recorded:.2f}"
-        )
-        log.warning(note)
-        return note
-
-    def move_alias(self, version: str, champion: Champion | None) -> tuple[str | None, str | None]:
-        """Point the verdict's alias at ``version`` if ``@champion`` is still the one compared
-        with; otherwise compare with the new one and try again. Returns the alias moved (None:
-        the new champion is this checkpoint) and the version it pointed at before."""
-        cfg, name = self.cfg, self.cfg.model_name
-        for _ in range(COMPARE_ATTEMPTS):
-            alias = decision_alias(self.verdict, cfg)
-            with registry_lock(self.tracker.client, name, this_process()):
-                now = version_by_alias(self.tracker, name, cfg.alias)
-                if alias != cfg.alias or self.force or _same(now, champion):
-                    before = version_by_alias(self.tracker, name, alias)
-                    set_alias(self.tracker, name, alias, version)
-                    return alias, (str(before.version) if before else None)
-            seen = f"v{champion.version}" if champion else "none"
-            log.warning(
-                "%s@%s moved from %s to v%s during this promotion; comparing again",
-                name,
-                cfg.alias,
-                seen,
-                now.version,
-            )
-            champion = current_champion(self.tracker, cfg, self.served, self.identity, self.force)
-            verdict = self.meet(champion)
-            if verdict.verdict == Kind.UNCHANGED:
-                return None, None
-            self.verdict = replace(
-                verdict,
-                verdict_reason=f"{verdict.verdict_reason} (compared again: {cfg.alias} moved from {seen} "
-                "during this run)",
-            )
-        self.verdict = replace(
-            self.verdict,
-            verdict=Kind.CHALLENGER,
-            verdict_reason=(
-                f"{cfg.alias} moved {COMPARE_ATTEMPTS} times while this run compared with it; registered as "
-                f"{cfg.challenger_alias}: no champion replaced unseen (last: {self.verdict.verdict_reason})"
-            ),
-        )
-        with registry_lock(self.tracker.client, name, this_process()):
-            before = version_by_alias(self.tracker, name, cfg.challenger_alias)
-            set_alias(self.tracker, name, cfg.challenger_alias, version)
-        return cfg.challenger_alias, (str(before.version) if before else None)
+def compare_and_set(job: Promotion, version: str, move: Move) -> Move | None:
+    """Under the registry lock, move the verdict's alias to ``version``, unless that alias is
+    ``@champion`` and it moved away from the champion the verdict was compared with (None)."""
+    cfg, tracker, name = job.cfg, job.tracker, job.cfg.model_name
+    with registry_lock(tracker.client, name, this_process()):
+        now = version_by_alias(tracker, name, cfg.alias)
+        if not needs_same_champion(move.verdict, cfg, job.force) or _same(now, move.champion):
+            before = version_by_alias(tracker, name, move.alias)
+            set_alias(tracker, name, move.alias, version)
+            return replace(move, previous=str(before.version) if before else None)
+    seen = f"v{move.champion.version}" if move.champion else "none"
+    found = f"v{now.version}" if now else "none"
+    log.warning(
+        "%s@%s moved from %s to %s during this promotion; comparing again", name, cfg.alias, seen, found
+    )
+    return None
 
 
 def _same(now, champion: Champion | None) -> bool:
@@ -417,6 +367,60 @@ def _same(now, champion: Champion | None) -> bool:
     return (now is None and champion is None) or (
         now is not None and champion is not None and str(now.version) == champion.version
     )
+
+
+def settle(job: Promotion, version: str, move: Move) -> Verdict:
+    """Write the verdict for ``version`` once its alias moved, and mark it complete; if the
+    verdict cannot be written, put the alias back."""
+    name = job.cfg.model_name
+    if move.alias is None:  # the champion became this very checkpoint meanwhile
+        mark_registration(job.tracker, name, version, "complete", move.verdict)
+        verdict = replace(move.verdict, registry=Registered(name, move.verdict.champion_before.version))
+        job.publish(verdict)
+        return verdict
+    verdict = replace(move.verdict, registry=Registered(name, str(version), move.alias, job.run_id))
+    try:
+        job.publish(verdict)
+    except BaseException as exc:
+        undone = undo_alias(job.tracker, job.cfg, move.alias, version, move.previous)
+        if not isinstance(exc, Exception):  # interrupted: the caller ends the run KILLED
+            log.warning("interrupted before the decision was written: %s", undone)
+            raise
+        raise PromotionError(
+            f"could not write the decision ({named_first_line(exc)}); {undone}; v{version} stays registered "
+            "(tag registration=pending) and the next run completes it"
+        ) from exc
+    complete(job, version, replace(move, verdict=verdict))
+    log.info("registered %s as %s v%s @%s", verdict.winner, name, version, move.alias)
+    return verdict
+
+
+def complete(job: Promotion, version: str, move: Move) -> None:
+    """The version's bookkeeping once its alias moved and the decision is written: its page, the
+    champion it replaced, ``registration=complete``, the model's page, the run's name. A failure
+    here undoes neither; the version stays pending and the next run completes it."""
+    tracker, cfg, name = job.tracker, job.cfg, job.cfg.model_name
+    try:
+        registered = tracker.client.get_model_version(name, version)
+        story = version_story(job, move, registered.tags.get("composition", ""), registered.run_id)
+        if move.alias == cfg.alias:  # what `shrinkflow rollback` goes back to
+            tracker.client.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
+        mark_registration(tracker, name, version, "complete", move.verdict, story)
+        describe_registered_model(
+            tracker.client, name, model_description(job.manifest, cfg), model_tags(job.identity, cfg)
+        )
+        name_parent_run(tracker, job.run_id, f"{name} v{version} @{move.alias}: {move.verdict.winner}")
+    except Exception as exc:
+        log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
+
+
+def version_story(job: Promotion, move: Move, steps: str, run_id: str | None = None) -> str:
+    """The version page's Markdown: the verdict ``move`` carries out under its alias, beside the
+    champion it was compared with; ``steps`` is the winner's composition, ``run_id`` the run that
+    registered it (this one unless told)."""
+    where = links(job.tracker, run_id or job.run_id, job.layout)
+    figures = champion_figures(move.champion, job.served)
+    return version_page(move.verdict, job.table, move.alias, figures, where, steps)
 
 
 REGISTRATION_TAG = "registration"  # pending (registered, alias not yet moved) | complete
@@ -453,7 +457,7 @@ def mark_registration(
 ) -> None:
     """Record that the version's alias move is done, with the verdict it finally got."""
     if verdict is not None:
-        tracker.client.set_model_version_tag(name, version, "verdict", verdict.verdict)
+        tracker.client.set_model_version_tag(name, version, "verdict", verdict.kind)
         tracker.client.set_model_version_tag(name, version, "forced", str(verdict.forced).lower())
     if description:
         tags = version_record(tracker.client, name, version)
@@ -526,7 +530,7 @@ def version_figures(
     accuracy points: positive means better."""
     gate, test = verdict.gate, verdict.test
     figures = {
-        "verdict": verdict.verdict,
+        "verdict": verdict.kind,
         "forced": str(verdict.forced).lower(),
         "candidate": verdict.winner,
         "composition": steps,
@@ -543,11 +547,11 @@ def version_figures(
         "baseline_gate_acc": round(verdict.baseline_gate_acc, 4),
         "baseline_test_acc": round(verdict.baseline_test_acc, 4),
         "test_acc_change_pts": round(verdict.test_acc - verdict.baseline_test_acc, 4),
-        "gate_acc_change_pts": gate["delta"],
-        "gate_bound_pts": gate["lower"],
-        "gate_p_value": f"{gate['p_value']:.3g}" if gate.get("p_value") is not None else "none",
-        "gate_images": gate["n"],
-        "test_interval_pts": f"[{test['lower']}, {test['upper']}]",
+        "gate_acc_change_pts": gate.delta,
+        "gate_bound_pts": gate.lower,
+        "gate_p_value": f"{gate.p_value:.3g}" if gate.p_value is not None else "none",
+        "gate_images": gate.n,
+        "test_interval_pts": f"[{test.lower}, {test.upper}]",
         "gate_summary": verdict.summary,
         "multiplicity": verdict.multiplicity,
         "family_level": verdict.family_level if verdict.family_level is not None else "none",
@@ -575,148 +579,19 @@ def links(tracker: Tracker, run_id: str, layout: Layout) -> dict[str, str]:
     return {"Pareto plot": f"{run}/{layout.pareto_png.name}", "every figure (JSON)": f"{run}/{RECORD_FILE}"}
 
 
-def champion_figures(champion: Champion | None, served: ServedTest) -> dict | None:
+def champion_figures(champion: Champion | None, served: ServedTest) -> ChampionFigures | None:
     """The champion a verdict was compared with, as its record says and as it scores today."""
     if champion is None:
         return None
-    figures = {"version": champion.version, "tags": champion.tags, "error": champion.error}
-    if champion.predictions is not None:
-        figures["test_acc_today"] = served.accuracy(champion.predictions)
-        per_class = class_accuracies(champion.predictions, served.labels, len(served.classes))
-        figures["per_class"] = dict(zip(served.classes, per_class.tolist(), strict=True))
-    return figures
-
-
-WORST_CLASSES = 3  # shown on the version page; report.md has them all
-
-
-def describe(
-    verdict: Verdict,
-    table: pd.DataFrame,
-    alias: str,
-    champion: dict | None = None,
-    links: dict[str, str] | None = None,
-    steps: str = "",
-) -> str:
-    """The Markdown a reviewer reads on the version page: the verdict, then this version side by
-    side with the champion it was compared with (``champion``, see :func:`champion_figures`) and
-    the baseline, its worst classes, and ``links`` to the Pareto plot and its record."""
-    before = verdict.champion_before
-    champ = f"v{before['version']}" if before else "none"
-    gate = verdict.gate
-    p_value = f"p = {gate['p_value']:.3g}" if gate.get("p_value") is not None else "point rule"
-    lines = [
-        f"**Verdict: `{alias}`**{' (forced)' * verdict.forced}: {markdown_text(verdict.verdict_reason)}.",
-        "",
-        f"**Gate:** {markdown_text(verdict.summary)} ({p_value} for a drop of {gate['margin']:g} points "
-        "or more).",
-        "",
-        f"Selected in its run because {markdown_text(verdict.reason)}.",
-        "",
-        f"**Certified by:** {markdown_text(verdict.certified_by)}.",
-        "",
-        *comparison_table(verdict, table, champion, steps),
-        "",
-        *worst_classes(verdict, champion),
-        "",
-        f"Champion before this run: {champ}.",
-    ]
-    if links:
-        lines += ["", " · ".join(f"[{text}]({url})" for text, url in links.items())]
-    if verdict.warning:
-        lines += ["", f"**Warning:** {markdown_text(verdict.warning)}."]
-    return "\n".join(lines)
-
-
-def comparison_table(verdict: Verdict, table: pd.DataFrame, champion: dict | None, steps: str) -> list[str]:
-    """This version | the champion it was compared with | the baseline, figure by figure."""
-    row = table[table["name"] == verdict.winner].iloc[0]
-    base = table[table["name"] == "baseline"].iloc[0]
-    tags = champion["tags"] if champion else {}
-    title = f"champion v{champion['version']} (`{tags.get('candidate', '?')}`)" if champion else "champion"
-
-    def theirs(key: str, fmt: str) -> str:
-        try:
-            return format(float(tags[key]), fmt)
-        except (KeyError, ValueError):
-            return "—" if champion else "none yet"
-
-    versus = verdict.champion_comparison
-    today = (
-        f"{champion['test_acc_today']:.2f}" if champion and "test_acc_today" in champion else theirs("", "")
-    )
-    test = verdict.test
-    vs_champion = (
-        f"{versus['delta']:+.2f} [{versus['lower']:+.2f}, {versus['upper']:+.2f}] on {versus['n']} images "
-        f"({versus['gain']} won, {versus['loss']} lost)"
-        if versus
-        else (markdown_text(champion["error"]) if champion and champion["error"] else "—")
-    )
-    return [
-        f"| | this version (`{verdict.winner}`) | {title} | baseline |",
-        "|---|---|---|---|",
-        f"| composition | {markdown_code(steps or row['strategy'])} | "
-        f"{markdown_code(tags['composition']) if 'composition' in tags else '—'} | |",
-        f"| params | {int(row['params'])} | {theirs('params', '.0f')} | {int(base['params'])} |",
-        f"| size (bytes) | {int(row['size_bytes'])} | {theirs('size_bytes', '.0f')} | "
-        f"{int(base['size_bytes'])} |",
-        f"| FLOPs | {int(row['flops'])} | {theirs('flops', '.0f')} | {int(base['flops'])} |",
-        f"| latency (ms, batch 1) | {float(row['latency_ms']):.3f} | {theirs('latency_ms', '.3f')} | "
-        f"{float(base['latency_ms']):.3f} |",
-        f"| gate accuracy (certifies) | {verdict.gate_acc:.2f} | {theirs('gate_acc', '.2f')} (its own run) | "
-        f"{verdict.baseline_gate_acc:.2f} |",
-        f"| test accuracy, today's images | {verdict.test_acc:.2f} | {today} | "
-        f"{verdict.baseline_test_acc:.2f} |",
-        f"| test change vs baseline, points [interval] | {test['delta']:+.2f} "
-        f"[{test['lower']:+.2f}, {test['upper']:+.2f}] | | 0 |",
-        f"| this version minus the champion on today's test images, points [interval] | {vs_champion} | | |",
-    ]
-
-
-def worst_classes(verdict: Verdict, champion: dict | None) -> list[str]:
-    """The classes this version loses most on against the baseline, with the champion's today."""
-    if not verdict.per_class:
-        return []
-    # Most lost against the baseline first; then (a baseline, or no loss) the weakest classes.
-    worst = sorted(verdict.per_class, key=lambda c: (c["difference"], c["model"]))[:WORST_CLASSES]
-    theirs = (champion or {}).get("per_class", {})
-    lines = [
-        f"**Worst classes on test** (of {len(verdict.per_class)}):",
-        "",
-        "| class | this version | champion | baseline | change vs baseline, points |",
-        "|---|---|---|---|---|",
-    ]
-    for c in worst:
-        champ = f"{theirs[c['class']]:.1f}" if c["class"] in theirs else "—"
-        lines.append(
-            f"| {markdown_text(c['class'])} | {c['model']:.1f} | {champ} | {c['baseline']:.1f} | "
-            f"{c['difference']:+.1f} |"
-        )
-    return lines
-
-
-def model_description(manifest: Manifest, cfg: PromoteConfig) -> str:
-    """The registered model's page: the task, and how its versions are chosen."""
-    shape = "x".join(str(d) for d in manifest.input_shape)
-    classes = ", ".join(markdown_code(c) for c in manifest.classes)
-    return "\n".join(
-        [
-            f"**Task:** `{markdown_text(manifest.source)}`, {len(manifest.classes)} classes: {classes}.",
-            "",
-            f"**Input:** uint8 images as stored (any batch, layout and size; resized to {shape}, "
-            f"pixels 0-{manifest.scale:g}); **output:** the class name and one probability per class.",
-            "",
-            f"**How versions are chosen:** each `shrinkflow run` certifies the candidate with the "
-            f"fewest `{cfg.objective}` whose gate accuracy is within {cfg.tolerance:g} points "
-            f"({cfg.tolerance_mode}) of the baseline, then compares it on the current test images "
-            f"with `@{cfg.alias}`: smaller and not worse by {cfg.champion_tolerance:g} points, or more "
-            f"accurate, and it becomes `@{cfg.alias}`; otherwise `@{cfg.challenger_alias}`.",
-            "",
-            "A reviewer compares with `shrinkflow review NAME`, and moves `@champion` only with "
-            "`shrinkflow approve` or `shrinkflow rollback` (they re-validate the version and record "
-            "who and why). MLflow's *Promote model* button copies a version to another registered "
-            "model; it is not an approval.",
-        ]
+    if champion.predictions is None:
+        return ChampionFigures(champion.version, champion.tags, champion.error)
+    per_class = class_accuracies(champion.predictions, served.labels, len(served.classes))
+    return ChampionFigures(
+        champion.version,
+        champion.tags,
+        champion.error,
+        served.accuracy(champion.predictions),
+        dict(zip(served.classes, per_class.tolist(), strict=True)),
     )
 
 
@@ -761,13 +636,11 @@ def load_decision(layout: Layout) -> Verdict:
         raw = read_json(path)
     except (OSError, ValueError) as exc:
         raise PromotionError(f"{path} cannot be read ({named_first_line(exc)}); {fix}") from None
-    known = {f.name for f in fields(Verdict)}
     if not isinstance(raw, dict):
         raise PromotionError(f"{path} is not a decision (a JSON {type(raw).__name__}); {fix}")
-    if unknown := sorted(set(raw) - known):
+    if unknown := sorted(set(raw) - verdict_keys()):
         log.warning("%s: ignored keys this version does not know: %s", path, ", ".join(unknown[:10]))
     try:
-        verdict = Verdict(**{k: v for k, v in raw.items() if k in known})
-        return replace(verdict, verdict=Kind(verdict.verdict)) if verdict.verdict else verdict
-    except (TypeError, ValueError) as exc:
+        return verdict_from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
         raise PromotionError(f"{path} is not a complete decision ({exc}); {fix}") from None

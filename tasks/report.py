@@ -1,16 +1,21 @@
-"""What people look at: the candidates table, the decision as Markdown, and the Pareto plot."""
+"""What people look at: the candidates table, the decision as Markdown (report.md, the printed
+summary, the registered version's page and the registered model's), and the Pareto plot."""
 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 
-from shrinkflow.tasks.decide import Verdict
+from shrinkflow.tasks.config import PromoteConfig
+from shrinkflow.tasks.decide import Registered, Verdict
 from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.io import atomic_path
+from shrinkflow.tasks.records import Manifest
 from shrinkflow.tasks.stats import margin_points
 
 SHOWN = [
@@ -56,7 +61,7 @@ def full_table(
     """Every column of the candidates table as Markdown (report.md, Prefect's artefact), the
     promoted row marked with a star and, with the ``verdict``, what the decision made of each
     model; names pass through ``text``."""
-    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates} if verdict else {}
+    outcomes = {c.name: str(c.outcome) for c in verdict.candidates} if verdict else {}
     shown = table.assign(decision=[outcomes.get(n, "") for n in table["name"]]).reindex(columns=SHOWN)
     for column in ("params", "flops", "size_bytes"):  # counts, even with a failed row's blanks
         shown[column] = shown[column].astype("Int64")
@@ -76,7 +81,7 @@ def format_table(
     and lower bound, whether the decision found it eligible (or what it made of it) and the test
     delta; the promoted row is starred. Long names are shortened; :func:`full_table` has it all."""
     base = table[table["name"] == "baseline"].iloc[0]
-    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates} if verdict else {}
+    outcomes = {c.name: str(c.outcome) for c in verdict.candidates} if verdict else {}
     eligible = set(verdict.eligible) if verdict else set()
 
     def decided(name: str) -> str:
@@ -135,15 +140,14 @@ def decision_lines(
     sentence is also wrapped to ``width``, :data:`TERMINAL_WIDTH` unless told)."""
     reg = decision.registry
     where = "nothing"
-    if reg.get("alias"):
-        where = f"{code(reg.get('model_name'))} v{reg.get('version')} as {code('@' + str(reg['alias']))}"
+    if reg and reg.alias:
+        where = f"{code(reg.model_name)} v{reg.version} as {code('@' + reg.alias)}"
     elif reg:
-        where = f"{code(reg.get('model_name'))} v{reg.get('version')} (no alias)"
+        where = f"{code(reg.model_name)} v{reg.version} (no alias)"
     made_of = decision.composition or decision.strategy
     lines = [f"**Winner:** {code(decision.winner)} ({text(made_of)}), registered {where}."]
-    if decision.gate:
-        p_value = decision.gate.get("p_value")
-        p_text = f"; p = {p_value:.3g}" if p_value is not None else ""
+    if gate := decision.gate:
+        p_text = f"; p = {gate.p_value:.3g}" if gate.p_value is not None else ""
         lines.append(f"**Gate:** {text(decision.summary)}{p_text}.")
     lines.append(f"**Why this model:** {text(decision.reason)}.")
     if decision.certified_by:
@@ -152,12 +156,11 @@ def decision_lines(
         lines.append(f"**Certified by:** {text(decision.certified_by)}; order tested: {text(order)}{stop}.")
     if test := decision.test:
         lines.append(
-            f"**Test (may only veto):** {test['delta']:+.2f} points against the baseline, interval "
-            f"[{test['lower']:+.2f}, {test['upper']:+.2f}] on {test['n']} test images "
+            f"**Test (may only veto):** {test.delta:+.2f} points against the baseline, interval "
+            f"[{test.lower:+.2f}, {test.upper:+.2f}] on {test.n} test images "
             f"({decision.test_acc:.2f}% vs {decision.baseline_test_acc:.2f}%)."
         )
-    if decision.verdict:
-        lines.append(f"**Against the registry:** {decision.verdict} - {text(decision.verdict_reason)}.")
+    lines.append(f"**Against the registry:** {decision.kind} - {text(decision.kind_reason)}.")
     if decision.warning:
         lines.append(f"**Warning:** {text(decision.warning)}.")
     width = width or (TERMINAL_WIDTH if text is str else None)
@@ -170,8 +173,10 @@ def per_class_section(decision: Verdict) -> list[str]:
     """The winner's test accuracy in each class beside the baseline's, worst class first."""
     if not decision.per_class or decision.winner == "baseline":
         return []
-    rows = sorted(decision.per_class, key=lambda r: r["difference"])
-    table = pd.DataFrame(rows).rename(columns={"model": markdown_text(decision.winner)})
+    rows = sorted(decision.per_class, key=lambda r: r.difference)
+    table = pd.DataFrame([r.as_json() for r in rows]).rename(
+        columns={"model": markdown_text(decision.winner)}
+    )
     table["class"] = [markdown_text(c) for c in table["class"]]
     return [
         f"## Per class on test: {markdown_code(decision.winner)} against the baseline (worst first)",
@@ -188,7 +193,7 @@ def links_section(
     tracking_uri: str,
     experiment_id: str,
     parent_run: str,
-    registry: dict[str, str],
+    registry: Registered | None,
     flow_run: str = "",
     flow_run_url: str | None = None,
 ) -> list[str]:
@@ -199,9 +204,9 @@ def links_section(
     ui = tracking_uri.rstrip("/") if served else MLFLOW_UI_DEFAULT
     run_url = f"{ui}/#/experiments/{quote(experiment_id)}/runs/{quote(parent_run)}"
     lines = ["## Links", "", f"- MLflow parent run: [{markdown_text(parent_run)}]({run_url})"]
-    if registry.get("version"):
-        name, version = str(registry["model_name"]), str(registry["version"])
-        alias = f" {markdown_code('@' + registry['alias'])}" if registry.get("alias") else ""
+    if registry and registry.version:
+        name, version = registry.model_name, registry.version
+        alias = f" {markdown_code('@' + registry.alias)}" if registry.alias else ""
         url = f"{ui}/#/models/{quote(name, safe='')}/versions/{quote(version)}"
         lines.append(f"- Registered version: [{markdown_text(name)} v{markdown_text(version)}]({url}){alias}")
     else:
@@ -234,6 +239,153 @@ def markdown_report(table: pd.DataFrame, decision: Verdict) -> str:
             "int8 kernels no faster here than float); `test_*`: the same on test, with both bounds.",
             "",
             full_table(table, decision.winner, verdict=decision),
+        ]
+    )
+
+
+WORST_CLASSES = 3  # shown on the version page; report.md has them all
+
+
+@dataclass(frozen=True)
+class ChampionFigures:
+    """The champion a verdict was compared with, as its record (``tags``) says and as it scores
+    on today's test images (``None`` / empty: it does not load)."""
+
+    version: str
+    tags: Mapping[str, str]
+    error: str
+    test_acc_today: float | None = None
+    per_class: Mapping[str, float] = field(default_factory=dict)  # accuracy by class name
+
+
+def version_page(
+    verdict: Verdict,
+    table: pd.DataFrame,
+    alias: str,
+    champion: ChampionFigures | None = None,
+    links: dict[str, str] | None = None,
+    steps: str = "",
+) -> str:
+    """The Markdown a reviewer reads on the version page: the verdict, then this version side by
+    side with the ``champion`` it was compared with and the baseline, its worst classes, and
+    ``links`` to the Pareto plot and its record; ``steps`` is its composition."""
+    before = verdict.champion_before
+    champ = f"v{before.version}" if before else "none"
+    gate = verdict.gate
+    p_value = f"p = {gate.p_value:.3g}" if gate.p_value is not None else "point rule"
+    lines = [
+        f"**Verdict: `{alias}`**{' (forced)' * verdict.forced}: {markdown_text(verdict.kind_reason)}.",
+        "",
+        f"**Gate:** {markdown_text(verdict.summary)} ({p_value} for a drop of {gate.margin:g} points "
+        "or more).",
+        "",
+        f"Selected in its run because {markdown_text(verdict.reason)}.",
+        "",
+        f"**Certified by:** {markdown_text(verdict.certified_by)}.",
+        "",
+        *comparison_table(verdict, table, champion, steps),
+        "",
+        *worst_classes(verdict, champion),
+        "",
+        f"Champion before this run: {champ}.",
+    ]
+    if links:
+        lines += ["", " · ".join(f"[{text}]({url})" for text, url in links.items())]
+    if verdict.warning:
+        lines += ["", f"**Warning:** {markdown_text(verdict.warning)}."]
+    return "\n".join(lines)
+
+
+def comparison_table(
+    verdict: Verdict, table: pd.DataFrame, champion: ChampionFigures | None, steps: str
+) -> list[str]:
+    """This version | the champion it was compared with | the baseline, figure by figure."""
+    row = table[table["name"] == verdict.winner].iloc[0]
+    base = table[table["name"] == "baseline"].iloc[0]
+    tags = champion.tags if champion else {}
+    title = f"champion v{champion.version} (`{tags.get('candidate', '?')}`)" if champion else "champion"
+
+    def theirs(key: str, fmt: str) -> str:
+        try:
+            return format(float(tags[key]), fmt)
+        except (KeyError, ValueError):
+            return "—" if champion else "none yet"
+
+    versus, test = verdict.champion_comparison, verdict.test
+    today = (
+        f"{champion.test_acc_today:.2f}"
+        if champion and champion.test_acc_today is not None
+        else theirs("", "")
+    )
+    vs_champion = (
+        f"{versus.delta:+.2f} [{versus.lower:+.2f}, {versus.upper:+.2f}] on {versus.n} images "
+        f"({versus.gain} won, {versus.loss} lost)"
+        if versus
+        else (markdown_text(champion.error) if champion and champion.error else "—")
+    )
+    return [
+        f"| | this version (`{verdict.winner}`) | {title} | baseline |",
+        "|---|---|---|---|",
+        f"| composition | {markdown_code(steps or row['strategy'])} | "
+        f"{markdown_code(tags['composition']) if 'composition' in tags else '—'} | |",
+        f"| params | {int(row['params'])} | {theirs('params', '.0f')} | {int(base['params'])} |",
+        f"| size (bytes) | {int(row['size_bytes'])} | {theirs('size_bytes', '.0f')} | "
+        f"{int(base['size_bytes'])} |",
+        f"| FLOPs | {int(row['flops'])} | {theirs('flops', '.0f')} | {int(base['flops'])} |",
+        f"| latency (ms, batch 1) | {float(row['latency_ms']):.3f} | {theirs('latency_ms', '.3f')} | "
+        f"{float(base['latency_ms']):.3f} |",
+        f"| gate accuracy (certifies) | {verdict.gate_acc:.2f} | {theirs('gate_acc', '.2f')} (its own run) | "
+        f"{verdict.baseline_gate_acc:.2f} |",
+        f"| test accuracy, today's images | {verdict.test_acc:.2f} | {today} | "
+        f"{verdict.baseline_test_acc:.2f} |",
+        f"| test change vs baseline, points [interval] | {test.delta:+.2f} "
+        f"[{test.lower:+.2f}, {test.upper:+.2f}] | | 0 |",
+        f"| this version minus the champion on today's test images, points [interval] | {vs_champion} | | |",
+    ]
+
+
+def worst_classes(verdict: Verdict, champion: ChampionFigures | None) -> list[str]:
+    """The classes this version loses most on against the baseline, with the champion's today."""
+    if not verdict.per_class:
+        return []
+    # Most lost against the baseline first; then (a baseline, or no loss) the weakest classes.
+    worst = sorted(verdict.per_class, key=lambda c: (c.difference, c.model))[:WORST_CLASSES]
+    theirs = champion.per_class if champion else {}
+    lines = [
+        f"**Worst classes on test** (of {len(verdict.per_class)}):",
+        "",
+        "| class | this version | champion | baseline | change vs baseline, points |",
+        "|---|---|---|---|---|",
+    ]
+    for c in worst:
+        champ = f"{theirs[c.name]:.1f}" if c.name in theirs else "—"
+        lines.append(
+            f"| {markdown_text(c.name)} | {c.model:.1f} | {champ} | {c.baseline:.1f} | {c.difference:+.1f} |"
+        )
+    return lines
+
+
+def model_description(manifest: Manifest, cfg: PromoteConfig) -> str:
+    """The registered model's page: the task, and how its versions are chosen."""
+    shape = "x".join(str(d) for d in manifest.input_shape)
+    classes = ", ".join(markdown_code(c) for c in manifest.classes)
+    return "\n".join(
+        [
+            f"**Task:** `{markdown_text(manifest.source)}`, {len(manifest.classes)} classes: {classes}.",
+            "",
+            f"**Input:** uint8 images as stored (any batch, layout and size; resized to {shape}, "
+            f"pixels 0-{manifest.scale:g}); **output:** the class name and one probability per class.",
+            "",
+            f"**How versions are chosen:** each `shrinkflow run` certifies the candidate with the "
+            f"fewest `{cfg.objective}` whose gate accuracy is within {cfg.tolerance:g} points "
+            f"({cfg.tolerance_mode}) of the baseline, then compares it on the current test images "
+            f"with `@{cfg.alias}`: smaller and not worse by {cfg.champion_tolerance:g} points, or more "
+            f"accurate, and it becomes `@{cfg.alias}`; otherwise `@{cfg.challenger_alias}`.",
+            "",
+            "A reviewer compares with `shrinkflow review NAME`, and moves `@champion` only with "
+            "`shrinkflow approve` or `shrinkflow rollback` (they re-validate the version and record "
+            "who and why). MLflow's *Promote model* button copies a version to another registered "
+            "model; it is not an approval.",
         ]
     )
 

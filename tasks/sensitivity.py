@@ -38,6 +38,7 @@ from shrinkflow.models.allocation import (
     reestimate_batch_norm,
 )
 from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.probe import refuse_without_graph
 from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import Params
 from shrinkflow.tasks.errors import ShrinkflowError
@@ -120,6 +121,7 @@ def measure_table(params: Params, layout: Layout, strategy: str) -> Path:
         return path
     started = time.perf_counter()
     baseline = load_record(layout, "baseline")
+    refuse_without_graph(strategy, baseline.pruning)  # a brought network's graph may never end
     model, _ = load_checkpoint(layout.root / baseline.checkpoint, sha256=baseline.sha256)
     table = measure(
         model, strategy, *calibration_val, tuple(key["ratios"]), tuple(key.get("rank_shares", ()))

@@ -10,18 +10,19 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from shrinkflow.models import STRATEGIES
 from shrinkflow.tasks import progress, stop, tensorboard
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.decide import PromotionError, Verdict
+from shrinkflow.tasks.decide import PromotionError, Verdict, verdict_json
 from shrinkflow.tasks.errors import named_first_line
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
-from shrinkflow.tasks.given import trust_user_code
+from shrinkflow.tasks.given import user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_raw_split, prepare
@@ -29,10 +30,17 @@ from shrinkflow.tasks.promote import promote
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
 from shrinkflow.tasks.report import markdown_report, pareto_plot
 from shrinkflow.tasks.reproduce import provenance_tags
-from shrinkflow.tasks.search import Trial
+from shrinkflow.tasks.search import FanOut, Job, Trial, simulate
 from shrinkflow.tasks.sensitivity import measure_table, sensitivity_stage, write_index
 from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
-from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
+from shrinkflow.tasks.train import (
+    candidate_train_config,
+    pick_trial,
+    shrink_candidate,
+    shrink_trial,
+    threads_per_worker,
+    train_baseline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,6 @@ class Context:
         """Validate the config, reach the tracking server, and clear what a killed run left."""
         params = load_params(params_file, overrides)
         layout = Layout.from_params(params, root)
-        trust_user_code(params, layout)  # a factory model's package, for every model loaded here
         tracker = Tracker.for_project(root, params.tracking.experiment)
         dirs = (layout.prepared, layout.baseline, layout.sensitivity, layout.candidates, layout.reports)
         for stale in sweep_temporaries(*dirs):
@@ -182,9 +189,10 @@ def run_sensitivity(ctx: Context, strategy: str | None = None) -> list[Path]:
     measure the same floats."""
     stop.check()
     torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
-    if strategy is not None:
-        return [measure_table(ctx.params, ctx.layout, strategy)]
-    return sensitivity_stage(ctx.params, ctx.layout)
+    with user_code(ctx.params, ctx.layout):  # the baseline is rebuilt from its spec
+        if strategy is not None:
+            return [measure_table(ctx.params, ctx.layout, strategy)]
+        return sensitivity_stage(ctx.params, ctx.layout)
 
 
 def index_sensitivity(ctx: Context) -> Path:
@@ -193,16 +201,86 @@ def index_sensitivity(ctx: Context) -> Path:
 
 
 def run_candidate(ctx: Context, name: str) -> Tracked:
-    # The same thread count under Prefect's runners and under `dvc repro`, so both compute the
-    # same floats; and N concurrent candidates never oversubscribe the cores.
-    torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
+    """Candidate ``name`` whole, in this process (what ``shrinkflow stage shrink`` runs): a
+    search's trials one after another inside the candidate's MLflow run, each a nested run."""
+    _worker_threads(ctx)
     return _model_stage(
         ctx, name, lambda run: shrink_candidate(ctx.params, ctx.layout, name, _trial_logger(ctx, name, run))
     )
 
 
+def _worker_threads(ctx: Context) -> None:
+    # The same thread count under Prefect's runners and under `dvc repro`, so both compute the
+    # same floats; and N concurrent candidates never oversubscribe the cores.
+    torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
+
+
+def run_trial(ctx: Context, name: str, index: int, ratio: float) -> Trial:
+    """One trial of candidate ``name``'s search, as its own task: shrunk, fine-tuned and judged,
+    its checkpoint and record written under ``Layout.trial_dir``. Its MLflow run is made by
+    :func:`run_pick`, under the candidate's run, once the search is over."""
+    stop.check()  # queued behind an interrupted run's work
+    _worker_threads(ctx)
+    with progress.showing(f"{name} @ {ratio:g}"), user_code(ctx.params, ctx.layout):
+        return shrink_trial(ctx.params, ctx.layout, name, index, ratio)
+
+
+def run_pick(ctx: Context, name: str, trials: list[Trial]) -> Tracked:
+    """The end of candidate ``name``'s search: its MLflow run, every trial a nested run under it,
+    and the best trial made the candidate (:func:`shrinkflow.tasks.train.pick_trial`)."""
+
+    def pick(run: str) -> ModelRecord:
+        log_trial = _trial_logger(ctx, name, run)
+        for trial in trials:
+            log_trial(trial)
+        return pick_trial(ctx.params, ctx.layout, name, trials)
+
+    return _model_stage(ctx, name, pick)
+
+
+def planned_work(params: Params, name: str) -> int:
+    """Candidate ``name``'s epochs of training (each trial's, for a search): the fan-out's
+    measure of how long a search's chain of rounds is."""
+    cand = params.shrink.candidates[name]
+    if not STRATEGIES[cand.strategy].trains:
+        return 0
+    phase = cand.sparsity_phase()
+    return candidate_train_config(params, name).epochs + (phase[0] if phase else 0)
+
+
+def fan_out_plan(params: Params, names: list[str]) -> FanOut:
+    """The jobs of candidates ``names``: each search's trials as jobs of their own, planned
+    ``shrink.workers`` to a round however many run at once, so the trials are the same whoever
+    runs them."""
+    candidates = params.shrink.candidates
+    searches = {n: candidates[n].search for n in names if candidates[n].search is not None}
+    return FanOut({n: planned_work(params, n) for n in names}, searches, params.shrink.workers)
+
+
+def fan_out_work(params: Params, layout: Layout) -> float:
+    """Seconds of the shrink stage's own work along its critical path: every job of the fan-out
+    (each trial of a search apart) at its recorded training time, in the order the flow takes
+    them, on ``shrink.workers`` workers with nothing lost between jobs; then the candidates that
+    run alone, one at a time."""
+    records = {name: load_record(layout, name) for name in params.shrink.candidates}
+
+    def seconds(job: Job) -> float:
+        if job.kind == "trial":
+            return records[job.name].trials[job.index]["seconds"]
+        return 0.0 if job.kind == "pick" else records[job.name].train_seconds
+
+    def trial(job: Job) -> Trial:
+        return Trial(**records[job.name].trials[job.index])
+
+    together, alone = fan_out(params)
+    groups = [(together, params.shrink.workers), *(([name], 1) for name in alone)]
+    ends = [simulate(fan_out_plan(params, names), n, seconds, trial) for names, n in groups]
+    return sum(max((end for _, end, _ in ran), default=0.0) for ran in ends)
+
+
 def _trial_logger(ctx: Context, name: str, candidate_run: str):
-    """Log each trial of a ratio search as a nested run under the candidate's run."""
+    """Log each trial of a ratio search as a nested run under the candidate's run (FAILED, with
+    its error, for a trial that failed)."""
 
     def log_trial(trial: Trial) -> None:
         run = ctx.tracker.start_run(
@@ -210,18 +288,21 @@ def _trial_logger(ctx: Context, name: str, candidate_run: str):
             candidate_run,
             tags={"shrinkflow.stage": "search-trial", "shrinkflow.candidate": name},
         )
+        figures = {
+            "val_acc": trial.val_acc,
+            "val_delta": trial.delta,
+            "val_lower": trial.lower,
+            "p_value": trial.p_value,
+            "passed": float(trial.passed),
+            "train_seconds": trial.seconds,
+        }
         ctx.tracker.log(
             run,
             params={"trial": trial.index, "ratio": trial.ratio},
-            metrics={
-                "val_acc": trial.val_acc,
-                "val_delta": trial.delta,
-                "val_lower": trial.lower,
-                "p_value": trial.p_value,
-                "passed": float(trial.passed),
-            },
+            metrics={k: v for k, v in figures.items() if v is not None},
+            tags={"shrinkflow.error": trial.error[:5000]} if trial.error else None,
         )
-        ctx.tracker.end_run(run)
+        ctx.tracker.end_run(run, "FAILED" if trial.error else "FINISHED")
 
     return log_trial
 
@@ -233,7 +314,7 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
         name, ctx.parent_run, tags={"shrinkflow.stage": stage, "shrinkflow.candidate": name}
     )
     try:
-        with progress.showing(name):
+        with progress.showing(name), user_code(ctx.params, ctx.layout):
             record = train(run)
     except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
         _close(ctx, run, exc, {"shrinkflow.status": "failed"})
@@ -251,7 +332,7 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     """Measure every model; its figures also go to the model's own run when ``runs`` names it."""
     _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
-    with ends_failed(ctx, run):
+    with ends_failed(ctx, run), user_code(ctx.params, ctx.layout):
         table = evaluate_models(ctx.params, ctx.layout)
         if ctx.params.tracking.tensorboard:
             records = [load_record(ctx.layout, n) for n in table["name"] if ctx.layout.record(n).is_file()]
@@ -286,7 +367,7 @@ def discard_decision(layout: Layout) -> None:
 def publish_decision(layout: Layout, decision: Verdict) -> None:
     """Write what reviewers read; called by ``promote`` before it counts an alias move as done."""
     table = load_table(layout.candidates_csv)
-    write_json(layout.promotion_json, asdict(decision))
+    write_json(layout.promotion_json, verdict_json(decision))
     pareto_plot(table, decision, layout.pareto_png)
     write_text(layout.report_md, markdown_report(table, decision))
 
@@ -304,15 +385,16 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
             **provenance_tags(ctx.params, ctx.layout),
             **(extra_tags or {}),
         }
-        decision = promote(
-            ctx.params,
-            ctx.layout,
-            ctx.tracker,
-            run,
-            tags,
-            force,
-            publish=lambda d: publish_decision(ctx.layout, d),
-        )
+        with user_code(ctx.params, ctx.layout):  # a factory model's package travels with its version
+            decision = promote(
+                ctx.params,
+                ctx.layout,
+                ctx.tracker,
+                run,
+                tags,
+                force,
+                publish=lambda d: publish_decision(ctx.layout, d),
+            )
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a read-only project cannot even delete them
             discard_decision(ctx.layout)
@@ -331,11 +413,14 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
                 "val_acc": decision.val_acc,
                 "gate_acc": decision.gate_acc,
                 "test_acc": decision.test_acc,
-                **{f"gate_{k}": decision.gate[k] for k in ("delta", "lower", "upper", "p_value", "n")},
-                **{f"test_{k}": decision.test[k] for k in ("delta", "lower", "upper")},
+                **{
+                    f"gate_{k}": getattr(decision.gate, k)
+                    for k in ("delta", "lower", "upper", "p_value", "n")
+                },
+                **{f"test_{k}": getattr(decision.test, k) for k in ("delta", "lower", "upper")},
             },
             tags={
-                "verdict": decision.verdict,
+                "verdict": decision.kind,
                 "gate_summary": decision.summary,
                 "certified_by": decision.certified_by,
             },
@@ -346,7 +431,7 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
         with contextlib.suppress(Exception):
             ctx.tracker.end_run(run, "FAILED")
         raise TrackingUnavailable(
-            f"the decision is made and written ({decision.verdict}, {_registered(decision)}), but "
+            f"the decision is made and written ({decision.kind}, {_registered(decision)}), but "
             f"logging it to MLflow at {ctx.tracker.uri} failed: {named_first_line(exc)}"
         ) from exc
     ctx.tracker.end_run(run)
@@ -355,10 +440,10 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
 
 def _registered(decision: Verdict) -> str:
     reg = decision.registry
-    if not reg.get("version"):
+    if not reg or not reg.version:
         return "nothing registered"
-    alias = f" @{reg['alias']}" if reg.get("alias") else ""
-    return f"{reg['model_name']} v{reg['version']}{alias}"
+    alias = f" @{reg.alias}" if reg.alias else ""
+    return f"{reg.model_name} v{reg.version}{alias}"
 
 
 def _os_error(exc: OSError) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +17,9 @@ from pydantic import BaseModel
 from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
-from shrinkflow.models.architecture import pruning_summary
-from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.checkpoint import load_checkpoint, sha256_file
 from shrinkflow.models.lowrank import low_rank_layers
+from shrinkflow.models.probe import probe_model, refuse_without_graph
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.allocate import allocate_widths, factorised, summary
 from shrinkflow.tasks.config import CandidateConfig, Params, TrainConfig, comes_trained
@@ -34,13 +36,14 @@ from shrinkflow.tasks.engine import (
     predict,
     small_bn_scales,
 )
+from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.gate import versus_baseline
-from shrinkflow.tasks.given import build_given, check_given, is_given, trust_user_code
-from shrinkflow.tasks.io import save_checkpoint, write_json
+from shrinkflow.tasks.given import build_given, check_given, check_runs, is_given
+from shrinkflow.tasks.io import atomic_path, read_json, save_checkpoint, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
-from shrinkflow.tasks.search import Trial, best_trial, search_ratio
+from shrinkflow.tasks.search import Trial, best_trial, failed, judged, run_search
 from shrinkflow.tasks.sensitivity import load_table
 from shrinkflow.tasks.stats import Comparison
 
@@ -76,6 +79,22 @@ def _save(
     name: str, model: nn.Module, record: ModelRecord, layout: Layout, result: FitResult | None, val: Split
 ) -> ModelRecord:
     """Fill ``record`` from training (if any) and write the checkpoint and record."""
+    _store(name, model, record, layout, result, val, layout.checkpoint(name))
+    write_json(layout.record(name), asdict(record))
+    log.info("%s: best val_acc %.2f at epoch %d", name, record.best_val_acc, record.best_epoch)
+    return record
+
+
+def _store(
+    name: str,
+    model: nn.Module,
+    record: ModelRecord,
+    layout: Layout,
+    result: FitResult | None,
+    val: Split,
+    path: Path,
+) -> None:
+    """Fill ``record`` from training (if any) and write the checkpoint to ``path``."""
     if result is not None:
         record.epochs = len(result.history)
         record.best_epoch = result.best_epoch
@@ -85,12 +104,8 @@ def _save(
         record.precision = result.precision
     # The final model's own accuracy: a step after training (int8) changes it.
     record.best_val_acc = evaluate(model, val)
-    path = layout.checkpoint(name)
     record.sha256 = save_checkpoint(model, path, meta={"name": name, "strategy": record.strategy})
     record.checkpoint = str(path.relative_to(layout.root))
-    write_json(layout.record(name), asdict(record))
-    log.info("%s: best val_acc %.2f at epoch %d", name, record.best_val_acc, record.best_epoch)
-    return record
 
 
 def train_baseline(params: Params, layout: Layout) -> ModelRecord:
@@ -106,10 +121,13 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
         "num_classes": manifest.num_classes,
         **params.model.arch_options(),
     }
-    trust_user_code(params, layout)
     with seeded(params.seed):
         model = build_model(spec)
+    if is_given(params):  # a network of the user's, trained here from scratch
+        check_runs(model, load_split(layout, "val")[0], manifest.num_classes)
     record = ModelRecord(name="baseline", strategy="baseline", options={})
+    if is_given(params):  # a network nobody here checked, trained from scratch
+        record.pruning = _probed(model)
     return _train_and_save("baseline", model, record, params, layout, params.train)
 
 
@@ -118,20 +136,23 @@ def _take_baseline(params: Params, layout: Layout, manifest: Manifest) -> ModelR
     ``model.finetune`` asks, and saved as the baseline with its lineage."""
     with seeded(params.seed):
         model, origin = build_given(params, layout, manifest)
-    x, y = load_split(layout, "val")
-    origin["val_acc_as_given"] = check_given(model, x, y, manifest.classes)
+    (x, y), train_x = load_split(layout, "val"), load_split(layout, "train")[0]
+    origin |= check_given(model, train_x, (x, y), manifest.classes, params.model.classes)
     record = ModelRecord(name="baseline", strategy="given", options={}, origin=origin)
-    record.pruning = pruning_summary(model, x[:1])
-    log.info(
-        "baseline: torch-pruning finds %d prunable groups; left alone: %s",
-        record.pruning["groups"],
-        ", ".join(record.pruning["left_alone"]) or "nothing",
-    )
+    record.pruning = _probed(model)
     log.info("baseline: %s, val_acc %.2f as given", origin["source"], origin["val_acc_as_given"])
     if not params.model.finetune:
         return _save("baseline", model, record, layout, None, (x, y))
     cfg = params.train.model_copy(update={"epochs": params.model.finetune})
     return _train_and_save("baseline", model, record, params, layout, cfg)
+
+
+def _probed(model: nn.Module) -> dict[str, Any]:
+    """torch-pruning's graph of a brought network, looked at in a bounded child process (on
+    Swin it never ends), logged in one line; candidates read the record it returns."""
+    probe = probe_model(model)
+    log.info("baseline: %s", probe.line())
+    return probe.as_dict()
 
 
 def candidate_train_config(params: Params, name: str) -> TrainConfig:
@@ -315,31 +336,14 @@ def _merged(results: list[FitResult]) -> FitResult:
     return merged
 
 
-def _search(
-    params: Params, layout: Layout, name: str, inputs: _Inputs, on_trial: Callable[[Trial], None] | None
-) -> tuple[_Built, list[Trial]]:
-    """Try ratios as the candidate's ``search`` says; each trial faces the promotion gate against
-    the baseline on the validation split (never on the gate split); keep the largest that passed."""
+def _judge(params: Params, layout: Layout, inputs: _Inputs, model: nn.Module) -> tuple[float, Comparison]:
+    """A trial's val accuracy and the promotion gate against the baseline on the validation split
+    (never on the gate split)."""
     x, y = inputs.val
     baseline_predictions = predict(_baseline(layout, inputs), x).numpy()
-    built: dict[float, _Built] = {}
-
-    def judge(ratio: float) -> tuple[float, Comparison]:
-        built[ratio] = _shrink_and_train(params, layout, name, inputs, ratio)
-        predictions = predict(built[ratio].model, x)
-        gate = versus_baseline(predictions.numpy(), baseline_predictions, y.numpy(), params.promote)
-        return accuracy(predictions, y), gate
-
-    trials = search_ratio(params.shrink.candidates[name].search, judge, on_trial)
-    best = best_trial(trials)
-    log.info(
-        "%s: search kept ratio %.4f after %d trials (%s)",
-        name,
-        best.ratio,
-        len(trials),
-        "passed the gate" if best.passed else "none passed the gate",
-    )
-    return built[best.ratio], trials
+    predictions = predict(model, x)
+    gate = versus_baseline(predictions.numpy(), baseline_predictions, y.numpy(), params.promote)
+    return accuracy(predictions, y), gate
 
 
 def _searched(budget: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
@@ -347,31 +351,144 @@ def _searched(budget: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
     return next(b for b in budget if b["keep"] is None) if isinstance(budget, list) else budget
 
 
+def _new_record(params: Params, name: str) -> ModelRecord:
+    cand = params.shrink.candidates[name]
+    return ModelRecord(name=name, strategy=cand.strategy, options=_plain(cand.options()), steps=cand.steps())
+
+
+def _describe(record: ModelRecord, built: _Built, ratio: float | None) -> None:
+    """What the pipeline did around the strategy, in ``record``: a searched ratio (and the budget
+    keep it set), slim's sparsity phase, the pruning rounds, a budget's allocation."""
+    if ratio is not None:
+        record.options["ratio"] = ratio
+        if record.options.get("budget"):  # the search varied the keep left out: 1 - ratio
+            _searched(record.options["budget"])["keep"] = round(1 - ratio, 6)
+    record.sparsity_phase, record.rounds = built.sparsity_phase, built.rounds
+    record.options |= built.allocation
+
+
+def shrink_trial(params: Params, layout: Layout, name: str, index: int, ratio: float) -> Trial:
+    """Trial ``index`` of candidate ``name``'s search: shrink at ``ratio``, fine-tune, judge on
+    validation against the baseline. Writes the trial's checkpoint and its record (the
+    candidate's record, were this trial kept, listing this trial alone) under
+    ``Layout.trial_dir``; a failure is recorded there, its checkpoint removed, before it is
+    re-raised."""
+    record = _new_record(params, name)
+    path = layout.trial_checkpoint(name, ratio)
+    try:
+        inputs = _load_inputs(params, layout)
+        refuse_without_graph(record.strategy, inputs.baseline.pruning)
+        built = _shrink_and_train(params, layout, name, inputs, ratio)
+        _describe(record, built, ratio)
+        _store(name, built.model, record, layout, built.result, inputs.val, path)
+        acc, gate = _judge(params, layout, inputs, built.model)
+        trial = judged(index, ratio, acc, gate, seconds=record.train_seconds, sha256=record.sha256)
+    except Exception as exc:
+        record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+        record.trials = [asdict(failed(index, ratio, exc))]
+        path.unlink(missing_ok=True)  # never leave an older trial to be kept
+        write_json(layout.trial_record(name, ratio), asdict(record))
+        raise
+    record.trials = [asdict(trial)]
+    write_json(layout.trial_record(name, ratio), asdict(record))
+    log.info(
+        "%s: trial %d at ratio %g: val_acc %.2f, %+.2f points (bound %+.2f): %s",
+        name,
+        index,
+        ratio,
+        acc,
+        gate.delta,
+        gate.lower,
+        "passed" if gate.passed else "failed",
+    )
+    return trial
+
+
+def try_trial(params: Params, layout: Layout, name: str, index: int, ratio: float) -> Trial:
+    """:func:`shrink_trial`, a failure returned as a failed trial (the search goes on)."""
+    try:
+        return shrink_trial(params, layout, name, index, ratio)
+    except Exception as exc:
+        log.warning("%s: trial %d at ratio %g failed: %s: %s", name, index, ratio, type(exc).__name__, exc)
+        return failed(index, ratio, exc)
+
+
+class TrialChanged(ShrinkflowError):
+    """The checkpoint of the trial a search keeps is not the one the trial wrote."""
+
+
+def pick_trial(params: Params, layout: Layout, name: str, trials: Sequence[Trial]) -> ModelRecord:
+    """Make the search's best trial (:func:`best_trial`) candidate ``name``: its checkpoint,
+    byte for byte, and its record listing every trial, exactly what a serial search writes. Trial
+    folders of ratios this search did not try (an earlier configuration's) are removed. A failure
+    (every trial failed) is recorded before it is re-raised."""
+    try:
+        best = best_trial(trials)
+        record = load_trial_record(layout, name, best.ratio)
+        source = layout.trial_checkpoint(name, best.ratio)
+        if record.sha256 != best.sha256 or not source.is_file() or sha256_file(source) != best.sha256:
+            raise TrialChanged(
+                f"{source} is not the checkpoint trial {best.index} wrote; run the search again"
+            )
+        with atomic_path(layout.checkpoint(name)) as tmp:
+            shutil.copyfile(source, tmp)
+    except Exception as exc:
+        record = _new_record(params, name)
+        record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+        record.trials = [asdict(t) for t in trials]
+        layout.checkpoint(name).unlink(missing_ok=True)  # never leave an older model to be trusted
+        write_json(layout.record(name), asdict(record))
+        raise
+    record.checkpoint = str(layout.checkpoint(name).relative_to(layout.root))
+    record.trials = [asdict(t) for t in trials]
+    write_json(layout.record(name), asdict(record))
+    _drop_other_trials(layout, name, {t.ratio for t in trials})
+    log.info(
+        "%s: search kept ratio %.4f after %d trials (%s)",
+        name,
+        best.ratio,
+        len(trials),
+        "passed the gate" if best.passed else "none passed the gate",
+    )
+    return record
+
+
+def load_trial_record(layout: Layout, name: str, ratio: float) -> ModelRecord:
+    return ModelRecord(**read_json(layout.trial_record(name, ratio)))
+
+
+def _drop_other_trials(layout: Layout, name: str, ratios: set[float]) -> None:
+    keep = {layout.trial_dir(name, r) for r in ratios}
+    for folder in sorted(layout.trials(name).glob("*")):
+        if folder.is_dir() and folder not in keep:
+            shutil.rmtree(folder)
+            log.info("removed %s: a trial of an earlier search", folder)
+
+
 def shrink_candidate(
     params: Params, layout: Layout, name: str, on_trial: Callable[[Trial], None] | None = None
 ) -> ModelRecord:
     """Apply candidate ``name``'s steps to the baseline, training with the same loop; with a
-    ``search``, repeat for each trial ratio (``on_trial`` hears each) and keep the best.
+    ``search``, run its trials one after another, round by round as the fan-out would run them
+    side by side (``on_trial`` hears each), then keep the best.
 
     A failure is recorded (status ``failed`` with the reason) before it is re-raised, so the
     evaluation table can show it."""
     cand = params.shrink.candidates[name]
-    record = ModelRecord(
-        name=name, strategy=cand.strategy, options=_plain(cand.options()), steps=cand.steps()
-    )
+    if cand.search is not None:
+        trials = run_search(
+            cand.search,
+            params.shrink.workers,
+            lambda index, ratio: try_trial(params, layout, name, index, ratio),
+            on_trial,
+        )
+        return pick_trial(params, layout, name, trials)
+    record = _new_record(params, name)
     try:
-        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
-        if cand.search is None:
-            built = _shrink_and_train(params, layout, name, inputs, None)
-        else:
-            built, trials = _search(params, layout, name, inputs, on_trial)
-            record.trials = [asdict(t) for t in trials]
-            record.options["ratio"] = best_trial(trials).ratio
-            if record.options.get("budget"):  # the search varied the keep left out: 1 - ratio
-                _searched(record.options["budget"])["keep"] = round(1 - best_trial(trials).ratio, 6)
-        record.sparsity_phase, record.rounds = built.sparsity_phase, built.rounds
-        record.options |= built.allocation
+        refuse_without_graph(cand.strategy, inputs.baseline.pruning)
+        built = _shrink_and_train(params, layout, name, inputs, None)
+        _describe(record, built, None)
         return _save(name, built.model, record, layout, built.result, inputs.val)
     except Exception as exc:
         record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -4,6 +4,7 @@ MLflow, no training. Ends with the simulation of the family-wise error the proce
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,21 @@ from pydantic import ValidationError
 from statsmodels.stats.multitest import multipletests
 
 from shrinkflow.tasks.config import PromoteConfig
-from shrinkflow.tasks.decide import Champion, Kind, PromotionError, certify, decide, holm
+from shrinkflow.tasks.decide import (
+    COMPARE_ATTEMPTS,
+    Champion,
+    Kind,
+    Race,
+    Registered,
+    RunFacts,
+    Standing,
+    certify,
+    decide,
+    holm,
+    needs_same_champion,
+    verdict_from_json,
+    verdict_json,
+)
 from shrinkflow.tasks.stats import compare_counts, noninferiority_p
 
 N = 540  # the default digits gate
@@ -57,12 +72,12 @@ FAMILY = {"a": (800, 98.5, 2), "b": (400, 98.0, 25), "c": (200, 97.5, 3), "d": (
 def test_fixed_sequence_stops_at_the_first_failure():
     verdict = decide(*_inputs(FAMILY), PromoteConfig())
     assert verdict.winner == "a" and verdict.multiplicity == "fixed_sequence"
-    assert verdict.order == ["a", "b", "c", "d"] and verdict.stopped_at == "b"
-    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates}
+    assert verdict.order == ("a", "b", "c", "d") and verdict.stopped_at == "b"
+    outcomes = {c.name: c.outcome for c in verdict.candidates}
     assert outcomes == {"a": "certified", "b": "failed", "c": "untested", "d": "untested"}
     assert verdict.family_level == pytest.approx(0.05) and "family-wise 5%" in verdict.certified_by
     assert "not tested after the sequence stopped: c, d" in verdict.reason
-    assert verdict.verdict == Kind.CHAMPION and verdict.eligible == ["a", "baseline"]
+    assert verdict.kind == Kind.CHAMPION and verdict.eligible == ("a", "baseline")
 
 
 def test_holm_and_none_test_past_a_failure():
@@ -83,8 +98,8 @@ def test_the_order_comes_from_validation_alone():
     verdict = decide(*_inputs(models), PromoteConfig())
     # y fails the gate and the sequence stops: x, as good on the gate, is never tested (the gate
     # does not choose the order).
-    assert verdict.order == ["y", "z"] and verdict.stopped_at == "y" and verdict.winner == "baseline"
-    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates}
+    assert verdict.order == ("y", "z") and verdict.stopped_at == "y" and verdict.winner == "baseline"
+    outcomes = {c.name: c.outcome for c in verdict.candidates}
     assert outcomes["x"] == outcomes["w"] == "dominated" and outcomes["big"] == "not smaller"
 
 
@@ -98,28 +113,109 @@ def test_the_verdict_is_frozen_and_its_kind_a_closed_set():
 
 def test_test_vetoes_and_force_overrides():
     inputs = _inputs(FAMILY, test_wrong={"a": 60})
-    assert decide(*inputs, PromoteConfig()).verdict == Kind.VETOED
-    forced = decide(*inputs, PromoteConfig(), force=True)
-    assert forced.verdict == Kind.CHAMPION and forced.forced and "test disagrees" in forced.verdict_reason
+    assert decide(*inputs, PromoteConfig()).kind == Kind.VETOED
+    forced = decide(*inputs, PromoteConfig(), Standing(force=True))
+    assert forced.kind == Kind.CHAMPION and forced.forced and "test disagrees" in forced.kind_reason
 
 
 def test_against_the_champion_from_its_predictions():
     table, predictions = _inputs(FAMILY)
     cfg = PromoteConfig()
     same = Champion("3", predictions["test"]["a"].to_numpy(), 800.0, "sha-a", {})
-    assert decide(table, predictions, cfg, same, {"a": "sha-a"}).verdict == Kind.UNCHANGED
+    facts = RunFacts(checkpoints={"a": "sha-a"})
+    assert decide(table, predictions, cfg, Standing(same), facts).kind == Kind.UNCHANGED
     smaller = Champion("4", LABELS.copy(), 50.0, "sha-x", {})
-    verdict = decide(table, predictions, cfg, smaller, {"a": "sha-a"})
-    assert verdict.verdict == Kind.CHALLENGER and "not better than champion v4" in verdict.verdict_reason
-    assert verdict.champion_comparison["n"] == N and verdict.champion_before["version"] == "4"
+    verdict = decide(table, predictions, cfg, Standing(smaller), facts)
+    assert verdict.kind == Kind.CHALLENGER and "not better than champion v4" in verdict.kind_reason
+    assert verdict.champion_comparison.n == N and verdict.champion_before.version == "4"
+
+
+def test_when_the_champion_moved_the_decision_is_taken_again_and_settles_for_challenger():
+    """The compare-and-set policy is decide()'s: promote calls it again with the champion it
+    finds and the count of moves, and carries out what it says."""
+    table, predictions = _inputs(FAMILY)
+    cfg, facts = PromoteConfig(), RunFacts(checkpoints={"a": "sha-a"})
+    bigger = Champion("3", LABELS.copy(), 5000.0, "sha-big", {})  # a is smaller, as accurate on test
+    first = decide(table, predictions, cfg, Standing(bigger), facts)
+    assert first.kind == Kind.CHAMPION and "compared again" not in first.kind_reason
+    again = decide(table, predictions, cfg, Standing(bigger, race=Race(1, "v2")), facts)
+    assert again.kind == Kind.CHAMPION
+    assert (
+        again.kind_reason == f"{first.kind_reason} (compared again: champion moved from v2 during this run)"
+    )
+    last = decide(table, predictions, cfg, Standing(bigger, race=Race(COMPARE_ATTEMPTS, "v4")), facts)
+    assert last.kind == Kind.CHALLENGER and last.kind_reason == (
+        f"champion moved {COMPARE_ATTEMPTS} times while this run compared with it; registered as challenger: "
+        f"no champion replaced unseen (last: {first.kind_reason} (compared again: champion moved from v4 "
+        "during this run))"
+    )
+    # Only @champion's move waits for the champion it was compared with, unless forced.
+    assert needs_same_champion(first, cfg, force=False) and not needs_same_champion(first, cfg, force=True)
+    assert not needs_same_champion(last, cfg, force=False), "the challenger moves without a comparison"
+    # The champion it moved to is this very checkpoint: nothing to move, whatever the count.
+    same = Champion("5", predictions["test"]["a"].to_numpy(), 800.0, "sha-a", {})
+    unchanged = decide(table, predictions, cfg, Standing(same, race=Race(COMPARE_ATTEMPTS, "v4")), facts)
+    assert unchanged.kind == Kind.UNCHANGED and unchanged.kind_reason == "identical to champion v5"
+
+
+def test_a_champion_that_misses_its_own_record_is_a_warning():
+    table, predictions = _inputs(FAMILY)
+    wrong = _wrong(18)  # 96.67% on the 540 test images
+    tags = {"data_fingerprint": "f1", "test_acc": "100.0"}
+    champion = Champion("2", wrong, 5000.0, "sha-x", tags)
+    same_data = decide(table, predictions, PromoteConfig(), Standing(champion), RunFacts(fingerprint="f1"))
+    assert "champion v2 scores 96.67 on the test images it was certified on, but its record says 100.00" in (
+        same_data.warning
+    )
+    other_data = decide(table, predictions, PromoteConfig(), Standing(champion), RunFacts(fingerprint="f2"))
+    assert "record says" not in other_data.warning, "other test images: its record cannot be checked"
+
+
+# promotion.json's keys, as before Verdict was typed: the file is the same, only Python names changed.
+PROMOTION_JSON_KEYS = {
+    "winner", "strategy", "composition", "ratio", "objective", "objective_value",
+    "val_acc", "gate_acc", "test_acc", "baseline_val_acc", "baseline_gate_acc", "baseline_test_acc",
+    "tolerance", "tolerance_mode", "confidence", "eligible", "reason", "multiplicity",
+    "family_level", "certified_by", "order", "stopped_at", "candidates", "gate", "test", "summary",
+    "warning", "vetoed", "verdict", "verdict_reason", "forced", "champion_before",
+    "champion_comparison", "per_class", "registry",
+}  # fmt: skip
+
+
+def test_promotion_json_keeps_its_keys_and_reads_back_into_the_same_verdict():
+    table, predictions = _inputs(FAMILY)
+    champion = Champion("4", LABELS.copy(), 50.0, "sha-x", {})
+    facts = RunFacts(checkpoints={"a": "sha-a"}, classes=tuple("0123456789"))
+    decided = decide(table, predictions, PromoteConfig(), Standing(champion), facts)
+    for verdict in (decided, dataclasses.replace(decided, registry=Registered("m", "7", "challenger", "r1"))):
+        plain = verdict_json(verdict)
+        assert set(plain) == PROMOTION_JSON_KEYS
+        text = json.dumps(plain, sort_keys=True)
+        assert verdict_from_json(json.loads(text)) == verdict
+    assert plain["verdict"] == "challenger" and plain["registry"] == {
+        "model_name": "m", "version": "7", "alias": "challenger", "run_id": "r1"
+    }  # fmt: skip
+    assert plain["per_class"][0] == {"class": "0", "baseline": 100.0, "model": 100.0, "difference": 0.0}
+    assert plain["candidates"][0]["gate"]["n"] == N and plain["champion_before"]["loads"] is True
+    # A verdict nothing was compared with, and nothing registered: its records are {} in the file.
+    alone = verdict_json(decide(table, predictions, PromoteConfig()))
+    assert alone["champion_before"] == alone["champion_comparison"] == alone["registry"] == {}
+    with pytest.raises(ValueError, match="no strategy"):
+        verdict_from_json({"winner": "a", "verdict": "champion"})
+
+
+def test_when_every_candidate_failed_the_measured_baseline_stands():
+    # as in a run whose candidates all failed the gate: the baseline is the winner, and registered
+    table, predictions = _inputs(FAMILY)
+    failed = table.assign(status=["ok", "failed", "failed", "failed", "failed"])
+    verdict = decide(failed, predictions, PromoteConfig())
+    assert verdict.winner == "baseline" and verdict.kind == Kind.CHAMPION
+    assert "the baseline (1000 params) stands" in verdict.reason
+    assert "not measured: a, b, c, d" in verdict.reason
 
 
 def test_bad_input_is_one_clear_line():
     table, predictions = _inputs(FAMILY)
-    with pytest.raises(PromotionError, match="all 4 candidates failed"):
-        decide(
-            table.assign(status=["ok", "failed", "failed", "failed", "failed"]), predictions, PromoteConfig()
-        )
     with pytest.raises(ValidationError, match="holm adjusts p-values"):
         PromoteConfig(multiplicity="holm", confidence=None)
     with pytest.raises(ValidationError, match="fixed_sequence"):
@@ -178,11 +274,11 @@ def test_only_a_strictly_smaller_model_wins(multiplicity):
     table, predictions = _inputs(same_size)
     table.loc[table["name"] == "baseline", "gate_acc"] = 99.5  # mag-75 is better on gate
     verdict = decide(table, predictions, PromoteConfig(multiplicity=multiplicity))
-    assert verdict.winner == "baseline" and verdict.eligible == ["baseline"]
-    outcomes = {c["name"]: c["outcome"] for c in verdict.candidates}
+    assert verdict.winner == "baseline" and verdict.eligible == ("baseline",)
+    outcomes = {c.name: c.outcome for c in verdict.candidates}
     assert outcomes["mag-75"] == "not smaller"
     assert verdict.reason.startswith("nothing smaller than the baseline was certified: the baseline (1000")
-    assert verdict.verdict_reason.startswith("nothing smaller than the baseline was certified; ")
+    assert verdict.kind_reason.startswith("nothing smaller than the baseline was certified; ")
 
 
 def test_the_per_class_guard_is_on_by_default():

@@ -209,5 +209,5 @@ def test_the_per_class_guard_refuses_a_model_that_gives_up_a_class():
     assert table.loc[1, "worst_class"] == "3" and table.loc[1, "worst_class_drop"] > 80
     assert free.winner == "m", "without the guard the better, smaller model wins"
     table, guarded = judged(max_class_drop=10.0)
-    assert guarded.winner == "baseline" and guarded.eligible == ["baseline"]
+    assert guarded.winner == "baseline" and guarded.eligible == ("baseline",)
     assert "m (loses" in guarded.reason and "on class '3' > 10" in guarded.reason

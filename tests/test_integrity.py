@@ -82,17 +82,17 @@ def test_a_swapped_champion_is_refused_when_served_and_replaced_by_the_next_run(
             mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
         assert len(str(refused.value).strip().splitlines()) == 1
     again = _promote(evaluated, tmp_path / "2", model_name)  # the very same winner as v1 claims to be
-    assert again.winner == first.winner and again.verdict == "champion", again.verdict_reason
-    assert "sha256" in again.verdict_reason and "registry recorded" in again.verdict_reason
+    assert again.winner == first.winner and again.kind == "champion", again.kind_reason
+    assert "sha256" in again.kind_reason and "registry recorded" in again.kind_reason
     assert _aliases(model_name) == {"champion": 2}
-    assert not again.champion_before["loads"] and "sha256" in again.champion_before["error"]
+    assert not again.champion_before.loads and "sha256" in again.champion_before.error
 
 
 def test_a_champion_that_does_not_score_its_record_is_reported(evaluated, tmp_path, model_name):
     first = _promote(evaluated, tmp_path / "1", model_name)
     MlflowClient().set_model_version_tag(model_name, "1", "test_acc", "12.5")  # its record, edited
     again = _promote(evaluated, tmp_path / "2", model_name)
-    assert again.verdict == "unchanged"
+    assert again.kind == "unchanged"
     measured = f"champion v1 scores {first.test_acc:.2f} on the test images it was certified on"
     assert f"{measured}, but its record says 12.50" in again.warning
     assert "record says 12.50" in (tmp_path / "2/reports/report.md").read_text()
@@ -203,7 +203,7 @@ def test_a_rerun_completes_the_version_a_killed_run_registered(evaluated, tmp_pa
     again = run_promote(
         Context(params, layout, Tracker(tracking_uri(layout.root), params.tracking.experiment))
     )
-    assert again.verdict == "champion" and again.registry["version"] == "1"
+    assert again.kind == "champion" and again.registry.version == "1"
     (completed,) = MlflowClient().search_model_versions(f"name='{model_name}'")
     assert completed.tags["registration"] == "complete" and _aliases(model_name) == {"champion": 1}
 
@@ -265,7 +265,7 @@ def test_a_decision_that_cannot_be_written_undoes_the_alias_move(evaluated, tmp_
     # Once the disk is fixed the next run completes v2 instead of registering a v3.
     shutil.rmtree(tmp_path / "2")
     done = _promote(evaluated, tmp_path / "2", model_name, *SMALL_WINS)
-    assert done.verdict == "champion" and done.registry["version"] == "2"
+    assert done.kind == "champion" and done.registry.version == "2"
     assert _aliases(model_name) == {"champion": 2}
 
 
@@ -285,8 +285,8 @@ def test_an_untagged_foreign_champion_is_refused_with_the_fix_and_force_replaces
     with pytest.raises(PromotionError, match=r"v1 carries no task tags.*--force"):
         _promote(evaluated, tmp_path / "1", model_name)
     forced = _promote(evaluated, tmp_path / "2", model_name, force=True)
-    assert forced.verdict == "champion" and forced.forced, forced.verdict_reason
-    assert "is for another task (v1 carries no task tags" in forced.verdict_reason
+    assert forced.kind == "champion" and forced.forced, forced.kind_reason
+    assert "is for another task (v1 carries no task tags" in forced.kind_reason
     assert _aliases(model_name) == {"champion": 2}
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
-from shrinkflow.tasks.decide import decide
+from shrinkflow.tasks.decide import ClassAccuracy, Registered, decide
 from shrinkflow.tasks.escape import markdown_text
 from shrinkflow.tasks.evaluate import load_predictions, load_table, write_table
 from shrinkflow.tasks.report import (
@@ -95,7 +95,7 @@ def test_the_report_links_to_mlflow_and_prefect():
         "http://mlflow:5000/",
         "3",
         "abc",
-        {"model_name": "shrinkflow digits", "version": "7", "alias": "champion"},
+        Registered("shrinkflow digits", "7", "champion"),
         "shrink-basenet-digits-20261130-2350",
         "http://prefect:4300/flow-runs/flow-run/f1",
     )
@@ -106,7 +106,7 @@ def test_the_report_links_to_mlflow_and_prefect():
         in text
     )
     assert "[shrink-basenet-digits-20261130-2350](http://prefect:4300/flow-runs/flow-run/f1)" in text
-    local = "\n".join(links_section("sqlite:////p/mlflow.db", "1", "abc", {}))
+    local = "\n".join(links_section("sqlite:////p/mlflow.db", "1", "abc", None))
     assert "http://127.0.0.1:5000/#/experiments/1/runs/abc" in local
     assert "`mlflow ui --backend-store-uri sqlite:////p/mlflow.db`" in local and "nothing registered" in local
 
@@ -152,10 +152,10 @@ def test_untrusted_names_stay_text_in_the_markdown_report(evaluated, tmp_path):
     decision = decide(table, predictions, params.promote.model_copy(update={"tolerance": 50.0}))
     decision = dataclasses.replace(
         decision,
-        per_class=[
-            {"class": "cat|dog\n<b>x</b>", "baseline": 90.0, "model": 80.0, "difference": -10.0},
-            {"class": "plain", "baseline": 90.0, "model": 90.0, "difference": 0.0},
-        ],
+        per_class=(
+            ClassAccuracy("cat|dog\n<b>x</b>", 90.0, 80.0, -10.0),
+            ClassAccuracy("plain", 90.0, 90.0, 0.0),
+        ),
     )
     text = markdown_report(table, decision)
     outside_code = re.sub(r"`[^`\n]*`", "", text)  # code spans show their content literally

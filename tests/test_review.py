@@ -61,7 +61,7 @@ def promoted(evaluated, tmp_path_factory, server):
             tamper(layout)
         tracker = Tracker(server["url"], params.tracking.experiment)
         decisions.append(run_promote(Context(params, layout, tracker)))
-    assert [d.verdict for d in decisions] == ["champion", "challenger"], decisions[1].verdict_reason
+    assert [d.kind for d in decisions] == ["champion", "challenger"], decisions[1].kind_reason
     return {"name": name, "project": root / "small", "winner": decisions[0].winner}
 
 
