@@ -19,9 +19,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from shrinkflow.models import build_model, model_spec
 from shrinkflow.models.allocation import prunable_groups
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.determinism import nondeterminism
+from shrinkflow.models.lowrank import low_rank_layers
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.models.strategies import STRATEGIES
 from shrinkflow.models.strategies.structured import StructuredOptions
@@ -77,7 +79,8 @@ COLUMNS = [
     "sparsity",
     "compressed_bytes",
     "note",
-    "widths",  # structured pruning: channels kept per prunable group, e.g. "features.0=12 features.3=24"
+    # channels kept per pruned group and ranks of factorised layers, e.g. "features.0=12 classifier.1=50r8"
+    "widths",
 ]
 MACHINE_COLUMNS = ("latency_ms", "float_latency_ms", "ort_latency_ms")
 
@@ -202,19 +205,32 @@ def _row(
 
 
 def widths_text(record: ModelRecord, model: nn.Module, example: Tensor) -> str:
-    """A structured-pruning candidate's kept channels per prunable group, ``group=n`` apart by
-    spaces: the recorded allocation's, else read off the model; empty for any other model."""
+    """A pruned or factorised candidate's shape, ``name=...`` apart by spaces: a structured
+    pruner's kept channels per prunable group (``features.0=12``; the recorded allocation's, else
+    read off the model) and each factorised layer's rank (``r64``; ``r12x24`` for a convolution's
+    input and output ranks), after the width where the layer roots a group
+    (``classifier.1=500r64``), else alone (``classifier.3=r16``); empty for any other model."""
+    dense = dense_twin(model)
+    ranks = {name: "r" + "x".join(map(str, m.ranks)) for name, m in low_rank_layers(dense).items()}
     structured = [
         s for s in record.steps if s in STRATEGIES and issubclass(STRATEGIES[s].options, StructuredOptions)
     ]
-    if not structured:
-        return ""
-    try:
-        widths = record.options.get("widths") or prunable_groups(dense_twin(model), example)
-    except Exception as exc:  # a summary column: torch-pruning failing here must not fail the row
-        log.warning("%s: no widths column (torch-pruning: %s)", record.name, named_first_line(exc))
-        return ""
-    return " ".join(f"{group}={kept}" for group, kept in widths.items())
+    widths = {}
+    if structured:
+        try:
+            widths = record.options.get("widths") or prunable_groups(_whole(dense), example)
+        except Exception as exc:  # a summary column: torch-pruning failing here must not fail the row
+            log.warning("%s: no widths column (torch-pruning: %s)", record.name, named_first_line(exc))
+    tokens = [f"{group}={kept}{ranks.pop(group, '')}" for group, kept in widths.items()]
+    return " ".join([*tokens, *(f"{name}={rank}" for name, rank in ranks.items())])
+
+
+def _whole(model: nn.Module) -> nn.Module:
+    """``model`` with its factorised layers whole again (untrained, the shapes of its pruning):
+    what the pruned widths are read off."""
+    if not low_rank_layers(model):
+        return model
+    return build_model({k: v for k, v in model_spec(model).items() if k != "factorised"})
 
 
 def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig, keep: Path | None = None) -> dict:

@@ -38,7 +38,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,7 @@ STAGES: dict[str, StageSpec] = {
         cmd="shrinkflow stage sensitivity",
         data=(PREPARED, BASELINE),
         entries=ENTRIES["sensitivity"],
-        params=("shrink.workers", "shrink.calibration_size", "shrink.candidates"),
+        params=("shrink.workers", "shrink.calibration_size", "shrink.candidates", "shrink.ladder"),
         outs=(Out(SENSITIVITY, persist=True),),
     ),
     "shrink": StageSpec(
@@ -233,7 +233,7 @@ STAGES: dict[str, StageSpec] = {
         cmd="shrinkflow stage evaluate",
         data=(PREPARED, BASELINE, CANDIDATES),
         entries=ENTRIES["evaluate"],
-        params=("shrink.candidates", "evaluate", *GATE_PARAMS),
+        params=("shrink.candidates", "shrink.ladder", "evaluate", *GATE_PARAMS),
         outs=(
             Out(REPORT["CANDIDATES"]),
             Out(REPORT["PREDICTIONS"]),
@@ -254,6 +254,19 @@ STAGES: dict[str, StageSpec] = {
         ),
     ),
 }
+
+# The ladder's rungs are candidates too, built from the rung's budgets and the keys every rung
+# shares (tasks/config.py's LadderConfig; a test checks the list): the shrink stage once per rung.
+LADDER_KEYS = ("strategy", "lr", "epochs", "distill", "lowrank")
+STAGES["ladder"] = replace(
+    STAGES["shrink"],
+    foreach="${shrink.ladder.rungs}",
+    params=(
+        *(key for key in STAGES["shrink"].params if not key.startswith("shrink.candidates")),
+        *(f"shrink.ladder.{key}" for key in LADDER_KEYS),
+        f"shrink.ladder.rungs.{KEY}",
+    ),
+)
 
 PLOTS = [
     {
@@ -297,6 +310,8 @@ def dvc_yaml(params_file: str | Path | None = None) -> str:
             body = body.get("do", body)
             body["deps"] = [path for dep in body["deps"] for path in _relocated(dep, project)]
         raw = yaml.safe_load(Path(params_file).read_text()) or {}
+        if not _present(raw, "shrink.ladder.rungs"):  # DVC cannot iterate what the file lacks
+            del stages["ladder"]
         for body in stages.values():  # DVC refuses a key the file lacks; its default is code (config.py)
             body = body.get("do", body)
             body["params"] = [key for key in body["params"] if KEY in key or _present(raw, key)]

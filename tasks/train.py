@@ -8,7 +8,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
 from shrinkflow.models.checkpoint import load_checkpoint, sha256_file
+from shrinkflow.models.lowrank import low_rank_layers
 from shrinkflow.models.probe import probe_model, refuse_without_graph
 from shrinkflow.models.strategies.structured import step_ratios
-from shrinkflow.tasks.allocate import allocate_widths, summary
-from shrinkflow.tasks.config import Params, TrainConfig, comes_trained
+from shrinkflow.tasks.allocate import allocate_widths, factorised, summary
+from shrinkflow.tasks.config import CandidateConfig, Params, TrainConfig, comes_trained
 from shrinkflow.tasks.engine import (
     FitResult,
     Hooks,
@@ -189,8 +190,9 @@ def _baseline(layout: Layout, inputs: _Inputs) -> nn.Module:
 @dataclass
 class _Built:
     """One candidate at one ratio: the model, how its training went (None: never trained), and
-    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds, a
-    budget's allocation)."""
+    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds, and in
+    ``allocation`` what the record's options gain: a budget's allocation, the lowrank step's
+    ranks)."""
 
     model: nn.Module
     result: FitResult | None
@@ -207,6 +209,7 @@ def _allocated(
     trial) becomes ``budget.keep = 1 - ratio``."""
     cand = params.shrink.candidates[name]
     request = cand.allocation_request(params.seed, None if ratio is None else 1 - ratio)
+    request = replace(request, ranks=cand.allocates_ranks)
     table = load_table(params, layout, cand.strategy, inputs.calibration)
     chosen = allocate_widths(cand.strategy, request, model, table, inputs.calibration, inputs.val)
     path = layout.sensitivity_table(cand.strategy).relative_to(layout.root)
@@ -234,6 +237,26 @@ def _sparsity_phase(
     }
 
 
+def _lowrank_step(cand: CandidateConfig, model: nn.Module, calibration: Split, built: _Built) -> nn.Module:
+    """The candidate's ``lowrank`` step, after its strategy: each layer factorised at the ranks the
+    budget's allocation chose with the widths, or by the step's own ratio, energy or ranks. The
+    ranks it has then go in the record (``ranks``: layer -> its ranks)."""
+    step = cand.lowrank
+    allocated = {n: tuple(r) for n, r in built.allocation.get("ranks", {}).items()}
+    if step.allocate:
+        model = factorised(model, allocated, calibration)
+    else:
+        model = apply_strategy("lowrank", model, calibration, **step.options())
+    ranks = {n: m.ranks for n, m in low_rank_layers(model).items()}
+    if step.allocate and ranks != allocated:  # the allocation offers only ranks the strategy takes
+        raise ValueError(f"the lowrank step factorised {ranks}, not the allocated {allocated}")
+    built.allocation |= {
+        "lowrank": step.model_dump(exclude_none=True, exclude_defaults=True),
+        "ranks": {n: list(r) for n, r in ranks.items()},
+    }
+    return model
+
+
 def _split_epochs(epochs: int, rounds: int) -> list[int]:
     """``epochs`` shared by ``rounds`` as evenly as possible, the remainder to the last rounds."""
     return [epochs // rounds + (i >= rounds - epochs % rounds) for i in range(rounds)]
@@ -242,9 +265,10 @@ def _split_epochs(epochs: int, rounds: int) -> list[int]:
 def _shrink_and_train(
     params: Params, layout: Layout, name: str, inputs: _Inputs, ratio: float | None
 ) -> _Built:
-    """One candidate at one ratio: [sparsity fine-tune] -> strategy -> fine-tune (plain or
-    distilled, zeros kept where the strategy needs it; with ``rounds``, strategy and fine-tune
-    repeat, each round removing an equal share of the original width) -> [int8]."""
+    """One candidate at one ratio: [sparsity fine-tune] -> strategy -> [lowrank] -> fine-tune
+    (plain or distilled, zeros kept where the strategy needs it; with ``rounds``, strategy and
+    fine-tune repeat, each round removing an equal share of the original width, and the lowrank
+    step follows the last round's strategy) -> [int8]."""
     cand, cfg = params.shrink.candidates[name], candidate_train_config(params, name)
     info, model = STRATEGIES[cand.strategy], _baseline(layout, inputs)
     phase = cand.sparsity_phase()
@@ -265,6 +289,8 @@ def _shrink_and_train(
         with seeded(params.seed):
             step_options = options | ({"ratio": step} if step is not None else {})
             model = apply_strategy(cand.strategy, model, inputs.calibration, **step_options)
+            if cand.lowrank and i == len(ratios) - 1:
+                model = _lowrank_step(cand, model, inputs.calibration, built)
         if info.trains:
             hooks = Hooks(loss=teacher or None, after_step=keep_zeros(model) if info.keeps_zeros else None)
             round_cfg = cfg.model_copy(update={"epochs": epochs})
