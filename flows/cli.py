@@ -86,11 +86,12 @@ def _fail(message: str) -> None:
 def _user_errors() -> Iterator[None]:
     """Errors a user can fix become one line on stderr and exit status 1, not a traceback."""
     from shrinkflow.models.checkpoint import CheckpointError
+    from shrinkflow.models.probe import NoGraph
     from shrinkflow.tasks.errors import ShrinkflowError
 
     try:
         yield
-    except (ShrinkflowError, CheckpointError) as exc:
+    except (ShrinkflowError, CheckpointError, NoGraph) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (see _terminated_as_interrupt)
@@ -292,7 +293,8 @@ def failure_lines(table) -> list[str]:
 
 def _why_all_failed(csv: Path, since: float = 0.0) -> None:
     """When every candidate of the table at ``csv`` (written at or after ``since``: this run's)
-    failed, print why each did, before the one-line error says that they did."""
+    failed, print why each did: before the decision, in which the measured baseline stands, or
+    before a one-line error."""
     from shrinkflow.tasks.errors import ShrinkflowError
     from shrinkflow.tasks.evaluate import load_table
 
@@ -345,6 +347,7 @@ def run(
                 raise
             finally:
                 progress.stop()
+            _why_all_failed(Layout.from_params(cfg, root).candidates_csv, started)
     report(params=params, root=root)
 
 
@@ -384,6 +387,7 @@ def stage(
                 except ShrinkflowError:
                     _why_all_failed(ctx.layout.candidates_csv)
                     raise
+                _why_all_failed(ctx.layout.candidates_csv)
             else:
                 runners = {
                     "prepare": stages.run_prepare,
@@ -476,7 +480,6 @@ ByOpt = Annotated[str | None, typer.Option("--by", help="who decides (default: $
 
 def _reviewing(params: Path, root: Path | None):
     """The config, the registry and today's test images of the project a reviewer works in."""
-    from shrinkflow.tasks.given import trust_user_code
     from shrinkflow.tasks.layout import Layout
     from shrinkflow.tasks.promote import ServedTest
     from shrinkflow.tasks.tracking import Tracker
@@ -484,7 +487,6 @@ def _reviewing(params: Path, root: Path | None):
     cfg = load_params(params)
     root = project_root(params, root)
     layout = Layout.from_params(cfg, root)
-    trust_user_code(cfg, layout)
     return cfg, Tracker.for_project(root, cfg.tracking.experiment), ServedTest.load(layout)
 
 

@@ -84,25 +84,43 @@ def classifier_layers(model: nn.Module, num_classes: int | None = None) -> list[
 def record_pruning(model: nn.Module, history: list) -> None:
     """Append torch-pruning's ``DependencyGraph.pruning_history()`` entries to the model's own
     (a network that is rebuilt by replaying its pruning keeps one; others ignore it), as plain
-    JSON: ``[module name, pruned outputs?, [indices]]``."""
+    JSON: ``[module name, pruned outputs?, [indices]]``; then bring the widths a forward reads
+    from attributes in line (pruning and its replay both end here)."""
     kept = getattr(model, "pruning_history", None)
     if isinstance(kept, list):
         kept.extend([name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history)
+    follow_pruned_widths(model)
+
+
+def follow_pruned_widths(model: nn.Module) -> None:
+    """Widths torch-pruning cannot see: torchvision's ``VisionTransformer`` reshapes its patch
+    embedding by ``hidden_dim``, which must follow the pruned ``conv_proj`` (matched by name, so
+    that this module need not import torchvision)."""
+    for module in model.modules():
+        patches = getattr(module, "conv_proj", None)
+        if type(module).__name__ == "VisionTransformer" and isinstance(patches, nn.Conv2d):
+            module.hidden_dim = patches.out_channels
 
 
 def pruning_summary(model: nn.Module, example: Tensor) -> dict[str, object]:
     """What torch-pruning finds in ``model``: how many groups of coupled layers it can prune
-    together, and which layers with weights belong to none (left alone; the classifier always)."""
+    together, and which layers with weights belong to none (left alone; the classifier always).
+    A layer inside one that is narrowed (the output projection of ``nn.MultiheadAttention``)
+    is narrowed with it. Unbounded on some networks (Swin): call it through
+    :func:`shrinkflow.models.probe.probe_graph` on a network nobody has checked."""
     import torch_pruning as tp
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     groups = list(graph.get_all_groups(ignored_layers=classifier_layers(model)))
+    names = {module: name for name, module in model.named_modules()}
     narrowed = {
-        item.dep.target.module
+        names[item.dep.target.module]
         for group in groups
         for item in group
-        if graph.is_out_channel_pruning_fn(item.dep.handler)
+        if graph.is_out_channel_pruning_fn(item.dep.handler) and item.dep.target.module in names
     }
-    names = {module: name for name, module in model.named_modules()}
-    weighted = [m for m in model.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
-    return {"groups": len(groups), "left_alone": [names[m] for m in weighted if m not in narrowed]}
+    weighted = [
+        n for n, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))
+    ]
+    alone = [n for n in weighted if not any(n == k or n.startswith(f"{k}.") for k in narrowed)]
+    return {"groups": len(groups), "left_alone": alone}

@@ -1,10 +1,11 @@
-"""A budget candidate's widths, decided before its strategy runs.
+"""A budget candidate's widths (and ranks), decided before its strategy runs.
 
 The allocation is a value: the baseline's cost model, the measured sensitivity table and the
 candidate's typed request go in, an :class:`~shrinkflow.models.allocation.Allocation` comes out,
-and the pipeline then calls the strategy with its widths. A latency budget is then checked by
-measurement, in steps that are each a function (measure, tighten, shrink), each logged and each
-kept in the record, in a bounded loop that makes a new record per step.
+and the pipeline then calls the strategy with its widths and, where ranks were allocated too,
+the lowrank strategy with its ranks. A latency budget is then checked by measurement on the
+pruned and factorised network, in steps that are each a function (measure, tighten, shrink),
+each logged and each kept in the record, in a bounded loop that makes a new record per step.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from shrinkflow.models.allocation import (
     LatencyCheck,
     LatencyStep,
     Problem,
+    RankPlan,
     Request,
     Sensitivity,
     Widths,
@@ -47,43 +49,64 @@ Batch = tuple[Tensor, Tensor]
 
 @dataclass(frozen=True)
 class Measuring:
-    """What the latency check times: the unpruned ``model``, ``prune(widths)`` (a pruned copy)
-    and ``time(models) -> ms`` (interleaved, the first model the reference)."""
+    """What the latency check times: the unpruned ``model``, ``shrink(widths, ranks)`` (a pruned
+    and factorised copy) and ``time(models) -> ms`` (interleaved, the first model the reference)."""
 
     model: nn.Module
-    prune: Callable[[Widths], nn.Module]
+    shrink: Callable[[Widths, RankPlan], nn.Module]
     time: Callable[[list[nn.Module]], list[float]]
 
 
-def pruner(strategy: str, model: nn.Module, calibration: Batch) -> Callable[[Widths], nn.Module]:
-    """``widths -> a copy of model pruned to them`` by the candidate's own strategy."""
-    return lambda widths: apply_strategy(strategy, copy.deepcopy(model), calibration, widths=widths)
+def shrinker(strategy: str, model: nn.Module, calibration: Batch) -> Callable[[Widths, RankPlan], nn.Module]:
+    """``(widths, ranks) -> a copy of model`` pruned to ``widths`` by the candidate's own strategy,
+    then factorised at ``ranks`` by the lowrank strategy (where there are any): what the
+    candidate's steps build from an allocation."""
+
+    def shrink(widths: Widths, ranks: RankPlan) -> nn.Module:
+        pruned = apply_strategy(strategy, copy.deepcopy(model), calibration, widths=widths)
+        return factorised(pruned, ranks, calibration)
+
+    return shrink
+
+
+def factorised(model: nn.Module, ranks: RankPlan, calibration: Batch) -> nn.Module:
+    """``model`` factorised at ``ranks`` by the lowrank strategy (unchanged when there are none)."""
+    if not ranks:
+        return model
+    return apply_strategy("lowrank", model, calibration, ranks={n: list(r) for n, r in ranks.items()})
 
 
 def allocate_widths(
     strategy: str, request: Request, model: nn.Module, table: Sensitivity, calibration: Batch, val: Batch
 ) -> Allocation:
-    """The widths ``request`` allocates on ``model`` (the baseline, after any pre-phase), with
-    the measured ``table``; a latency budget's checked by measurement."""
+    """The widths (and, when ``request`` asks, the ranks) ``request`` allocates on ``model`` (the
+    baseline, after any pre-phase), with the measured ``table``; a latency budget's checked by
+    measurement."""
     example = calibration[0][:1].float()
-    prune, score = pruner(strategy, model, calibration), scorer(calibration, val)
+    shrink, score = shrinker(strategy, model, calibration), scorer(calibration, val)
     problem = Problem(
         with_latency(cost_model(model, example), table),
         request,
         table,
         scores=STRATEGIES[strategy].scores(model, calibration) if request.method == "global" else None,
-        evaluate=lambda widths: score(prune(widths)),
+        evaluate=lambda widths: score(shrink(widths, {})),
     )
     chosen = allocate(problem)
-    log.info("%s allocation: widths %s, cost shares %s", request.method, chosen.widths, chosen.cost)
+    log.info(
+        "%s allocation: widths %s, ranks %s, cost shares %s",
+        request.method,
+        chosen.widths,
+        chosen.ranks or "none",
+        chosen.cost,
+    )
     if request.keep("latency_ms") is None:
         return chosen
-    return checked_latency(problem, chosen, Measuring(model, prune, timed_together(example)))
+    return checked_latency(problem, chosen, Measuring(model, shrink, timed_together(example)))
 
 
 def measure(measuring: Measuring, chosen: Allocation, by: str, asked: float) -> LatencyStep:
-    """``chosen``'s widths timed against the unpruned model."""
-    base_ms, ms = measuring.time([measuring.model, measuring.prune(chosen.widths)])
+    """``chosen``'s network (its widths, and its ranks) timed against the unpruned model."""
+    base_ms, ms = measuring.time([measuring.model, measuring.shrink(chosen.widths, chosen.ranks)])
     step = LatencyStep(by, asked, chosen.cost["latency_ms"], ms / base_ms, base_ms)
     log.info(
         "latency check: widths from the %s (asked %.3f) predicted %.3f, measure %.3f of the baseline",
@@ -97,10 +120,10 @@ def measure(measuring: Measuring, chosen: Allocation, by: str, asked: float) -> 
 
 def tighten(problem: Problem, keep: float) -> Allocation | None:
     """Allocated again with the latency budget asked of the table lowered to ``keep`` (never
-    below what the floors reach); ``None`` where the table cannot go there."""
+    below what the floors and the cheapest ranks reach); ``None`` where the table cannot go there."""
     asked = problem.request.keep("latency_ms")
     if keep < asked:
-        keep = max(keep, problem.costs.fraction("latency_ms", problem.low))
+        keep = max(keep, problem.least("latency_ms"))
     try:
         return allocate(replace(problem, request=problem.request.with_keep("latency_ms", keep)))
     except ValueError as exc:  # out of the table's reach
@@ -184,14 +207,16 @@ def checked_latency(problem: Problem, chosen: Allocation, measuring: Measuring) 
 
 
 def summary(allocation: Allocation, request: Request, table: Sensitivity, path: str) -> dict[str, Any]:
-    """What a candidate's record (and so MLflow) keeps of its allocation: the widths, the cost
-    shares they predict, every budget with its predicted (and, for latency, measured) share,
-    the predicted validation loss, each group's measured loss curve and the table's file; a
-    ``sample`` allocation's scored vectors; a latency budget's measured check."""
+    """What a candidate's record (and so MLflow) keeps of its allocation: the widths (and the
+    ranks, where allocated), the cost shares they predict, every budget with its predicted (and,
+    for latency, measured) share, the predicted validation loss, each group's (and layer's)
+    measured loss curve and the table's file; a ``sample`` allocation's scored vectors; a
+    latency budget's measured check."""
     # The latency table adds single-group savings, which overlap: a prediction below zero is none.
     cost = {o: None if o == "latency_ms" and v < 0 else v for o, v in allocation.cost.items()}
     found = {
         "widths": allocation.widths,
+        **({"ranks": {n: list(r) for n, r in allocation.ranks.items()}} if request.ranks else {}),
         "allocated": {
             "method": allocation.method,
             "cost": cost,
@@ -204,6 +229,11 @@ def summary(allocation: Allocation, request: Request, table: Sensitivity, path: 
             "loss": {g: [round(v, 4) for v in row["loss"]] for g, row in table.groups.items()},
         },
     }
+    if request.ranks:
+        found["sensitivity"]["rank_loss"] = {
+            name: {"ranks": row["ranks"], "loss": [round(v, 4) for v in row["loss"]]}
+            for name, row in table.layers.items()
+        }
     if allocation.predicted_loss is not None:
         found["allocated"]["predicted_val_loss"] = round(allocation.predicted_loss, 4)
     if allocation.latency is not None:

@@ -1,11 +1,12 @@
 """What a trained model is a function of, so an orchestrator can reuse it instead of retraining.
 
 A key hashes what the stage's spec in :mod:`shrinkflow.tasks.stage_specs` declares, the very list
-``dvc.yaml`` is generated from: the source of its code, the values of its params, and its data
-(the prepared data's fingerprint or, for a candidate, the baseline checkpoint it starts from),
-plus where the checkpoint is written. :func:`intact` then checks that the checkpoint a cached
-result points at is still on disk, unchanged. A re-run after an interruption therefore redoes
-only the models that had not finished.
+``dvc.yaml`` is generated from: the source of its code (every file its entry module imports, derived
+there, so a module the stage starts to import changes its keys), the values of its params, and its
+data (the prepared data's fingerprint or, for a candidate, the baseline checkpoint it starts from),
+plus where the checkpoint is written. :func:`intact` then checks that the checkpoint a cached result
+points at is still on disk, unchanged. A re-run after an interruption therefore redoes only the
+models that had not finished.
 """
 
 from __future__ import annotations

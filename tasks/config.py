@@ -26,11 +26,13 @@ from pydantic import (
 )
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES
+from shrinkflow.models.allocation import RANKS_BY, Objective
 from shrinkflow.models.arch import OPTIONS
 from shrinkflow.models.arch.given import GivenOptions
 from shrinkflow.models.architecture import ArchOptions
 from shrinkflow.models.preprocess import InputOptions
 from shrinkflow.models.strategies.base import Strategy
+from shrinkflow.models.strategies.lowrank import LowRankOptions
 from shrinkflow.models.strategies.structured import BUDGET_SHAPES, StructuredOptions
 from shrinkflow.tasks.errors import ShrinkflowError
 
@@ -203,11 +205,33 @@ class SearchConfig(_Section):
         return self
 
 
+class LowRankStep(LowRankOptions):
+    """The ``lowrank`` step of a candidate whose strategy is another: after the strategy (after
+    pruning) and before fine-tuning, each layer is factorised at the rank ``ratio``, ``energy`` or
+    ``ranks`` give (the lowrank strategy's own options), or (``allocate: true``, beside a
+    ``budget`` with ``allocation: sensitivity``) at the rank the budget's allocation chooses
+    together with the widths."""
+
+    allocate: bool = False
+
+    @model_validator(mode="after")
+    def _one_way(self) -> LowRankStep:
+        given = [k for k in ("ratio", "energy", "ranks") if getattr(self, k) is not None]
+        if len(given) + self.allocate != 1:
+            raise ValueError("give one of ratio, energy, ranks and allocate: true")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for the lowrank strategy (none for ``allocate``: the allocation's ranks)."""
+        return {k: v for k in ("ratio", "energy", "ranks") if (v := getattr(self, k)) is not None}
+
+
 class _Candidate(_Section):
     """Fields every candidate has, around its strategy's own options (each strategy declares those
-    beside itself, in models/strategies/). Any trainable candidate may fine-tune with ``distill``
-    and end with ``quantize: int8`` (prune -> distill -> int8); a ratio strategy takes a fixed
-    ``ratio`` or a ``search`` for the largest one that passes the gate."""
+    beside itself, in models/strategies/). Any trainable candidate may factorise after its
+    strategy with a ``lowrank`` step, fine-tune with ``distill`` and end with ``quantize: int8``
+    (prune -> lowrank -> distill -> int8); a ratio strategy takes a fixed ``ratio`` or a
+    ``search`` for the largest one that passes the gate."""
 
     strategy: str
     epochs: Annotated[int, Field(ge=1)] | None = None
@@ -219,6 +243,7 @@ class _Candidate(_Section):
     # Iterative pruning: reach the ratio in this many rounds, fine-tuning between them; the
     # candidate's epochs are split across the rounds (the budget stays the same).
     rounds: Annotated[int, Field(ge=1, le=10)] = 1
+    lowrank: LowRankStep | None = None  # factorised after the strategy (the last round's)
 
     @property
     def _strategy(self) -> Strategy:
@@ -227,7 +252,9 @@ class _Candidate(_Section):
     @model_validator(mode="after")
     def _fits_the_strategy(self) -> _Candidate:
         if not self._strategy.trains:
-            stray = sorted(self.model_fields_set & {"epochs", "lr", "distill", "quantize", "search"})
+            stray = sorted(
+                self.model_fields_set & {"epochs", "lr", "distill", "quantize", "search", "lowrank"}
+            )
             if stray:
                 raise ValueError(
                     f"{self.strategy} is a final post-training step, so {stray[0]!r} does not apply"
@@ -265,21 +292,44 @@ class _Candidate(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _lowrank_step_fits(self) -> _Candidate:
+        if self.lowrank is None:
+            return self
+        if self.strategy == "lowrank":
+            raise ValueError(
+                "lowrank: a lowrank candidate factorises already; the step follows another strategy"
+            )
+        if self.lowrank.allocate and (
+            getattr(self, "budget", None) is None or getattr(self, "allocation", None) not in RANKS_BY
+        ):
+            raise ValueError(
+                f"lowrank.allocate: ranks are allocated with the widths, so give a budget with allocation: "
+                f"{' or '.join(RANKS_BY)}"
+            )
+        return self
+
+    @property
+    def allocates_ranks(self) -> bool:
+        """Whether the budget's allocation chooses ranks beside the widths."""
+        return self.lowrank is not None and self.lowrank.allocate
+
     def options(self) -> dict[str, Any]:
         """Keyword arguments for the strategy (its own options, less those of a pre-phase)."""
         own = self._strategy.options
         return {k: getattr(self, k) for k in own.model_fields if k not in own.PHASE_KEYS}
 
     def steps(self) -> list[str]:
-        """The composed steps, in order, e.g. ``["prune_l1", "distill", "int8"]``."""
+        """The composed steps, in order, e.g. ``["prune_l1", "lowrank", "distill", "int8"]``."""
         return [
             self.strategy,
+            *(["lowrank"] if self.lowrank else []),
             *(["distill"] if self.distill else []),
             *([self.quantize] if self.quantize else []),
         ]
 
     def composition(self) -> str:
-        """The steps joined by ``+``, e.g. ``prune_l1+distill+int8``: what the model is made of."""
+        """The steps joined by ``+``, e.g. ``prune_l1+lowrank+distill+int8``: what the model is made of."""
         return "+".join(self.steps())
 
     def exclusive(self) -> bool:
@@ -303,6 +353,42 @@ CandidateConfig = Annotated[
 ]
 
 
+# The strategies a ladder's rungs may use: those whose candidates take a budget.
+LADDER_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if "budget" in s.options.model_fields)
+CANDIDATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class LadderConfig(_Section):
+    """Budget candidates with nothing to write but their budgets: each rung (``name: {objective:
+    keep, ...}``, e.g. ``ladder-10: {params: 0.1, latency_ms: 0.4}``) is a candidate of that name
+    that prunes with ``strategy`` to widths allocated by measured sensitivity for every budget at
+    once, with the ranks of its factorised layers allocated together with the widths
+    (``lowrank``), fine-tuned for ``epochs`` at ``lr`` and distilled from the baseline
+    (``distill``; null: plain fine-tuning). Rungs are tested like any candidate, largest first."""
+
+    strategy: Literal[LADDER_STRATEGIES] = "prune_l1"  # type: ignore[valid-type]
+    lr: Annotated[float, Field(gt=0)] | None = 0.01
+    epochs: Annotated[int, Field(ge=1)] | None = None  # None: shrink.epochs
+    distill: DistillConfig | None = DistillConfig()
+    lowrank: bool = True
+    rungs: dict[str, Annotated[dict[Objective, Fraction], Field(min_length=1)]]
+
+    def candidates(self) -> dict[str, dict[str, Any]]:
+        """Each rung as a candidate's entry in ``shrink.candidates``, by its name."""
+        common = {
+            "strategy": self.strategy,
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "distill": self.distill and self.distill.model_dump(),
+            "allocation": "sensitivity",
+            "lowrank": {"allocate": True} if self.lowrank else None,
+        }
+        return {
+            name: common | {"budget": [{"objective": o, "keep": k} for o, k in rung.items()]}
+            for name, rung in self.rungs.items()
+        }
+
+
 class ShrinkConfig(_Section):
     workers: Annotated[int, Field(ge=1)] = 2  # candidates trained at once
     # Where the fan-out runs: Prefect's thread pool, its process pool, or a Dask cluster
@@ -312,12 +398,31 @@ class ShrinkConfig(_Section):
     epochs: Annotated[int, Field(ge=1)] = 20
     lr: Annotated[float, Field(gt=0)] | None = None
     calibration_size: Annotated[int, Field(ge=1)] = 256
-    candidates: dict[str, CandidateConfig]
+    ladder: LadderConfig | None = None  # budget candidates generated from rungs
+    candidates: dict[str, CandidateConfig] = {}  # the declared ones, and the ladder's rungs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rungs_are_candidates(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or not isinstance(raw.get("ladder"), dict):
+            return raw
+        try:
+            ladder = LadderConfig.model_validate(raw["ladder"])
+        except ValidationError:
+            return raw  # reported with its key by the ladder's own validation
+        declared = raw.get("candidates") or {}
+        if isinstance(declared, dict) and (both := next((n for n in ladder.rungs if n in declared), None)):
+            raise ValueError(f"ladder rung {both!r} has the name of a declared candidate; rename one")
+        return raw | {
+            "candidates": declared | ladder.candidates() if isinstance(declared, dict) else declared
+        }
 
     @model_validator(mode="after")
     def _valid_names(self) -> ShrinkConfig:
         if not self.candidates:
-            raise ValueError("shrink.candidates is empty; declare at least one candidate")
+            raise ValueError(
+                "shrink.candidates is empty; declare at least one candidate or a shrink.ladder rung"
+            )
         for name, cand in self.candidates.items():
             if cand.rounds > (cand.epochs or self.epochs):
                 raise ValueError(
@@ -326,7 +431,7 @@ class ShrinkConfig(_Section):
                 )
         for name in self.candidates:
             # No dots: DVC reads `shrink.candidates.<name>` as a dotted key path.
-            if name == "baseline" or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            if name == "baseline" or not CANDIDATE_NAME.fullmatch(name):
                 raise ValueError(
                     f"candidate name {name!r} must be letters, digits, '-' or '_' and not 'baseline'"
                 )
@@ -354,6 +459,11 @@ class ShrinkConfig(_Section):
             for cand in self.candidates.values()
             if getattr(cand, "budget", None) is not None
         }
+
+    def ranked_tables(self) -> set[str]:
+        """The strategies whose tables also measure each factorisable layer's ranks: those of the
+        budget candidates that allocate ranks."""
+        return {cand.strategy for cand in self.candidates.values() if cand.allocates_ranks}
 
 
 # The image size each built-in source has before any resize (imagefolder's is known only later).

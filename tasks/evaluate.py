@@ -19,8 +19,11 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from shrinkflow.models import build_model, model_spec
 from shrinkflow.models.allocation import prunable_groups
 from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.determinism import nondeterminism
+from shrinkflow.models.lowrank import low_rank_layers
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.models.strategies import STRATEGIES
 from shrinkflow.models.strategies.structured import StructuredOptions
@@ -30,7 +33,6 @@ from shrinkflow.tasks.engine import Split, accuracy, predict
 from shrinkflow.tasks.errors import ShrinkflowError, named_first_line
 from shrinkflow.tasks.export import check_onnx
 from shrinkflow.tasks.gate import versus_baseline, worst_class
-from shrinkflow.tasks.given import trust_user_code
 from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 MEASURED_SPLITS = ("val", "gate", "test")
 PAIRED_SPLITS = ("gate", "test")
 PAIRED_STATS = ("delta", "lower", "upper", "p")
+# Validation images every candidate is evaluated on twice (the answers must be identical); the
+# baseline stage checked the baseline the same way.
+DETERMINISM_IMAGES = 32
 
 # Every column but latency_ms is a function of data, params, seed and code alone, so two runs
 # write the same bytes; latency is a measurement of the machine (training time is left to the
@@ -74,7 +79,8 @@ COLUMNS = [
     "sparsity",
     "compressed_bytes",
     "note",
-    "widths",  # structured pruning: channels kept per prunable group, e.g. "features.0=12 features.3=24"
+    # channels kept per pruned group and ranks of factorised layers, e.g. "features.0=12 classifier.1=50r8"
+    "widths",
 ]
 MACHINE_COLUMNS = ("latency_ms", "float_latency_ms", "ort_latency_ms")
 
@@ -186,6 +192,11 @@ def _row(
     if record.status != "ok":
         return row, {}
     model, _ = load_checkpoint(layout.root / record.checkpoint, sha256=record.sha256)
+    if record.name != "baseline" and (reason := nondeterminism(model, splits["val"][0][:DETERMINISM_IMAGES])):
+        # A candidate that answers the same images differently each time would pass the gate on
+        # one evaluation and serve other answers: it fails here, before anything registers it.
+        log.warning("%s fails: it answers the same images differently between calls: %s", record.name, reason)
+        return row | {"status": "failed", "error": f"answers change between calls: {reason}"}, {}
     measurement, predicted = measure(model, splits, cfg)
     onnx = onnx_columns(model, splits["test"], cfg, layout.onnx(record.name))
     return row | vars(measurement) | onnx | {
@@ -194,15 +205,32 @@ def _row(
 
 
 def widths_text(record: ModelRecord, model: nn.Module, example: Tensor) -> str:
-    """A structured-pruning candidate's kept channels per prunable group, ``group=n`` apart by
-    spaces: the recorded allocation's, else read off the model; empty for any other model."""
+    """A pruned or factorised candidate's shape, ``name=...`` apart by spaces: a structured
+    pruner's kept channels per prunable group (``features.0=12``; the recorded allocation's, else
+    read off the model) and each factorised layer's rank (``r64``; ``r12x24`` for a convolution's
+    input and output ranks), after the width where the layer roots a group
+    (``classifier.1=500r64``), else alone (``classifier.3=r16``); empty for any other model."""
+    dense = dense_twin(model)
+    ranks = {name: "r" + "x".join(map(str, m.ranks)) for name, m in low_rank_layers(dense).items()}
     structured = [
         s for s in record.steps if s in STRATEGIES and issubclass(STRATEGIES[s].options, StructuredOptions)
     ]
-    if not structured:
-        return ""
-    widths = record.options.get("widths") or prunable_groups(dense_twin(model), example)
-    return " ".join(f"{group}={kept}" for group, kept in widths.items())
+    widths = {}
+    if structured:
+        try:
+            widths = record.options.get("widths") or prunable_groups(_whole(dense), example)
+        except Exception as exc:  # a summary column: torch-pruning failing here must not fail the row
+            log.warning("%s: no widths column (torch-pruning: %s)", record.name, named_first_line(exc))
+    tokens = [f"{group}={kept}{ranks.pop(group, '')}" for group, kept in widths.items()]
+    return " ".join([*tokens, *(f"{name}={rank}" for name, rank in ranks.items())])
+
+
+def _whole(model: nn.Module) -> nn.Module:
+    """``model`` with its factorised layers whole again (untrained, the shapes of its pruning):
+    what the pruned widths are read off."""
+    if not low_rank_layers(model):
+        return model
+    return build_model({k: v for k, v in model_spec(model).items() if k != "factorised"})
 
 
 def onnx_columns(model: nn.Module, test: Split, cfg: EvaluateConfig, keep: Path | None = None) -> dict:
@@ -274,9 +302,10 @@ def _unquoted(value: object) -> object:
 
 def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     """Measure the baseline and every declared candidate; write ``candidates.csv``, every model's
-    predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed
-    keeps its row with ``status=failed``."""
-    trust_user_code(params, layout)
+    predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed, or
+    that answers the same images differently between calls, keeps its row with ``status=failed``
+    and the reason. A factory model's package must be importable (the stage runs inside
+    :func:`shrinkflow.tasks.given.user_code`)."""
     splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
     names = ["baseline", *params.shrink.candidates]
     records = [_record(params, layout, name) for name in names]

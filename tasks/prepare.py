@@ -142,6 +142,7 @@ def prepare(params: Params, layout: Layout, chunk: int = CHUNK) -> Manifest:
         std=std,
         scale=raw.scale,
         resize=cfg.resize,
+        resizes=cfg.image_size is not None,
         normalisation=normalisation,
         heldout=raw.heldout if heldout else "",
         origin=_origin(raw, heldout),

@@ -24,6 +24,10 @@ class Manifest:
     std: list[float]
     scale: float = 255.0  # stored uint8 pixels are divided by this before normalising
     resize: str = "stretch"  # how images of another size reach input_shape (models/preprocess.py)
+    # Whether the images were resized to input_shape (data.image_size, or a model's input.size):
+    # then the served model resizes any size the same way; else it takes input_shape's size only.
+    # True in manifests written before the field existed, which served every size.
+    resizes: bool = True
     normalisation: str = "data"  # whose mean/std: the training split's ("data"), or the model's
     # Which images may have trained a model brought from outside; val, gate and test come from
     # `heldout` alone then ("" when the model is ours, or the split is the usual random one).

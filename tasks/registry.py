@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from shrinkflow.models.arch.given import code_package
+from shrinkflow.models.arch.given import code_packages
 from shrinkflow.models.checkpoint import CheckpointError, sha256_file, user_factory
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.io import read_json
@@ -53,10 +53,11 @@ def serving_package(into: Path) -> Path:
 
 def serving_code(into: Path, checkpoint: Path) -> list[str]:
     """What a registered model must carry to load anywhere: shrinkflow's ``models`` package and,
-    for a network built by the user's own factory, the user's package (imported from there only)."""
+    for a network built by the user's own factory, the user's package and the packages of its
+    code folder it imports (imported from there only)."""
     paths = [str(serving_package(into))]
     if factory := user_factory(checkpoint):
-        paths.append(str(code_package(factory)))
+        paths += [str(path) for path in code_packages(factory)]
     return paths
 
 

@@ -2,14 +2,18 @@
 and shrink.
 
 For each strategy a budget candidate prunes with, each prunable group of the baseline is pruned
-alone at each ``sensitivity_ratios`` ratio by that strategy (its importance picks the channels),
-BatchNorm statistics are re-estimated on the calibration images, and validation loss and
-accuracy, params, FLOPs and batch-1 single-thread latency (``evaluate``'s timer) are measured.
-Each table is written to ``<paths.sensitivity>/sensitivity-<strategy>.json`` with its key (the
-baseline checkpoint's sha256, the prepared data's fingerprint, the strategy, the ratios and the
-calibration size), a plot of every group's curve beside it, and ``tables.json`` lists them (and
-is written, empty, when no candidate needs a table). A table whose key still holds is kept, not
-measured again; a candidate refuses a table that is missing or whose key no longer holds.
+alone at each ``sensitivity_ratios`` ratio by that strategy (its importance picks the channels)
+and, where a candidate of that strategy allocates ranks too (``lowrank: {allocate: true}``), each
+factorisable layer is factorised alone by the lowrank strategy at each of its rank levels
+(:data:`~shrinkflow.models.allocation.RANK_SHARES` of its maximum rank); BatchNorm statistics
+are re-estimated on the calibration images, and validation loss and accuracy, params, FLOPs and
+batch-1 single-thread latency (``evaluate``'s timer) are measured. Each table is written to
+``<paths.sensitivity>/sensitivity-<strategy>.json`` with its key (the baseline checkpoint's
+sha256, the prepared data's fingerprint, the strategy, the ratios, the calibration size and the
+rank shares where ranks are measured), a plot of every group's and layer's curve beside it, and
+``tables.json`` lists them (and is written, empty, when no candidate needs a table). A table
+whose key still holds is kept, not measured again; a candidate refuses a table that is missing or
+whose key no longer holds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 
 from shrinkflow.models import apply_strategy
 from shrinkflow.models.allocation import (
+    RANK_SHARES,
     Sensitivity,
     has_batch_norm,
     interleaved_ms,
@@ -33,6 +38,7 @@ from shrinkflow.models.allocation import (
     reestimate_batch_norm,
 )
 from shrinkflow.models.checkpoint import load_checkpoint
+from shrinkflow.models.probe import refuse_without_graph
 from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import Params
 from shrinkflow.tasks.errors import ShrinkflowError
@@ -93,15 +99,16 @@ def calibration_and_val(params: Params, layout: Layout) -> tuple[Batch, Batch]:
 
 
 def table_key(params: Params, layout: Layout, strategy: str, calibration: Batch) -> dict[str, Any]:
-    """What a table is a function of: the baseline, the data, the strategy, its ratios and the
-    calibration images."""
-    return {
+    """What a table is a function of: the baseline, the data, the strategy, its ratios, the
+    calibration images and, where ranks are measured, the shares of each layer's maximum rank."""
+    key = {
         "baseline_sha256": load_record(layout, "baseline").sha256,
         "data": load_manifest(layout).fingerprint,
         "strategy": strategy,
         "ratios": list(params.shrink.sensitivity_tables()[strategy]),
         "calibration_size": len(calibration[0]),
     }
+    return key | ({"rank_shares": list(RANK_SHARES)} if strategy in params.shrink.ranked_tables() else {})
 
 
 def measure_table(params: Params, layout: Layout, strategy: str) -> Path:
@@ -114,18 +121,33 @@ def measure_table(params: Params, layout: Layout, strategy: str) -> Path:
         return path
     started = time.perf_counter()
     baseline = load_record(layout, "baseline")
+    refuse_without_graph(strategy, baseline.pruning)  # a brought network's graph may never end
     model, _ = load_checkpoint(layout.root / baseline.checkpoint, sha256=baseline.sha256)
-    table = measure(model, strategy, *calibration_val, tuple(key["ratios"]))
+    table = measure(
+        model, strategy, *calibration_val, tuple(key["ratios"]), tuple(key.get("rank_shares", ()))
+    )
     plot_sensitivity(table, path.with_suffix(".png"))
     write_json(path, {"key": key, "table": asdict(table)})  # last: a table with its key is whole
-    log.info("%s: %d groups measured in %.1f s", path.name, len(table.groups), time.perf_counter() - started)
+    log.info(
+        "%s: %d groups and %d factorisable layers measured in %.1f s",
+        path.name,
+        len(table.groups),
+        len(table.layers),
+        time.perf_counter() - started,
+    )
     return path
 
 
 def measure(
-    model: nn.Module, strategy: str, calibration: Batch, val: Batch, ratios: tuple[float, ...]
+    model: nn.Module,
+    strategy: str,
+    calibration: Batch,
+    val: Batch,
+    ratios: tuple[float, ...],
+    rank_shares: tuple[float, ...] = (),
 ) -> Sensitivity:
-    """Each prunable group of ``model`` pruned alone by ``strategy`` at each ratio, measured."""
+    """Each prunable group of ``model`` pruned alone by ``strategy`` at each ratio and (with
+    ``rank_shares``) each factorisable layer factorised alone by ``lowrank``, measured."""
     example = calibration[0][:1].float()
     return measure_sensitivity(
         model,
@@ -134,6 +156,15 @@ def measure(
         scorer(calibration, val),
         timed_together(example),
         ratios,
+        factorised(calibration) if rank_shares else None,
+        rank_shares,
+    )
+
+
+def factorised(calibration: Batch) -> Callable[[nn.Module, dict[str, tuple[int, ...]]], nn.Module]:
+    """``(model, ranks) -> model`` factorised in place at ``ranks`` by the lowrank strategy."""
+    return lambda m, ranks: apply_strategy(
+        "lowrank", m, calibration, ranks={n: list(r) for n, r in ranks.items()}
     )
 
 
@@ -175,7 +206,8 @@ def load_table(params: Params, layout: Layout, strategy: str, calibration: Batch
 
 
 def plot_sensitivity(table: Sensitivity, path: Path) -> Path:
-    """Every group's validation accuracy and batch-1 latency against the share it keeps."""
+    """Every group's (and factorisable layer's) validation accuracy and batch-1 latency against
+    the share of its channels (of its maximum rank) it keeps."""
     from matplotlib.figure import Figure  # a second to import: only when a plot is drawn
 
     fig = Figure(figsize=(10, 4), layout="constrained")  # not pyplot: candidates run in threads
@@ -186,12 +218,22 @@ def plot_sensitivity(table: Sensitivity, path: Path) -> Path:
             shares, [table.base["acc"], *row["acc"]], marker="o", label=f"{group} ({row['width'][0]})"
         )
         lat_ax.plot(shares, [table.base["latency_ms"], *row["latency_ms"]], marker="o", label=group)
-    acc_ax.set(xlabel="share of the group's channels kept", ylabel="val accuracy % (BN re-estimated)")
-    lat_ax.set(xlabel="share of the group's channels kept", ylabel="batch-1 latency, ms (1 thread)")
+    for layer, row in table.layers.items():  # a rank as its share of the layer's maximum rank
+        shares = [1.0, *(sum(r) / sum(row["max_ranks"]) for r in row["ranks"])]
+        label = f"{layer} (rank)"
+        acc_ax.plot(shares, [table.base["acc"], *row["acc"]], marker="s", linestyle="--", label=label)
+        lat_ax.plot(
+            shares, [table.base["latency_ms"], *row["latency_ms"]], marker="s", linestyle="--", label=label
+        )
+    kept = "share kept (channels; dashed: rank)"
+    acc_ax.set(xlabel=kept, ylabel="val accuracy % (BN re-estimated)")
+    lat_ax.set(xlabel=kept, ylabel="batch-1 latency, ms (1 thread)")
     acc_ax.invert_xaxis()
     lat_ax.invert_xaxis()
     acc_ax.legend(fontsize=7)
-    fig.suptitle("Each prunable group pruned alone")
+    fig.suptitle(
+        "Each prunable group pruned alone" + (", each layer factorised alone" if table.layers else "")
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

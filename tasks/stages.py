@@ -22,7 +22,7 @@ from shrinkflow.tasks.config import Params, load_params
 from shrinkflow.tasks.decide import PromotionError, Verdict, verdict_json
 from shrinkflow.tasks.errors import named_first_line
 from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
-from shrinkflow.tasks.given import trust_user_code
+from shrinkflow.tasks.given import user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_raw_split, prepare
@@ -61,7 +61,6 @@ class Context:
         """Validate the config, reach the tracking server, and clear what a killed run left."""
         params = load_params(params_file, overrides)
         layout = Layout.from_params(params, root)
-        trust_user_code(params, layout)  # a factory model's package, for every model loaded here
         tracker = Tracker.for_project(root, params.tracking.experiment)
         dirs = (layout.prepared, layout.baseline, layout.sensitivity, layout.candidates, layout.reports)
         for stale in sweep_temporaries(*dirs):
@@ -190,9 +189,10 @@ def run_sensitivity(ctx: Context, strategy: str | None = None) -> list[Path]:
     measure the same floats."""
     stop.check()
     torch.set_num_threads(threads_per_worker(ctx.params.shrink.workers))
-    if strategy is not None:
-        return [measure_table(ctx.params, ctx.layout, strategy)]
-    return sensitivity_stage(ctx.params, ctx.layout)
+    with user_code(ctx.params, ctx.layout):  # the baseline is rebuilt from its spec
+        if strategy is not None:
+            return [measure_table(ctx.params, ctx.layout, strategy)]
+        return sensitivity_stage(ctx.params, ctx.layout)
 
 
 def index_sensitivity(ctx: Context) -> Path:
@@ -221,7 +221,7 @@ def run_trial(ctx: Context, name: str, index: int, ratio: float) -> Trial:
     :func:`run_pick`, under the candidate's run, once the search is over."""
     stop.check()  # queued behind an interrupted run's work
     _worker_threads(ctx)
-    with progress.showing(f"{name} @ {ratio:g}"):
+    with progress.showing(f"{name} @ {ratio:g}"), user_code(ctx.params, ctx.layout):
         return shrink_trial(ctx.params, ctx.layout, name, index, ratio)
 
 
@@ -314,7 +314,7 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
         name, ctx.parent_run, tags={"shrinkflow.stage": stage, "shrinkflow.candidate": name}
     )
     try:
-        with progress.showing(name):
+        with progress.showing(name), user_code(ctx.params, ctx.layout):
             record = train(run)
     except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
         _close(ctx, run, exc, {"shrinkflow.status": "failed"})
@@ -332,7 +332,7 @@ def run_evaluate(ctx: Context, runs: dict[str, str] | None = None) -> pd.DataFra
     """Measure every model; its figures also go to the model's own run when ``runs`` names it."""
     _all_cores()
     run = ctx.tracker.start_run("evaluate", ctx.parent_run, tags={"shrinkflow.stage": "evaluate"})
-    with ends_failed(ctx, run):
+    with ends_failed(ctx, run), user_code(ctx.params, ctx.layout):
         table = evaluate_models(ctx.params, ctx.layout)
         if ctx.params.tracking.tensorboard:
             records = [load_record(ctx.layout, n) for n in table["name"] if ctx.layout.record(n).is_file()]
@@ -385,15 +385,16 @@ def run_promote(ctx: Context, extra_tags: dict[str, str] | None = None, force: b
             **provenance_tags(ctx.params, ctx.layout),
             **(extra_tags or {}),
         }
-        decision = promote(
-            ctx.params,
-            ctx.layout,
-            ctx.tracker,
-            run,
-            tags,
-            force,
-            publish=lambda d: publish_decision(ctx.layout, d),
-        )
+        with user_code(ctx.params, ctx.layout):  # a factory model's package travels with its version
+            decision = promote(
+                ctx.params,
+                ctx.layout,
+                ctx.tracker,
+                run,
+                tags,
+                force,
+                publish=lambda d: publish_decision(ctx.layout, d),
+            )
     except BaseException as exc:
         with contextlib.suppress(OSError):  # a read-only project cannot even delete them
             discard_decision(ctx.layout)

@@ -8,7 +8,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,12 @@ from pydantic import BaseModel
 from torch import nn
 
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model
-from shrinkflow.models.architecture import pruning_summary
 from shrinkflow.models.checkpoint import load_checkpoint, sha256_file
+from shrinkflow.models.lowrank import low_rank_layers
+from shrinkflow.models.probe import probe_model, refuse_without_graph
 from shrinkflow.models.strategies.structured import step_ratios
-from shrinkflow.tasks.allocate import allocate_widths, summary
-from shrinkflow.tasks.config import Params, TrainConfig, comes_trained
+from shrinkflow.tasks.allocate import allocate_widths, factorised, summary
+from shrinkflow.tasks.config import CandidateConfig, Params, TrainConfig, comes_trained
 from shrinkflow.tasks.engine import (
     FitResult,
     Hooks,
@@ -37,7 +38,7 @@ from shrinkflow.tasks.engine import (
 )
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.gate import versus_baseline
-from shrinkflow.tasks.given import build_given, check_given, is_given, trust_user_code
+from shrinkflow.tasks.given import build_given, check_given, check_runs, is_given
 from shrinkflow.tasks.io import atomic_path, read_json, save_checkpoint, write_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.prepare import load_split
@@ -120,10 +121,13 @@ def train_baseline(params: Params, layout: Layout) -> ModelRecord:
         "num_classes": manifest.num_classes,
         **params.model.arch_options(),
     }
-    trust_user_code(params, layout)
     with seeded(params.seed):
         model = build_model(spec)
+    if is_given(params):  # a network of the user's, trained here from scratch
+        check_runs(model, load_split(layout, "val")[0], manifest.num_classes)
     record = ModelRecord(name="baseline", strategy="baseline", options={})
+    if is_given(params):  # a network nobody here checked, trained from scratch
+        record.pruning = _probed(model)
     return _train_and_save("baseline", model, record, params, layout, params.train)
 
 
@@ -132,20 +136,23 @@ def _take_baseline(params: Params, layout: Layout, manifest: Manifest) -> ModelR
     ``model.finetune`` asks, and saved as the baseline with its lineage."""
     with seeded(params.seed):
         model, origin = build_given(params, layout, manifest)
-    x, y = load_split(layout, "val")
-    origin["val_acc_as_given"] = check_given(model, x, y, manifest.classes)
+    (x, y), train_x = load_split(layout, "val"), load_split(layout, "train")[0]
+    origin |= check_given(model, train_x, (x, y), manifest.classes, params.model.classes)
     record = ModelRecord(name="baseline", strategy="given", options={}, origin=origin)
-    record.pruning = pruning_summary(model, x[:1])
-    log.info(
-        "baseline: torch-pruning finds %d prunable groups; left alone: %s",
-        record.pruning["groups"],
-        ", ".join(record.pruning["left_alone"]) or "nothing",
-    )
+    record.pruning = _probed(model)
     log.info("baseline: %s, val_acc %.2f as given", origin["source"], origin["val_acc_as_given"])
     if not params.model.finetune:
         return _save("baseline", model, record, layout, None, (x, y))
     cfg = params.train.model_copy(update={"epochs": params.model.finetune})
     return _train_and_save("baseline", model, record, params, layout, cfg)
+
+
+def _probed(model: nn.Module) -> dict[str, Any]:
+    """torch-pruning's graph of a brought network, looked at in a bounded child process (on
+    Swin it never ends), logged in one line; candidates read the record it returns."""
+    probe = probe_model(model)
+    log.info("baseline: %s", probe.line())
+    return probe.as_dict()
 
 
 def candidate_train_config(params: Params, name: str) -> TrainConfig:
@@ -183,8 +190,9 @@ def _baseline(layout: Layout, inputs: _Inputs) -> nn.Module:
 @dataclass
 class _Built:
     """One candidate at one ratio: the model, how its training went (None: never trained), and
-    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds, a
-    budget's allocation)."""
+    what the pipeline did around the strategy (slim's sparsity phase, the pruning rounds, and in
+    ``allocation`` what the record's options gain: a budget's allocation, the lowrank step's
+    ranks)."""
 
     model: nn.Module
     result: FitResult | None
@@ -201,6 +209,7 @@ def _allocated(
     trial) becomes ``budget.keep = 1 - ratio``."""
     cand = params.shrink.candidates[name]
     request = cand.allocation_request(params.seed, None if ratio is None else 1 - ratio)
+    request = replace(request, ranks=cand.allocates_ranks)
     table = load_table(params, layout, cand.strategy, inputs.calibration)
     chosen = allocate_widths(cand.strategy, request, model, table, inputs.calibration, inputs.val)
     path = layout.sensitivity_table(cand.strategy).relative_to(layout.root)
@@ -228,6 +237,26 @@ def _sparsity_phase(
     }
 
 
+def _lowrank_step(cand: CandidateConfig, model: nn.Module, calibration: Split, built: _Built) -> nn.Module:
+    """The candidate's ``lowrank`` step, after its strategy: each layer factorised at the ranks the
+    budget's allocation chose with the widths, or by the step's own ratio, energy or ranks. The
+    ranks it has then go in the record (``ranks``: layer -> its ranks)."""
+    step = cand.lowrank
+    allocated = {n: tuple(r) for n, r in built.allocation.get("ranks", {}).items()}
+    if step.allocate:
+        model = factorised(model, allocated, calibration)
+    else:
+        model = apply_strategy("lowrank", model, calibration, **step.options())
+    ranks = {n: m.ranks for n, m in low_rank_layers(model).items()}
+    if step.allocate and ranks != allocated:  # the allocation offers only ranks the strategy takes
+        raise ValueError(f"the lowrank step factorised {ranks}, not the allocated {allocated}")
+    built.allocation |= {
+        "lowrank": step.model_dump(exclude_none=True, exclude_defaults=True),
+        "ranks": {n: list(r) for n, r in ranks.items()},
+    }
+    return model
+
+
 def _split_epochs(epochs: int, rounds: int) -> list[int]:
     """``epochs`` shared by ``rounds`` as evenly as possible, the remainder to the last rounds."""
     return [epochs // rounds + (i >= rounds - epochs % rounds) for i in range(rounds)]
@@ -236,9 +265,10 @@ def _split_epochs(epochs: int, rounds: int) -> list[int]:
 def _shrink_and_train(
     params: Params, layout: Layout, name: str, inputs: _Inputs, ratio: float | None
 ) -> _Built:
-    """One candidate at one ratio: [sparsity fine-tune] -> strategy -> fine-tune (plain or
-    distilled, zeros kept where the strategy needs it; with ``rounds``, strategy and fine-tune
-    repeat, each round removing an equal share of the original width) -> [int8]."""
+    """One candidate at one ratio: [sparsity fine-tune] -> strategy -> [lowrank] -> fine-tune
+    (plain or distilled, zeros kept where the strategy needs it; with ``rounds``, strategy and
+    fine-tune repeat, each round removing an equal share of the original width, and the lowrank
+    step follows the last round's strategy) -> [int8]."""
     cand, cfg = params.shrink.candidates[name], candidate_train_config(params, name)
     info, model = STRATEGIES[cand.strategy], _baseline(layout, inputs)
     phase = cand.sparsity_phase()
@@ -259,6 +289,8 @@ def _shrink_and_train(
         with seeded(params.seed):
             step_options = options | ({"ratio": step} if step is not None else {})
             model = apply_strategy(cand.strategy, model, inputs.calibration, **step_options)
+            if cand.lowrank and i == len(ratios) - 1:
+                model = _lowrank_step(cand, model, inputs.calibration, built)
         if info.trains:
             hooks = Hooks(loss=teacher or None, after_step=keep_zeros(model) if info.keeps_zeros else None)
             round_cfg = cfg.model_copy(update={"epochs": epochs})
@@ -344,8 +376,8 @@ def shrink_trial(params: Params, layout: Layout, name: str, index: int, ratio: f
     record = _new_record(params, name)
     path = layout.trial_checkpoint(name, ratio)
     try:
-        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
+        refuse_without_graph(record.strategy, inputs.baseline.pruning)
         built = _shrink_and_train(params, layout, name, inputs, ratio)
         _describe(record, built, ratio)
         _store(name, built.model, record, layout, built.result, inputs.val, path)
@@ -453,8 +485,8 @@ def shrink_candidate(
         return pick_trial(params, layout, name, trials)
     record = _new_record(params, name)
     try:
-        trust_user_code(params, layout)
         inputs = _load_inputs(params, layout)
+        refuse_without_graph(cand.strategy, inputs.baseline.pruning)
         built = _shrink_and_train(params, layout, name, inputs, None)
         _describe(record, built, None)
         return _save(name, built.model, record, layout, built.result, inputs.val)

@@ -33,12 +33,13 @@ BIN = Path(sys.executable).parent
 from shrinkflow.tasks.config import apply_override, parse_params  # noqa: E402
 from shrinkflow.tasks.layout import Layout  # noqa: E402
 
-# A few epochs and two candidates: enough for real training, small enough for CI.
+# A few epochs and two candidates (no ladder rung): enough for real training, small enough for CI.
 SMALL = (
     "train.epochs=6",
     "shrink.epochs=4",
     "shrink.candidates={w50: {strategy: width, ratio: 0.5},"
     " l1-50: {strategy: prune_l1, ratio: 0.5, lr: 0.01}}",
+    "shrink.ladder.rungs={}",
     "evaluate.latency_repeats=5",
     "evaluate.latency_warmup=1",
 )

@@ -3,13 +3,14 @@ come from one declaration, and every registered strategy and architecture is usa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 
 import pytest
 
 from shrinkflow.models import ARCHITECTURES, STRATEGIES, build_model
-from shrinkflow.models.arch.given import trust_code
+from shrinkflow.models.arch.given import user_code
 from shrinkflow.models.architecture import Architecture
 from shrinkflow.tasks.cache import candidate_key
 from shrinkflow.tasks.config import ConfigError, parse_params
@@ -108,13 +109,12 @@ def test_every_architecture_is_declarable_and_keeps_the_protocol(arch):
     params = parse_params(
         small_raw(f"model={BROUGHT.get(arch, f'{{arch: {arch}}}')}", f"shrink.candidates={candidate}")
     )
-    if arch == "factory":
-        trust_code(params.model.code_path)
     options = params.model.arch_options()
     assert options["arch"] == arch and type(params.model) is cls.Options
     size = max(cls.min_image_size(options), 8)
     channels = 1 if arch == "factory" else 3  # the example's network reads grey images by default
-    model = build_model({**options, "in_channels": channels, "image_size": size, "num_classes": 4})
+    with user_code(params.model.code_path) if arch == "factory" else contextlib.nullcontext():
+        model = build_model({**options, "in_channels": channels, "image_size": size, "num_classes": 4})
+        assert build_model(model.spec()).spec() == model.spec(), "a spec rebuilds its model"
     assert isinstance(model, Architecture) and model.spec()["arch"] == arch
     assert model.classifier_layer().out_features == 4
-    assert build_model(model.spec()).spec() == model.spec(), "a spec rebuilds its model"

@@ -16,6 +16,7 @@ import sqlite3
 import pytest
 from mlflow.tracking import MlflowClient
 
+from shrinkflow.tasks.config import load_params
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -70,10 +71,14 @@ def test_a_run_of_every_default_candidate_prints_only_the_table_and_verdict(defa
     lines = done.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == TABLE_HEAD)
     assert sum(line.split()[:2] == TABLE_HEAD for line in lines) == 1, "the table is printed once"
-    table = lines[header : header + 15]
+    end = header + 3 + len(load_params(root / "params.yaml").shrink.candidates)  # head, rule, baseline
+    table = lines[header:end]
     assert any("l1-50-int8" in row and "prune_l1+int8" in row for row in table)
     assert any("l1-75-kd" in row and "prune_l1+distill" in row for row in table)
-    rest = [line for line in lines[header + 15 :] if line.strip()]
+    assert any("ladder-10" in row and "prune_l1+lowrank+distill" in row for row in table), (
+        "the ladder's rungs"
+    )
+    rest = [line for line in lines[end:] if line.strip()]
     assert rest[0].startswith("Winner:") and any(line.startswith("Gate:") for line in rest)
     assert all(line.startswith((*VERDICT, "  ")) for line in rest), "\n".join(rest)
     log = (root / ".shrinkflow/shrinkflow.log").read_text()
@@ -94,7 +99,8 @@ def test_the_flow_run_and_the_mlflow_runs_point_at_each_other(default_run):
     runs = client.search_runs(client.get_experiment_by_name("shrinkflow").experiment_id)
     parent = next(r for r in runs if r.data.tags.get("shrinkflow.stage") == "pipeline")
     linked = [r for r in runs if r.data.tags.get("shrinkflow.stage") in ("pipeline", "baseline", "shrink")]
-    assert len(linked) == 1 + 1 + 12, "the parent, the baseline's and each candidate's run"
+    candidates = load_params(root / "params.yaml").shrink.candidates  # the ladder's rungs among them
+    assert len(linked) == 1 + 1 + len(candidates), "the parent, the baseline's and each candidate's run"
     for run in linked:
         assert run.data.tags["prefect.flow_run_id"] == flow_run
         assert run.data.tags["prefect.flow_run_name"] == name

@@ -17,7 +17,6 @@ from shrinkflow.tasks.decide import (
     COMPARE_ATTEMPTS,
     Champion,
     Kind,
-    PromotionError,
     Race,
     Registered,
     RunFacts,
@@ -205,12 +204,18 @@ def test_promotion_json_keeps_its_keys_and_reads_back_into_the_same_verdict():
         verdict_from_json({"winner": "a", "verdict": "champion"})
 
 
+def test_when_every_candidate_failed_the_measured_baseline_stands():
+    # as in a run whose candidates all failed the gate: the baseline is the winner, and registered
+    table, predictions = _inputs(FAMILY)
+    failed = table.assign(status=["ok", "failed", "failed", "failed", "failed"])
+    verdict = decide(failed, predictions, PromoteConfig())
+    assert verdict.winner == "baseline" and verdict.kind == Kind.CHAMPION
+    assert "the baseline (1000 params) stands" in verdict.reason
+    assert "not measured: a, b, c, d" in verdict.reason
+
+
 def test_bad_input_is_one_clear_line():
     table, predictions = _inputs(FAMILY)
-    with pytest.raises(PromotionError, match="all 4 candidates failed"):
-        decide(
-            table.assign(status=["ok", "failed", "failed", "failed", "failed"]), predictions, PromoteConfig()
-        )
     with pytest.raises(ValidationError, match="holm adjusts p-values"):
         PromoteConfig(multiplicity="holm", confidence=None)
     with pytest.raises(ValidationError, match="fixed_sequence"):

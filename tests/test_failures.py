@@ -122,10 +122,10 @@ def test_failed_promotion_removes_the_previous_decision(evaluated, tmp_path):
     layout.promotion_json.write_text('{"winner": "w50", "verdict": "champion"}\n')  # an earlier run's
     layout.report_md.write_text("# earlier report\n")
     table = load_table(layout.candidates_csv)
-    table.loc[table["name"] != "baseline", "status"] = "failed"
+    table["status"] = "failed"  # failed candidates alone leave the baseline standing; no baseline refuses
     table.to_csv(layout.candidates_csv, index=False)
     ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment))
-    with pytest.raises(PromotionError):
+    with pytest.raises(PromotionError, match="baseline has no measurements"):
         run_promote(ctx)
     assert not layout.promotion_json.exists() and not layout.report_md.exists()
     assert layout.candidates_csv.exists(), "only the promote stage's own outputs go"

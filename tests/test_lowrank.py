@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shrinkflow.models import ARCHITECTURES, apply_strategy, build_model, model_spec
-from shrinkflow.models.arch.given import trust_code
+from shrinkflow.models.arch.given import user_code
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.lowrank import (
     check_ranks,
@@ -236,27 +236,27 @@ def test_every_architecture_is_covered():
 @pytest.mark.parametrize("key", sorted(NETWORKS))
 def test_a_factorised_network_rebuilds_from_its_spec_with_identical_outputs(key, tmp_path):
     spec, prune_first = NETWORKS[key]
-    trust_code(REPO / "examples" / "byo")
-    channels, size = (3, 32) if spec["arch"] == "torchvision" else (1, 8)
-    torch.manual_seed(0)
-    model = build_model({**spec, "in_channels": channels, "image_size": size, "num_classes": 10}).eval()
-    batch = _batch(8, channels, size)
-    if prune_first:
-        model = apply_strategy("prune_l1", model, batch, ratio=0.5)
-    pruned_spec = model_spec(model)
-    shrunk = apply_strategy("lowrank", copy.deepcopy(model), batch, ratio=0.5)
-    layers = low_rank_layers(shrunk)
-    assert layers, "something was factorised"
-    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
-    spec_after = model_spec(shrunk)
-    assert {k: v for k, v in spec_after.items() if k != "factorised"} == pruned_spec, (
-        "widths read off stand-ins"
-    )
-    assert spec_after["factorised"] == [m.record(name) for name, m in layers.items()]
-    path = tmp_path / "m.pt"
-    loaded, _ = load_checkpoint(path, sha256=save_checkpoint(shrunk, path))
-    assert model_spec(loaded) == spec_after and type(loaded) is type(shrunk)
-    assert torch.equal(loaded(batch[0]), shrunk(batch[0]))
+    with user_code(REPO / "examples" / "byo"):  # the factory's package, while it is built
+        channels, size = (3, 32) if spec["arch"] == "torchvision" else (1, 8)
+        torch.manual_seed(0)
+        model = build_model({**spec, "in_channels": channels, "image_size": size, "num_classes": 10}).eval()
+        batch = _batch(8, channels, size)
+        if prune_first:
+            model = apply_strategy("prune_l1", model, batch, ratio=0.5)
+        pruned_spec = model_spec(model)
+        shrunk = apply_strategy("lowrank", copy.deepcopy(model), batch, ratio=0.5)
+        layers = low_rank_layers(shrunk)
+        assert layers, "something was factorised"
+        assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
+        spec_after = model_spec(shrunk)
+        assert {k: v for k, v in spec_after.items() if k != "factorised"} == pruned_spec, (
+            "widths read off stand-ins"
+        )
+        assert spec_after["factorised"] == [m.record(name) for name, m in layers.items()]
+        path = tmp_path / "m.pt"
+        loaded, _ = load_checkpoint(path, sha256=save_checkpoint(shrunk, path))
+        assert model_spec(loaded) == spec_after and type(loaded) is type(shrunk)
+        assert torch.equal(loaded(batch[0]), shrunk(batch[0]))
 
 
 def test_a_factorised_network_is_not_pruned_again():

@@ -18,7 +18,6 @@ from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
 from shrinkflow.tasks.io import atomic_path, sweep_temporaries, write_json
-from shrinkflow.tasks.promote import PromotionError
 from tests.conftest import BIN, copy_project, small_raw, write_params
 
 
@@ -134,17 +133,19 @@ def test_unreachable_mlflow_fails_fast_and_clearly(tmp_path):
     assert [p.name for p in (tmp_path / ".shrinkflow").iterdir()] == ["shrinkflow.log"]
 
 
-def test_all_candidates_failing_moves_no_alias(tmp_path, prefect_server):
+def test_all_candidates_failing_leaves_the_measured_baseline_standing(tmp_path, prefect_server):
     from shrinkflow.flows.pipeline import run
 
     raw = small_raw(
         "promote.model_name=all-fail", "shrink.candidates.w50.lr=1e6", "shrink.candidates.l1-50.lr=1e6"
     )
     write_params(tmp_path, raw=raw)
-    with pytest.raises(PromotionError, match="all 2 candidates failed"):
-        run(tmp_path / "params.yaml", root=tmp_path)
-    assert not MlflowClient().search_registered_models("name='all-fail'")
-    assert not (tmp_path / "reports/promotion.json").exists()
+    decision = run(tmp_path / "params.yaml", root=tmp_path)  # as when every candidate fails the gate
+    assert decision["winner"] == "baseline" and decision["verdict"] == "champion"
+    assert "not measured: l1-50, w50" in decision["reason"]
+    version = MlflowClient().get_model_version_by_alias("all-fail", "champion")
+    assert version.tags["candidate"] == "baseline"
+    assert json.loads((tmp_path / "reports/promotion.json").read_text())["winner"] == "baseline"
 
 
 def test_concurrent_promotions_leave_aliases_on_validated_versions(evaluated, tmp_path):

@@ -5,6 +5,7 @@ that keeps a latency objective off int8 models slower than their float twin."""
 
 from __future__ import annotations
 
+import copy
 import io
 import subprocess
 import sys
@@ -251,3 +252,27 @@ def test_freed_batches_go_back_to_the_system():
     }
     assert kept["default"] > 150 << 20, "the default allocator keeps them (else this test proves nothing)"
     assert kept["fixed"] < 20 << 20, kept
+
+
+def test_a_network_with_dropout_fine_tunes_to_the_same_weights_whatever_the_global_generator():
+    """nn.Dropout draws from torch's global generator: fit seeds it for its duration and gives
+    the process its state back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    g = torch.Generator().manual_seed(0)
+    train, val = (
+        (torch.randn(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g)),
+        (
+            torch.randn(32, 1, 8, 8, generator=g),
+            torch.randint(0, 10, (32,), generator=g),
+        ),
+    )
+    cfg = TrainConfig(epochs=2, batch_size=32, optimizer="adamw", lr=1e-2, precision="fp32")
+    trained = []
+    for state in (1, 2):  # the process's generator in another state before each fit
+        torch.manual_seed(state)
+        before = torch.get_rng_state()
+        trained.append(copy.deepcopy(net))
+        fit(trained[-1], train, val, cfg, seed=0)
+        assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in trained), strict=True))

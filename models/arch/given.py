@@ -8,14 +8,26 @@ outputs or inputs, channel indices). Rebuilding builds the original network and 
 history (``DependencyGraph.load_pruning_history``); the checkpoint's tensors then fit exactly.
 Nothing is unpickled, and no weights are downloaded.
 
-A factory named by a spec is imported only from a folder the run declared as the user's code
-(:func:`trust_code`): a checkpoint cannot make the pipeline call an arbitrary installed function.
+A factory named by a spec is imported only from a folder declared as the user's code, and only
+while that declaration holds (:func:`user_code`): a checkpoint cannot make the pipeline call an
+arbitrary installed function, and the user's folder never shadows an installed module.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.metadata
+import site
 import sys
+import sysconfig
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -28,7 +40,6 @@ from shrinkflow.models.architecture import ArchOptions, classifier_layers, recor
 from shrinkflow.models.preprocess import InputOptions
 
 FACTORY = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
-_TRUSTED: list[Path] = []
 
 
 class GivenError(ValueError):
@@ -42,46 +53,251 @@ def torchvision_classifiers() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def trust_code(path: str | Path) -> Path:
-    """Declare ``path`` a folder of the user's own code: it goes first on ``sys.path`` and
-    factories are imported from it (and from nowhere else)."""
-    root = Path(path).resolve()
-    if not root.is_dir():
-        raise GivenError(f"model.code_path {path} is not a directory")
-    if root not in _TRUSTED:
-        _TRUSTED.append(root)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
+# --- the user's own code ---------------------------------------------------------------------
+
+
+@functools.cache
+def _installed_names() -> frozenset[str]:
+    """Top-level names the standard library and the installed distributions provide."""
+    return frozenset(
+        {*sys.stdlib_module_names, *sys.builtin_module_names, *importlib.metadata.packages_distributions()}
+    )
+
+
+@functools.cache
+def _site_folders() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    folders = [*site.getsitepackages(), site.getusersitepackages(), paths["purelib"], paths["platlib"]]
+    return tuple(dict.fromkeys(f for f in folders if Path(f).is_dir()))
+
+
+def installed(name: str) -> bool:
+    """Whether an installed or standard module is called ``name`` (a folder of the working
+    directory or of ``PYTHONPATH`` does not count: it is nobody's installation)."""
+    if name in _installed_names():
+        return True
+    return importlib.machinery.PathFinder.find_spec(name, _site_folders()) is not None
+
+
+@dataclass(frozen=True)
+class UserCode:
+    """A folder of the user's code: the top-level modules and packages served from it
+    (``names``), and those never imported from it because an installed or standard module has
+    the same name (``shadowing``)."""
+
+    root: Path
+    names: tuple[str, ...]
+    shadowing: tuple[str, ...]
+
+    @classmethod
+    def scan(cls, path: str | Path) -> UserCode:
+        root = Path(path).resolve()
+        if not root.is_dir():
+            raise GivenError(f"model.code_path {path} is not a directory")
+        found = sorted(
+            {
+                entry.stem if entry.suffix == ".py" else entry.name
+                for entry in root.iterdir()
+                if (entry.suffix == ".py" and entry.is_file()) or (entry / "__init__.py").is_file()
+            }
+        )
+        names = [name for name in found if name.isidentifier()]
+        return cls(root, tuple(n for n in names if not installed(n)), tuple(n for n in names if installed(n)))
+
+
+# Top-level name -> the folders serving it now, innermost last (a registered model's code/ loaded
+# during a run serves the user's package while it loads, then the run's folder does again).
+_SERVED: dict[str, list[Path]] = {}
+_SHADOWED: dict[str, list[Path]] = {}
+_ENTERED: list[Path] = []  # the folders of the blocks open now, outermost first
+_LOCK = threading.Lock()
+
+
+class _UserFinder(importlib.abc.MetaPathFinder):
+    """Finds only the user's own top-level names, each in the folder that serves it; submodules
+    are then found through their package's ``__path__``, inside that folder. It may go first on
+    ``sys.meta_path`` because it never answers for a name an installed or standard module has,
+    and going first keeps a same-named folder in the working directory from shadowing the user's."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        root = _serving(fullname) if "." not in fullname else None
+        return None if root is None else importlib.machinery.PathFinder.find_spec(fullname, [str(root)])
+
+
+_FINDER = _UserFinder()
+
+
+def _serving(name: str) -> Path | None:
+    with _LOCK:
+        roots = _SERVED.get(name)
+        return roots[-1] if roots else None
+
+
+def _push(table: dict[str, list[Path]], names: tuple[str, ...], root: Path) -> None:
+    for name in names:
+        table.setdefault(name, []).append(root)
+
+
+def _pop(table: dict[str, list[Path]], names: tuple[str, ...], root: Path) -> None:
+    for name in names:
+        roots = table[name]
+        del roots[len(roots) - 1 - roots[::-1].index(root)]
+        if not roots:
+            del table[name]
+
+
+@contextlib.contextmanager
+def user_code(path: str | Path) -> Iterator[UserCode]:
+    """Inside the block, the user's own top-level modules and packages in ``path`` import from
+    there, and factories are resolved from there (and from nowhere else). The folder is not put
+    on ``sys.path``: a name in it that an installed or standard module has (``matplotlib``,
+    ``json``) is never imported from it. Nested and concurrent blocks are fine (threads of one
+    run each hold one); the innermost folder serves a name both hold."""
+    code = UserCode.scan(path)
+    with _LOCK:
+        _push(_SERVED, code.names, code.root)
+        _push(_SHADOWED, code.shadowing, code.root)
+        _ENTERED.append(code.root)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)
+    try:
+        yield code
+    finally:
+        with _LOCK:
+            _pop(_SERVED, code.names, code.root)
+            _pop(_SHADOWED, code.shadowing, code.root)
+            del _ENTERED[len(_ENTERED) - 1 - _ENTERED[::-1].index(code.root)]
+            if not _SERVED and _FINDER in sys.meta_path:
+                sys.meta_path.remove(_FINDER)
+
+
+def user_code_folders() -> list[Path]:
+    """The folders :func:`user_code` serves now, outermost first: what another process must
+    serve, in that order, to build the same networks."""
+    with _LOCK:
+        return list(dict.fromkeys(_ENTERED))
+
+
+def _imported_from(root: Path) -> None:
+    """Forget the modules of the names ``root`` serves now (and their submodules) that were
+    imported from anywhere else, so the next import reads the folder that serves them now."""
+    for top in [name for name, roots in _SERVED.items() if roots[-1] == root]:
+        cached = sys.modules.get(top)
+        origin = getattr(cached, "__file__", None) if cached is not None else None
+        if cached is None or (origin and Path(origin).resolve().is_relative_to(root)):
+            continue
+        for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+            del sys.modules[name]
 
 
 def resolve_factory(factory: str) -> Any:
-    """The callable ``package.module:name`` names, imported from a trusted code folder."""
+    """The callable ``package.module:name`` names, imported from the user's code folder that
+    serves its package now (see :func:`user_code`)."""
     module_name, _, attr = factory.partition(":")
+    top = module_name.split(".")[0]
+    root = _serving(top)
+    if root is None:
+        raise GivenError(_unserved(factory, top))
+    with _LOCK:
+        _imported_from(root)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        where = ", ".join(str(p) for p in _TRUSTED) or "no folder (set model.code_path)"
-        raise GivenError(f"factory {factory}: cannot import {module_name} from {where}: {exc}") from None
+        raise GivenError(f"factory {factory}: cannot import {module_name} from {root}: {exc}") from None
     origin = Path(getattr(module, "__file__", "") or "/").resolve()
-    if not any(origin.is_relative_to(root) for root in _TRUSTED):
-        raise GivenError(
-            f"factory {factory}: {module_name} is at {origin}, outside the code folders this run trusts "
-            "(model.code_path)"
-        )
+    if not origin.is_relative_to(root):
+        raise GivenError(f"factory {factory}: {module_name} is at {origin}, outside its code folder {root}")
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise GivenError(f"factory {factory}: {module_name} has no callable {attr!r}")
     return fn
 
 
-def code_package(factory: str) -> Path:
-    """The folder of the top-level package (or module) a factory lives in: what travels with a
-    registered model so that it loads elsewhere."""
+def _unserved(factory: str, top: str) -> str:
+    with _LOCK:
+        shadowed = (_SHADOWED.get(top) or [None])[-1]
+        folders = sorted({str(r) for roots in _SERVED.values() for r in roots})
+    if shadowed is not None:
+        return (
+            f"factory {factory}: the package {top!r} in {shadowed} has the name of an installed or "
+            "standard module, so it is never imported from there; rename the package"
+        )
+    where = ", ".join(folders) or "no folder (set model.code_path)"
+    return f"factory {factory}: no package {top!r} in the user's code ({where})"
+
+
+def code_packages(factory: str) -> list[Path]:
+    """The top-level package (or module) a factory lives in and those of the same code folder it
+    imports, directly or through one another (read from their source): what travels with a
+    registered model so that it loads elsewhere. A name the folder does not serve (an installed
+    module's) never travels."""
     top = factory.partition(":")[0].split(".")[0]
-    module = importlib.import_module(top)
-    path = Path(module.__file__).resolve()
-    return path.parent if path.name == "__init__.py" else path
+    root = _serving(top)
+    if root is None:
+        raise GivenError(_unserved(factory, top))
+    with _LOCK:
+        served = {name for name, roots in _SERVED.items() if roots[-1] == root}
+    found, queue = [top], [top]
+    while queue:
+        for name in sorted(_imported_names(_location(root, queue.pop())) & served - set(found)):
+            found.append(name)
+            queue.append(name)
+    return [_location(root, name) for name in found]
+
+
+def _location(root: Path, name: str) -> Path:
+    return root / name if (root / name / "__init__.py").is_file() else root / f"{name}.py"
+
+
+def _imported_names(location: Path) -> set[str]:
+    """The top-level names the Python files at ``location`` import (absolute imports)."""
+    names: set[str] = set()
+    for file in sorted(location.rglob("*.py")) if location.is_dir() else [location]:
+        try:
+            tree = ast.parse(file.read_bytes(), str(file))
+        except SyntaxError:
+            continue  # Python refuses it when it is imported, with its own message
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+# --- what a network returns ---------------------------------------------------------------------
+
+
+def logits_of(output: Any, key: str | None = None) -> Tensor:
+    """The logits in a network's output: the tensor itself, a tuple's first element (auxiliary
+    outputs follow it: GoogLeNet, Inception), or a mapping's ``key`` (default ``logits``)."""
+    if isinstance(output, Tensor) and key is None:
+        return output
+    if isinstance(output, Mapping):
+        wanted = key or "logits"
+        if wanted not in output:
+            keys = ", ".join(repr(k) for k in list(output)[:8])
+            raise GivenError(
+                f"the network returns a mapping with keys {keys} and no {wanted!r}; set model.output "
+                "to the key of its logits"
+            )
+        output = output[wanted]
+    elif key is not None:
+        raise GivenError(f"model.output is {key!r} but the network returns {_kind(output)}, not a mapping")
+    elif isinstance(output, tuple | list):
+        output = output[0] if output else None
+    if not isinstance(output, Tensor):
+        raise GivenError(
+            f"the network returns {_kind(output)} where its logits should be; it must return one tensor "
+            "(or a tuple whose first element, or a mapping whose 'logits' or model.output entry, is one)"
+        )
+    return output
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return f"a {type(value).__name__} of {len(value)}"
+    return "None" if value is None else f"a {type(value).__name__}"
 
 
 class GivenOptions(ArchOptions):
@@ -89,17 +305,22 @@ class GivenOptions(ArchOptions):
     plain state dict, ``.pt`` or ``.safetensors``, relative to the project; none: a fresh
     initialisation trained as a baseline), its ``input`` (see :class:`InputOptions`), ``classes``
     (its outputs' class names, in output order, when that differs from the data's sorted folder
-    order) and ``finetune`` (epochs of training before it becomes the baseline; 0 takes it as it
-    is)."""
+    order), ``output`` (the key of the logits when the network returns a mapping; default
+    ``logits``) and ``finetune`` (epochs of training before it becomes the baseline; 0 takes it as
+    it is)."""
 
     weights: Annotated[str, Field(min_length=1)] | None = None
     input: InputOptions = InputOptions()
     classes: tuple[str, ...] | None = None
+    output: Annotated[str, Field(min_length=1)] | None = None
     finetune: Annotated[int, Field(ge=0)] = 0
 
     def description(self) -> dict[str, Any]:
         """The constructor arguments that build the network (less the data's shape)."""
         raise NotImplementedError
+
+    def _output(self) -> dict[str, Any]:
+        return {"output": self.output} if self.output else {}  # absent: the specs of older checkpoints
 
     def arch_options(self) -> dict[str, Any]:
         """``{"arch": ..., **description}``: a model spec less the data's shape (the weights,
@@ -131,7 +352,7 @@ class TorchvisionOptions(GivenOptions):
         return kwargs
 
     def description(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs)}
+        return {"name": self.name, "kwargs": dict(self.kwargs), **self._output()}
 
 
 class FactoryOptions(GivenOptions):
@@ -141,7 +362,7 @@ class FactoryOptions(GivenOptions):
     code_path: Annotated[str, Field(min_length=1)] = "."  # the folder holding the package, from the project
 
     def description(self) -> dict[str, Any]:
-        return {"factory": self.factory, "kwargs": dict(self.kwargs)}
+        return {"factory": self.factory, "kwargs": dict(self.kwargs), **self._output()}
 
 
 class _Given(nn.Module):
@@ -157,9 +378,11 @@ class _Given(nn.Module):
         image_size: int,
         num_classes: int,
         pruning_history: list | tuple = (),
+        output: str | None = None,
     ) -> None:
         super().__init__()
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+        self.output = output
         self.net = self.build()
         self.pruning_history: list = []
         if pruning_history:
@@ -172,7 +395,10 @@ class _Given(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return logits_of(self.net(x), self.output)
+
+    def _output(self) -> dict[str, Any]:
+        return {"output": self.output} if self.output else {}
 
     def example(self) -> Tensor:
         return torch.zeros(1, self.in_channels, self.image_size, self.image_size)
@@ -233,7 +459,7 @@ class TorchvisionNet(_Given):
         )
 
     def description(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": self.kwargs}
+        return {"name": self.name, "kwargs": self.kwargs, **self._output()}
 
 
 class FactoryNet(_Given):
@@ -253,4 +479,4 @@ class FactoryNet(_Given):
         return net
 
     def description(self) -> dict[str, Any]:
-        return {"factory": self.factory, "kwargs": self.kwargs}
+        return {"factory": self.factory, "kwargs": self.kwargs, **self._output()}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shrinkflow.models.allocation import has_batch_norm, reestimate_batch_norm
 from shrinkflow.models.strategies.base import Batch, Strategy
 
 
@@ -26,8 +27,16 @@ def _discover() -> dict[str, Strategy]:
 STRATEGIES: dict[str, Strategy] = _discover()
 
 
+# Images per forward pass when BatchNorm statistics are recomputed (as the sensitivity table's
+# scorer does, so both give the same statistics for the same batch).
+BN_BATCH = 64
+
+
 def apply_strategy(name: str, model: nn.Module, batch: Batch, **options: Any) -> nn.Module:
-    """Run strategy ``name``; the result is always in eval mode with no gradients attached."""
+    """Run strategy ``name``; the result is always in eval mode with no gradients attached. After a
+    strategy that changes shapes, BatchNorm statistics are recomputed on the calibration batch
+    (training images): the stored ones describe channels that were removed or merged, and a
+    pruned MobileNetV3 scored with them is at chance."""
     try:
         strategy = STRATEGIES[name]
     except KeyError:
@@ -37,6 +46,9 @@ def apply_strategy(name: str, model: nn.Module, batch: Batch, **options: Any) ->
     shrunk.eval()
     if strategy.changes_shapes:  # only a removed channel or layer can leave a network that no longer runs
         _still_runs(name, shrunk, batch[0][:2])
+        if has_batch_norm(shrunk):
+            x = batch[0]
+            reestimate_batch_norm(shrunk, [x[i : i + BN_BATCH].float() for i in range(0, len(x), BN_BATCH)])
     return shrunk
 
 

@@ -58,6 +58,8 @@ class Strategy:
     drop, are refused when the config is read.
     ``needs_parametric``: it rebuilds the network from constructor arguments (widths, depths), so
     a network brought from outside (torchvision by name, a factory) is refused.
+    ``needs_graph``: it prunes through torch-pruning's dependency graph, so it fails at once on
+    a network whose graph probe found none (:mod:`shrinkflow.models.probe`).
     ``after_lowrank``: it may shrink a network that is already factorised. A spec replays the
     pruning history before it restores the factorised layers, so a shape change after
     factorising could not be rebuilt (magnitude and int8 change no shape and are not refused).
@@ -77,6 +79,7 @@ class Strategy:
     needs_batch_norm: bool = False
     needs_depth: bool = False
     needs_parametric: bool = False
+    needs_graph: bool = False
     exclusive: bool = False
     after_lowrank: bool = False
     note: str = ""

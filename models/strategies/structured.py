@@ -180,6 +180,17 @@ def _plan(
     return {m: round_kept(k, width[m], round_to) for m, k in kept.items()}
 
 
+def channel_groups(model: nn.Module) -> dict[str, dict[nn.Module, int]]:
+    """torch-pruning's channel groups for ``model``, fresh dicts every call (its defaults are
+    shared, mutable, and keep every model they saw alive). Fused attention (torch's
+    ``nn.MultiheadAttention``, as in torchvision's ViT) is grouped by head: every head loses the
+    same offsets, so ``num_heads`` stays what the weights hold and each head keeps its own
+    dimensions. torch-pruning's own ``num_heads`` option expects separate q/k/v layers and skips a
+    fused layer's group altogether (1.6.1, checked on vit_b_16)."""
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return {"in_channel_groups": dict(heads), "out_channel_groups": heads}
+
+
 def _scorer(
     model: nn.Module, batch: Batch, importance: Callable[[], tp.importance.Importance], needs_grad: bool
 ) -> tp.pruner.BasePruner:
@@ -193,6 +204,7 @@ def _scorer(
         importance=importance(),
         pruning_ratio=0.0,
         ignored_layers=classifier_layers(model),
+        **channel_groups(model),
     )
 
 
@@ -272,6 +284,7 @@ def prune(
             pruning_ratio=0.0,
             pruning_ratio_dict=ratios,
             ignored_layers=classifier_layers(model),
+            **channel_groups(model),
         )
         pruner.step()
         record_pruning(model, pruner.DG.pruning_history())
@@ -322,4 +335,4 @@ def structured(
             return group_scores(model, batch, importance, needs_grad)
 
     shrink.__name__ = shrink.__qualname__ = name
-    return Strategy(name, shrink, options, warm_start=True, scores=scores, **facts)
+    return Strategy(name, shrink, options, warm_start=True, needs_graph=True, scores=scores, **facts)
