@@ -71,7 +71,8 @@ def test_the_fixed_sequence_tests_the_rungs_largest_first():
     )
     perfect = pd.DataFrame({"label": labels, **{name: labels for name in table["name"]}})
     verdict = decide(table, {"gate": perfect, "test": perfect}, PromoteConfig())
-    assert list(verdict.order) == sorted(rungs, key=rungs.get, reverse=True) and len(verdict.order) == len(rungs)
+    assert list(verdict.order) == sorted(rungs, key=rungs.get, reverse=True)
+    assert len(verdict.order) == len(rungs)
     assert verdict.winner == verdict.order[-1]
 
 
