@@ -8,6 +8,7 @@ Run logging lives in :mod:`shrinkflow.tasks.tracking`; both talk to MLflow throu
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -268,14 +269,27 @@ def serving_signature(classes: list[str]) -> ModelSignature:
     )
 
 
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @contextlib.contextmanager
 def _tracking(uri: str) -> Iterator[None]:
-    """Point the fluent API at ``uri`` for a block (``log_model`` and ``load_model`` need it)."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """Point the fluent API at ``uri`` for a block (``log_model`` and ``load_model`` need it).
+
+    MLflow's setters also write ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` into the
+    environment, so restoring the URIs read before would pin the registry to the store of that
+    moment for the rest of the process and its children (a later store's models then "not found").
+    What is restored is the environment as it was, with no URI set in code."""
+    saved = {key: os.environ.get(key) for key in _URI_ENV}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        mlflow.set_tracking_uri(None)  # unset: resolved from the environment again
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import uuid
@@ -15,7 +16,7 @@ from mlflow import MlflowClient
 
 from shrinkflow.tasks.evaluate import load_table
 from shrinkflow.tasks.promote import PromotionError
-from shrinkflow.tasks.registry import version_record
+from shrinkflow.tasks.registry import _tracking, version_record
 from shrinkflow.tasks.stages import Context, run_promote
 from shrinkflow.tasks.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, free_port, gate_refuses_all, run_cli, stop, wait_http
@@ -264,3 +265,18 @@ def test_a_winner_for_another_task_is_refused(evaluated, tmp_path, model_name):
         json.loads(tags["task_classes"]) == [str(d) for d in range(10)]
         and tags["task_input_shape"] == "1x8x8"
     )
+
+
+def test_pointing_mlflow_at_a_store_for_a_block_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """MLflow's URI setters write the environment too: after registering into one store, a later
+    store's models must still be found, in this process and in the processes it starts."""
+    import mlflow
+
+    first, second = (f"sqlite:///{tmp_path / name}.db" for name in ("first", "second"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    with _tracking(f"sqlite:///{tmp_path / 'elsewhere.db'}"):
+        assert mlflow.get_registry_uri().endswith("elsewhere.db")
+    assert "MLFLOW_REGISTRY_URI" not in os.environ and os.environ["MLFLOW_TRACKING_URI"] == first
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", second)  # the next project's store
+    assert mlflow.get_tracking_uri() == second and mlflow.get_registry_uri() == second
