@@ -75,8 +75,8 @@ def project(tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """prepare + baseline on the small params, done once and copied by the tests that need it."""
-    from shrinkflow.tasks.prepare import prepare
-    from shrinkflow.tasks.train import train_baseline
+    from shrinkflow.tasks.data.prepare import prepare
+    from shrinkflow.tasks.training.train import train_baseline
 
     root = tmp_path_factory.mktemp("trained")
     params = parse_params(small_raw())
@@ -201,8 +201,8 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def evaluated(trained, tmp_path_factory):
     """The small pipeline run up to and including evaluate (baseline, w50, l1-50), once."""
-    from shrinkflow.tasks.evaluate import evaluate_models
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.measurement.evaluate import evaluate_models
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params, layout = copy_project(trained, tmp_path_factory.mktemp("evaluated"))
     for name in params.shrink.candidates:

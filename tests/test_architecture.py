@@ -12,9 +12,9 @@ import pytest
 from shrinkflow.models import ARCHITECTURES, STRATEGIES, build_model
 from shrinkflow.models.arch.given import user_code
 from shrinkflow.models.architecture import Architecture
-from shrinkflow.tasks.cache import candidate_key
 from shrinkflow.tasks.config import ConfigError, parse_params
 from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.pipeline.cache import candidate_key
 from shrinkflow.tasks.stage_specs import STAGES, dvc_yaml
 from tests.conftest import BIN, REPO, small_raw
 
@@ -91,8 +91,9 @@ def test_the_architecture_table_names_every_network_and_starts_without_torchvisi
     }
     assert defined == dict(ARCHITECTURES.items())
     probe = (
-        "import sys; import shrinkflow.flows.cli, shrinkflow.tasks.stages; from shrinkflow.models import "
-        "build_model; build_model({'arch': 'basenet', 'in_channels': 1, 'image_size': 8, 'num_classes': 3}); "
+        "import sys; import shrinkflow.flows.cli, shrinkflow.tasks.pipeline.stages; "
+        "from shrinkflow.models import build_model; "
+        "build_model({'arch': 'basenet', 'in_channels': 1, 'image_size': 8, 'num_classes': 3}); "
         "print('torchvision' in sys.modules, end=' '); build_model({'arch': 'resnet18', 'in_channels': 1, "
         "'image_size': 8, 'num_classes': 3}); print('torchvision' in sys.modules)"
     )

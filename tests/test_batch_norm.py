@@ -19,11 +19,11 @@ from torch import nn
 
 from shrinkflow.models import apply_strategy
 from shrinkflow.tasks.config import TrainConfig, load_params
-from shrinkflow.tasks.engine import fit
+from shrinkflow.tasks.data.prepare import prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import prepare
 from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.train import shrink_candidate, train_baseline
+from shrinkflow.tasks.training.engine import fit
+from shrinkflow.tasks.training.train import shrink_candidate, train_baseline
 from tests.zoo import MEAN, STD, user_trains
 
 

@@ -23,9 +23,9 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
-from shrinkflow.tasks.promote import PromotionError
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
+from shrinkflow.tasks.promotion.promote import PromotionError
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
 from tests.conftest import REPO, copy_project, gate_refuses_all, mlflow_server_at, run_cli
 
 RACER = REPO / "tests" / "promote_racer.py"

@@ -27,8 +27,8 @@ from shrinkflow.models.lowrank import (
 )
 from shrinkflow.models.quantize import Int8Net
 from shrinkflow.tasks.config import ConfigError, parse_params
-from shrinkflow.tasks.evaluate import count_flops
 from shrinkflow.tasks.io import save_checkpoint
+from shrinkflow.tasks.measurement.evaluate import count_flops
 from tests.conftest import REPO, small_raw
 
 
@@ -328,11 +328,11 @@ def test_a_lowrank_candidate_with_no_or_two_rules_is_refused(entry, message):
 
 @pytest.mark.slow
 def test_a_lowrank_candidate_is_searched_evaluated_exported_and_served(trained, tmp_path):
-    from shrinkflow.tasks.evaluate import evaluate_models
-    from shrinkflow.tasks.prepare import load_raw_split
+    from shrinkflow.tasks.data.prepare import load_raw_split
+    from shrinkflow.tasks.measurement.evaluate import evaluate_models
     from shrinkflow.tasks.records import load_manifest
-    from shrinkflow.tasks.serving import ShrinkflowClassifier
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.store.serving import ShrinkflowClassifier
+    from shrinkflow.tasks.training.train import shrink_candidate
     from tests.conftest import copy_project
 
     params, layout = copy_project(

@@ -11,8 +11,8 @@ import torch
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model, model_spec
 from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint
-from shrinkflow.tasks.evaluate import count_flops
 from shrinkflow.tasks.io import save_checkpoint
+from shrinkflow.tasks.measurement.evaluate import count_flops
 
 
 def _net(**kw) -> BaseNet:

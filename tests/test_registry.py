@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from shrinkflow.tasks.evaluate import load_table
-from shrinkflow.tasks.promote import PromotionError
-from shrinkflow.tasks.registry import version_record
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.measurement.evaluate import load_table
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
+from shrinkflow.tasks.promotion.promote import PromotionError
+from shrinkflow.tasks.store.registry import version_record
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, free_port, gate_refuses_all, run_cli, stop, wait_http
 
 

@@ -21,12 +21,11 @@ import pytest
 from mlflow import MlflowClient
 
 from shrinkflow.tasks.config import load_params
+from shrinkflow.tasks.data.prepare import prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.lock import registry_lock
-from shrinkflow.tasks.prepare import prepare
-from shrinkflow.tasks.promote import ServedTest
-from shrinkflow.tasks.registry import RegistryError
-from shrinkflow.tasks.review import (
+from shrinkflow.tasks.pipeline.stages import Context, run_promote, summarise
+from shrinkflow.tasks.promotion.promote import ServedTest
+from shrinkflow.tasks.promotion.review import (
     ReviewError,
     record_of,
     registered,
@@ -34,8 +33,9 @@ from shrinkflow.tasks.review import (
     rollback_target,
     side_by_side,
 )
-from shrinkflow.tasks.stages import Context, run_promote, summarise
-from shrinkflow.tasks.tracking import Tracker, this_process
+from shrinkflow.tasks.store.lock import registry_lock
+from shrinkflow.tasks.store.registry import RegistryError
+from shrinkflow.tasks.store.tracking import Tracker, this_process
 from tests.conftest import BIN, copy_project, gate_refuses_all, mlflow_server_at, run_cli
 
 SMALL_WINS = ("promote.tolerance=50", "promote.champion_tolerance=100")  # a small candidate wins

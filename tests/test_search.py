@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from shrinkflow.tasks.config import SearchConfig, parse_params
-from shrinkflow.tasks.search import (
+from shrinkflow.tasks.training.search import (
     FanOut,
     NoTrialRan,
     Trial,
@@ -221,8 +221,8 @@ def test_a_search_under_the_flow_runs_its_trials_as_tasks_and_keeps_what_the_ser
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from shrinkflow.flows.pipeline import shrink_all
-    from shrinkflow.tasks.stages import Context, fan_out_work, run_candidate
-    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.pipeline.stages import Context, fan_out_work, run_candidate
+    from shrinkflow.tasks.store.tracking import Tracker
 
     def context(root, experiment):
         params, layout = copy_project(trained, root, *SEARCH)
@@ -284,10 +284,10 @@ def _budget_search(low: float, step: float, high: float) -> str:
 
 @pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(trained_layout):
+    from shrinkflow.tasks.pipeline.stages import Context, run_candidate, run_sensitivity
     from shrinkflow.tasks.records import load_record
-    from shrinkflow.tasks.stages import Context, run_candidate, run_sensitivity
-    from shrinkflow.tasks.tracking import Tracker
-    from shrinkflow.tasks.train import load_trial_record
+    from shrinkflow.tasks.store.tracking import Tracker
+    from shrinkflow.tasks.training.train import load_trial_record
 
     def searched(*overrides):
         params = parse_params(small_raw(*overrides, "promote.tolerance=100"))

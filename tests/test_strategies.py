@@ -19,12 +19,19 @@ from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import Int8Net, dense_twin
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.config import ConfigError, SearchConfig, TrainConfig, parse_params
-from shrinkflow.tasks.engine import Hooks, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
-from shrinkflow.tasks.evaluate import count_flops, serialized_size, weight_sparsity
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.stats import compare
 from shrinkflow.tasks.io import save_checkpoint
-from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.search import best_trial, search_ratio
-from shrinkflow.tasks.stats import compare
+from shrinkflow.tasks.measurement.evaluate import count_flops, serialized_size, weight_sparsity
+from shrinkflow.tasks.training.engine import (
+    Hooks,
+    bn_l1_penalty,
+    distillation_loss,
+    evaluate,
+    fit,
+    keep_zeros,
+)
+from shrinkflow.tasks.training.search import best_trial, search_ratio
 from tests.conftest import REPO, small_raw
 
 SPECS = {
@@ -411,7 +418,7 @@ def test_search_stops_at_the_tolerance(mode):
 
 
 def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layout):
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -433,8 +440,8 @@ def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layou
 
 
 def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
-    from shrinkflow.tasks.evaluate import measure
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.measurement.evaluate import measure
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -453,8 +460,8 @@ def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
 
 
 def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
-    from shrinkflow.tasks.stages import Context, run_candidate
-    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.pipeline.stages import Context, run_candidate
+    from shrinkflow.tasks.store.tracking import Tracker
 
     params = parse_params(
         small_raw(

@@ -19,13 +19,13 @@ from torch import nn
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.config import ConfigError, PromoteConfig, TrainConfig, parse_params
-from shrinkflow.tasks.decide import decide
-from shrinkflow.tasks.engine import fit, native_bf16, small_bn_scales
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.decide import decide
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.tracking import Tracker
-from shrinkflow.tasks.train import shrink_candidate
+from shrinkflow.tasks.store.tracking import Tracker
+from shrinkflow.tasks.training.engine import fit, native_bf16, small_bn_scales
+from shrinkflow.tasks.training.train import shrink_candidate
 from tests.conftest import small_raw
 
 
@@ -133,8 +133,8 @@ def test_step_ratios_keep_equal_shares_of_the_original_width():
 
 
 def test_slim_records_its_sparsity_phase(tmp_path):
-    from shrinkflow.tasks.prepare import prepare
-    from shrinkflow.tasks.train import train_baseline
+    from shrinkflow.tasks.data.prepare import prepare
+    from shrinkflow.tasks.training.train import train_baseline
 
     params = parse_params(
         small_raw(
@@ -222,7 +222,7 @@ _HEAP = """
 import contextlib
 import sys
 import torch
-from shrinkflow.tasks.engine import batches_given_back
+from shrinkflow.tasks.training.engine import batches_given_back
 def anon():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) << 10
 first = torch.ones(30 << 18)  # 30 MiB, freed: glibc's default raises its threshold to this size

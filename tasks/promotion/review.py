@@ -30,11 +30,11 @@ import pandas as pd
 
 from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
-from shrinkflow.tasks.decide import Kind
+from shrinkflow.tasks.decision.decide import Kind
+from shrinkflow.tasks.decision.stats import Comparison, compare
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.escape import markdown_text, one_line
-from shrinkflow.tasks.lock import REGISTRY_LOCK_STALE_S, registry_lock
-from shrinkflow.tasks.promote import (
+from shrinkflow.tasks.promotion.promote import (
     PREVIOUS_TAG,
     REGISTRATION_TAG,
     ServedTest,
@@ -43,7 +43,9 @@ from shrinkflow.tasks.promote import (
     task_identity,
 )
 from shrinkflow.tasks.records import Manifest
-from shrinkflow.tasks.registry import (
+from shrinkflow.tasks.stage_specs import STAGES
+from shrinkflow.tasks.store.lock import REGISTRY_LOCK_STALE_S, registry_lock
+from shrinkflow.tasks.store.registry import (
     load_version,
     registered_model,
     registered_version,
@@ -51,9 +53,7 @@ from shrinkflow.tasks.registry import (
     version_by_alias,
     version_record,
 )
-from shrinkflow.tasks.stage_specs import STAGES
-from shrinkflow.tasks.stats import Comparison, compare
-from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
+from shrinkflow.tasks.store.tracking import PROCESS_TAG, Tracker, process_gone, this_process
 
 log = logging.getLogger(__name__)
 

@@ -203,7 +203,7 @@ def _registry_holder(client, lock: str):
 
 
 def _registry_lock_stale(holder) -> bool:
-    from shrinkflow.tasks.tracking import process_gone
+    from shrinkflow.tasks.store.tracking import process_gone
 
     owner = holder.tags.get("owner", "")
     age_s = time.time() - (holder.creation_timestamp or 0) / 1000

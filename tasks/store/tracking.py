@@ -1,5 +1,5 @@
 """MLflow at the edges: runs, metrics, artefacts and the dataset input (the model registry is
-:mod:`shrinkflow.tasks.registry`), and which process owns a run.
+:mod:`shrinkflow.tasks.store.registry`), and which process owns a run.
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids rather than the
 fluent API's thread-local "active run", so candidates logging from parallel threads or worker
@@ -76,7 +76,7 @@ def _lost(exc: BaseException) -> str | None:
     return None
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 # What a run itself rewrites: committed copies of these changing is not a change of code or params.

@@ -1,8 +1,8 @@
 """The model registry at the edges: register a checkpoint as a pyfunc model that takes raw
 images, find a version by alias, load it back (checking its bytes), move an alias.
 
-Run logging lives in :mod:`shrinkflow.tasks.tracking`; both talk to MLflow through the
-:class:`~shrinkflow.tasks.tracking.Tracker`'s explicit client.
+Run logging lives in :mod:`shrinkflow.tasks.store.tracking`; both talk to MLflow through the
+:class:`~shrinkflow.tasks.store.tracking.Tracker`'s explicit client.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from shrinkflow.models.arch.given import code_packages
 from shrinkflow.models.checkpoint import CheckpointError, sha256_file, user_factory
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.io import read_json
-from shrinkflow.tasks.serving import probability_columns
-from shrinkflow.tasks.tracking import Tracker
+from shrinkflow.tasks.store.serving import probability_columns
+from shrinkflow.tasks.store.tracking import Tracker
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
 CHECKSUM_FILE = "model.pt.sha256"
 # Every figure of a version beyond the few tags a reviewer filters on, logged in its run.
 RECORD_FILE = "version_record.json"

@@ -17,23 +17,23 @@ import pandas as pd
 import torch
 
 from shrinkflow.models import STRATEGIES
-from shrinkflow.tasks import progress, stop, tensorboard
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.decide import PromotionError, Verdict, verdict_json
+from shrinkflow.tasks.data.prepare import load_raw_split, prepare
+from shrinkflow.tasks.decision.decide import PromotionError, Verdict, verdict_json
+from shrinkflow.tasks.decision.report import markdown_report, pareto_plot
 from shrinkflow.tasks.errors import named_first_line
-from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
-from shrinkflow.tasks.given import user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, prepare
-from shrinkflow.tasks.promote import promote
+from shrinkflow.tasks.measurement.evaluate import COLUMNS, evaluate_models, load_table
+from shrinkflow.tasks.promotion.promote import promote
+from shrinkflow.tasks.promotion.reproduce import provenance_tags
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
-from shrinkflow.tasks.report import markdown_report, pareto_plot
-from shrinkflow.tasks.reproduce import provenance_tags
-from shrinkflow.tasks.search import FanOut, Job, Trial, simulate
-from shrinkflow.tasks.sensitivity import measure_table, sensitivity_stage, write_index
-from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
-from shrinkflow.tasks.train import (
+from shrinkflow.tasks.store.tracking import Tracker, TrackingUnavailable, code_version
+from shrinkflow.tasks.training import progress, stop, tensorboard
+from shrinkflow.tasks.training.given import user_code
+from shrinkflow.tasks.training.search import FanOut, Job, Trial, simulate
+from shrinkflow.tasks.training.sensitivity import measure_table, sensitivity_stage, write_index
+from shrinkflow.tasks.training.train import (
     candidate_train_config,
     pick_trial,
     shrink_candidate,
@@ -227,7 +227,7 @@ def run_trial(ctx: Context, name: str, index: int, ratio: float) -> Trial:
 
 def run_pick(ctx: Context, name: str, trials: list[Trial]) -> Tracked:
     """The end of candidate ``name``'s search: its MLflow run, every trial a nested run under it,
-    and the best trial made the candidate (:func:`shrinkflow.tasks.train.pick_trial`)."""
+    and the best trial made the candidate (:func:`shrinkflow.tasks.training.train.pick_trial`)."""
 
     def pick(run: str) -> ModelRecord:
         log_trial = _trial_logger(ctx, name, run)

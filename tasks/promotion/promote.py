@@ -1,10 +1,10 @@
-"""Stage 5: carry out the decision (:func:`shrinkflow.tasks.decide.decide`): gather its inputs,
+"""Stage 5: carry out the decision (:func:`shrinkflow.tasks.decision.decide.decide`): gather its inputs,
 register the winner, validate it, and only then move an alias, past the champion it was compared
 with (compare-and-set under the registry lock), then write what reviewers read.
 
 No rule is decided here: when ``@champion`` moved under this promotion, the decision is taken
 again with the champion found there (and the count of moves), and its verdict is carried out
-as it stands. The Markdown a reviewer reads is :mod:`shrinkflow.tasks.report`'s.
+as it stands. The Markdown a reviewer reads is :mod:`shrinkflow.tasks.decision.report`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 
 from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
-from shrinkflow.tasks.decide import (
+from shrinkflow.tasks.data.prepare import load_raw_split, normalise
+from shrinkflow.tasks.decision.decide import (
     Champion,
     Kind,
     PromotionError,
@@ -37,17 +38,16 @@ from shrinkflow.tasks.decide import (
     verdict_json,
     verdict_keys,
 )
-from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.decision.gate import class_accuracies
+from shrinkflow.tasks.decision.report import ChampionFigures, model_description, version_page
 from shrinkflow.tasks.errors import first_line, named_first_line
-from shrinkflow.tasks.evaluate import load_predictions, load_table
-from shrinkflow.tasks.gate import class_accuracies
-from shrinkflow.tasks.given import lineage_tags
 from shrinkflow.tasks.io import read_json, write_json
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.lock import registry_lock
-from shrinkflow.tasks.prepare import load_raw_split, normalise
+from shrinkflow.tasks.measurement.evaluate import load_predictions, load_table
+from shrinkflow.tasks.promotion.reproduce import dirty_warning
 from shrinkflow.tasks.records import Manifest, load_manifest, load_record
-from shrinkflow.tasks.registry import (
+from shrinkflow.tasks.store.lock import registry_lock
+from shrinkflow.tasks.store.registry import (
     RECORD_FILE,
     describe_registered_model,
     load_version,
@@ -57,9 +57,9 @@ from shrinkflow.tasks.registry import (
     version_by_alias,
     version_record,
 )
-from shrinkflow.tasks.report import ChampionFigures, model_description, version_page
-from shrinkflow.tasks.reproduce import dirty_warning
-from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
+from shrinkflow.tasks.store.tracking import PROCESS_TAG, Tracker, process_gone, this_process
+from shrinkflow.tasks.training.engine import accuracy
+from shrinkflow.tasks.training.given import lineage_tags
 
 log = logging.getLogger(__name__)
 
