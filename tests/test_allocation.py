@@ -489,6 +489,8 @@ def first_baseline(layout) -> str:
 
 
 def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_layout):
+    from mlflow import MlflowClient
+
     from shrinkflow.tasks.pipeline.stages import Context, run_candidate, run_sensitivity
     from shrinkflow.tasks.store.tracking import Tracker
 
@@ -506,13 +508,14 @@ def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_
     assert [t["ratio"] for t in record.trials] == [0.5, 0.8] and all(t["passed"] for t in record.trials)
     assert record.options["budget"] == {"objective": "params", "keep": pytest.approx(0.2)}
     assert record.options["allocated"]["cost"]["params"] <= 0.2
-    logged = ctx.tracker.client.get_run(tracked.run_id).data.params
+    logged = ctx.tracker.run(tracked.run_id).data.params
     assert json.loads(logged["widths"].replace("'", '"')) == record.options["widths"]
     assert "sensitivity" in logged and "allocated" in logged
     # The table and plot it allocated from are the candidate run's artefacts.
-    logged_files = {a.path for a in ctx.tracker.client.list_artifacts(tracked.run_id, "sensitivity")}
+    store = MlflowClient(ctx.tracker.uri)
+    logged_files = {a.path for a in store.list_artifacts(tracked.run_id, "sensitivity")}
     assert logged_files == {"sensitivity/sensitivity-prune_l1.json", "sensitivity/sensitivity-prune_l1.png"}
-    local = ctx.tracker.client.download_artifacts(tracked.run_id, "sensitivity/sensitivity-prune_l1.json")
+    local = store.download_artifacts(tracked.run_id, "sensitivity/sensitivity-prune_l1.json")
     assert (
         json.loads(Path(local).read_text())["key"]["baseline_sha256"]
         == json.loads(trained_layout.record("baseline").read_text())["sha256"]

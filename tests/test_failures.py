@@ -146,7 +146,7 @@ def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypat
     assert list((copy / "mlartifacts").rglob("note.txt")), "the copy's artefacts stay in the copy"
     assert not (original / "mlartifacts").exists() or not list((original / "mlartifacts").rglob("note.txt"))
     assert (
-        Tracker.for_project(original, "follow").client.get_experiment(first.experiment_id).artifact_location
+        Tracker.for_project(original, "follow").experiment().artifact_location
         == (original / "mlartifacts").as_uri()
     ), "the original is untouched"
 

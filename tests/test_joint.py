@@ -305,7 +305,7 @@ def test_prune_then_factorise_then_fine_tune_and_the_record_and_table_say_both(t
         assert torch.equal(rebuilt(x), model(x)), "the fine-tuned, pruned and factorised network rebuilds"
     assert composed.options["lowrank"] == {"ratio": 0.5} and rung.options["lowrank"] == {"allocate": True}
     assert rung.options["allocated"]["cost"]["params"] <= 0.1
-    logged = ctx.tracker.client.get_run(tracked.run_id).data.params
+    logged = ctx.tracker.run(tracked.run_id).data.params
     assert json.loads(logged["ranks"].replace("'", '"')) == rung.options["ranks"]
     evaluate_models(params, layout)
     table = load_table(layout.candidates_csv).set_index("name")

@@ -46,8 +46,8 @@ def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, m
     tracker = Tracker(tracking_uri(tmp_path), params.tracking.experiment)
     parent = tracker.start_run("pipeline")  # as a whole run nests its stages
     decision = run_promote(Context(params, layout, tracker, parent))
-    assert tracker.client.get_run(parent).info.run_name == f"{model_name} v1 @champion: {decision.winner}"
-    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert tracker.run(parent).info.run_name == f"{model_name} v1 @champion: {decision.winner}"
+    experiment = tracker.experiment()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "not MLflow's GenAI view"
     assert decision.kind == "champion" and "no champion yet" in decision.kind_reason
     version = MlflowClient().get_model_version_by_alias(model_name, "champion")
@@ -243,9 +243,7 @@ def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, mo
     assert _aliases(model_name) == {"champion": 1}
     assert len(MlflowClient().search_model_versions(f"name='{model_name}'")) == 1
     assert not layout.promotion_json.exists()
-    failed = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], "tags.`shrinkflow.stage` = 'promote'"
-    )
+    failed = ctx.tracker.search_runs("tags.`shrinkflow.stage` = 'promote'")
     assert sorted(run.info.status for run in failed) == ["FAILED", "FINISHED"]
 
 

@@ -472,9 +472,7 @@ def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
     )
     ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "strategies-test"))
     tracked = run_candidate(ctx, "s")
-    children = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracked.run_id}'"
-    )
+    children = ctx.tracker.search_runs(f"tags.mlflow.parentRunId = '{tracked.run_id}'")
     assert sorted(float(r.data.params["ratio"]) for r in children) == [0.5, 0.7]
     assert all(r.data.metrics["passed"] == 1.0 for r in children) and tracked.record.options["ratio"] == 0.7
     for run in children:  # each trial carries its interval, as record.json does

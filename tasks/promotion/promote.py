@@ -116,7 +116,7 @@ def current_champion(
         ) from exc
     if version is None:
         return None
-    tags = version_record(tracker.client, cfg.model_name, version.version)
+    tags = version_record(tracker.registry, cfg.model_name, version.version)
     size = float(tags.get(cfg.objective, "inf"))
     sha = tags.get("checkpoint_sha256", "")
     gone = Champion(str(version.version), None, size, sha, tags)
@@ -348,7 +348,7 @@ def compare_and_set(job: Promotion, version: str, move: Move) -> Move | None:
     """Under the registry lock, move the verdict's alias to ``version``, unless that alias is
     ``@champion`` and it moved away from the champion the verdict was compared with (None)."""
     cfg, tracker, name = job.cfg, job.tracker, job.cfg.model_name
-    with registry_lock(tracker.client, name, this_process()):
+    with registry_lock(tracker.registry, name, this_process()):
         now = version_by_alias(tracker, name, cfg.alias)
         if not needs_same_champion(move.verdict, cfg, job.force) or _same(now, move.champion):
             before = version_by_alias(tracker, name, move.alias)
@@ -401,13 +401,13 @@ def complete(job: Promotion, version: str, move: Move) -> None:
     here undoes neither; the version stays pending and the next run completes it."""
     tracker, cfg, name = job.tracker, job.cfg, job.cfg.model_name
     try:
-        registered = tracker.client.get_model_version(name, version)
+        registered = tracker.registry.get_model_version(name, version)
         story = version_story(job, move, registered.tags.get("composition", ""), registered.run_id)
         if move.alias == cfg.alias:  # what `shrinkflow rollback` goes back to
-            tracker.client.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
+            tracker.registry.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
         mark_registration(tracker, name, version, "complete", move.verdict, story)
         describe_registered_model(
-            tracker.client, name, model_description(job.manifest, cfg), model_tags(job.identity, cfg)
+            tracker.registry, name, model_description(job.manifest, cfg), model_tags(job.identity, cfg)
         )
         name_parent_run(tracker, job.run_id, f"{name} v{version} @{move.alias}: {move.verdict.winner}")
     except Exception as exc:
@@ -432,7 +432,7 @@ def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> s
     completed (its process is gone, or it is this one and that promotion failed), to be
     completed instead of registering a duplicate."""
     found = []
-    for v in tracker.client.search_model_versions(f"name='{name}'"):
+    for v in tracker.registry.search_model_versions(f"name='{name}'"):
         tags = v.tags
         if (
             tags.get("checkpoint_sha256") == sha256
@@ -457,24 +457,24 @@ def mark_registration(
 ) -> None:
     """Record that the version's alias move is done, with the verdict it finally got."""
     if verdict is not None:
-        tracker.client.set_model_version_tag(name, version, "verdict", verdict.kind)
-        tracker.client.set_model_version_tag(name, version, "forced", str(verdict.forced).lower())
+        tracker.registry.set_model_version_tag(name, version, "verdict", verdict.kind)
+        tracker.registry.set_model_version_tag(name, version, "forced", str(verdict.forced).lower())
     if description:
-        tags = version_record(tracker.client, name, version)
-        tracker.client.update_model_version(name, version, description=dirty_warning(tags) + description)
-    tracker.client.set_model_version_tag(name, version, REGISTRATION_TAG, state)
+        tags = version_record(tracker.registry, name, version)
+        tracker.registry.update_model_version(name, version, description=dirty_warning(tags) + description)
+    tracker.registry.set_model_version_tag(name, version, REGISTRATION_TAG, state)
 
 
 def undo_alias(tracker: Tracker, cfg: PromoteConfig, alias: str, version: str, previous: str | None) -> str:
     """Put ``alias`` back where it was, if it still points at ``version``; says what happened."""
     name = cfg.model_name
     try:
-        with registry_lock(tracker.client, name, this_process()):
+        with registry_lock(tracker.registry, name, this_process()):
             now = version_by_alias(tracker, name, alias)
             if now is None or str(now.version) != str(version):
                 return f"@{alias} had already moved on from v{version}; left as it is"
             if previous is None:
-                tracker.client.delete_registered_model_alias(name, alias)
+                tracker.registry.delete_registered_model_alias(name, alias)
                 return f"the move of @{alias} to v{version} was undone (no @{alias} again)"
             set_alias(tracker, name, alias, previous)
             return f"the move of @{alias} to v{version} was undone (@{alias} is v{previous} again)"
@@ -603,9 +603,9 @@ def name_parent_run(tracker: Tracker, run_id: str, title: str) -> None:
     """Name the pipeline's parent run after its outcome (it starts as ``pipeline``); a name is
     not worth failing a promotion whose decision is already written."""
     try:
-        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        parent = tracker.run(run_id).data.tags.get("mlflow.parentRunId")
         if parent:
-            tracker.client.update_run(parent, name=title[:250])
+            tracker.rename_run(parent, title[:250])
     except Exception as exc:
         log.warning("the pipeline's run keeps its name: %s", exc)
 

@@ -429,7 +429,7 @@ def _registered(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
         version = (
             version_by_alias(tracker, name, version_ref[1:])
             if version_ref.startswith("@")
-            else tracker.client.get_model_version(name, version_ref)
+            else tracker.registry.get_model_version(name, version_ref)
         )
     except Exception as exc:
         raise BaselineError(
