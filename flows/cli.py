@@ -21,7 +21,7 @@ import typer
 
 from shrinkflow.flows import reaper
 from shrinkflow.tasks.config import load_params
-from shrinkflow.tasks.training import progress
+from shrinkflow.tasks.training import progress, stop
 
 app = typer.Typer(
     add_completion=False,
@@ -51,7 +51,9 @@ def project_root(params: Path, root: Path | None) -> Path:
 @contextlib.contextmanager
 def _terminated_as_interrupt() -> Iterator[None]:
     """SIGTERM (a scheduler stopping the job, `kill`) unwinds like Ctrl-C, so every stage ends
-    its MLflow run KILLED and leaves no half-made decision; only in the main thread."""
+    its MLflow run KILLED and leaves no half-made decision; only in the main thread. Either signal
+    also asks the training loops to stop: Python drops an exception raised while it runs a
+    callback (an import's module lock, a weakref), and the loop's next batch raises it again."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -59,13 +61,21 @@ def _terminated_as_interrupt() -> Iterator[None]:
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+        reason = f"signal {signal.Signals(signum).name}"
+        stop.request(reason)
+        raise KeyboardInterrupt(reason)
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    # Ctrl-C only where Python's own handler has it (a background job may ignore it).
+    signals = [signal.SIGTERM] + [signal.SIGINT] * (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    stop.clear()  # a command starts unstopped, whatever an earlier one in this process heard
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Stage(StrEnum):

@@ -208,7 +208,8 @@ def test_a_signal_during_a_training_stage_ends_its_mlflow_run_killed(trained, tm
             proc.kill()
     assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
     (run,) = _runs(experiment)
-    assert run.info.status == "KILLED" and "KeyboardInterrupt" in run.data.tags["shrinkflow.error"]
+    # KeyboardInterrupt where the signal landed, or Stopped at the next batch where Python dropped it
+    assert run.info.status == "KILLED" and f"signal {sig.name}" in run.data.tags["shrinkflow.error"]
 
 
 def test_a_project_that_cannot_be_written_is_one_line(tmp_path):
