@@ -3,7 +3,9 @@
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids rather than the
 fluent API's thread-local "active run", so candidates logging from parallel threads or worker
-processes never cross wires.
+processes never cross wires. The client is the :class:`Tracker`'s own: the run calls are its
+methods, the registry's calls its :class:`ModelRegistry`, and what a record becomes in MLflow
+(:func:`log_record`, :func:`log_candidates`, :func:`log_dataset`) plain functions over it.
 """
 
 from __future__ import annotations
