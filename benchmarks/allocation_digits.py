@@ -18,10 +18,10 @@ import yaml
 
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.tasks.config import apply_override, parse_params
-from shrinkflow.tasks.engine import evaluate
+from shrinkflow.tasks.data.prepare import load_split, prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split, prepare
-from shrinkflow.tasks.train import shrink_candidate, train_baseline
+from shrinkflow.tasks.training.engine import evaluate
+from shrinkflow.tasks.training.train import shrink_candidate, train_baseline
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uniform", "global", "sensitivity", "sample")

@@ -10,8 +10,8 @@ budget ladder, the best pruning-only recipe of 2026-12-01 and the seed's Adjuste
 ``resnet56`` (a network whose parameters sit in convolutions, on a reduced budget); ``--quick``
 is a digits smoke run of the cifar10 setup's code. Every contender starts from the one baseline
 the pipeline trains, gets the same fine-tuning budget in epochs and goes through the same
-training loop (``shrinkflow.tasks.engine.fit``); every model is measured by
-``shrinkflow.tasks.evaluate``'s own functions (latency single-threaded on the CPU). The flow
+training loop (``shrinkflow.tasks.training.engine.fit``); every model is measured by
+``shrinkflow.tasks.measurement.evaluate``'s own functions (latency single-threaded on the CPU). The flow
 promotes by the setup's first objective; the promotion rule is applied again to the same table
 for the others. torch-pruning peers are pruned to each promoted model's own size
 (:mod:`benchmarks.contenders`). Results go to ``<out>/<date>-<machine>-<setup>.md`` (the tables,
@@ -48,9 +48,9 @@ from benchmarks.pareto import pareto_png
 from benchmarks.report import machine, machine_slug, render
 from benchmarks.targets import TARGETS
 from shrinkflow.tasks.config import Params, apply_override, load_params
-from shrinkflow.tasks.decide import decide
-from shrinkflow.tasks.evaluate import load_predictions, load_table
+from shrinkflow.tasks.decision.decide import decide
 from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.measurement.evaluate import load_predictions, load_table
 from shrinkflow.tasks.records import load_manifest, load_record
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The comparison table's models: the baseline, the seed's AdjustedNet, the reference recipe and
 the promoted models, all from the pipeline's own run, and torch-pruning peers pruned from the same
 baseline to the promoted models' own size (parameter count or FLOPs), fine-tuned with the same
-recipe and budget, every model measured by ``shrinkflow.tasks.evaluate``'s functions.
+recipe and budget, every model measured by ``shrinkflow.tasks.measurement.evaluate``'s functions.
 
 The peers are fine-tuned side by side, one per single-thread worker process (as the pipeline runs
 its candidates with ``shrink.runner: process``): on two cores that is about 1.6x faster than one
@@ -26,12 +26,12 @@ from benchmarks.figures import Contender, Gap, peer_name, promoted_name, wilson
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import dense_twin
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.engine import Split, accuracy, fit, predict
-from shrinkflow.tasks.evaluate import count_flops, latency_ms, serialized_size
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.stats import compare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.stats import compare
-from shrinkflow.tasks.train import candidate_train_config
+from shrinkflow.tasks.measurement.evaluate import count_flops, latency_ms, serialized_size
+from shrinkflow.tasks.training.engine import Split, accuracy, fit, predict
+from shrinkflow.tasks.training.train import candidate_train_config
 
 THROUGHPUT_BATCH = 64
 GLOBAL_STEPS = 5  # torch-pruning's progressive global recipe: re-score the survivors this often
@@ -120,7 +120,7 @@ def counter(measure: str, example: torch.Tensor) -> Callable[[nn.Module], int]:
 def measured(
     name: str, how: str, model: nn.Module, params: Params, test: Split
 ) -> tuple[Contender, np.ndarray]:
-    """One model measured with ``shrinkflow.tasks.evaluate``'s functions: test accuracy (with
+    """One model measured with ``shrinkflow.tasks.measurement.evaluate``'s functions: test accuracy (with
     its 95% Wilson interval), params and FLOPs (of its float twin), size, batch-1 latency, and the
     same latency function on a batch of 64 for throughput; and its test predictions (for paired
     gaps). Only the test split: the pipeline's own measurements of val and gate are its table's."""

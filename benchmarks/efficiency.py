@@ -22,7 +22,12 @@ from torch import nn
 from shrinkflow.models import build_model, model_spec
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.tasks.config import Params, apply_override, load_params
-from shrinkflow.tasks.engine import (
+from shrinkflow.tasks.data.prepare import load_split, prepare
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.measurement.evaluate import evaluate_models
+from shrinkflow.tasks.pipeline.stages import fan_out_work
+from shrinkflow.tasks.records import load_record
+from shrinkflow.tasks.training.engine import (
     FP32,
     Precision,
     Split,
@@ -31,13 +36,8 @@ from shrinkflow.tasks.engine import (
     resolve_device,
     resolve_precision,
 )
-from shrinkflow.tasks.evaluate import evaluate_models
-from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split, prepare
-from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.sensitivity import sensitivity_stage
-from shrinkflow.tasks.stages import fan_out_work
-from shrinkflow.tasks.train import seeded, shrink_candidate
+from shrinkflow.tasks.training.sensitivity import sensitivity_stage
+from shrinkflow.tasks.training.train import seeded, shrink_candidate
 
 REPO = Path(__file__).resolve().parents[1]
 THROUGHPUT_IMAGES = 8192  # training images per throughput epoch (a rate needs no more)
@@ -139,7 +139,7 @@ def _ready() -> None:
     """A worker's first task: import what the shrink work needs (its start-up, timed apart)."""
     import torch_pruning  # noqa: F401
 
-    import shrinkflow.tasks.train  # noqa: F401
+    import shrinkflow.tasks.training.train  # noqa: F401
 
 
 class _Pool:
@@ -337,7 +337,7 @@ def bare_loop(
 
 
 def throughput(initial: nn.Module, train: Split, val: Split, params: Params, epochs: int) -> dict:
-    """Images/s of ``shrinkflow.tasks.engine.fit`` as the pipeline runs it (``train.precision``,
+    """Images/s of ``shrinkflow.tasks.training.engine.fit`` as the pipeline runs it (``train.precision``,
     validation on all of ``val`` each epoch), of the bare loop (same validation) in float32 and of
     the bare loop in the pipeline's precision, from the same seeded initial weights of
     ``initial``'s architecture; the three alternate, best of ``REPEATS`` each."""

@@ -45,10 +45,10 @@ from benchmarks.contenders import torch_pruning_peer
 from benchmarks.efficiency import REPEATS, THROUGHPUT_IMAGES, makespan
 from shrinkflow.models import apply_strategy, build_model, model_spec
 from shrinkflow.tasks.config import Params
-from shrinkflow.tasks.engine import Hooks, distillation_loss, fit
-from shrinkflow.tasks.evaluate import measure, onnx_columns
-from shrinkflow.tasks.sensitivity import measure as sensitivity_table
-from shrinkflow.tasks.train import seeded
+from shrinkflow.tasks.measurement.evaluate import measure, onnx_columns
+from shrinkflow.tasks.training.engine import Hooks, distillation_loss, fit
+from shrinkflow.tasks.training.sensitivity import measure as sensitivity_table
+from shrinkflow.tasks.training.train import seeded
 
 CIFAR_TRAIN, CIFAR_TEST, GATE_FRACTION = 50_000, 10_000, 0.15
 PREPARE_S = 29.2  # 2026-12-01's prepare of the CIFAR-10 JPEGs (the same work in every setup)

@@ -22,7 +22,7 @@ import torch
 from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.models.quantize import Int8Net, inlined, quantize_int8
 from shrinkflow.models.registry import model_spec
-from shrinkflow.tasks.reproduce import cpu_model
+from shrinkflow.tasks.promotion.reproduce import cpu_model
 
 MODELS = {
     "digits BaseNet (1x8x8, 32-64, 128)": dict(in_channels=1, image_size=8, channels=(32, 64), hidden=(128,)),

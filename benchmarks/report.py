@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.efficiency import REPEATS
 from benchmarks.figures import Contender, Figures, Gap, beside, change, shown
-from shrinkflow.tasks.reproduce import cpu_model
+from shrinkflow.tasks.promotion.reproduce import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 

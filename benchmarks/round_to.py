@@ -19,8 +19,8 @@ import torch
 
 from shrinkflow.models import apply_strategy
 from shrinkflow.models.arch.basenet import BaseNet
-from shrinkflow.tasks.evaluate import count_flops
-from shrinkflow.tasks.reproduce import cpu_model
+from shrinkflow.tasks.measurement.evaluate import count_flops
+from shrinkflow.tasks.promotion.reproduce import cpu_model
 
 RATIOS = (0.6, 0.7, 0.8)
 ROUND_TO = (None, 8, 16)

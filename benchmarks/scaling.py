@@ -56,8 +56,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from shrinkflow.tasks.config import load_params
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import prepare
-from shrinkflow.tasks.train import shrink_candidate, threads_per_worker, train_baseline
+from shrinkflow.tasks.data.prepare import prepare
+from shrinkflow.tasks.training.train import shrink_candidate, threads_per_worker, train_baseline
 
 def anon():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
@@ -168,9 +168,9 @@ def cifar_throughput(work: Path, repeats: int, per_class: int) -> dict:
 
     from shrinkflow.models import build_model
     from shrinkflow.tasks.config import parse_params
-    from shrinkflow.tasks.engine import FP32, train_one_epoch
+    from shrinkflow.tasks.data.prepare import load_split, prepare
     from shrinkflow.tasks.layout import Layout
-    from shrinkflow.tasks.prepare import load_split, prepare
+    from shrinkflow.tasks.training.engine import FP32, train_one_epoch
 
     root = work / "cifar"
     keep = {"train": per_class, "test": per_class // 5}

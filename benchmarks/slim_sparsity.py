@@ -27,7 +27,7 @@ from torch import nn
 from shrinkflow.models import apply_strategy
 from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.tasks.config import TrainConfig
-from shrinkflow.tasks.engine import Hooks, bn_l1_penalty, evaluate, fit
+from shrinkflow.tasks.training.engine import Hooks, bn_l1_penalty, evaluate, fit
 
 STRENGTHS = (0.0, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 

@@ -20,8 +20,8 @@ from typing import Annotated
 import typer
 
 from shrinkflow.flows import reaper
-from shrinkflow.tasks import progress, stop
 from shrinkflow.tasks.config import load_params
+from shrinkflow.tasks.training import progress, stop
 
 app = typer.Typer(
     add_completion=False,
@@ -163,9 +163,9 @@ def _torch_loggers() -> list[logging.Logger]:
 
 @contextlib.contextmanager
 def _project_session(root: Path, command: str) -> Iterator[None]:
-    """One writer per project (see tasks/lock.py), with every log record of the command appended
+    """One writer per project (see tasks/store/lock.py), with every log record of the command appended
     to ``<root>/.shrinkflow/shrinkflow.log`` and expected failures kept off the console."""
-    from shrinkflow.tasks.lock import STATE_DIR, project_lock
+    from shrinkflow.tasks.store.lock import STATE_DIR, project_lock
 
     with project_lock(root, command), _command_log(Path(root) / STATE_DIR, command):
         yield
@@ -218,7 +218,7 @@ def _registry_command(root: Path, command: str) -> Iterator[None]:
     """A command that reads or moves the registry (no project lock: it writes no project file):
     a user's error is one line on stderr, exit 1; its traceback goes to the project's log, when
     the project has one (a run or stage made it)."""
-    from shrinkflow.tasks.lock import STATE_DIR
+    from shrinkflow.tasks.store.lock import STATE_DIR
 
     with _user_errors(), _command_log(Path(root) / STATE_DIR, command):
         yield
@@ -288,8 +288,8 @@ def failure_lines(table) -> list[str]:
     """One line per candidate that has no measurements, saying why: the first line of its recorded
     error (outside text: control characters gone, the line cut to the terminal table's width),
     its name quoted."""
+    from shrinkflow.tasks.decision.report import TERMINAL_WIDTH
     from shrinkflow.tasks.escape import one_line
-    from shrinkflow.tasks.report import TERMINAL_WIDTH
 
     lines = []
     for _, row in table[(table["name"] != "baseline") & (table["status"] != "ok")].iterrows():
@@ -306,7 +306,7 @@ def _why_all_failed(csv: Path, since: float = 0.0) -> None:
     failed, print why each did: before the decision, in which the measured baseline stands, or
     before a one-line error."""
     from shrinkflow.tasks.errors import ShrinkflowError
-    from shrinkflow.tasks.evaluate import load_table
+    from shrinkflow.tasks.measurement.evaluate import load_table
 
     try:
         if csv.stat().st_mtime < since:
@@ -340,7 +340,7 @@ def run(
         cfg = load_params(params, tuple(set_ or ()))  # refuse a bad config before Prefect even starts
         check_prefect_home()
         with _project_session(root, "run"):
-            from shrinkflow.tasks.tracking import Tracker
+            from shrinkflow.tasks.store.tracking import Tracker
 
             Tracker.for_project(root, cfg.tracking.experiment).check()  # before Prefect starts
             _watchers.append(reaper.watch(os.getpid()))  # its pipe closes when this process ends
@@ -376,8 +376,8 @@ def stage(
 
     Example: shrinkflow stage shrink --candidate width-50
     """
-    from shrinkflow.tasks import stages
     from shrinkflow.tasks.errors import ShrinkflowError
+    from shrinkflow.tasks.pipeline import stages
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     root = project_root(params, root)
@@ -439,10 +439,10 @@ def serve(
 def report(params: ParamsOpt = Path("params.yaml"), root: RootOpt = None) -> None:
     """Re-print the last run's candidates table and promotion decision from reports/."""
 
-    from shrinkflow.tasks.evaluate import load_table
+    from shrinkflow.tasks.decision.report import decision_lines, format_table, plain_code
     from shrinkflow.tasks.layout import Layout
-    from shrinkflow.tasks.promote import load_decision
-    from shrinkflow.tasks.report import decision_lines, format_table, plain_code
+    from shrinkflow.tasks.measurement.evaluate import load_table
+    from shrinkflow.tasks.promotion.promote import load_decision
 
     with _user_errors():
         layout = Layout.from_params(load_params(params), project_root(params, root))
@@ -474,7 +474,7 @@ def reproduce(
 
     Example: shrinkflow reproduce shrinkflow-digits 3
     """
-    from shrinkflow.tasks.reproduce import reproduce as rebuild
+    from shrinkflow.tasks.promotion.reproduce import reproduce as rebuild
 
     with _registry_command(root, "reproduce"):
         rebuilt = rebuild(name, version, root, keep)
@@ -491,8 +491,8 @@ ByOpt = Annotated[str | None, typer.Option("--by", help="who decides (default: $
 def _reviewing(params: Path, root: Path | None):
     """The config, the registry and today's test images of the project a reviewer works in."""
     from shrinkflow.tasks.layout import Layout
-    from shrinkflow.tasks.promote import ServedTest
-    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.promotion.promote import ServedTest
+    from shrinkflow.tasks.store.tracking import Tracker
 
     cfg = load_params(params)
     root = project_root(params, root)
@@ -516,7 +516,7 @@ def review(
 
     Example: shrinkflow review shrinkflow-digits
     """
-    from shrinkflow.tasks.review import history_lines, registered, side_by_side, versions_table
+    from shrinkflow.tasks.promotion.review import history_lines, registered, side_by_side, versions_table
 
     with _registry_command(project_root(params, root), "review"):
         cfg, tracker, test = _reviewing(params, root)
@@ -550,7 +550,7 @@ def approve(
 
     Example: shrinkflow approve shrinkflow-digits 3 --reason "faster on the edge boxes"
     """
-    from shrinkflow.tasks.review import move_champion, revalidate, who
+    from shrinkflow.tasks.promotion.review import move_champion, revalidate, who
 
     with _registry_command(project_root(params, root), "approve"):
         cfg, tracker, test = _reviewing(params, root)
@@ -577,7 +577,7 @@ def rollback(
 
     Example: shrinkflow rollback shrinkflow-digits --reason "v4 misreads 7s in production"
     """
-    from shrinkflow.tasks.review import move_champion, revalidate, rollback_target, who
+    from shrinkflow.tasks.promotion.review import move_champion, revalidate, rollback_target, who
 
     with _registry_command(project_root(params, root), "rollback"):
         cfg, tracker, test = _reviewing(params, root)

@@ -1,7 +1,7 @@
 """The shrinkflow Prefect flow: prepare -> baseline -> sensitivity -> shrink (fan-out) -> evaluate ->
 promote.
 
-Wiring only: every task is a function from ``shrinkflow.tasks.stages``; this module adds Prefect's
+Wiring only: every task is a function from ``shrinkflow.tasks.pipeline.stages``; this module adds Prefect's
 orchestration (task runs, parallelism, logging) and nothing else.
 """
 
@@ -19,10 +19,11 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from shrinkflow.tasks import cache, stages, stop
 from shrinkflow.tasks.config import Params, ShrinkConfig, load_params
-from shrinkflow.tasks.decide import Verdict, verdict_json
-from shrinkflow.tasks.report import links_section
+from shrinkflow.tasks.decision.decide import Verdict, verdict_json
+from shrinkflow.tasks.decision.report import links_section
+from shrinkflow.tasks.pipeline import cache, stages
+from shrinkflow.tasks.training import stop
 
 
 def _baseline_key(_, args: dict) -> str:
@@ -172,7 +173,7 @@ def fill_workers(
     ctx: stages.Context, names: list[str], workers: int
 ) -> dict[str, stages.Tracked | BaseException]:
     """Run candidates ``names`` with never more than ``workers`` jobs submitted at once, taking
-    the next job (in :class:`~shrinkflow.tasks.search.FanOut`'s order) as each one finishes, so a
+    the next job (in :class:`~shrinkflow.tasks.training.search.FanOut`'s order) as each one finishes, so a
     worker is never idle while a trial or a candidate could run."""
     plan = stages.fan_out_plan(ctx.params, names)
     running = {}

@@ -3,9 +3,9 @@ output of one chunk stay within a budget, whatever the image size or the network
 
 Counting images is not enough: 1,024 images of 96 px are 113 MB of float input before the first
 layer, and a network's activations are many times its input. The pipeline's prediction
-(``tasks/engine.py``) and the served model (``tasks/serving.py``) measure the model on its first
-small chunk (module hooks: sizes only, so the estimate is the same on every machine and the chunks
-with it) and size every later chunk from that.
+(``tasks/training/engine.py``) and the served model (``tasks/store/serving.py``) measure the model
+on its first small chunk (module hooks: sizes only, so the estimate is the same on every machine
+and the chunks with it) and size every later chunk from that.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Images to model input, written once: ``prepare`` (through ``tasks/sources.py``) and the served
-model (``tasks/serving.py``) call these same functions, so training data and served images are
+"""Images to model input, written once: ``prepare`` (through ``tasks/data/sources.py``) and the served
+model (``tasks/store/serving.py``) call these same functions, so training data and served images are
 converted, resized and normalised identically.
 
 A model declares what it takes with :class:`InputOptions` (``model.input`` in ``params.yaml``): a

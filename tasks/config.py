@@ -493,7 +493,7 @@ def settable_alias(alias: str) -> str:
 
 
 class PromoteConfig(_Section):
-    """Which model wins a run, and what the registry does with it (see tasks/gate.py)."""
+    """Which model wins a run, and what the registry does with it (see tasks/decision/gate.py)."""
 
     tolerance: Annotated[float, Field(ge=0)] = 2.0
     tolerance_mode: Literal["absolute", "relative"] = "absolute"
@@ -509,7 +509,7 @@ class PromoteConfig(_Section):
     # as accurate as the baseline is refused in under 1% of runs, one that loses 15 points on a
     # class in 80% (README, "The per-class guard").
     max_class_drop: Annotated[float, Field(ge=0, le=100)] | None = 10.0
-    # How the gate certifies the decision as a whole (tasks/decide.py): fixed_sequence tests one
+    # How the gate certifies the decision as a whole (tasks/decision/decide.py): fixed_sequence tests one
     # recipe per size level, largest first, and stops at the first failure; holm adjusts the same
     # family; none tests every candidate on its own (no family-wise guarantee).
     multiplicity: Literal["fixed_sequence", "holm", "none"] = "fixed_sequence"

@@ -1,29 +1,30 @@
 """What each stage reads and writes, declared once: ``dvc.yaml`` is generated from these specs
-(``python -m shrinkflow.tasks.stage_specs > dvc.yaml``; a test checks the committed file is what they
-generate), and Prefect's cache keys (:mod:`shrinkflow.tasks.cache`) hash the same code and params, so DVC
-and Prefect always agree on what must re-run. Directories come from ``params.yaml``'s ``paths``
-section and file names from :class:`shrinkflow.tasks.layout.Files`.
+(``python -m shrinkflow.tasks.stage_specs > dvc.yaml``; a test checks the committed file is what
+they generate), and Prefect's cache keys (:mod:`shrinkflow.tasks.pipeline.cache`) hash the same code
+and params, so DVC and Prefect always agree on what must re-run. Directories come from
+``params.yaml``'s ``paths`` section and file names from :class:`shrinkflow.tasks.layout.Files`.
 
 A stage's code is derived, never listed: it is the import closure, within shrinkflow, of the
 modules that do the stage's work (:data:`ENTRIES`), so a module a stage starts to import joins its
 dependencies by itself. Every import statement counts (function-level and relative ones too), and a
 module brings its packages' ``__init__``. The entry points are the modules whose functions the
-runner (:mod:`shrinkflow.tasks.stages`) calls for that stage, not the runner or the CLI: those
+runner (:mod:`shrinkflow.tasks.pipeline.stages`) calls for that stage, not the runner or the CLI: those
 import every stage in order to sequence and log them, so their closure would make each stage depend
 on all the code. The runner's own lines only open and close MLflow runs and set the thread count
-(from :func:`shrinkflow.tasks.train.threads_per_worker`, which the entry points cover).
+(from :func:`shrinkflow.tasks.training.train.threads_per_worker`, which the entry points cover).
 
-- ``prepare``: :mod:`~shrinkflow.tasks.prepare` (``prepare``: the sources, the data checks, and the
+- ``prepare``: :mod:`~shrinkflow.tasks.data.prepare` (``prepare``: the sources, the data checks, and the
   resizing through :mod:`shrinkflow.models.preprocess`);
-- ``baseline`` and ``shrink``: :mod:`~shrinkflow.tasks.train` (``train_baseline``,
+- ``baseline`` and ``shrink``: :mod:`~shrinkflow.tasks.training.train` (``train_baseline``,
   ``shrink_candidate``: a brought model's intake, the training loop, searches, allocation);
-- ``sensitivity``: :mod:`~shrinkflow.tasks.sensitivity` (``sensitivity_stage``: the measured
-  tables budget candidates allocate from), plus :mod:`~shrinkflow.tasks.train`, whose
+- ``sensitivity``: :mod:`~shrinkflow.tasks.training.sensitivity` (``sensitivity_stage``: the measured
+  tables budget candidates allocate from), plus :mod:`~shrinkflow.tasks.training.train`, whose
   ``threads_per_worker`` sets the thread count its floats are measured with;
-- ``evaluate``: :mod:`~shrinkflow.tasks.evaluate` (``evaluate_models``);
-- ``promote``: :mod:`~shrinkflow.tasks.promote` (``promote``), plus :mod:`~shrinkflow.tasks.report`
-  and :mod:`~shrinkflow.tasks.reproduce`, whose report, Pareto plot and provenance tags the runner
-  adds to the promote stage's outputs and to the version it registers.
+- ``evaluate``: :mod:`~shrinkflow.tasks.measurement.evaluate` (``evaluate_models``);
+- ``promote``: :mod:`~shrinkflow.tasks.promotion.promote` (``promote``), plus
+  :mod:`~shrinkflow.tasks.decision.report` and :mod:`~shrinkflow.tasks.promotion.reproduce`, whose
+  report, Pareto plot and provenance tags the runner adds to the promote stage's outputs and to the
+  version it registers.
 
 ``models/`` is declared as one folder: its registries import every module of ``models/arch/`` and
 ``models/strategies/`` at run time (an architecture or strategy is found, not imported by name),
@@ -158,11 +159,15 @@ def _imports(file: Path, root: Path, package: str) -> list[str]:
 
 # The modules that do each stage's work (see the module docstring for why these).
 ENTRIES = {
-    "prepare": ("shrinkflow.tasks.prepare",),
-    "train": ("shrinkflow.tasks.train",),
-    "sensitivity": ("shrinkflow.tasks.sensitivity", "shrinkflow.tasks.train"),
-    "evaluate": ("shrinkflow.tasks.evaluate",),
-    "promote": ("shrinkflow.tasks.promote", "shrinkflow.tasks.report", "shrinkflow.tasks.reproduce"),
+    "prepare": ("shrinkflow.tasks.data.prepare",),
+    "train": ("shrinkflow.tasks.training.train",),
+    "sensitivity": ("shrinkflow.tasks.training.sensitivity", "shrinkflow.tasks.training.train"),
+    "evaluate": ("shrinkflow.tasks.measurement.evaluate",),
+    "promote": (
+        "shrinkflow.tasks.promotion.promote",
+        "shrinkflow.tasks.decision.report",
+        "shrinkflow.tasks.promotion.reproduce",
+    ),
 }
 # Every model's paired comparison with the baseline, and the ratio searches, read these.
 GATE_PARAMS = ("promote.tolerance", "promote.tolerance_mode", "promote.confidence")

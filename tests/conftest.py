@@ -12,8 +12,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pandas as pd
 import psutil
@@ -75,8 +77,8 @@ def project(tmp_path):
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """prepare + baseline on the small params, done once and copied by the tests that need it."""
-    from shrinkflow.tasks.prepare import prepare
-    from shrinkflow.tasks.train import train_baseline
+    from shrinkflow.tasks.data.prepare import prepare
+    from shrinkflow.tasks.training.train import train_baseline
 
     root = tmp_path_factory.mktemp("trained")
     params = parse_params(small_raw())
@@ -201,8 +203,8 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def evaluated(trained, tmp_path_factory):
     """The small pipeline run up to and including evaluate (baseline, w50, l1-50), once."""
-    from shrinkflow.tasks.evaluate import evaluate_models
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.measurement.evaluate import evaluate_models
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params, layout = copy_project(trained, tmp_path_factory.mktemp("evaluated"))
     for name in params.shrink.candidates:
@@ -218,3 +220,75 @@ def copy_project(src: Path, dst: Path, *overrides: str):
             shutil.copytree(src / sub, dst / sub)
     params = parse_params(yaml.safe_load(write_params(dst, *overrides).read_text()))
     return params, Layout.from_params(params, dst)
+
+
+# Helpers several test files share ------------------------------------------------------------
+
+
+def promote_copy(evaluated: Path, root: Path, name: str, *overrides: str, force=False, tamper=None):
+    """Run the promote stage in a copy of the evaluated project at ``root``, registering as
+    ``name`` in the session's registry (``tamper`` edits the copy's layout first)."""
+    from shrinkflow.tasks.pipeline.stages import Context, run_promote
+    from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
+
+    params, layout = copy_project(evaluated, root, f"promote.model_name={name}", *overrides)
+    if tamper:
+        tamper(layout)
+    ctx = Context(params, layout, Tracker(tracking_uri(root), params.tracking.experiment))
+    return run_promote(ctx, force=force)
+
+
+def aliases(name: str, client=None) -> dict[str, int]:
+    """The registered model's aliases (alias -> version number); none when there is no such
+    model. ``client``: another registry than the session's."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    if not client.search_registered_models(f"name='{name}'"):
+        return {}
+    return {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
+
+
+def stored_checkpoint(name: str, version: str, client=None, artifacts: Path | None = None) -> Path:
+    """The version's model.pt as it lies in the artefact store: the session's own, or the folder
+    ``artifacts`` of a server whose ``client`` is given."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient()
+    model_id = client.get_model_version(name, version).source.removeprefix("models:/")
+    if artifacts is None:
+        logged = client.get_logged_model(model_id)
+        (found,) = Path(urlparse(logged.artifact_location).path).rglob("model.pt")
+    else:
+        (found,) = (p for p in artifacts.rglob("model.pt") if model_id in p.parts)
+    return found
+
+
+@pytest.fixture
+def model_name(request) -> str:
+    """A registered model name of the test's own: its file's name and a random suffix."""
+    return f"{request.module.__name__.rpartition('.')[2].removeprefix('test_')}-{uuid.uuid4().hex[:8]}"
+
+
+def batch(n: int = 16, channels: int = 1, size: int = 8, seed: int = 0, mean: float = 0, std: float = 1):
+    """A seeded batch: ``n`` random images (``channels`` x ``size`` x ``size``, normal with
+    ``mean`` and ``std``) and their labels among 10 classes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, size, size, generator=g)
+    if (mean, std) != (0, 1):
+        x = mean + std * x
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on a loaded two-core machine (two xdist workers) two
+    threads made these networks' training steps ten to twenty times slower, not faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

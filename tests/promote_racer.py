@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from shrinkflow.flows import cli
-from shrinkflow.tasks import promote
+from shrinkflow.tasks.promotion import promote
 
 _register = promote.register_model
 

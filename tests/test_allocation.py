@@ -34,11 +34,11 @@ from shrinkflow.models.allocation import (
     with_latency,
 )
 from shrinkflow.models.checkpoint import load_checkpoint
-from shrinkflow.tasks.allocate import LATENCY_NOISE, allocate_widths, summary
 from shrinkflow.tasks.config import ConfigError, parse_params
-from shrinkflow.tasks.evaluate import count_flops, evaluate_models, load_table
-from shrinkflow.tasks.sensitivity import TableMissing, scorer, sensitivity_stage, timed_together
-from shrinkflow.tasks.sensitivity import load_table as load_sensitivity
+from shrinkflow.tasks.measurement.evaluate import count_flops, evaluate_models, load_table
+from shrinkflow.tasks.training.allocate import LATENCY_NOISE, allocate_widths, summary
+from shrinkflow.tasks.training.sensitivity import TableMissing, scorer, sensitivity_stage, timed_together
+from shrinkflow.tasks.training.sensitivity import load_table as load_sensitivity
 from tests.conftest import small_raw
 
 
@@ -405,7 +405,7 @@ def test_an_unreachable_budget_is_refused_naming_it_and_the_least_the_floors_rea
 def test_budget_candidates_allocate_from_the_sensitivity_stage_and_rebuild_from_their_widths(
     trained_layout,
 ):
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -489,8 +489,10 @@ def first_baseline(layout) -> str:
 
 
 def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_layout):
-    from shrinkflow.tasks.stages import Context, run_candidate, run_sensitivity
-    from shrinkflow.tasks.tracking import Tracker
+    from mlflow import MlflowClient
+
+    from shrinkflow.tasks.pipeline.stages import Context, run_candidate, run_sensitivity
+    from shrinkflow.tasks.store.tracking import Tracker
 
     params = parse_params(
         small_raw(
@@ -506,13 +508,14 @@ def test_a_search_finds_the_smallest_budget_and_mlflow_keeps_the_widths(trained_
     assert [t["ratio"] for t in record.trials] == [0.5, 0.8] and all(t["passed"] for t in record.trials)
     assert record.options["budget"] == {"objective": "params", "keep": pytest.approx(0.2)}
     assert record.options["allocated"]["cost"]["params"] <= 0.2
-    logged = ctx.tracker.client.get_run(tracked.run_id).data.params
+    logged = ctx.tracker.run(tracked.run_id).data.params
     assert json.loads(logged["widths"].replace("'", '"')) == record.options["widths"]
     assert "sensitivity" in logged and "allocated" in logged
     # The table and plot it allocated from are the candidate run's artefacts.
-    logged_files = {a.path for a in ctx.tracker.client.list_artifacts(tracked.run_id, "sensitivity")}
+    store = MlflowClient(ctx.tracker.uri)
+    logged_files = {a.path for a in store.list_artifacts(tracked.run_id, "sensitivity")}
     assert logged_files == {"sensitivity/sensitivity-prune_l1.json", "sensitivity/sensitivity-prune_l1.png"}
-    local = ctx.tracker.client.download_artifacts(tracked.run_id, "sensitivity/sensitivity-prune_l1.json")
+    local = store.download_artifacts(tracked.run_id, "sensitivity/sensitivity-prune_l1.json")
     assert (
         json.loads(Path(local).read_text())["key"]["baseline_sha256"]
         == json.loads(trained_layout.record("baseline").read_text())["sha256"]
@@ -597,7 +600,7 @@ def test_a_table_that_flatters_the_pruned_model_is_caught_by_measurement(wide_ta
     base = flattering.base["latency_ms"]
     for row in flattering.groups.values():
         row["latency_ms"] = [max(0.05 * base, base - 3 * (base - ms)) for ms in row["latency_ms"]]
-    with caplog.at_level("INFO", logger="shrinkflow.tasks.allocate"):
+    with caplog.at_level("INFO", logger="shrinkflow.tasks.training.allocate"):
         chosen = _latency_allocation(model, flattering, calibration, val, keep=0.5)
     measured = chosen.latency.as_dict(chosen.cost["latency_ms"])
     steps = measured["steps"]
@@ -610,8 +613,8 @@ def test_a_table_that_flatters_the_pruned_model_is_caught_by_measurement(wide_ta
 
 
 def test_a_structured_ratio_candidate_has_its_widths_in_the_table(evaluated):
+    from shrinkflow.tasks.data.prepare import load_split
     from shrinkflow.tasks.layout import Layout
-    from shrinkflow.tasks.prepare import load_split
 
     layout = Layout.from_params(parse_params(small_raw()), evaluated)
     table = load_table(layout.candidates_csv).set_index("name")

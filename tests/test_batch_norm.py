@@ -19,11 +19,12 @@ from torch import nn
 
 from shrinkflow.models import apply_strategy
 from shrinkflow.tasks.config import TrainConfig, load_params
-from shrinkflow.tasks.engine import fit
+from shrinkflow.tasks.data.prepare import prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import prepare
 from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.train import shrink_candidate, train_baseline
+from shrinkflow.tasks.training.engine import fit
+from shrinkflow.tasks.training.train import shrink_candidate, train_baseline
+from tests.conftest import batch
 from tests.zoo import MEAN, STD, user_trains
 
 
@@ -43,11 +44,6 @@ def _net() -> nn.Module:
     return net
 
 
-def _batch(n: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return 2 + 3 * torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
 def _statistics(model: nn.Module) -> list[torch.Tensor]:
     return [
         t.clone()
@@ -59,7 +55,7 @@ def _statistics(model: nn.Module) -> list[torch.Tensor]:
 
 def test_a_strategy_that_changes_shapes_leaves_statistics_of_its_calibration_batch():
     torch.manual_seed(0)
-    model, (x, y) = _net(), _batch()
+    model, (x, y) = _net(), batch(96, mean=2, std=3)
     shrunk = apply_strategy("prune_l1", copy.deepcopy(model), (x, y), ratio=0.5)
     with torch.no_grad():  # what the first BatchNorm sees, a batch of 64 at a time
         seen = [shrunk[0](x[i : i + 64]) for i in range(0, len(x), 64)]
@@ -76,7 +72,7 @@ def test_a_strategy_that_changes_shapes_leaves_statistics_of_its_calibration_bat
 
 def test_fine_tuning_ends_with_statistics_of_its_training_images_unaugmented():
     torch.manual_seed(0)
-    model, train, val = _net(), _batch(256), _batch(64, seed=1)
+    model, train, val = _net(), batch(256, mean=2, std=3), batch(64, seed=1, mean=2, std=3)
     cfg = TrainConfig(
         epochs=1, batch_size=32, optimizer="adamw", lr=1e-3, precision="fp32", channels_last=False
     )
@@ -157,13 +153,3 @@ def test_a_pruned_torchvision_network_stays_near_its_baseline_after_one_epoch(
     pruned = load_record(layout, "l1-50")
     assert base.best_val_acc > 80, base.origin
     assert pruned.status == "ok" and pruned.best_val_acc >= base.best_val_acc - 5, pruned.history
-
-
-@pytest.fixture
-def one_thread():
-    """One thread, as tests/test_zoo.py: on a loaded two-core machine two threads made these
-    networks' training steps ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import yaml
 
-from shrinkflow.tasks import cache
+from shrinkflow.tasks.pipeline import cache
 from shrinkflow.tasks.stage_specs import CODE_ROOT, STAGES, WHOLE, code_of, dvc_yaml, import_closure
 from tests.conftest import BIN, REPO
 
@@ -120,19 +120,23 @@ def test_the_examples_dvc_yaml_is_generated_from_its_params():
 
 def test_a_change_to_any_file_a_stage_runs_changes_its_cache_digest(tmp_path, monkeypatch):
     """The code Prefect's cache keys hash is the derived code: a change to a file a stage
-    imports (models/preprocess.py for prepare, tasks/given.py for the baseline) changes its
+    imports (models/preprocess.py for prepare, tasks/training/given.py for the baseline) changes its
     digest; a change elsewhere (the runner) does not."""
     for folder in ("tasks", "models"):
         shutil.copytree(CODE_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(cache, "PROJECT", tmp_path)
-    edits = {"prepare": "models/preprocess.py", "baseline": "tasks/given.py", "evaluate": "tasks/prepare.py"}
+    edits = {
+        "prepare": "models/preprocess.py",
+        "baseline": "tasks/training/given.py",
+        "evaluate": "tasks/data/prepare.py",
+    }
     for name, edited in edits.items():
         code = STAGES[name].code
         before = cache.code_digest(code)
-        with (tmp_path / "tasks/stages.py").open("a") as f:
+        with (tmp_path / "tasks/pipeline/stages.py").open("a") as f:
             f.write("# the runner changed\n")
-        assert cache.code_digest(code) == before, f"{name} does not run tasks/stages.py"
+        assert cache.code_digest(code) == before, f"{name} does not run tasks/pipeline/stages.py"
         with (tmp_path / edited).open("a") as f:
             f.write("# changed\n")
         assert cache.code_digest(code) != before, f"{name} runs {edited}"
-    assert code_of(("shrinkflow.tasks.prepare",))[0] == "models", "models/ is declared as one folder"
+    assert code_of(("shrinkflow.tasks.data.prepare",))[0] == "models", "models/ is declared as one folder"

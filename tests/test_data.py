@@ -18,15 +18,15 @@ import yaml
 from PIL import Image
 
 from shrinkflow.models.checkpoint import load_checkpoint
-from shrinkflow.tasks.cache import baseline_key, intact
 from shrinkflow.tasks.config import ConfigError, DataConfig, TrainConfig, parse_params
-from shrinkflow.tasks.engine import augment_batch, fit
+from shrinkflow.tasks.data.prepare import load_raw_split, load_split, prepare
+from shrinkflow.tasks.data.sources import LOADERS, DataError
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, load_split, prepare
+from shrinkflow.tasks.pipeline.cache import baseline_key, intact
 from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.sources import LOADERS, DataError
-from shrinkflow.tasks.tracking import Tracker
-from shrinkflow.tasks.train import train_baseline
+from shrinkflow.tasks.store.tracking import Tracker
+from shrinkflow.tasks.training.engine import augment_batch, fit
+from shrinkflow.tasks.training.train import train_baseline
 from tests.conftest import REPO, run_cli, small_raw, write_params
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -338,7 +338,7 @@ def test_an_older_pt_layout_is_refused_then_re_prepared(tmp_path, caplog):
         layout.images(split).unlink()
     with pytest.raises(DataError, match=r"train.pt is the older prepared layout.*shrinkflow stage prepare"):
         load_split(layout, "train")
-    with caplog.at_level("INFO", logger="shrinkflow.tasks.prepare"):
+    with caplog.at_level("INFO", logger="shrinkflow.tasks.data.prepare"):
         prepare(params, layout)
     (line,) = [r.getMessage() for r in caplog.records if "older layout" in r.getMessage()]
     assert "re-preparing" in line and "train.pt" in line
@@ -364,7 +364,7 @@ def test_a_prepare_killed_mid_write_leaves_nothing_to_trust(tmp_path):
         "import resource, signal\n"
         "from shrinkflow.tasks.config import load_params\n"
         "from shrinkflow.tasks.layout import Layout\n"
-        "from shrinkflow.tasks.prepare import prepare\n"
+        "from shrinkflow.tasks.data.prepare import prepare\n"
         "params = load_params('params.yaml')\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel's default kills\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))\n"
@@ -410,8 +410,8 @@ import resource
 import torch._dynamo  # noqa: F401  (imported by the stage on first use: counted before the limit)
 from shrinkflow.tasks.config import load_params
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.train import train_baseline
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.training.train import train_baseline
 
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 in_use = int(status["VmData"].split()[0]) * 1024

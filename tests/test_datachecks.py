@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from shrinkflow.tasks.config import parse_params
+from shrinkflow.tasks.data.prepare import load_raw_split, prepare
+from shrinkflow.tasks.data.sources import DataError
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, prepare
-from shrinkflow.tasks.sources import DataError
 from tests.conftest import run_cli, small_raw, write_params
 
 
@@ -95,7 +95,7 @@ def test_duplicates_across_splits_are_reported(tmp_path, caplog):
     root = _folder(tmp_path / "raw", {"cat": 20, "dog": 20})
     for i in range(20):  # byte-identical copies under other names (not links)
         (root / f"cat/copy-{i:03d}.png").write_bytes((root / f"cat/{i:03d}.png").read_bytes())
-    with caplog.at_level(logging.WARNING, logger="shrinkflow.tasks.datachecks"):
+    with caplog.at_level(logging.WARNING, logger="shrinkflow.tasks.data.datachecks"):
         _prepare(tmp_path, root)
     warned = [
         r.getMessage() for r in caplog.records if "more than one of train/val/gate/test" in r.getMessage()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from statsmodels.stats.multitest import multipletests
 
 from shrinkflow.tasks.config import PromoteConfig
-from shrinkflow.tasks.decide import (
+from shrinkflow.tasks.decision.decide import (
     COMPARE_ATTEMPTS,
     Champion,
     Kind,
@@ -28,7 +28,7 @@ from shrinkflow.tasks.decide import (
     verdict_from_json,
     verdict_json,
 )
-from shrinkflow.tasks.stats import compare_counts, noninferiority_p
+from shrinkflow.tasks.decision.stats import compare_counts, noninferiority_p
 
 N = 540  # the default digits gate
 LABELS = np.arange(N) % 10

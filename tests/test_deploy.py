@@ -20,15 +20,15 @@ import torch
 
 from shrinkflow.models import apply_strategy
 from shrinkflow.models.checkpoint import load_checkpoint
-from shrinkflow.tasks.engine import accuracy
-from shrinkflow.tasks.evaluate import load_table
-from shrinkflow.tasks.export import PARITY_ATOL, PARITY_RTOL, check_onnx, export_onnx
+from shrinkflow.tasks.data.prepare import load_raw_split, load_split
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, load_split
+from shrinkflow.tasks.measurement.evaluate import load_table
+from shrinkflow.tasks.measurement.export import PARITY_ATOL, PARITY_RTOL, check_onnx, export_onnx
 from shrinkflow.tasks.records import load_manifest
-from shrinkflow.tasks.registry import register_model
-from shrinkflow.tasks.serving import probability_columns
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.store.registry import register_model
+from shrinkflow.tasks.store.serving import probability_columns
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.training.engine import accuracy
 from tests.conftest import BIN, copy_project, free_port, wait_http
 
 MODEL = "w50"
@@ -205,6 +205,6 @@ def _post_error(port: int, images: np.ndarray) -> tuple[int, str]:
 
 
 def _fluent(uri: str):
-    from shrinkflow.tasks.registry import _tracking
+    from shrinkflow.tasks.store.registry import _tracking
 
     return _tracking(uri)

@@ -7,7 +7,7 @@ import torch
 
 from shrinkflow.models import build_model
 from shrinkflow.tasks.config import ConfigError, parse_params
-from shrinkflow.tasks.engine import evaluate, fit, model_device, predict, resolve_device
+from shrinkflow.tasks.training.engine import evaluate, fit, model_device, predict, resolve_device
 from tests.conftest import small_raw
 
 

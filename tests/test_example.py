@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from shrinkflow.tasks.evaluate import load_table
+from shrinkflow.tasks.measurement.evaluate import load_table
 from tests.conftest import BIN, REPO, run_cli
 
 EXAMPLE = REPO / "examples" / "byo"

@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from shrinkflow.flows import reaper
 from shrinkflow.flows.cli import app
-from shrinkflow.tasks.evaluate import load_table
-from shrinkflow.tasks.promote import PromotionError
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.measurement.evaluate import load_table
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
+from shrinkflow.tasks.promotion.promote import PromotionError
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
 from tests.conftest import BIN, copy_project, mlflow_server_process, run_cli, small_raw, stop, write_params
 
 
@@ -146,7 +146,7 @@ def test_copied_project_writes_artefacts_into_its_own_folder(tmp_path, monkeypat
     assert list((copy / "mlartifacts").rglob("note.txt")), "the copy's artefacts stay in the copy"
     assert not (original / "mlartifacts").exists() or not list((original / "mlartifacts").rglob("note.txt"))
     assert (
-        Tracker.for_project(original, "follow").client.get_experiment(first.experiment_id).artifact_location
+        Tracker.for_project(original, "follow").experiment().artifact_location
         == (original / "mlartifacts").as_uri()
     ), "the original is untouched"
 

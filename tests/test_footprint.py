@@ -12,7 +12,7 @@ from torch import nn
 
 from shrinkflow.models.footprint import CHUNK_BYTES, WORKSPACE, chunked_forward, measured_forward, rows_within
 from shrinkflow.models.registry import build_model
-from shrinkflow.tasks.engine import predict
+from shrinkflow.tasks.training.engine import predict
 
 
 def test_the_estimate_is_the_largest_set_of_tensors_alive_at_once():
@@ -53,7 +53,7 @@ def test_pipeline_prediction_runs_in_chunks_bounded_by_bytes():
 _HEAP = """
 import sys, threading
 import torch
-from shrinkflow.tasks.engine import batches_given_back, trains_here
+from shrinkflow.tasks.training.engine import batches_given_back, trains_here
 def anon():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) << 10
 held, done = threading.Event(), threading.Event()

@@ -14,11 +14,11 @@ from scipy.optimize import minimize_scalar
 from scipy.stats import norm
 
 from shrinkflow.tasks.config import SearchConfig, parse_params
-from shrinkflow.tasks.decide import Champion, decide, judge, vetoed_by_test
-from shrinkflow.tasks.evaluate import COLUMNS, compare_with_baseline
-from shrinkflow.tasks.gate import certifiable
-from shrinkflow.tasks.search import best_trial, search_ratio
-from shrinkflow.tasks.stats import compare, min_certifiable_margin, score_statistic
+from shrinkflow.tasks.decision.decide import Champion, decide, judge, vetoed_by_test
+from shrinkflow.tasks.decision.gate import certifiable
+from shrinkflow.tasks.decision.stats import compare, min_certifiable_margin, score_statistic
+from shrinkflow.tasks.measurement.evaluate import COLUMNS, compare_with_baseline
+from shrinkflow.tasks.training.search import best_trial, search_ratio
 from tests.conftest import small_raw
 
 

@@ -29,17 +29,17 @@ from shrinkflow.models.arch.given import FactoryNet, FactoryOptions, Torchvision
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.strategies import ShrinkError
 from shrinkflow.tasks.config import ConfigError, load_params
-from shrinkflow.tasks.evaluate import evaluate_models, load_table
-from shrinkflow.tasks.given import BaselineError, _load_weights, lineage_tags
-from shrinkflow.tasks.given import user_code as given_user_code
+from shrinkflow.tasks.data.prepare import load_raw_split, load_split, prepare
 from shrinkflow.tasks.io import save_checkpoint, write_json
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, load_split, prepare
+from shrinkflow.tasks.measurement.evaluate import evaluate_models, load_table
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
 from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
-from shrinkflow.tasks.registry import download_version, register_model
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from shrinkflow.tasks.train import shrink_candidate, train_baseline
+from shrinkflow.tasks.store.registry import download_version, register_model
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.training.given import BaselineError, _load_weights, lineage_tags
+from shrinkflow.tasks.training.given import user_code as given_user_code
+from shrinkflow.tasks.training.train import shrink_candidate, train_baseline
 from tests.conftest import REPO, run_cli
 
 EXAMPLE = REPO / "examples" / "byo"
@@ -704,7 +704,7 @@ def test_the_usual_checkpoint_wrappers_and_prefixes_load(tmp_path, caplog, wrap,
     source = _tinynet()
     torch.save(wrap(source.net.state_dict()), tmp_path / "w.pt")
     net = _tinynet()
-    with caplog.at_level(logging.INFO, logger="shrinkflow.tasks.given"):
+    with caplog.at_level(logging.INFO, logger="shrinkflow.tasks.training.given"):
         _load_weights(net.net, tmp_path / "w.pt", FactoryOptions(factory="models.tinynet:build"))
     assert said in caplog.text
     x = torch.randn(2, 1, 8, 8)

@@ -13,9 +13,9 @@ from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.models.checkpoint import load_checkpoint, rebuild
 from shrinkflow.models.quantize import SCHEME, Int8Net, dense_twin, is_int8, quantize_int8
 from shrinkflow.models.registry import model_spec
-from shrinkflow.tasks.evaluate import weight_sparsity
-from shrinkflow.tasks.export import ExportError, export_onnx
 from shrinkflow.tasks.io import save_checkpoint
+from shrinkflow.tasks.measurement.evaluate import weight_sparsity
+from shrinkflow.tasks.measurement.export import ExportError, export_onnx
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -23,41 +22,22 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
-from shrinkflow.tasks.promote import PromotionError
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from tests.conftest import REPO, copy_project, gate_refuses_all, mlflow_server_at, run_cli
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
+from shrinkflow.tasks.promotion.promote import PromotionError
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
+from tests.conftest import (
+    REPO,
+    aliases,
+    copy_project,
+    gate_refuses_all,
+    mlflow_server_at,
+    promote_copy,
+    run_cli,
+    stored_checkpoint,
+)
 
 RACER = REPO / "tests" / "promote_racer.py"
 SMALL_WINS = ("promote.tolerance=50", "promote.champion_tolerance=100")  # a small candidate wins
-
-
-@pytest.fixture
-def model_name():
-    return f"integrity-{uuid.uuid4().hex[:8]}"
-
-
-def _promote(evaluated, root, name, *overrides, force=False, tamper=None):
-    params, layout = copy_project(evaluated, root, f"promote.model_name={name}", *overrides)
-    if tamper:
-        tamper(layout)
-    return run_promote(
-        Context(params, layout, Tracker(tracking_uri(root), params.tracking.experiment)), force=force
-    )
-
-
-def _aliases(name, client=None):
-    client = client or MlflowClient()
-    return {alias: int(v) for alias, v in client.get_registered_model(name).aliases.items()}
-
-
-def _stored_checkpoint(name, version, client=None) -> Path:
-    """The version's model.pt as it lies in the artefact store."""
-    client = client or MlflowClient()
-    source = client.get_model_version(name, version).source
-    logged = client.get_logged_model(source.removeprefix("models:/"))
-    (found,) = Path(urlparse(logged.artifact_location).path).rglob("model.pt")
-    return found
 
 
 # 1. verify the bytes --------------------------------------------------------------------------
@@ -67,8 +47,8 @@ def _stored_checkpoint(name, version, client=None) -> Path:
 def test_a_swapped_champion_is_refused_when_served_and_replaced_by_the_next_run(
     evaluated, tmp_path, model_name, checksum_too
 ):
-    first = _promote(evaluated, tmp_path / "1", model_name)
-    stored = _stored_checkpoint(model_name, "1")
+    first = promote_copy(evaluated, tmp_path / "1", model_name)
+    stored = stored_checkpoint(model_name, "1")
     other = next(
         p for p in (tmp_path / "1/artifacts").rglob("model.pt") if p.read_bytes() != stored.read_bytes()
     )
@@ -81,17 +61,17 @@ def test_a_swapped_champion_is_refused_when_served_and_replaced_by_the_next_run(
         with pytest.raises(Exception, match=r"sha256 .* expected") as refused:
             mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
         assert len(str(refused.value).strip().splitlines()) == 1
-    again = _promote(evaluated, tmp_path / "2", model_name)  # the very same winner as v1 claims to be
+    again = promote_copy(evaluated, tmp_path / "2", model_name)  # the very same winner as v1 claims to be
     assert again.winner == first.winner and again.kind == "champion", again.kind_reason
     assert "sha256" in again.kind_reason and "registry recorded" in again.kind_reason
-    assert _aliases(model_name) == {"champion": 2}
+    assert aliases(model_name) == {"champion": 2}
     assert not again.champion_before.loads and "sha256" in again.champion_before.error
 
 
 def test_a_champion_that_does_not_score_its_record_is_reported(evaluated, tmp_path, model_name):
-    first = _promote(evaluated, tmp_path / "1", model_name)
+    first = promote_copy(evaluated, tmp_path / "1", model_name)
     MlflowClient().set_model_version_tag(model_name, "1", "test_acc", "12.5")  # its record, edited
-    again = _promote(evaluated, tmp_path / "2", model_name)
+    again = promote_copy(evaluated, tmp_path / "2", model_name)
     assert again.kind == "unchanged"
     measured = f"champion v1 scores {first.test_acc:.2f} on the test images it was certified on"
     assert f"{measured}, but its record says 12.50" in again.warning
@@ -99,7 +79,7 @@ def test_a_champion_that_does_not_score_its_record_is_reported(evaluated, tmp_pa
 
 
 def test_served_pixels_beyond_the_data_scale_are_refused(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name)
+    promote_copy(evaluated, tmp_path / "1", model_name)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}@champion")
     images = np.full((2, 1, 8, 8), 16, dtype=np.uint8)  # digits are 0-16
     assert len(model.predict(images)) == 2
@@ -176,10 +156,10 @@ def test_two_processes_promoting_into_one_server_never_skip_a_comparison(
             late_decision["verdict"] == "champion"
             and "smaller than champion" in late_decision["verdict_reason"]
         )
-        assert _aliases(name, client) == {"champion": small_v}
+        assert aliases(name, client) == {"champion": small_v}
     else:  # the small champion was never replaced by the big one that had not compared with it
         assert late_decision["verdict"] == "challenger"
-        assert _aliases(name, client) == {"champion": small_v, "challenger": big_v}
+        assert aliases(name, client) == {"champion": small_v, "challenger": big_v}
     for version in client.search_model_versions(f"name='{name}'"):
         assert version.tags["registration"] == "complete"
         assert (
@@ -205,7 +185,7 @@ def test_a_rerun_completes_the_version_a_killed_run_registered(evaluated, tmp_pa
     )
     assert again.kind == "champion" and again.registry.version == "1"
     (completed,) = MlflowClient().search_model_versions(f"name='{model_name}'")
-    assert completed.tags["registration"] == "complete" and _aliases(model_name) == {"champion": 1}
+    assert completed.tags["registration"] == "complete" and aliases(model_name) == {"champion": 1}
 
 
 # 4. interruption and a failing disk ------------------------------------------------------------
@@ -238,18 +218,18 @@ def test_an_interrupted_promotion_ends_killed_and_leaves_no_stale_decision(
 
 
 def test_a_decision_that_cannot_be_written_undoes_the_alias_move(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name, tamper=gate_refuses_all)  # v1: the baseline
+    promote_copy(evaluated, tmp_path / "1", model_name, tamper=gate_refuses_all)  # v1: the baseline
 
     def unwritable_report(layout):  # report.md cannot be replaced: a real OSError from the OS
         (layout.report_md / "x").mkdir(parents=True)
 
     with pytest.raises(PromotionError) as failed:
-        _promote(evaluated, tmp_path / "2", model_name, *SMALL_WINS, tamper=unwritable_report)
+        promote_copy(evaluated, tmp_path / "2", model_name, *SMALL_WINS, tamper=unwritable_report)
     message = str(failed.value)
     assert len(message.splitlines()) == 1
     assert "could not write the decision" in message and "@champion is v1 again" in message, message
     assert f"Is a directory: '{tmp_path / '2/reports/report.md'}'" in message, "the file, not a temporary"
-    assert _aliases(model_name) == {"champion": 1}
+    assert aliases(model_name) == {"champion": 1}
     assert not (tmp_path / "2/reports/promotion.json").exists()
     (promote_run,) = mlflow.search_runs(
         search_all_experiments=True,
@@ -264,9 +244,9 @@ def test_a_decision_that_cannot_be_written_undoes_the_alias_move(evaluated, tmp_
     assert MlflowClient().get_model_version(model_name, "2").tags["registration"] == "pending"
     # Once the disk is fixed the next run completes v2 instead of registering a v3.
     shutil.rmtree(tmp_path / "2")
-    done = _promote(evaluated, tmp_path / "2", model_name, *SMALL_WINS)
+    done = promote_copy(evaluated, tmp_path / "2", model_name, *SMALL_WINS)
     assert done.kind == "champion" and done.registry.version == "2"
-    assert _aliases(model_name) == {"champion": 2}
+    assert aliases(model_name) == {"champion": 2}
 
 
 # 7. untrusted registry contents ----------------------------------------------------------------
@@ -276,18 +256,18 @@ def test_an_untagged_foreign_champion_is_refused_with_the_fix_and_force_replaces
     evaluated, tmp_path, model_name
 ):
     donor = f"{model_name}-donor"
-    _promote(evaluated, tmp_path / "0", donor)
+    promote_copy(evaluated, tmp_path / "0", donor)
     client = MlflowClient()
     client.create_registered_model(model_name)
     source = client.get_model_version(donor, "1").source
     client.create_model_version(model_name, source=source)  # by hand: no shrinkflow tags
     client.set_registered_model_alias(model_name, "champion", "1")
     with pytest.raises(PromotionError, match=r"v1 carries no task tags.*--force"):
-        _promote(evaluated, tmp_path / "1", model_name)
-    forced = _promote(evaluated, tmp_path / "2", model_name, force=True)
+        promote_copy(evaluated, tmp_path / "1", model_name)
+    forced = promote_copy(evaluated, tmp_path / "2", model_name, force=True)
     assert forced.kind == "champion" and forced.forced, forced.kind_reason
     assert "is for another task (v1 carries no task tags" in forced.kind_reason
-    assert _aliases(model_name) == {"champion": 2}
+    assert aliases(model_name) == {"champion": 2}
 
 
 # 8. the project is where the params file is ----------------------------------------------------

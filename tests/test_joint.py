@@ -30,11 +30,11 @@ from shrinkflow.models.allocation import (
 )
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.lowrank import Factorisable, low_rank_layers, survey
-from shrinkflow.tasks.allocate import LATENCY_NOISE, allocate_widths, factorised, summary
 from shrinkflow.tasks.config import parse_params
-from shrinkflow.tasks.evaluate import count_flops, evaluate_models, load_table
-from shrinkflow.tasks.sensitivity import measure, sensitivity_stage
-from shrinkflow.tasks.train import shrink_candidate
+from shrinkflow.tasks.measurement.evaluate import count_flops, evaluate_models, load_table
+from shrinkflow.tasks.training.allocate import LATENCY_NOISE, allocate_widths, factorised, summary
+from shrinkflow.tasks.training.sensitivity import measure, sensitivity_stage
+from shrinkflow.tasks.training.train import shrink_candidate
 from tests.conftest import small_raw
 
 
@@ -273,8 +273,8 @@ def _cell(text: str) -> tuple[dict[str, int], dict[str, list[int]]]:
 @pytest.mark.slow
 def test_prune_then_factorise_then_fine_tune_and_the_record_and_table_say_both(trained_layout, tmp_path):
     from shrinkflow.tasks.io import save_checkpoint
-    from shrinkflow.tasks.stages import Context, run_candidate
-    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.pipeline.stages import Context, run_candidate
+    from shrinkflow.tasks.store.tracking import Tracker
 
     params = parse_params(
         small_raw(
@@ -305,7 +305,7 @@ def test_prune_then_factorise_then_fine_tune_and_the_record_and_table_say_both(t
         assert torch.equal(rebuilt(x), model(x)), "the fine-tuned, pruned and factorised network rebuilds"
     assert composed.options["lowrank"] == {"ratio": 0.5} and rung.options["lowrank"] == {"allocate": True}
     assert rung.options["allocated"]["cost"]["params"] <= 0.1
-    logged = ctx.tracker.client.get_run(tracked.run_id).data.params
+    logged = ctx.tracker.run(tracked.run_id).data.params
     assert json.loads(logged["ranks"].replace("'", '"')) == rung.options["ranks"]
     evaluate_models(params, layout)
     table = load_table(layout.candidates_csv).set_index("name")

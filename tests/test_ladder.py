@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from shrinkflow.tasks.config import ConfigError, LadderConfig, PromoteConfig, load_params, parse_params
-from shrinkflow.tasks.decide import decide
+from shrinkflow.tasks.decision.decide import decide
 from shrinkflow.tasks.stage_specs import LADDER_KEYS, dvc_yaml
 from tests.conftest import REPO, small_raw
 

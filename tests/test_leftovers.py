@@ -9,8 +9,8 @@ import uuid
 
 from mlflow import MlflowClient
 
-from shrinkflow.tasks.stages import Context
-from shrinkflow.tasks.tracking import KILLED_TAG, Tracker, tracking_uri
+from shrinkflow.tasks.pipeline.stages import Context
+from shrinkflow.tasks.store.tracking import KILLED_TAG, Tracker, tracking_uri
 from tests.conftest import REPO
 
 
@@ -20,7 +20,7 @@ def test_runs_a_killed_process_left_running_are_marked_killed_by_the_next_run(pr
         [
             sys.executable,
             "-c",
-            f"import os, signal; from shrinkflow.tasks.tracking import Tracker; "
+            f"import os, signal; from shrinkflow.tasks.store.tracking import Tracker; "
             f"print(Tracker({uri!r}, {experiment!r}).start_run('orphan'), flush=True); "
             "os.kill(os.getpid(), signal.SIGKILL)",
         ],

@@ -27,18 +27,12 @@ from shrinkflow.models.lowrank import (
 )
 from shrinkflow.models.quantize import Int8Net
 from shrinkflow.tasks.config import ConfigError, parse_params
-from shrinkflow.tasks.evaluate import count_flops
 from shrinkflow.tasks.io import save_checkpoint
-from tests.conftest import REPO, small_raw
+from shrinkflow.tasks.measurement.evaluate import count_flops
+from tests.conftest import REPO, batch, small_raw
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The decompositions run on torch's threads: one keeps a busy two-core machine from spinning."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread for every test here (conftest's one_thread says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -173,15 +167,10 @@ class _Mixed(nn.Module):
         return self.head(self.depthwise(self.stem(x)).mean((2, 3)))
 
 
-def _batch(n: int = 8, channels: int = 1, size: int = 8):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, channels, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
 def test_layers_left_whole_are_named_with_why(caplog):
     torch.manual_seed(0)
     caplog.set_level(logging.INFO, logger="shrinkflow.models.strategies.lowrank")
-    model = apply_strategy("lowrank", _Mixed(), _batch(), energy=0.999)
+    model = apply_strategy("lowrank", _Mixed(), batch(8), energy=0.999)
     assert not low_rank_layers(model)
     said = caplog.messages
     assert (
@@ -204,12 +193,12 @@ def test_layers_left_whole_are_named_with_why(caplog):
 )
 def test_explicit_ranks_are_checked_in_one_line(ranks, message):
     with pytest.raises(ValueError, match=message) as info:
-        apply_strategy("lowrank", _Mixed(), _batch(), ranks=ranks)
+        apply_strategy("lowrank", _Mixed(), batch(8), ranks=ranks)
     assert "\n" not in str(info.value)
 
 
 def test_explicit_ranks_factorise_only_the_layers_named():
-    model = apply_strategy("lowrank", _Mixed(), _batch(), ranks={"head": 2})
+    model = apply_strategy("lowrank", _Mixed(), batch(8), ranks={"head": 2})
     assert {name: m.ranks for name, m in low_rank_layers(model).items()} == {"head": (2,)}
 
 
@@ -240,11 +229,11 @@ def test_a_factorised_network_rebuilds_from_its_spec_with_identical_outputs(key,
         channels, size = (3, 32) if spec["arch"] == "torchvision" else (1, 8)
         torch.manual_seed(0)
         model = build_model({**spec, "in_channels": channels, "image_size": size, "num_classes": 10}).eval()
-        batch = _batch(8, channels, size)
+        calibration = batch(8, channels, size)
         if prune_first:
-            model = apply_strategy("prune_l1", model, batch, ratio=0.5)
+            model = apply_strategy("prune_l1", model, calibration, ratio=0.5)
         pruned_spec = model_spec(model)
-        shrunk = apply_strategy("lowrank", copy.deepcopy(model), batch, ratio=0.5)
+        shrunk = apply_strategy("lowrank", copy.deepcopy(model), calibration, ratio=0.5)
         layers = low_rank_layers(shrunk)
         assert layers, "something was factorised"
         assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in model.parameters())
@@ -256,17 +245,17 @@ def test_a_factorised_network_rebuilds_from_its_spec_with_identical_outputs(key,
         path = tmp_path / "m.pt"
         loaded, _ = load_checkpoint(path, sha256=save_checkpoint(shrunk, path))
         assert model_spec(loaded) == spec_after and type(loaded) is type(shrunk)
-        assert torch.equal(loaded(batch[0]), shrunk(batch[0]))
+        assert torch.equal(loaded(calibration[0]), shrunk(calibration[0]))
 
 
 def test_a_factorised_network_is_not_pruned_again():
     torch.manual_seed(0)
     model = build_model({"arch": "basenet", "in_channels": 1, "image_size": 8, "num_classes": 10})
-    shrunk = apply_strategy("lowrank", model, _batch(), ratio=0.5)
+    shrunk = apply_strategy("lowrank", model, batch(8), ratio=0.5)
     with pytest.raises(ValueError, match="prune_l1 cannot shrink a network with factorised layers") as info:
-        apply_strategy("prune_l1", shrunk, _batch(), ratio=0.5)
+        apply_strategy("prune_l1", shrunk, batch(8), ratio=0.5)
     assert "\n" not in str(info.value)
-    assert low_rank_layers(apply_strategy("magnitude", shrunk, _batch(), ratio=0.5)), "same shapes: allowed"
+    assert low_rank_layers(apply_strategy("magnitude", shrunk, batch(8), ratio=0.5)), "same shapes: allowed"
 
 
 def test_int8_after_lowrank_rebuilds_from_the_factorised_float_spec(tmp_path):
@@ -274,7 +263,7 @@ def test_int8_after_lowrank_rebuilds_from_the_factorised_float_spec(tmp_path):
     model = build_model(
         {"arch": "basenet", "in_channels": 1, "image_size": 8, "num_classes": 10, "batch_norm": True}
     )
-    x, y = _batch(64)
+    x, y = batch(64)
     quantised = apply_strategy("int8", apply_strategy("lowrank", model.eval(), (x, y), ratio=0.5), (x, y))
     assert isinstance(quantised, Int8Net) and quantised.float_spec["factorised"]
     path = tmp_path / "q.pt"
@@ -328,11 +317,11 @@ def test_a_lowrank_candidate_with_no_or_two_rules_is_refused(entry, message):
 
 @pytest.mark.slow
 def test_a_lowrank_candidate_is_searched_evaluated_exported_and_served(trained, tmp_path):
-    from shrinkflow.tasks.evaluate import evaluate_models
-    from shrinkflow.tasks.prepare import load_raw_split
+    from shrinkflow.tasks.data.prepare import load_raw_split
+    from shrinkflow.tasks.measurement.evaluate import evaluate_models
     from shrinkflow.tasks.records import load_manifest
-    from shrinkflow.tasks.serving import ShrinkflowClassifier
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.store.serving import ShrinkflowClassifier
+    from shrinkflow.tasks.training.train import shrink_candidate
     from tests.conftest import copy_project
 
     params, layout = copy_project(

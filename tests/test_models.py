@@ -11,18 +11,14 @@ import torch
 from shrinkflow.models import STRATEGIES, apply_strategy, build_model, model_spec
 from shrinkflow.models.arch.basenet import BaseNet
 from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint
-from shrinkflow.tasks.evaluate import count_flops
 from shrinkflow.tasks.io import save_checkpoint
+from shrinkflow.tasks.measurement.evaluate import count_flops
+from tests.conftest import batch
 
 
 def _net(**kw) -> BaseNet:
     torch.manual_seed(0)
     return BaseNet(in_channels=1, image_size=8, num_classes=10, channels=(16, 32), hidden=(64,), **kw)
-
-
-def _batch(n: int = 32):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
 def _params(model) -> int:
@@ -31,7 +27,7 @@ def _params(model) -> int:
 
 def test_basenet_shapes_and_spec_round_trip():
     model = _net(batch_norm=True)
-    x, _ = _batch()
+    x, _ = batch(32)
     assert model(x).shape == (32, 10)
     rebuilt = build_model(model_spec(model))
     assert model_spec(rebuilt) == model_spec(model)
@@ -57,7 +53,7 @@ CHANNEL_STRATEGIES = ("width", "prune_l1", "prune_taylor", "prune_fpgm")
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_strategy_shrinks_and_keeps_the_output_shape(strategy, ratio, tmp_path):
     base = _net()
-    x, y = _batch()
+    x, y = batch(32)
     shrunk = apply_strategy(strategy, copy.deepcopy(base), (x, y), ratio=ratio)
     assert shrunk(x).shape == base(x).shape
     # Channel widths fall by the ratio, so params and FLOPs fall roughly by its square.
@@ -78,7 +74,7 @@ def test_warm_start_strategies_keep_the_baselines_weights(strategy):
     """Pruning removes channels but keeps the survivors' trained weights (a tiny ratio keeps
     the outputs close), unlike a fresh re-initialisation."""
     base = _net()
-    x, y = _batch()
+    x, y = batch(32)
     shrunk = apply_strategy(strategy, copy.deepcopy(base), (x, y), ratio=0.05)
     drift = (shrunk(x) - base.eval()(x)).abs().mean() / base(x).abs().mean()
     assert drift < 0.5
@@ -86,7 +82,7 @@ def test_warm_start_strategies_keep_the_baselines_weights(strategy):
 
 def test_unknown_strategy_lists_the_choices():
     with pytest.raises(ValueError, match="choose one of"):
-        apply_strategy("shrinkray", _net(), _batch(), ratio=0.5)
+        apply_strategy("shrinkray", _net(), batch(32), ratio=0.5)
 
 
 def test_checkpoint_with_wrong_sha256_is_refused(tmp_path):

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from shrinkflow.tasks.config import ConfigError, parse_params
-from shrinkflow.tasks.evaluate import write_curves
 from shrinkflow.tasks.io import atomic_path, current_umask, write_json
 from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.measurement.evaluate import write_curves
 from shrinkflow.tasks.records import ModelRecord
-from shrinkflow.tasks.tracking import code_version
+from shrinkflow.tasks.store.tracking import code_version
 from tests.conftest import small_raw
 
 
@@ -91,7 +91,7 @@ def _git(repo: Path, *args: str) -> None:
 def test_code_version_is_dirty_for_code_and_params_not_for_pipeline_outputs(tmp_path):
     repo = tmp_path / "repo"
     for name in (
-        "tasks/train.py",
+        "tasks/training/train.py",
         "params.yaml",
         "dvc.lock",
         "reports/candidates.csv",
@@ -107,7 +107,7 @@ def test_code_version_is_dirty_for_code_and_params_not_for_pipeline_outputs(tmp_
     for output in ("dvc.lock", "reports/candidates.csv", "reports/curves/b.csv"):
         (repo / output).write_text("rewritten by a run\n")
     assert code_version(repo) == clean
-    for source in ("params.yaml", "tasks/train.py"):
+    for source in ("params.yaml", "tasks/training/train.py"):
         (repo / source).write_text("changed\n")
         assert code_version(repo) == f"{clean}-dirty", source
         _git(repo, "checkout", "--", source)

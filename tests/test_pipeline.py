@@ -10,8 +10,8 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from shrinkflow.tasks.evaluate import load_table
-from shrinkflow.tasks.registry import version_record
+from shrinkflow.tasks.measurement.evaluate import load_table
+from shrinkflow.tasks.store.registry import version_record
 from tests.conftest import write_params
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,9 @@ def _accuracy_in_fresh_process(uri: str, root) -> float:
     code = f"""
 import mlflow, torch
 from shrinkflow.tasks.config import load_params
-from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.training.engine import accuracy
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split
+from shrinkflow.tasks.data.prepare import load_raw_split
 from shrinkflow.tasks.records import load_manifest
 
 layout = Layout.from_params(load_params("params.yaml"), ".")

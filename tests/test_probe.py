@@ -11,10 +11,10 @@ import torch
 from shrinkflow.models.arch.given import TorchvisionNet
 from shrinkflow.models.probe import NoGraph, probe_graph, refuse_without_graph
 from shrinkflow.tasks.config import parse_params
-from shrinkflow.tasks.evaluate import widths_text
 from shrinkflow.tasks.io import read_json, write_json
+from shrinkflow.tasks.measurement.evaluate import widths_text
 from shrinkflow.tasks.records import ModelRecord, load_record
-from shrinkflow.tasks.train import shrink_candidate, shrink_trial
+from shrinkflow.tasks.training.train import shrink_candidate, shrink_trial
 from tests.conftest import REPO, small_raw
 
 FACTORY = {

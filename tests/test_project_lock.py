@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from shrinkflow.tasks.lock import HOLDER_ENV, LOCK_NAME, ProjectLocked, project_lock
+from shrinkflow.tasks.store.lock import HOLDER_ENV, LOCK_NAME, ProjectLocked, project_lock
 from tests.conftest import BIN, run_cli, write_params
 
 # A second real process: takes the project's lock, says so, then runs argv[2:] (if any) under it
@@ -20,7 +20,7 @@ from tests.conftest import BIN, run_cli, write_params
 HOLDER = textwrap.dedent(
     """
     import subprocess, sys
-    from shrinkflow.tasks.lock import project_lock
+    from shrinkflow.tasks.store.lock import project_lock
     with project_lock(sys.argv[1], "run"):
         print("held", flush=True)
         if sys.argv[2:]:

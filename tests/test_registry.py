@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,32 +13,22 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from shrinkflow.tasks.evaluate import load_table
-from shrinkflow.tasks.promote import PromotionError
-from shrinkflow.tasks.registry import _tracking, version_record
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from tests.conftest import BIN, copy_project, free_port, gate_refuses_all, run_cli, stop, wait_http
-
-
-def _promote(evaluated, tmp_path, name, *overrides, force=False, tamper=None):
-    params, layout = copy_project(evaluated, tmp_path, f"promote.model_name={name}", *overrides)
-    if tamper:
-        tamper(layout)
-    ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), params.tracking.experiment))
-    return run_promote(ctx, force=force)
-
-
-def _aliases(name):
-    client = MlflowClient()
-    if not client.search_registered_models(f"name='{name}'"):
-        return {}
-    return {alias: int(version) for alias, version in client.get_registered_model(name).aliases.items()}
-
-
-@pytest.fixture
-def model_name():
-    return f"rules-{uuid.uuid4().hex[:8]}"
+from shrinkflow.tasks.measurement.evaluate import load_table
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
+from shrinkflow.tasks.promotion.promote import PromotionError
+from shrinkflow.tasks.store.registry import _tracking, version_record
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
+from tests.conftest import (
+    BIN,
+    aliases,
+    copy_project,
+    free_port,
+    gate_refuses_all,
+    promote_copy,
+    run_cli,
+    stop,
+    wait_http,
+)
 
 
 def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, model_name):
@@ -47,8 +36,8 @@ def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, m
     tracker = Tracker(tracking_uri(tmp_path), params.tracking.experiment)
     parent = tracker.start_run("pipeline")  # as a whole run nests its stages
     decision = run_promote(Context(params, layout, tracker, parent))
-    assert tracker.client.get_run(parent).info.run_name == f"{model_name} v1 @champion: {decision.winner}"
-    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert tracker.run(parent).info.run_name == f"{model_name} v1 @champion: {decision.winner}"
+    experiment = tracker.experiment()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "not MLflow's GenAI view"
     assert decision.kind == "champion" and "no champion yet" in decision.kind_reason
     version = MlflowClient().get_model_version_by_alias(model_name, "champion")
@@ -84,38 +73,38 @@ def test_first_winner_becomes_champion_with_reviewer_tags(evaluated, tmp_path, m
 
 
 def test_rules_worse_becomes_challenger_better_becomes_champion(evaluated, tmp_path, model_name):
-    first = _promote(evaluated, tmp_path / "1", model_name, "promote.tolerance=50")  # a small candidate
-    assert first.winner != "baseline" and _aliases(model_name) == {"champion": 1}
+    first = promote_copy(evaluated, tmp_path / "1", model_name, "promote.tolerance=50")  # a small candidate
+    assert first.winner != "baseline" and aliases(model_name) == {"champion": 1}
     # With every candidate failing the gate the (bigger) baseline is this run's winner: bigger and
     # not at comparable size, so it must not displace the champion.
-    second = _promote(evaluated, tmp_path / "2", model_name, tamper=gate_refuses_all)
+    second = promote_copy(evaluated, tmp_path / "2", model_name, tamper=gate_refuses_all)
     assert second.winner == "baseline" and second.kind == "challenger"
-    assert _aliases(model_name) == {"champion": 1, "challenger": 2}
+    assert aliases(model_name) == {"champion": 1, "challenger": 2}
     assert "not better than champion v1" in MlflowClient().get_model_version(model_name, "2").description
     # A forced promotion overrides the rules and says so.
-    third = _promote(evaluated, tmp_path / "3", model_name, tamper=gate_refuses_all, force=True)
+    third = promote_copy(evaluated, tmp_path / "3", model_name, tamper=gate_refuses_all, force=True)
     assert third.forced and third.kind == "champion"
-    assert _aliases(model_name) == {"champion": 3, "challenger": 2}
+    assert aliases(model_name) == {"champion": 3, "challenger": 2}
     assert MlflowClient().get_model_version(model_name, "3").tags["forced"] == "true"
     # The smaller model is better by the rules than the forced baseline: champion again.
-    fourth = _promote(
+    fourth = promote_copy(
         evaluated, tmp_path / "4", model_name, "promote.tolerance=50", "promote.champion_tolerance=100"
     )
     assert fourth.winner == first.winner and fourth.kind == "champion"
-    assert _aliases(model_name)["champion"] == 4
+    assert aliases(model_name)["champion"] == 4
     # Previous champions stay retrievable by version.
     assert MlflowClient().get_model_version(model_name, "1").tags["candidate"] == first.winner
 
 
 def test_identical_winner_registers_nothing_new(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name)
-    again = _promote(evaluated, tmp_path / "2", model_name)
+    promote_copy(evaluated, tmp_path / "1", model_name)
+    again = promote_copy(evaluated, tmp_path / "2", model_name)
     assert again.kind == "unchanged"
     assert len(MlflowClient().search_model_versions(f"name='{model_name}'")) == 1
 
 
 def test_version_that_fails_validation_moves_no_alias(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name, tamper=gate_refuses_all)  # baseline is champion
+    promote_copy(evaluated, tmp_path / "1", model_name, tamper=gate_refuses_all)  # baseline is champion
 
     def misreport(layout):  # the table claims an accuracy the registered model does not have
         table = load_table(layout.candidates_csv)
@@ -123,8 +112,8 @@ def test_version_that_fails_validation_moves_no_alias(evaluated, tmp_path, model
         table.to_csv(layout.candidates_csv, index=False)
 
     with pytest.raises(PromotionError, match="no alias moved"):
-        _promote(evaluated, tmp_path / "2", model_name, "promote.tolerance=50", tamper=misreport)
-    assert _aliases(model_name) == {"champion": 1}
+        promote_copy(evaluated, tmp_path / "2", model_name, "promote.tolerance=50", tamper=misreport)
+    assert aliases(model_name) == {"champion": 1}
     assert not (tmp_path / "2/reports/promotion.json").exists(), (
         "no decision is written for a failed promotion"
     )
@@ -137,10 +126,10 @@ def test_all_candidates_failed_the_measured_baseline_stands(evaluated, tmp_path,
         table.to_csv(layout.candidates_csv, index=False)
 
     # as when every candidate fails the gate: the baseline wins and is registered
-    decision = _promote(evaluated, tmp_path / "1", model_name, tamper=fail_all)
+    decision = promote_copy(evaluated, tmp_path / "1", model_name, tamper=fail_all)
     assert decision.winner == "baseline" and decision.kind == "champion"
     assert "not measured: l1-50, w50" in decision.reason
-    assert _aliases(model_name) == {"champion": 1}
+    assert aliases(model_name) == {"champion": 1}
 
 
 def test_every_candidate_failing_prints_why_each_did(evaluated, tmp_path, model_name):
@@ -161,7 +150,7 @@ def test_every_candidate_failing_prints_why_each_did(evaluated, tmp_path, model_
         "candidate 'w50' failed: RuntimeError: the graph has no prunable group",
         ("candidate 'l1-50' failed: ValueError: [31m" + "wide " * 100)[:119] + "…",  # the table's width
     ]
-    assert _aliases(model_name) == {"champion": 1}  # the baseline, as when both fail the gate
+    assert aliases(model_name) == {"champion": 1}  # the baseline, as when both fail the gate
 
 
 def _predictions_wrong_on_test(layout, name_filter=lambda n: n != "baseline"):
@@ -174,15 +163,15 @@ def _predictions_wrong_on_test(layout, name_filter=lambda n: n != "baseline"):
 
 
 def test_test_vetoes_a_winner_it_disagrees_with(evaluated, tmp_path, model_name):
-    decision = _promote(
+    decision = promote_copy(
         evaluated, tmp_path / "1", model_name, "promote.tolerance=50", tamper=_predictions_wrong_on_test
     )
     assert decision.winner != "baseline" and decision.kind == "vetoed"
     assert decision.kind_reason.startswith("test disagrees") and decision.registry is None
-    assert _aliases(model_name) == {} and not MlflowClient().search_model_versions(f"name='{model_name}'")
+    assert aliases(model_name) == {} and not MlflowClient().search_model_versions(f"name='{model_name}'")
     written = json.loads((tmp_path / "1/reports/promotion.json").read_text())
     assert written["verdict"] == "vetoed" and written["test"]["upper"] < -written["test"]["margin"]
-    forced = _promote(
+    forced = promote_copy(
         evaluated,
         tmp_path / "2",
         model_name,
@@ -194,14 +183,14 @@ def test_test_vetoes_a_winner_it_disagrees_with(evaluated, tmp_path, model_name)
 
 
 def test_a_champion_whose_files_are_gone_is_replaced_not_kept(evaluated, tmp_path, model_name):
-    first = _promote(evaluated, tmp_path / "1", model_name)
+    first = promote_copy(evaluated, tmp_path / "1", model_name)
     version = MlflowClient().get_model_version(model_name, "1")
     logged = MlflowClient().get_logged_model(version.source.removeprefix("models:/"))
     files = Path(urlparse(logged.artifact_location).path)
     shutil.rmtree(files)  # the champion's artefacts are deleted from the store
-    again = _promote(evaluated, tmp_path / "2", model_name)  # the very same winner (same sha256)
+    again = promote_copy(evaluated, tmp_path / "2", model_name)  # the very same winner (same sha256)
     assert again.winner == first.winner and again.kind == "champion"
-    assert "no longer loads" in again.kind_reason and _aliases(model_name) == {"champion": 2}
+    assert "no longer loads" in again.kind_reason and aliases(model_name) == {"champion": 2}
 
 
 @pytest.mark.slow
@@ -233,7 +222,7 @@ def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, mo
         run_promote(Context(params, layout, Tracker(tracking_uri(tmp_path), experiment)))
     finally:
         stop(server)
-    assert _aliases(model_name) == {"champion": 1}
+    assert aliases(model_name) == {"champion": 1}
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     params, layout = copy_project(
         evaluated, tmp_path / "2", f"promote.model_name={model_name}", "promote.tolerance=50"
@@ -241,25 +230,23 @@ def test_a_registry_blip_fails_the_run_and_moves_nothing(evaluated, tmp_path, mo
     ctx = Context(params, layout, Tracker(tracking_uri(tmp_path), experiment))
     with pytest.raises(PromotionError, match=r"could not load .*@champion v1.*no alias moved"):
         run_promote(ctx)
-    assert _aliases(model_name) == {"champion": 1}
+    assert aliases(model_name) == {"champion": 1}
     assert len(MlflowClient().search_model_versions(f"name='{model_name}'")) == 1
     assert not layout.promotion_json.exists()
-    failed = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], "tags.`shrinkflow.stage` = 'promote'"
-    )
+    failed = ctx.tracker.search_runs("tags.`shrinkflow.stage` = 'promote'")
     assert sorted(run.info.status for run in failed) == ["FAILED", "FINISHED"]
 
 
 def test_a_winner_for_another_task_is_refused(evaluated, tmp_path, model_name):
-    _promote(evaluated, tmp_path / "1", model_name)
+    promote_copy(evaluated, tmp_path / "1", model_name)
 
     def three_classes(layout):  # the same files, but the manifest now describes another task
         manifest = json.loads(layout.manifest.read_text())
         layout.manifest.write_text(json.dumps({**manifest, "classes": ["cat", "dog", "fox"]}))
 
     with pytest.raises(PromotionError, match=r"task differs .*classes .* vs .*set promote.model_name, e.g. "):
-        _promote(evaluated, tmp_path / "2", model_name, "promote.tolerance=50", tamper=three_classes)
-    assert _aliases(model_name) == {"champion": 1}
+        promote_copy(evaluated, tmp_path / "2", model_name, "promote.tolerance=50", tamper=three_classes)
+    assert aliases(model_name) == {"champion": 1}
     tags = MlflowClient().get_model_version(model_name, "1").tags
     assert (
         json.loads(tags["task_classes"]) == [str(d) for d in range(10)]

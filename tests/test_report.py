@@ -12,10 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from shrinkflow.flows.cli import app
-from shrinkflow.tasks.decide import ClassAccuracy, Registered, decide
-from shrinkflow.tasks.escape import markdown_text
-from shrinkflow.tasks.evaluate import load_predictions, load_table, write_table
-from shrinkflow.tasks.report import (
+from shrinkflow.tasks.decision.decide import ClassAccuracy, Registered, decide
+from shrinkflow.tasks.decision.report import (
     TERMINAL_WIDTH,
     decision_lines,
     format_table,
@@ -25,6 +23,8 @@ from shrinkflow.tasks.report import (
     pareto_plot,
     plain_code,
 )
+from shrinkflow.tasks.escape import markdown_text
+from shrinkflow.tasks.measurement.evaluate import load_predictions, load_table, write_table
 from tests.conftest import copy_project
 
 

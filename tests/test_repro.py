@@ -21,8 +21,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from shrinkflow.tasks.evaluate import MACHINE_COLUMNS
-from shrinkflow.tasks.registry import version_record
+from shrinkflow.tasks.measurement.evaluate import MACHINE_COLUMNS
+from shrinkflow.tasks.store.registry import version_record
 from tests.conftest import BIN, REPO, run_cli, write_params
 
 pytestmark = pytest.mark.slow
@@ -230,8 +230,8 @@ def test_an_image_folder_under_dvc_is_pulled_into_a_clone_and_prepared_to_the_sa
     from sklearn.datasets import load_digits
 
     from shrinkflow.tasks.config import load_params
+    from shrinkflow.tasks.data.prepare import prepare
     from shrinkflow.tasks.layout import Layout
-    from shrinkflow.tasks.prepare import prepare
     from shrinkflow.tasks.records import load_manifest
 
     origin = tmp_path / "origin"
@@ -282,7 +282,7 @@ def _prepare_and_baseline_flow(root):
     from prefect import flow
 
     from shrinkflow.flows.pipeline import prepare, reuse_or_train_baseline
-    from shrinkflow.tasks.stages import Context
+    from shrinkflow.tasks.pipeline.stages import Context
 
     write_params(root, *SMALL)
 

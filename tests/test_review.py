@@ -15,18 +15,16 @@ import subprocess
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from shrinkflow.tasks.config import load_params
+from shrinkflow.tasks.data.prepare import prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.lock import registry_lock
-from shrinkflow.tasks.prepare import prepare
-from shrinkflow.tasks.promote import ServedTest
-from shrinkflow.tasks.registry import RegistryError
-from shrinkflow.tasks.review import (
+from shrinkflow.tasks.pipeline.stages import Context, run_promote, summarise
+from shrinkflow.tasks.promotion.promote import ServedTest
+from shrinkflow.tasks.promotion.review import (
     ReviewError,
     record_of,
     registered,
@@ -34,9 +32,18 @@ from shrinkflow.tasks.review import (
     rollback_target,
     side_by_side,
 )
-from shrinkflow.tasks.stages import Context, run_promote, summarise
-from shrinkflow.tasks.tracking import Tracker, this_process
-from tests.conftest import BIN, copy_project, gate_refuses_all, mlflow_server_at, run_cli
+from shrinkflow.tasks.store.lock import registry_lock
+from shrinkflow.tasks.store.registry import RegistryError
+from shrinkflow.tasks.store.tracking import Tracker, this_process
+from tests.conftest import (
+    BIN,
+    aliases,
+    copy_project,
+    gate_refuses_all,
+    mlflow_server_at,
+    run_cli,
+    stored_checkpoint,
+)
 
 SMALL_WINS = ("promote.tolerance=50", "promote.champion_tolerance=100")  # a small candidate wins
 
@@ -92,11 +99,6 @@ def _cli(registry, *args: str, env: dict | None = None) -> subprocess.CompletedP
     return run_cli(*args, "-p", params, cwd=registry["project"], env=env)
 
 
-def _aliases(registry) -> dict[str, int]:
-    model = registry["client"].get_registered_model(registry["name"])
-    return {alias: int(v) for alias, v in model.aliases.items()}
-
-
 def _tags(registry, version: str) -> dict[str, str]:
     return registry["client"].get_model_version(registry["name"], version).tags
 
@@ -120,7 +122,7 @@ def _state(registry) -> tuple:
     the registered model's tags."""
     client, name = registry["client"], registry["name"]
     versions = {v.version: (v.tags, v.description) for v in client.search_model_versions(f"name='{name}'")}
-    return _aliases(registry), versions, client.get_registered_model(name).tags
+    return aliases(registry["name"], registry["client"]), versions, client.get_registered_model(name).tags
 
 
 def test_review_approve_and_roll_back(registry):
@@ -136,7 +138,9 @@ def test_review_approve_and_roll_back(registry):
     assert f"{name} v2 re-validated: loads from the registry, sha256" in approved.stdout
     assert "on the 360 test images it was certified on (data " in approved.stdout
     assert f"approved {name} v2 as @champion (was v1), by alice" in approved.stdout
-    assert _aliases(registry) == {"champion": 2}, "the challenger alias left the approved version"
+    assert aliases(registry["name"], registry["client"]) == {"champion": 2}, (
+        "the challenger alias left the approved version"
+    )
     first = _event(registry, "1")
     assert (first["what"], first["who"], first["champion"]) == ("approve", "alice", "v1 -> v2")
     assert first["why"] == "the big one is safer" and first["when"].endswith("UTC")
@@ -150,7 +154,7 @@ def test_review_approve_and_roll_back(registry):
     back = _cli(registry, "rollback", name, "--reason", "too slow on the edge boxes", env={"USER": "carol"})
     assert back.returncode == 0, back.stderr[-2000:]
     assert f"rolled back to {name} v1 as @champion (was v2), by carol" in back.stdout
-    assert _aliases(registry) == {"champion": 1}
+    assert aliases(registry["name"], registry["client"]) == {"champion": 1}
     assert (_verdict(registry, "1"), _verdict(registry, "2")) == ("champion", "retired")
     assert _event(registry, "1") == first, "an event is never rewritten"
     second = _event(registry, "2")
@@ -178,16 +182,9 @@ def test_review_approve_and_roll_back(registry):
     ], "v1 keeps every event that moved @champion to or from it"
 
 
-def _stored_checkpoint(registry, art: Path, version: str) -> Path:
-    """The version's model.pt as it lies in the server's artefact store."""
-    model_id = registry["client"].get_model_version(registry["name"], version).source.removeprefix("models:/")
-    (found,) = (p for p in art.rglob("model.pt") if model_id in p.parts)
-    return found
-
-
 def test_a_broken_version_is_refused_in_one_line_and_nothing_moves(registry, server, evaluated):
     name = registry["name"]
-    stored = _stored_checkpoint(registry, server["art"], "2")
+    stored = stored_checkpoint(registry["name"], "2", registry["client"], server["art"])
     other = next(
         p for p in (evaluated / "artifacts").rglob("model.pt") if p.read_bytes() != stored.read_bytes()
     )
@@ -201,7 +198,7 @@ def test_a_broken_version_is_refused_in_one_line_and_nothing_moves(registry, ser
     assert len(swapped.stderr.strip().splitlines()) == 1, swapped.stderr
     assert f"error: {name} v2 does not load from the registry" in swapped.stderr
     assert "registry recorded" in swapped.stderr and "nothing moved" in swapped.stderr
-    assert _aliases(registry) == {"champion": 1, "challenger": 2}
+    assert aliases(registry["name"], registry["client"]) == {"champion": 1, "challenger": 2}
     assert not any(k.startswith("audit.") for k in _tags(registry, "2"))
 
     # The other refusals, through the functions the commands call (the same one-line errors).
@@ -220,7 +217,7 @@ def test_a_broken_version_is_refused_in_one_line_and_nothing_moves(registry, ser
         rollback_target(tracker, name, cfg.promote, None)
     with pytest.raises(RegistryError, match=r"has no version 9 \(it has 1, 2, 3\)"):
         revalidate(tracker, name, "9", test, cfg)
-    assert _aliases(registry) == {"champion": 1, "challenger": 2}
+    assert aliases(registry["name"], registry["client"]) == {"champion": 1, "challenger": 2}
 
 
 def test_registry_commands_refuse_a_missing_model_or_version_in_one_line(registry):
@@ -282,7 +279,7 @@ def test_approve_completes_a_pending_registration_or_refuses_it(registry):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "as recorded; its pending registration is completed with the move" in done.stdout
     assert f"approved {name} v3 as @champion (was v1), by bob: its run died; its pending" in done.stdout
-    assert _aliases(registry) == {"champion": 3, "challenger": 2}
+    assert aliases(registry["name"], registry["client"]) == {"champion": 3, "challenger": 2}
     assert (_tags(registry, "3")["registration"], _verdict(registry, "3")) == ("complete", "champion")
     assert _tags(registry, "2")["registration"] == "pending", "only the approved version is completed"
 
@@ -366,11 +363,11 @@ def test_two_approvals_at_once_are_serialised(registry):
         assert all(proc.poll() is None for proc in procs.values()), (
             "an approval moved @champion past the lock"
         )
-        assert _aliases(registry) == {"champion": 1, "challenger": 2}
+        assert aliases(registry["name"], registry["client"]) == {"champion": 1, "challenger": 2}
     for proc in procs.values():
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
-    final = _aliases(registry)["champion"]
+    final = aliases(registry["name"], registry["client"])["champion"]
     other = "3" if final == 2 else "2"
     assert final in (2, 3) and _tags(registry, str(final))["previous_champion"] == other
     assert _tags(registry, other)["previous_champion"] == "1", "the two approvals interleaved"

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from shrinkflow.tasks.config import parse_params
-from shrinkflow.tasks.evaluate import MACHINE_COLUMNS, load_table
 from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.measurement.evaluate import MACHINE_COLUMNS, load_table
 from shrinkflow.tasks.records import load_record
 from tests.conftest import BIN, free_port, small_raw, write_params
 

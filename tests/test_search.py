@@ -9,7 +9,7 @@ from dataclasses import asdict
 import pytest
 
 from shrinkflow.tasks.config import SearchConfig, parse_params
-from shrinkflow.tasks.search import (
+from shrinkflow.tasks.training.search import (
     FanOut,
     NoTrialRan,
     Trial,
@@ -221,8 +221,8 @@ def test_a_search_under_the_flow_runs_its_trials_as_tasks_and_keeps_what_the_ser
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from shrinkflow.flows.pipeline import shrink_all
-    from shrinkflow.tasks.stages import Context, fan_out_work, run_candidate
-    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.pipeline.stages import Context, fan_out_work, run_candidate
+    from shrinkflow.tasks.store.tracking import Tracker
 
     def context(root, experiment):
         params, layout = copy_project(trained, root, *SEARCH)
@@ -246,9 +246,7 @@ def test_a_search_under_the_flow_runs_its_trials_as_tasks_and_keeps_what_the_ser
     assert _deterministic(record) == _deterministic(serial), "the same trials, ratio kept and sha256"
     kept = next(t for t in record.trials if t["ratio"] == record.options["ratio"])
     assert json.loads(ctx.layout.record("s").read_text())["sha256"] == record.sha256 == kept["sha256"]
-    children = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{shrunk['s'].run_id}'"
-    )
+    children = ctx.tracker.search_runs(f"tags.mlflow.parentRunId = '{shrunk['s'].run_id}'")
     assert sorted(r.info.run_name for r in children) == ["s-trial0", "s-trial1", "s-trial2"]
     # The benchmark's yardstick: round one side by side, w50 beside whichever ends last, then 0.625.
     t0, t1, t2 = (t["seconds"] for t in record.trials)
@@ -284,10 +282,10 @@ def _budget_search(low: float, step: float, high: float) -> str:
 
 @pytest.mark.slow
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(trained_layout):
+    from shrinkflow.tasks.pipeline.stages import Context, run_candidate, run_sensitivity
     from shrinkflow.tasks.records import load_record
-    from shrinkflow.tasks.stages import Context, run_candidate, run_sensitivity
-    from shrinkflow.tasks.tracking import Tracker
-    from shrinkflow.tasks.train import load_trial_record
+    from shrinkflow.tasks.store.tracking import Tracker
+    from shrinkflow.tasks.training.train import load_trial_record
 
     def searched(*overrides):
         params = parse_params(small_raw(*overrides, "promote.tolerance=100"))
@@ -307,9 +305,7 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(trained_layout):
     )
     assert load_trial_record(trained_layout, "s", 0.99).status == "failed"
     assert not trained_layout.trial_checkpoint("s", 0.99).exists()
-    children = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracked.run_id}'"
-    )
+    children = ctx.tracker.search_runs(f"tags.mlflow.parentRunId = '{tracked.run_id}'")
     status = {r.info.run_name: (r.info.status, r.data.tags.get("shrinkflow.error", "")) for r in children}
     assert status["s-trial0"] == ("FINISHED", "") and status["s-trial1"][0] == "FAILED"
     assert "out of reach" in status["s-trial1"][1]

@@ -16,10 +16,10 @@ import torch
 
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.footprint import CHUNK_BYTES, measured_forward
+from shrinkflow.tasks.data.prepare import load_raw_split, load_split
 from shrinkflow.tasks.io import read_json, write_json
-from shrinkflow.tasks.prepare import load_raw_split, load_split
-from shrinkflow.tasks.registry import register_model
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.store.registry import register_model
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
 from tests.conftest import copy_project
 
 MODEL = "baseline"

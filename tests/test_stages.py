@@ -10,12 +10,12 @@ import torch
 
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.tasks.config import TrainConfig, parse_params
-from shrinkflow.tasks.engine import TrainingDiverged, evaluate, fit
-from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
+from shrinkflow.tasks.data.prepare import load_split, prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split, prepare
+from shrinkflow.tasks.measurement.evaluate import COLUMNS, evaluate_models, load_table
 from shrinkflow.tasks.records import load_manifest, load_record
-from shrinkflow.tasks.train import shrink_candidate
+from shrinkflow.tasks.training.engine import TrainingDiverged, evaluate, fit
+from shrinkflow.tasks.training.train import shrink_candidate
 from tests.conftest import small_raw
 
 
@@ -131,18 +131,18 @@ def test_evaluate_measures_every_model_and_marks_failures(trained_layout, small_
     loss = int(((gate["l1-50"] != gate["label"]) & (gate["baseline"] == gate["label"])).sum())
     assert pruned["gate_delta"] == pytest.approx(100 * (gain - loss) / 540, abs=1e-3)
     assert pruned["gate_lower"] < pruned["gate_delta"] < pruned["gate_upper"]
-    assert "eligible" not in table, "evaluate measures; tasks/decide.py decides"
+    assert "eligible" not in table, "evaluate measures; tasks/decision/decide.py decides"
     assert base["gate_delta"] == 0 and base["test_delta"] == 0
     assert pd.isna(table.iloc[1]["gate_lower"])
 
 
 def test_prepare_says_when_the_gate_cannot_certify_the_tolerance(tmp_path, caplog):
     tight = parse_params(small_raw("promote.tolerance=0.5"))
-    with caplog.at_level("WARNING", logger="shrinkflow.tasks.prepare"):
+    with caplog.at_level("WARNING", logger="shrinkflow.tasks.data.prepare"):
         prepare(tight, Layout.from_params(tight, tmp_path / "tight"))
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "promote.tolerance 0.5" in line and "540 gate images" in line and "data.gate_fraction" in line
     caplog.clear()
-    with caplog.at_level("WARNING", logger="shrinkflow.tasks.prepare"):
+    with caplog.at_level("WARNING", logger="shrinkflow.tasks.data.prepare"):
         prepare(parse_params(small_raw()), Layout.from_params(tight, tmp_path / "default"))
     assert not [r for r in caplog.records if r.levelname == "WARNING"], "the default tolerance is certifiable"

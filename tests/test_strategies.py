@@ -19,13 +19,20 @@ from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.quantize import Int8Net, dense_twin
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.config import ConfigError, SearchConfig, TrainConfig, parse_params
-from shrinkflow.tasks.engine import Hooks, bn_l1_penalty, distillation_loss, evaluate, fit, keep_zeros
-from shrinkflow.tasks.evaluate import count_flops, serialized_size, weight_sparsity
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.stats import compare
 from shrinkflow.tasks.io import save_checkpoint
-from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.search import best_trial, search_ratio
-from shrinkflow.tasks.stats import compare
-from tests.conftest import REPO, small_raw
+from shrinkflow.tasks.measurement.evaluate import count_flops, serialized_size, weight_sparsity
+from shrinkflow.tasks.training.engine import (
+    Hooks,
+    bn_l1_penalty,
+    distillation_loss,
+    evaluate,
+    fit,
+    keep_zeros,
+)
+from shrinkflow.tasks.training.search import best_trial, search_ratio
+from tests.conftest import REPO, batch, small_raw
 
 SPECS = {
     "basenet": {"channels": [16, 32], "hidden": [32], "batch_norm": True},
@@ -50,11 +57,6 @@ def test_every_architecture_has_test_settings():
     assert set(SPECS) | COVERED_ELSEWHERE == set(ARCHITECTURES)
 
 
-def _batch(n: int = 16):
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
 @pytest.fixture(scope="module", params=sorted(SPECS))
 def base(request):
     """An untrained net of each architecture, its BatchNorm scales spread as training would."""
@@ -69,14 +71,14 @@ def base(request):
 
 
 def _size(model: nn.Module) -> tuple[int, int]:
-    x, _ = _batch()
+    x, _ = batch()
     dense = dense_twin(model)
     return sum(p.numel() for p in dense.parameters()), count_flops(dense, x[:1])
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_strategy_on_every_architecture(name, base, tmp_path):
-    strategy, x, y = STRATEGIES[name], *_batch()
+    strategy, x, y = STRATEGIES[name], *batch()
     if strategy.needs_parametric and not getattr(type(base), "PARAMETRIC", True):
         assert "needs a parametric architecture" in strategy.refusal(base.spec())
         return  # width and depth rebuild from constructor arguments a brought network lacks
@@ -113,7 +115,7 @@ def test_strategy_on_every_architecture(name, base, tmp_path):
 def test_depth_keeps_the_surviving_blocks_weights(arch):
     torch.manual_seed(0)
     model = build_model({"arch": arch, "in_channels": 1, "image_size": 8, "num_classes": 10, **SPECS[arch]})
-    shallow = apply_strategy("depth", copy.deepcopy(model), _batch(), ratio=0.01)  # one block
+    shallow = apply_strategy("depth", copy.deepcopy(model), batch(), ratio=0.01)  # one block
     assert sum(shallow.blocks) == sum(model.blocks) - 1
     old, new = model.state_dict(), shallow.state_dict()
     # stage 1 is untouched; BatchNorm statistics are recomputed for the network it is now part of
@@ -208,7 +210,7 @@ def _removed(name: str) -> set[int]:
     """Which of the crafted net's four channels ``name`` removes at ratio 0.25."""
     base = _crafted()
     before = base.features[0].weight.detach().clone()
-    shrunk = apply_strategy(name, copy.deepcopy(base), _batch(64), ratio=0.25)
+    shrunk = apply_strategy(name, copy.deepcopy(base), batch(64), ratio=0.25)
     after = shrunk.features[0].weight.detach()
     left = set(range(4))
     for row in after:  # each survivor accounts for one original channel (1 and 2 are twins)
@@ -230,7 +232,7 @@ def test_slim_removes_the_smallest_batchnorm_scales():
     scales = torch.tensor([0.9, 0.01, 0.8, 0.02, 0.7, 0.03, 0.6, 0.04])
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         bn.weight.data.copy_(scales)
-    shrunk = apply_strategy("slim", model, _batch(), ratio=0.5)
+    shrunk = apply_strategy("slim", model, batch(), ratio=0.5)
     for bn in (m for m in shrunk.modules() if isinstance(m, nn.BatchNorm2d)):
         assert sorted(bn.weight.tolist()) == pytest.approx([0.6, 0.7, 0.8, 0.9])
 
@@ -306,22 +308,22 @@ def test_global_pruning_never_cuts_a_layer_below_its_limit():
         with torch.no_grad():
             first.weight.copy_(torch.tensor([1.0] + [1e-3] * 15))
             second.weight.copy_(torch.linspace(0.5, 1.0, 16))
-        shrunk = apply_strategy("slim", model, _batch(), ratio=0.5, max_layer_ratio=limit)
-        assert shrunk(_batch()[0]).shape == (16, 10)
+        shrunk = apply_strategy("slim", model, batch(), ratio=0.5, max_layer_ratio=limit)
+        assert shrunk(batch()[0]).shape == (16, 10)
         return shrunk.spec()["channels"]
 
     assert widths(0.99) == [1, 15], "without a real limit the layer is all but emptied"
     assert widths(0.75) == [4, 12], "a quarter of 16 kept; layer 2 gives the rest: still half in all"
     with pytest.raises(ValueError, match="above max_layer_ratio"):
-        apply_strategy("slim", _crafted(), _batch(), ratio=0.95, max_layer_ratio=0.9)
+        apply_strategy("slim", _crafted(), batch(), ratio=0.95, max_layer_ratio=0.9)
 
 
 def test_round_to_rounds_each_layers_kept_channels_to_the_nearest_multiple():
     def widths(**options) -> tuple[list[int], list[int]]:
         torch.manual_seed(0)
         model = BaseNet(1, 8, 10, channels=(6, 44), hidden=(30,))
-        shrunk = apply_strategy("prune_l1", model, _batch(), ratio=0.6, **options)
-        assert shrunk(_batch()[0]).shape == (16, 10)
+        shrunk = apply_strategy("prune_l1", model, batch(), ratio=0.6, **options)
+        assert shrunk(batch()[0]).shape == (16, 10)
         return shrunk.spec()["channels"], shrunk.spec()["hidden"]
 
     assert widths() == ([2, 17], [12])  # int(0.4 * width)
@@ -341,11 +343,11 @@ def test_step_ratios_applied_in_turn_reach_the_one_shot_widths(ratio, steps):
     def widths(m: nn.Module) -> list[int]:
         return m.spec()["channels"] + m.spec()["hidden"]
 
-    one_shot = widths(apply_strategy("prune_l1", copy.deepcopy(model), _batch(), ratio=ratio))
-    iterative = apply_strategy("prune_l1", copy.deepcopy(model), _batch(), ratio=ratio, iterative_steps=steps)
+    one_shot = widths(apply_strategy("prune_l1", copy.deepcopy(model), batch(), ratio=ratio))
+    iterative = apply_strategy("prune_l1", copy.deepcopy(model), batch(), ratio=ratio, iterative_steps=steps)
     assert widths(iterative) == one_shot
     for r in ratios:  # as the pipeline applies them, fine-tuning in between
-        model = apply_strategy("prune_l1", model, _batch(), ratio=r)
+        model = apply_strategy("prune_l1", model, batch(), ratio=r)
     # Each application floors its layer widths, so a layer may end up to steps - 1 channels narrower.
     stepped = widths(model)
     assert all(0 <= b - a < steps for a, b in zip(stepped, one_shot, strict=True)), (stepped, one_shot)
@@ -377,7 +379,7 @@ def test_distillation_temperature_shapes_the_soft_targets():
 
 
 def test_training_hooks_distill_sparsify_and_keep_zeros(base):
-    x, y = _batch(64)
+    x, y = batch(64)
     cfg = parse_params(small_raw()).train.model_copy(update={"epochs": 2, "lr": 0.01})
     teacher = copy.deepcopy(base)
     loss = distillation_loss(teacher, temperature=2.0, alpha=0.0)
@@ -411,7 +413,7 @@ def test_search_stops_at_the_tolerance(mode):
 
 
 def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layout):
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -433,8 +435,8 @@ def test_search_on_digits_keeps_the_largest_ratio_within_tolerance(trained_layou
 
 
 def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
-    from shrinkflow.tasks.evaluate import measure
-    from shrinkflow.tasks.train import shrink_candidate
+    from shrinkflow.tasks.measurement.evaluate import measure
+    from shrinkflow.tasks.training.train import shrink_candidate
 
     params = parse_params(
         small_raw(
@@ -453,8 +455,8 @@ def test_composed_candidate_prunes_distills_and_quantises(trained_layout):
 
 
 def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
-    from shrinkflow.tasks.stages import Context, run_candidate
-    from shrinkflow.tasks.tracking import Tracker
+    from shrinkflow.tasks.pipeline.stages import Context, run_candidate
+    from shrinkflow.tasks.store.tracking import Tracker
 
     params = parse_params(
         small_raw(
@@ -465,9 +467,7 @@ def test_each_search_trial_is_a_nested_mlflow_run(trained_layout):
     )
     ctx = Context(params, trained_layout, Tracker.for_project(trained_layout.root, "strategies-test"))
     tracked = run_candidate(ctx, "s")
-    children = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], f"tags.mlflow.parentRunId = '{tracked.run_id}'"
-    )
+    children = ctx.tracker.search_runs(f"tags.mlflow.parentRunId = '{tracked.run_id}'")
     assert sorted(float(r.data.params["ratio"]) for r in children) == [0.5, 0.7]
     assert all(r.data.metrics["passed"] == 1.0 for r in children) and tracked.record.options["ratio"] == 0.7
     for run in children:  # each trial carries its interval, as record.json does

@@ -6,10 +6,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from shrinkflow.tasks.evaluate import load_table
+from shrinkflow.tasks.measurement.evaluate import load_table
+from shrinkflow.tasks.pipeline.stages import Context, run_evaluate
 from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.stages import Context, run_evaluate
-from shrinkflow.tasks.tracking import Tracker
+from shrinkflow.tasks.store.tracking import Tracker
 from tests.conftest import copy_project
 
 

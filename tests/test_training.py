@@ -14,18 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mlflow import MlflowClient
 from torch import nn
 
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.strategies.structured import step_ratios
 from shrinkflow.tasks.config import ConfigError, PromoteConfig, TrainConfig, parse_params
-from shrinkflow.tasks.decide import decide
-from shrinkflow.tasks.engine import fit, native_bf16, small_bn_scales
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.decide import decide
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import load_record
-from shrinkflow.tasks.tracking import Tracker
-from shrinkflow.tasks.train import shrink_candidate
+from shrinkflow.tasks.store.tracking import Tracker, log_record
+from shrinkflow.tasks.training.engine import fit, native_bf16, small_bn_scales
+from shrinkflow.tasks.training.train import shrink_candidate
 from tests.conftest import small_raw
 
 
@@ -133,8 +134,8 @@ def test_step_ratios_keep_equal_shares_of_the_original_width():
 
 
 def test_slim_records_its_sparsity_phase(tmp_path):
-    from shrinkflow.tasks.prepare import prepare
-    from shrinkflow.tasks.train import train_baseline
+    from shrinkflow.tasks.data.prepare import prepare
+    from shrinkflow.tasks.training.train import train_baseline
 
     params = parse_params(
         small_raw(
@@ -158,14 +159,14 @@ def test_slim_records_its_sparsity_phase(tmp_path):
 
     # MLflow gets the phase too: its settings, its effect and its own per-epoch curve.
     tracker = Tracker(f"sqlite:///{tmp_path / 'phase.db'}", "phase")
-    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
-    tracker.log_record(run_id, record)
-    logged = tracker.client.get_run(run_id).data
+    run_id = tracker.start_run("phase")
+    log_record(tracker, run_id, record)
+    logged = tracker.run(run_id).data
     assert (
         logged.params["sparsity_phase.strength"] == "0.3" and logged.params["precision"] == record.precision
     )
     assert logged.metrics["sparsity_phase.small_bn_scales_after"] == phase["small_bn_scales_after"]
-    assert len(tracker.client.get_metric_history(run_id, "sparsity_epoch/val_acc")) == 3
+    assert len(MlflowClient(tracker.uri).get_metric_history(run_id, "sparsity_epoch/val_acc")) == 3
 
 
 def test_engine_sparsity_share_counts_small_batchnorm_scales():
@@ -222,7 +223,7 @@ _HEAP = """
 import contextlib
 import sys
 import torch
-from shrinkflow.tasks.engine import batches_given_back
+from shrinkflow.tasks.training.engine import batches_given_back
 def anon():
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) << 10
 first = torch.ones(30 << 18)  # 30 MiB, freed: glibc's default raises its threshold to this size

@@ -8,9 +8,11 @@ and Swin in tests/test_zoo_large.py (two files for `make test-scenarios`' two wo
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.zoo import Family, Runs, served_labels, write_digits
+
+# One torch thread for every test here (conftest's one_thread says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRUNE = {"l1-50": {"strategy": "prune_l1", "ratio": 0.5}}
 PRUNED = [
@@ -26,16 +28,6 @@ SHUFFLENET = Family("shufflenet_v2_x0_5", {}, PRUNE | {"mag-50": {"strategy": "m
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     return Runs([*PRUNED, SHUFFLENET], write_digits(root), root)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: two xdist workers share two cores (on a loaded machine two threads each made
-    a user's training 20 times slower, not faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

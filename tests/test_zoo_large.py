@@ -4,11 +4,13 @@ and served, Swin-T's graph refused within its bound."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.probe import probe_graph
 from tests.zoo import Family, Runs, served_labels, write_digits
+
+# One torch thread for every test here (conftest's one_thread says why).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PRUNE = {"l1-50": {"strategy": "prune_l1", "ratio": 0.5}}
 CONVNEXT = Family("convnext_tiny", {}, PRUNE, epochs=1, lr=1e-3)
@@ -19,14 +21,6 @@ VIT = Family("vit_b_16", {"image_size": 32}, PRUNE, epochs=1, lr=1e-4)
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo-large")
     return Runs([CONVNEXT, VIT], write_digits(root), root)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -20,13 +20,13 @@ import yaml
 from PIL import Image
 
 from shrinkflow.tasks.config import load_params
-from shrinkflow.tasks.evaluate import evaluate_models, load_table
+from shrinkflow.tasks.data.prepare import load_raw_split, prepare
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, prepare
+from shrinkflow.tasks.measurement.evaluate import evaluate_models, load_table
+from shrinkflow.tasks.pipeline.stages import Context, run_promote
 from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
-from shrinkflow.tasks.stages import Context, run_promote
-from shrinkflow.tasks.tracking import Tracker, tracking_uri
-from shrinkflow.tasks.train import shrink_candidate, train_baseline
+from shrinkflow.tasks.store.tracking import Tracker, tracking_uri
+from shrinkflow.tasks.training.train import shrink_candidate, train_baseline
 
 SIZE = 32
 SEEN, UNSEEN = 400, 250  # images the user trained on; images for val, gate and test

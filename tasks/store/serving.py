@@ -2,8 +2,8 @@
 
 It rebuilds the network from the shrinkflow checkpoint logged beside it, through the same safe
 loader the pipeline uses, so loading a registered model never unpickles anything, and it prepares
-images itself from the ``manifest.json`` logged beside the checkpoint, as ``tasks/sources.py`` and
-``tasks/prepare.py`` did for the training data.
+images itself from the ``manifest.json`` logged beside the checkpoint, as ``tasks/data/sources.py`` and
+``tasks/data/prepare.py`` did for the training data.
 
 Input: uint8 images ``N x C x H x W`` or ``N x H x W x C`` (channels-first when dimension 1 is 1,
 3 or 4), pixel values on the manifest's ``scale`` (0-255; 0-16 for scikit-learn's digits), 1, 3 or

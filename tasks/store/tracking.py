@@ -1,9 +1,11 @@
 """MLflow at the edges: runs, metrics, artefacts and the dataset input (the model registry is
-:mod:`shrinkflow.tasks.registry`), and which process owns a run.
+:mod:`shrinkflow.tasks.store.registry`), and which process owns a run.
 
 Everything goes through an explicit :class:`mlflow.MlflowClient` and run ids rather than the
 fluent API's thread-local "active run", so candidates logging from parallel threads or worker
-processes never cross wires.
+processes never cross wires. The client is the :class:`Tracker`'s own: the run calls are its
+methods, the registry's calls its :class:`ModelRegistry`, and what a record becomes in MLflow
+(:func:`log_record`, :func:`log_candidates`, :func:`log_dataset`) plain functions over it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class TrackingUnavailable(ShrinkflowError, RuntimeError):
 
 
 def _answering(method):
-    """A write the tracking store stops answering mid-run (the server died, the network went, the
+    """A write (a :class:`Tracker` method, or a function whose first argument is the tracker) the
+    tracking store stops answering mid-run (the server died, the network went, the
     database's disk filled) fails as one line naming the store and the call, not as MLflow's
     traceback; errors of ours (a value MLflow refuses) keep theirs."""
 
@@ -76,7 +79,7 @@ def _lost(exc: BaseException) -> str | None:
     return None
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 # What a run itself rewrites: committed copies of these changing is not a change of code or params.
@@ -135,7 +138,64 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+class ModelRegistry:
+    """The model registry's calls shrinkflow makes, in one place: registered models, their
+    versions, aliases, tags and descriptions. The names are ``MlflowClient``'s own, so the
+    registry's functions (:mod:`~shrinkflow.tasks.store.registry`, the registry lock) take this or
+    a plain client alike."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def create_registered_model(self, name: str, tags: dict | None = None, description: str | None = None):
+        return self._client.create_registered_model(name, tags=tags, description=description)
+
+    def get_registered_model(self, name: str):
+        return self._client.get_registered_model(name)
+
+    def delete_registered_model(self, name: str) -> None:
+        self._client.delete_registered_model(name)
+
+    def update_registered_model(self, name: str, description: str) -> None:
+        self._client.update_registered_model(name, description=description)
+
+    def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        self._client.set_registered_model_tag(name, key, value)
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        self._client.set_registered_model_alias(name, alias, version)
+
+    def delete_registered_model_alias(self, name: str, alias: str) -> None:
+        self._client.delete_registered_model_alias(name, alias)
+
+    def create_model_version(self, **fields):
+        return self._client.create_model_version(**fields)
+
+    def get_model_version(self, name: str, version: str):
+        return self._client.get_model_version(name, version)
+
+    def get_model_version_by_alias(self, name: str, alias: str):
+        return self._client.get_model_version_by_alias(name, alias)
+
+    def search_model_versions(self, filter_string: str):
+        return self._client.search_model_versions(filter_string)
+
+    def set_model_version_tag(self, name: str, version: str, key: str, value: str) -> None:
+        self._client.set_model_version_tag(name, version, key, value)
+
+    def update_model_version(self, name: str, version: str, description: str) -> None:
+        self._client.update_model_version(name, version, description=description)
+
+    def download_artifacts(self, run_id: str, path: str, dst_path: str) -> str:
+        """A file of the run a version was logged from (its record)."""
+        return self._client.download_artifacts(run_id, path, dst_path)
+
+
 class Tracker:
+    """One experiment's runs through an explicit client: the connection, the run lifecycle and
+    the writes; the registry's calls are :attr:`registry`. What a record becomes in MLflow is
+    the plain functions below the class."""
+
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
         self.uri = uri
         if artifact_root is None and uri.startswith("sqlite:///"):
@@ -144,19 +204,23 @@ class Tracker:
         location = artifact_root.resolve().as_uri() if artifact_root and uri.startswith("sqlite") else None
         check_writable_store(uri)
         try:  # creating the client already opens (and migrates) an sqlite store
-            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            self._connect()
             self.experiment_id = self._experiment(experiment, location)
         except Exception as exc:
             raise TrackingUnavailable(_unusable(uri, exc)) from None
 
+    def _connect(self) -> None:
+        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.registry = ModelRegistry(self._client)
+
     def _experiment(self, name: str, location: str | None) -> str:
         for _ in range(3):  # another process may create it between our get and create
-            if (found := self.client.get_experiment_by_name(name)) is not None:
+            if (found := self._client.get_experiment_by_name(name)) is not None:
                 if found.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older shrinkflow
-                    self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                    self._client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
                 return found.experiment_id
             try:
-                return self.client.create_experiment(
+                return self._client.create_experiment(
                     name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
                 )
             except mlflow.exceptions.MlflowException as exc:
@@ -170,28 +234,30 @@ class Tracker:
 
     def __setstate__(self, state: dict[str, str]) -> None:
         self.uri, self.experiment_id = state["uri"], state["experiment_id"]
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self._connect()
 
     def check(self) -> None:
         """Fail fast, before any work, when the tracking server is unreachable."""
         try:
-            self.client.get_experiment(self.experiment_id)
+            self.experiment()
         except Exception as exc:
             first = first_line(exc)
             raise TrackingUnavailable(f"MLflow tracking at {self.uri} is unreachable: {first}") from None
+
+    def experiment(self):
+        return self._client.get_experiment(self.experiment_id)
 
     def identity(self) -> str:
         """The store and experiment runs go to, down to this copy of it (a store deleted and
         recreated at the same URI gets a new experiment creation time): a cached result's run ids
         are valid only where this is unchanged."""
-        created = self.client.get_experiment(self.experiment_id).creation_time
-        return f"{self.uri}#{self.experiment_id}@{created}"
+        return f"{self.uri}#{self.experiment_id}@{self.experiment().creation_time}"
 
     @classmethod
     def for_project(cls, root: str | Path, experiment: str) -> Tracker:
         tracker = cls(tracking_uri(root), experiment, artifact_root=Path(root) / "mlartifacts")
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # the project's own mlflow.db
-            have = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+            have = tracker.experiment().artifact_location
             want = (Path(root).resolve() / "mlartifacts").as_uri()
             if have != want and have.startswith("file:"):
                 repair_artifact_location(tracker.uri, tracker.experiment_id, want)
@@ -204,31 +270,27 @@ class Tracker:
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
         try:
-            return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            return self._client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         except Exception as exc:  # the first write a stage makes: a read-only store fails here
             raise TrackingUnavailable(_unusable(self.uri, exc)) from exc
 
     @_answering
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._client.set_terminated(run_id, status=status)
 
-    @_answering
-    def close_orphaned_runs(self) -> list[str]:
-        """Mark ``KILLED`` the runs still ``RUNNING`` whose process, on this machine, is gone (a
-        killed run cannot end its own runs); returns their ids. Runs of live processes and of
-        other machines are left alone."""
-        running = self.client.search_runs(
-            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+    def run(self, run_id: str):
+        return self._client.get_run(run_id)
+
+    def rename_run(self, run_id: str, name: str) -> None:
+        self._client.update_run(run_id, name=name)
+
+    def search_runs(self, filter_string: str, max_results: int = 5000) -> list:
+        return self._client.search_runs(
+            [self.experiment_id], filter_string=filter_string, max_results=max_results
         )
-        closed = []
-        for run in running:
-            owner = run.data.tags.get(PROCESS_TAG, "")
-            if owner and process_gone(owner):
-                reason = f"its process {owner} ended without finishing it; closed by {this_process()}"
-                self.client.set_tag(run.info.run_id, KILLED_TAG, reason)
-                self.client.set_terminated(run.info.run_id, status="KILLED")
-                closed.append(run.info.run_id)
-        return closed
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._client.set_tag(run_id, key, value)
 
     @_answering
     def log(
@@ -237,58 +299,87 @@ class Tracker:
         params: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
         tags: dict[str, Any] | None = None,
+        steps: list[Metric] = (),
     ) -> None:
-        self.client.log_batch(
-            run_id,
-            metrics=[Metric(k, float(v), _now(), 0) for k, v in (metrics or {}).items() if _number(v)],
-            params=[Param(k, str(v)) for k, v in (params or {}).items()],
-            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
-        )
+        """Params, metrics and tags by name, and ``steps`` (per-epoch metrics, their step set)."""
+        for start in range(0, len(steps), 900):  # log_batch takes at most 1000 metrics
+            self._client.log_batch(run_id, metrics=steps[start : start + 900])
+        if params or metrics or tags or not steps:
+            self._client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), _now(), 0) for k, v in (metrics or {}).items() if _number(v)],
+                params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+            )
 
     @_answering
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._client.log_artifact(run_id, str(path), artifact_path)
 
-    @_answering
-    def log_record(self, run_id: str, record: ModelRecord) -> None:
-        """A trained model's options, per-epoch curves and summary."""
-        params, summary, curves = record_entries(record)
-        for start in range(0, len(curves), 900):  # log_batch takes at most 1000 metrics
-            self.client.log_batch(run_id, metrics=curves[start : start + 900])
-        self.log(
-            run_id,
-            params=params,
-            metrics=summary,
-            tags={"shrinkflow.status": record.status, "shrinkflow.worker": record.worker},
+    def log_file(self, run_id: str, content: str | dict | pd.DataFrame, artifact_file: str) -> None:
+        """Text, a dict (as JSON) or a table (MLflow's table format) as one file of the run."""
+        if isinstance(content, pd.DataFrame):
+            self._client.log_table(run_id, data=content, artifact_file=artifact_file)
+        elif isinstance(content, dict):
+            self._client.log_dict(run_id, content, artifact_file)
+        else:
+            self._client.log_text(run_id, content, artifact_file)
+
+    def log_inputs(self, run_id: str, datasets: list[DatasetInput]) -> None:
+        self._client.log_inputs(run_id, datasets=datasets)
+
+
+# What a record becomes in MLflow ----------------------------------------------------------------
+
+
+@_answering
+def close_orphaned_runs(tracker: Tracker) -> list[str]:
+    """Mark ``KILLED`` the runs still ``RUNNING`` whose process, on this machine, is gone (a
+    killed run cannot end its own runs); returns their ids. Runs of live processes and of
+    other machines are left alone."""
+    closed = []
+    for run in tracker.search_runs("attributes.status = 'RUNNING'"):
+        owner = run.data.tags.get(PROCESS_TAG, "")
+        if owner and process_gone(owner):
+            reason = f"its process {owner} ended without finishing it; closed by {this_process()}"
+            tracker.set_tag(run.info.run_id, KILLED_TAG, reason)
+            tracker.end_run(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
+@_answering
+def log_record(tracker: Tracker, run_id: str, record: ModelRecord) -> None:
+    """A trained model's options, per-epoch curves and summary."""
+    params, summary, curves = record_entries(record)
+    tags = {"shrinkflow.status": record.status, "shrinkflow.worker": record.worker}
+    tracker.log(run_id, params=params, metrics=summary, tags=tags, steps=curves)
+    if record.error:
+        tracker.log(run_id, tags={"shrinkflow.error": record.error[:5000]})
+
+
+@_answering
+def log_candidates(tracker: Tracker, run_id: str, table: pd.DataFrame, runs: dict[str, str]) -> None:
+    """The candidates table as an MLflow table and as Markdown linking each model's run."""
+    # MLflow scans object columns for images; pandas 3 strings go as object, as it expects.
+    text = [c for c in table.columns if pd.api.types.is_string_dtype(table[c]) and table[c].dtype != object]
+    tracker.log_file(run_id, table.astype(dict.fromkeys(text, object)), "candidates_table.json")
+    tracker.log_file(run_id, candidates_markdown(table, runs, tracker.experiment_id), "candidates.md")
+
+
+@_answering
+def log_dataset(tracker: Tracker, run_id: str, manifest: Manifest, train_x: np.ndarray, source: Path) -> None:
+    """Record the prepared data as the run's dataset input, named by its fingerprint."""
+    with warnings.catch_warnings():  # MLflow registers two identical resolvers for local paths
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(
+            train_x,
+            source=str(source),
+            name=f"{manifest.source}-{manifest.fingerprint[:12]}",
+            digest=manifest.fingerprint[:36],
         )
-        if record.error:
-            self.log(run_id, tags={"shrinkflow.error": record.error[:5000]})
-
-    @_answering
-    def log_candidates(self, run_id: str, table: pd.DataFrame, runs: dict[str, str]) -> None:
-        """The candidates table as an MLflow table and as Markdown linking each model's run."""
-        # MLflow scans object columns for images; pandas 3 strings go as object, as it expects.
-        text = [
-            c for c in table.columns if pd.api.types.is_string_dtype(table[c]) and table[c].dtype != object
-        ]
-        self.client.log_table(
-            run_id, data=table.astype(dict.fromkeys(text, object)), artifact_file="candidates_table.json"
-        )
-        self.client.log_text(run_id, candidates_markdown(table, runs, self.experiment_id), "candidates.md")
-
-    @_answering
-    def log_dataset(self, run_id: str, manifest: Manifest, train_x: np.ndarray, source: Path) -> None:
-        """Record the prepared data as the run's dataset input, named by its fingerprint."""
-        with warnings.catch_warnings():  # MLflow registers two identical resolvers for local paths
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_numpy(
-                train_x,
-                source=str(source),
-                name=f"{manifest.source}-{manifest.fingerprint[:12]}",
-                digest=manifest.fingerprint[:36],
-            )
-        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
-        self.client.log_inputs(run_id, datasets=[entity])
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
+    tracker.log_inputs(run_id, [entity])
 
 
 def record_entries(record: ModelRecord) -> tuple[dict[str, Any], dict[str, Any], list[Metric]]:

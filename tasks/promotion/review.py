@@ -30,11 +30,11 @@ import pandas as pd
 
 from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
-from shrinkflow.tasks.decide import Kind
+from shrinkflow.tasks.decision.decide import Kind
+from shrinkflow.tasks.decision.stats import Comparison, compare
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.escape import markdown_text, one_line
-from shrinkflow.tasks.lock import REGISTRY_LOCK_STALE_S, registry_lock
-from shrinkflow.tasks.promote import (
+from shrinkflow.tasks.promotion.promote import (
     PREVIOUS_TAG,
     REGISTRATION_TAG,
     ServedTest,
@@ -43,7 +43,9 @@ from shrinkflow.tasks.promote import (
     task_identity,
 )
 from shrinkflow.tasks.records import Manifest
-from shrinkflow.tasks.registry import (
+from shrinkflow.tasks.stage_specs import STAGES
+from shrinkflow.tasks.store.lock import REGISTRY_LOCK_STALE_S, registry_lock
+from shrinkflow.tasks.store.registry import (
     load_version,
     registered_model,
     registered_version,
@@ -51,9 +53,7 @@ from shrinkflow.tasks.registry import (
     version_by_alias,
     version_record,
 )
-from shrinkflow.tasks.stage_specs import STAGES
-from shrinkflow.tasks.stats import Comparison, compare
-from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
+from shrinkflow.tasks.store.tracking import PROCESS_TAG, Tracker, process_gone, this_process
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,14 @@ def history(tags: dict[str, str]) -> list[Event]:
 
 def registered(tracker: Tracker, name: str) -> dict[str, str]:
     """The registered model's aliases (alias -> version), or one line when there is no such model."""
-    model = registered_model(tracker.client, name, tracker.uri)
+    model = registered_model(tracker.registry, name, tracker.uri)
     return {alias: str(version) for alias, version in model.aliases.items()}
 
 
 def record_of(tracker: Tracker, name: str, version: str) -> dict[str, str]:
     """A version's tags and record, or one line: no such model, not a number, no such version."""
-    found = registered_version(tracker.client, name, version, tracker.uri)
-    return version_record(tracker.client, name, str(found.version))
+    found = registered_version(tracker.registry, name, version, tracker.uri)
+    return version_record(tracker.registry, name, str(found.version))
 
 
 def revalidate(tracker: Tracker, name: str, version: str, test: ServedTest, params: Params) -> Checked:
@@ -165,9 +165,9 @@ def revalidate(tracker: Tracker, name: str, version: str, test: ServedTest, para
     it is not), not being registered by a run still going, and the reload check: loaded from the
     registry as a user would (its checkpoint must hash to the recorded sha256), it scores exactly
     its recorded test accuracy on the test images it was certified on."""
-    found = registered_version(tracker.client, name, version, tracker.uri)
+    found = registered_version(tracker.registry, name, version, tracker.uri)
     version, label = str(found.version), f"{name} v{found.version}"
-    record = version_record(tracker.client, name, version)
+    record = version_record(tracker.registry, name, version)
     if difference := task_difference(task_identity(test.manifest), record, version):
         raise ReviewError(f"{label} is for another task than this project's ({difference}); nothing moved")
     certified_split(tracker, found, record, test.manifest, params)
@@ -263,8 +263,8 @@ def certified_params(tracker: Tracker, run_id: str | None) -> dict[str, str]:
     """The params the pipeline run that registered a version logged (its promote run's parent's);
     none when it ran as a DVC stage, or they cannot be read."""
     try:
-        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
-        return dict(tracker.client.get_run(parent).data.params) if parent else {}
+        parent = tracker.run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
+        return dict(tracker.run(parent).data.params) if parent else {}
     except mlflow.exceptions.MlflowException:
         return {}
 
@@ -332,7 +332,7 @@ def move_champion(
     if not reason:
         raise ReviewError(f"--reason is empty: say why {name} v{checked.version} should be {cfg.alias}")
     version = checked.version
-    with registry_lock(tracker.client, name, this_process()):
+    with registry_lock(tracker.registry, name, this_process()):
         before = version_by_alias(tracker, name, cfg.alias)
         previous = str(before.version) if before is not None else None
         if expected is not None and previous != expected:
@@ -346,7 +346,7 @@ def move_champion(
         challenger = version_by_alias(tracker, name, cfg.challenger_alias)
         cleared = challenger is not None and str(challenger.version) == version
         if cleared:
-            tracker.client.delete_registered_model_alias(name, cfg.challenger_alias)
+            tracker.registry.delete_registered_model_alias(name, cfg.challenger_alias)
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         moved = f"v{previous} -> v{version}" if previous else f"none -> v{version}"
         event = Event(next_event(tracker, name), action, moved, by, when, reason, f"{checked.test_acc:.4f}")
@@ -365,7 +365,7 @@ def move_champion(
 
 def next_event(tracker: Tracker, name: str) -> int:
     """The number of the registered model's next event (called under the registry lock)."""
-    return 1 + max((e.number for e in history(tracker.client.get_registered_model(name).tags)), default=0)
+    return 1 + max((e.number for e in history(tracker.registry.get_registered_model(name).tags)), default=0)
 
 
 def record_event(
@@ -374,7 +374,7 @@ def record_event(
     """Keep ``event`` (on the registered model first: its history is the record), then make the
     versions say what they now are: the verdict tag follows ``@champion`` to ``checked.version``,
     the version it left reads what it now is, and each description gets the event on top."""
-    client, version = tracker.client, checked.version
+    client, version = tracker.registry, checked.version
     client.set_registered_model_tag(name, event.key, event.value())
     client.set_model_version_tag(name, version, event.key, event.value())
     client.set_model_version_tag(name, version, "verdict", Kind.CHAMPION)
@@ -405,8 +405,8 @@ def prepend(tracker: Tracker, name: str, version: str, title: str, event: Event,
         + (f" Re-validated: {markdown_text(checked)}." if checked else "")
         + "\n\n"
     )
-    description = tracker.client.get_model_version(name, version).description or ""
-    tracker.client.update_model_version(name, version, description=block + description)
+    description = tracker.registry.get_model_version(name, version).description or ""
+    tracker.registry.update_model_version(name, version, description=block + description)
 
 
 def rollback_target(tracker: Tracker, name: str, cfg: PromoteConfig, to: str | None) -> tuple[str, str]:
@@ -436,7 +436,7 @@ def versions_table(tracker: Tracker, name: str) -> pd.DataFrame:
     for alias, version in aliases.items():
         by_version.setdefault(version, []).append(alias)
     rows = []
-    for v in tracker.client.search_model_versions(f"name='{name}'"):
+    for v in tracker.registry.search_model_versions(f"name='{name}'"):
         tags = v.tags
         rows.append(
             {
@@ -468,7 +468,7 @@ def last_review(tags: dict[str, str]) -> str:
 
 def history_lines(tracker: Tracker, name: str) -> list[str]:
     """The registered model's approve and rollback events, oldest first, one line each."""
-    return [event.line() for event in history(registered_model(tracker.client, name, tracker.uri).tags)]
+    return [event.line() for event in history(registered_model(tracker.registry, name, tracker.uri).tags)]
 
 
 def side_by_side(

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shrinkflow.tasks.config import SearchConfig
+from shrinkflow.tasks.decision.stats import Comparison
 from shrinkflow.tasks.errors import ShrinkflowError
-from shrinkflow.tasks.stats import Comparison
 
 
 @dataclass(frozen=True)

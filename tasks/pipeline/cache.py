@@ -17,15 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shrinkflow.models.checkpoint import sha256_file
-from shrinkflow.tasks import given
 from shrinkflow.tasks.config import Params
 from shrinkflow.tasks.io import read_json
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
-from shrinkflow.tasks.search import Trial
 from shrinkflow.tasks.stage_specs import KEY, STAGES, StageSpec, resolve
+from shrinkflow.tasks.training import given
+from shrinkflow.tasks.training.search import Trial
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def code_digest(paths: tuple[str, ...]) -> str:

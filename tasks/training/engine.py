@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from shrinkflow.models.allocation import has_batch_norm, reestimate_batch_norm
 from shrinkflow.models.footprint import CHUNK_BYTES, chunked_forward
-from shrinkflow.tasks import progress, stop
 from shrinkflow.tasks.config import TrainConfig
 from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.training import progress, stop
 
 log = logging.getLogger(__name__)
 P, R = ParamSpec("P"), TypeVar("R")
@@ -32,7 +32,7 @@ P, R = ParamSpec("P"), TypeVar("R")
 
 class Images(Protocol):
     """What training and evaluation read images from, a batch at a time: a tensor, or a prepared
-    split's memory map (:class:`shrinkflow.tasks.prepare.MappedImages`), which normalises only
+    split's memory map (:class:`shrinkflow.tasks.data.prepare.MappedImages`), which normalises only
     the rows asked for."""
 
     def __len__(self) -> int: ...

@@ -1,8 +1,10 @@
 """The model registry at the edges: register a checkpoint as a pyfunc model that takes raw
 images, find a version by alias, load it back (checking its bytes), move an alias.
 
-Run logging lives in :mod:`shrinkflow.tasks.tracking`; both talk to MLflow through the
-:class:`~shrinkflow.tasks.tracking.Tracker`'s explicit client.
+Run logging lives in :mod:`shrinkflow.tasks.store.tracking`; the registry's calls go through a
+:class:`~shrinkflow.tasks.store.tracking.Tracker`'s ``registry``
+(:class:`~shrinkflow.tasks.store.tracking.ModelRegistry`), never through the fluent API's globals
+except where MLflow has no other way (logging and loading a pyfunc model).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from shrinkflow.models.arch.given import code_packages
 from shrinkflow.models.checkpoint import CheckpointError, sha256_file, user_factory
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.io import read_json
-from shrinkflow.tasks.serving import probability_columns
-from shrinkflow.tasks.tracking import Tracker
+from shrinkflow.tasks.store.serving import probability_columns
+from shrinkflow.tasks.store.tracking import ModelRegistry, Tracker
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+MODELS_PACKAGE = Path(__file__).resolve().parents[2] / "models"
 CHECKSUM_FILE = "model.pt.sha256"
 # Every figure of a version beyond the few tags a reviewer filters on, logged in its run.
 RECORD_FILE = "version_record.json"
@@ -107,9 +109,9 @@ def register_model(
             )
     tags = {**tags, "onnx": "model.onnx" if isinstance(onnx, Path) else onnx}
     if record is not None:
-        tracker.client.log_dict(run_id, {k: str(v) for k, v in record.items()}, RECORD_FILE)
-    version = tracker.client.create_model_version(
-        name=_ensure_registered(tracker.client, name),
+        tracker.log_file(run_id, {k: str(v) for k, v in record.items()}, RECORD_FILE)
+    version = tracker.registry.create_model_version(
+        name=_ensure_registered(tracker.registry, name),
         source=info.model_uri,
         run_id=run_id,
         tags={k: str(v) for k, v in tags.items()},
@@ -119,7 +121,7 @@ def register_model(
     return version.version
 
 
-def _ensure_registered(client: MlflowClient, name: str) -> str:
+def _ensure_registered(client: ModelRegistry, name: str) -> str:
     try:
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException as exc:  # a concurrent run may have created it
@@ -128,7 +130,7 @@ def _ensure_registered(client: MlflowClient, name: str) -> str:
     return name
 
 
-def version_record(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+def version_record(client: ModelRegistry, name: str, version: str) -> dict[str, str]:
     """Everything a version records: its run's :data:`RECORD_FILE` overlaid with its tags (a tag
     edited in the registry wins). The record counts only when it names the version's own
     checkpoint (a version registered by hand from a shrinkflow run's model has none); a version
@@ -146,9 +148,10 @@ def version_record(client: MlflowClient, name: str, version: str) -> dict[str, s
     return {**record, **found.tags}
 
 
-def open_registry(uri: str) -> MlflowClient:
-    """A client that reads the registry at ``uri``. An sqlite store that does not exist is refused:
-    opening it would create an empty one wherever the command happened to run."""
+def open_registry(uri: str) -> ModelRegistry:
+    """The registry's calls at ``uri``, for reading it without an experiment. An sqlite store
+    that does not exist is refused: opening it would create an empty one wherever the command
+    happened to run."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:///file:"):
         db = Path(uri.removeprefix("sqlite:///").split("?")[0])
         if not db.is_file():
@@ -156,10 +159,10 @@ def open_registry(uri: str) -> MlflowClient:
                 f"there is no MLflow registry at {db}: run in the project directory, or set "
                 "MLFLOW_TRACKING_URI to the registry's store"
             )
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return ModelRegistry(MlflowClient(tracking_uri=uri, registry_uri=uri))
 
 
-def registered_model(client: MlflowClient, name: str, where: str):
+def registered_model(client: ModelRegistry, name: str, where: str):
     """The registered model ``name`` in the registry at ``where`` (its URI, for the message), or
     one line: no such model, a name MLflow refuses, or a registry that cannot be read."""
     try:
@@ -174,7 +177,7 @@ def registered_model(client: MlflowClient, name: str, where: str):
         raise RegistryError(message) from exc
 
 
-def registered_version(client: MlflowClient, name: str, version: str, where: str):
+def registered_version(client: ModelRegistry, name: str, version: str, where: str):
     """Version ``version`` of ``name``, or one line naming what is wrong: no such model, a version
     that is not a number, or no such version (naming those there are). Every registry command
     takes its version through here, so they all answer the same input the same way."""
@@ -192,7 +195,7 @@ def registered_version(client: MlflowClient, name: str, version: str, where: str
 
 
 def describe_registered_model(
-    client: MlflowClient, name: str, description: str, tags: dict[str, str]
+    client: ModelRegistry, name: str, description: str, tags: dict[str, str]
 ) -> None:
     """The registered model's own page: what it classifies and how its versions are chosen."""
     client.update_registered_model(name, description=description)
@@ -203,7 +206,7 @@ def describe_registered_model(
 def version_by_alias(tracker: Tracker, name: str, alias: str):
     """The model version ``alias`` points at, or None when the model or alias does not exist."""
     try:
-        return tracker.client.get_model_version_by_alias(name, alias)
+        return tracker.registry.get_model_version_by_alias(name, alias)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -235,7 +238,7 @@ def download_version(tracker: Tracker, name: str, version: str, into: Path) -> P
 
 
 def set_alias(tracker: Tracker, name: str, alias: str, version: str) -> None:
-    tracker.client.set_registered_model_alias(name, alias, version)
+    tracker.registry.set_registered_model_alias(name, alias, version)
 
 
 def downloaded_checkpoint(model_dir: Path) -> Path:

@@ -33,13 +33,20 @@ from shrinkflow.models.checkpoint import CheckpointError, load_checkpoint, sha25
 from shrinkflow.models.determinism import nondeterminism
 from shrinkflow.models.registry import build_model
 from shrinkflow.tasks.config import Params, RegisteredOptions
-from shrinkflow.tasks.engine import BN_IMAGES, Images, Split, accuracy, predict, reestimate_statistics
+from shrinkflow.tasks.decision.stats import discordant
 from shrinkflow.tasks.errors import ShrinkflowError, first_line
 from shrinkflow.tasks.layout import Layout
 from shrinkflow.tasks.records import Manifest
-from shrinkflow.tasks.registry import download_version, version_by_alias
-from shrinkflow.tasks.stats import discordant
-from shrinkflow.tasks.tracking import Tracker
+from shrinkflow.tasks.store.registry import download_version, version_by_alias
+from shrinkflow.tasks.store.tracking import Tracker
+from shrinkflow.tasks.training.engine import (
+    BN_IMAGES,
+    Images,
+    Split,
+    accuracy,
+    predict,
+    reestimate_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +429,7 @@ def _registered(params: Params, layout: Layout, manifest: Manifest) -> tuple[nn.
         version = (
             version_by_alias(tracker, name, version_ref[1:])
             if version_ref.startswith("@")
-            else tracker.client.get_model_version(name, version_ref)
+            else tracker.registry.get_model_version(name, version_ref)
         )
     except Exception as exc:
         raise BaselineError(

@@ -17,23 +17,31 @@ import pandas as pd
 import torch
 
 from shrinkflow.models import STRATEGIES
-from shrinkflow.tasks import progress, stop, tensorboard
 from shrinkflow.tasks.config import Params, load_params
-from shrinkflow.tasks.decide import PromotionError, Verdict, verdict_json
+from shrinkflow.tasks.data.prepare import load_raw_split, prepare
+from shrinkflow.tasks.decision.decide import PromotionError, Verdict, verdict_json
+from shrinkflow.tasks.decision.report import markdown_report, pareto_plot
 from shrinkflow.tasks.errors import named_first_line
-from shrinkflow.tasks.evaluate import COLUMNS, evaluate_models, load_table
-from shrinkflow.tasks.given import user_code
 from shrinkflow.tasks.io import sweep_temporaries, write_json, write_text
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_raw_split, prepare
-from shrinkflow.tasks.promote import promote
+from shrinkflow.tasks.measurement.evaluate import COLUMNS, evaluate_models, load_table
+from shrinkflow.tasks.promotion.promote import promote
+from shrinkflow.tasks.promotion.reproduce import provenance_tags
 from shrinkflow.tasks.records import Manifest, ModelRecord, load_record
-from shrinkflow.tasks.report import markdown_report, pareto_plot
-from shrinkflow.tasks.reproduce import provenance_tags
-from shrinkflow.tasks.search import FanOut, Job, Trial, simulate
-from shrinkflow.tasks.sensitivity import measure_table, sensitivity_stage, write_index
-from shrinkflow.tasks.tracking import Tracker, TrackingUnavailable, code_version
-from shrinkflow.tasks.train import (
+from shrinkflow.tasks.store.tracking import (
+    Tracker,
+    TrackingUnavailable,
+    close_orphaned_runs,
+    code_version,
+    log_candidates,
+    log_dataset,
+    log_record,
+)
+from shrinkflow.tasks.training import progress, stop, tensorboard
+from shrinkflow.tasks.training.given import user_code
+from shrinkflow.tasks.training.search import FanOut, Job, Trial, simulate
+from shrinkflow.tasks.training.sensitivity import measure_table, sensitivity_stage, write_index
+from shrinkflow.tasks.training.train import (
     candidate_train_config,
     pick_trial,
     shrink_candidate,
@@ -65,7 +73,7 @@ class Context:
         dirs = (layout.prepared, layout.baseline, layout.sensitivity, layout.candidates, layout.reports)
         for stale in sweep_temporaries(*dirs):
             log.warning("removed %s, left half-written by an interrupted run", stale)
-        for run in tracker.close_orphaned_runs():
+        for run in close_orphaned_runs(tracker):
             log.warning("marked MLflow run %s KILLED: an interrupted run left it RUNNING", run)
         return cls(params, layout, tracker)
 
@@ -112,7 +120,7 @@ def run_ids(results: dict[str, Tracked | BaseException]) -> dict[str, str]:
 def summarise(ctx: Context, runs: dict[str, str]) -> None:
     """Give the parent run the whole story: config, table with links to each model's run, decision."""
     ctx.tracker.log(ctx.parent_run, params=_flat(ctx.params.model_dump(exclude={"shrink", "paths"})))
-    ctx.tracker.log_candidates(ctx.parent_run, load_table(ctx.layout.candidates_csv), runs)
+    log_candidates(ctx.tracker, ctx.parent_run, load_table(ctx.layout.candidates_csv), runs)
     for path in (
         ctx.layout.candidates_csv,
         ctx.layout.promotion_json,
@@ -162,7 +170,7 @@ def run_prepare(ctx: Context) -> Manifest:
         tags = {"data_fingerprint": manifest.fingerprint}
         ctx.tracker.log(run, params=ctx.params.data.model_dump(), tags=tags)
         train_x = load_raw_split(ctx.layout, "train")[0].numpy()  # the memory map, as stored
-        ctx.tracker.log_dataset(run, manifest, train_x, ctx.layout.prepared)
+        log_dataset(ctx.tracker, run, manifest, train_x, ctx.layout.prepared)
         ctx.tracker.log_artifact(run, ctx.layout.manifest)
     ctx.tracker.end_run(run)
     return manifest
@@ -227,7 +235,7 @@ def run_trial(ctx: Context, name: str, index: int, ratio: float) -> Trial:
 
 def run_pick(ctx: Context, name: str, trials: list[Trial]) -> Tracked:
     """The end of candidate ``name``'s search: its MLflow run, every trial a nested run under it,
-    and the best trial made the candidate (:func:`shrinkflow.tasks.train.pick_trial`)."""
+    and the best trial made the candidate (:func:`shrinkflow.tasks.training.train.pick_trial`)."""
 
     def pick(run: str) -> ModelRecord:
         log_trial = _trial_logger(ctx, name, run)
@@ -319,7 +327,7 @@ def _model_stage(ctx: Context, name: str, train) -> Tracked:
     except BaseException as exc:  # interrupted (Ctrl-C, SIGTERM under the CLI): KILLED, not RUNNING
         _close(ctx, run, exc, {"shrinkflow.status": "failed"})
         raise
-    ctx.tracker.log_record(run, record)
+    log_record(ctx.tracker, run, record)
     ctx.tracker.log_artifact(run, ctx.layout.checkpoint(name))
     if table := (record.options.get("sensitivity") or {}).get("file"):  # the table a budget allocated from
         for path in (ctx.layout.root / table, (ctx.layout.root / table).with_suffix(".png")):

@@ -12,11 +12,11 @@ from urllib.parse import quote
 import pandas as pd
 
 from shrinkflow.tasks.config import PromoteConfig
-from shrinkflow.tasks.decide import Registered, Verdict
+from shrinkflow.tasks.decision.decide import Registered, Verdict
+from shrinkflow.tasks.decision.stats import margin_points
 from shrinkflow.tasks.escape import markdown_code, markdown_text
 from shrinkflow.tasks.io import atomic_path
 from shrinkflow.tasks.records import Manifest
-from shrinkflow.tasks.stats import margin_points
 
 SHOWN = [
     "name",

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from shrinkflow.tasks.config import DataConfig
-from shrinkflow.tasks.sources import DataError, RawData
+from shrinkflow.tasks.data.sources import DataError, RawData
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,9 @@
 
 A model passes when it is *non-inferior* to its reference on paired images: the one-sided lower
 confidence bound of ``acc(model) - acc(reference)`` lies above ``-tolerance``
-(:func:`shrinkflow.tasks.stats.compare`). The ratio search applies it on the validation split, promotion on
-the gate split, the test veto and the champion rule on the test split; only the data differs.
+(:func:`shrinkflow.tasks.decision.stats.compare`). The ratio search applies it on the validation
+split, promotion on the gate split, the test veto and the champion rule on the test split; only
+the data differs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import numpy as np
 
 from shrinkflow.tasks.config import PromoteConfig
-from shrinkflow.tasks.stats import Comparison, compare, margin_points, min_certifiable_margin
+from shrinkflow.tasks.decision.stats import Comparison, compare, margin_points, min_certifiable_margin
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def worst_class(
 
 def certifiable(cfg: PromoteConfig, n_gate: int) -> str | None:
     """``None`` when ``n_gate`` images can certify ``cfg.tolerance`` for a model as good as the
-    baseline (see :func:`shrinkflow.tasks.stats.min_certifiable_margin`); otherwise the one line that says
-    so and what to change."""
+    baseline (see :func:`shrinkflow.tasks.decision.stats.min_certifiable_margin`); otherwise the
+    one line that says so and what to change."""
     if cfg.confidence is None:
         return None
     floor = min_certifiable_margin(n_gate, cfg.confidence, cfg.planning_disagreement)

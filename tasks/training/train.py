@@ -21,9 +21,16 @@ from shrinkflow.models.checkpoint import load_checkpoint, sha256_file
 from shrinkflow.models.lowrank import low_rank_layers
 from shrinkflow.models.probe import probe_model, refuse_without_graph
 from shrinkflow.models.strategies.structured import step_ratios
-from shrinkflow.tasks.allocate import allocate_widths, factorised, summary
 from shrinkflow.tasks.config import CandidateConfig, Params, TrainConfig, comes_trained
-from shrinkflow.tasks.engine import (
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.gate import versus_baseline
+from shrinkflow.tasks.decision.stats import Comparison
+from shrinkflow.tasks.errors import ShrinkflowError
+from shrinkflow.tasks.io import atomic_path, read_json, save_checkpoint, write_json
+from shrinkflow.tasks.layout import Layout
+from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
+from shrinkflow.tasks.training.allocate import allocate_widths, factorised, summary
+from shrinkflow.tasks.training.engine import (
     FitResult,
     Hooks,
     Split,
@@ -36,16 +43,9 @@ from shrinkflow.tasks.engine import (
     predict,
     small_bn_scales,
 )
-from shrinkflow.tasks.errors import ShrinkflowError
-from shrinkflow.tasks.gate import versus_baseline
-from shrinkflow.tasks.given import build_given, check_given, check_runs, is_given
-from shrinkflow.tasks.io import atomic_path, read_json, save_checkpoint, write_json
-from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
-from shrinkflow.tasks.records import Manifest, ModelRecord, load_manifest, load_record
-from shrinkflow.tasks.search import Trial, best_trial, failed, judged, run_search
-from shrinkflow.tasks.sensitivity import load_table
-from shrinkflow.tasks.stats import Comparison
+from shrinkflow.tasks.training.given import build_given, check_given, check_runs, is_given
+from shrinkflow.tasks.training.search import Trial, best_trial, failed, judged, run_search
+from shrinkflow.tasks.training.sensitivity import load_table
 
 log = logging.getLogger(__name__)
 

@@ -17,13 +17,13 @@ from sklearn.model_selection import train_test_split
 
 from shrinkflow.models import preprocess
 from shrinkflow.tasks.config import DataConfig, Params, RegisteredOptions, comes_trained
-from shrinkflow.tasks.datachecks import check_classes, check_splits, report_duplicates
+from shrinkflow.tasks.data.datachecks import check_classes, check_splits, report_duplicates
+from shrinkflow.tasks.data.sources import DataError, RawData, load_source
+from shrinkflow.tasks.decision.gate import certifiable
 from shrinkflow.tasks.errors import first_line
-from shrinkflow.tasks.gate import certifiable
 from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import SPLITS, Layout
 from shrinkflow.tasks.records import Manifest, load_manifest
-from shrinkflow.tasks.sources import DataError, RawData, load_source
 
 log = logging.getLogger(__name__)
 

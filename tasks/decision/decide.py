@@ -1,6 +1,6 @@
 """The promotion decision as a value: measured tables in, a frozen verdict out.
 
-Nothing here reads a file or talks to MLflow; :mod:`shrinkflow.tasks.promote` gathers the inputs
+Nothing here reads a file or talks to MLflow; :mod:`shrinkflow.tasks.promotion.promote` gathers the inputs
 (``candidates.csv``, ``predictions.csv``, the registry's champion) and carries the verdict out.
 Every rule that chooses the winner or the verdict's :class:`Kind` is here:
 
@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 
 from shrinkflow.tasks.config import PromoteConfig
+from shrinkflow.tasks.decision.gate import certifiable, class_accuracies, versus_baseline
+from shrinkflow.tasks.decision.stats import Comparison, compare
 from shrinkflow.tasks.errors import ShrinkflowError
-from shrinkflow.tasks.gate import certifiable, class_accuracies, versus_baseline
-from shrinkflow.tasks.stats import Comparison, compare
 
 log = logging.getLogger(__name__)
 

@@ -155,9 +155,10 @@ class RegistryLocked(ShrinkflowError, RuntimeError):
 
 @contextlib.contextmanager
 def registry_lock(client, name: str, owner: str, wait_s: float = REGISTRY_LOCK_WAIT_S) -> Iterator[None]:
-    """Hold ``<name>.alias-lock`` in the registry of ``client`` (an ``MlflowClient``) for the
-    block: other processes doing the same wait. A lock whose holder ended on this host (``owner``
-    is ``host:pid:start``) or that is older than :data:`REGISTRY_LOCK_STALE_S` is taken over."""
+    """Hold ``<name>.alias-lock`` in the registry of ``client`` (a tracker's ``registry``, or an
+    ``MlflowClient``) for the block: other processes doing the same wait. A lock whose holder
+    ended on this host (``owner`` is ``host:pid:start``) or that is older than
+    :data:`REGISTRY_LOCK_STALE_S` is taken over."""
     import mlflow  # the project lock above needs no MLflow; only this does
 
     lock, token = f"{name}{REGISTRY_LOCK_SUFFIX}", f"{owner}:{uuid.uuid4().hex[:8]}"
@@ -203,7 +204,7 @@ def _registry_holder(client, lock: str):
 
 
 def _registry_lock_stale(holder) -> bool:
-    from shrinkflow.tasks.tracking import process_gone
+    from shrinkflow.tasks.store.tracking import process_gone
 
     owner = holder.tags.get("owner", "")
     age_s = time.time() - (holder.creation_timestamp or 0) / 1000

@@ -1,10 +1,10 @@
-"""Stage 5: carry out the decision (:func:`shrinkflow.tasks.decide.decide`): gather its inputs,
+"""Stage 5: carry out the decision (:func:`shrinkflow.tasks.decision.decide.decide`): gather its inputs,
 register the winner, validate it, and only then move an alias, past the champion it was compared
 with (compare-and-set under the registry lock), then write what reviewers read.
 
 No rule is decided here: when ``@champion`` moved under this promotion, the decision is taken
 again with the champion found there (and the count of moves), and its verdict is carried out
-as it stands. The Markdown a reviewer reads is :mod:`shrinkflow.tasks.report`'s.
+as it stands. The Markdown a reviewer reads is :mod:`shrinkflow.tasks.decision.report`'s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 
 from shrinkflow.models.checkpoint import CheckpointError
 from shrinkflow.tasks.config import Params, PromoteConfig
-from shrinkflow.tasks.decide import (
+from shrinkflow.tasks.data.prepare import load_raw_split, normalise
+from shrinkflow.tasks.decision.decide import (
     Champion,
     Kind,
     PromotionError,
@@ -37,17 +38,16 @@ from shrinkflow.tasks.decide import (
     verdict_json,
     verdict_keys,
 )
-from shrinkflow.tasks.engine import accuracy
+from shrinkflow.tasks.decision.gate import class_accuracies
+from shrinkflow.tasks.decision.report import ChampionFigures, model_description, version_page
 from shrinkflow.tasks.errors import first_line, named_first_line
-from shrinkflow.tasks.evaluate import load_predictions, load_table
-from shrinkflow.tasks.gate import class_accuracies
-from shrinkflow.tasks.given import lineage_tags
 from shrinkflow.tasks.io import read_json, write_json
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.lock import registry_lock
-from shrinkflow.tasks.prepare import load_raw_split, normalise
+from shrinkflow.tasks.measurement.evaluate import load_predictions, load_table
+from shrinkflow.tasks.promotion.reproduce import dirty_warning
 from shrinkflow.tasks.records import Manifest, load_manifest, load_record
-from shrinkflow.tasks.registry import (
+from shrinkflow.tasks.store.lock import registry_lock
+from shrinkflow.tasks.store.registry import (
     RECORD_FILE,
     describe_registered_model,
     load_version,
@@ -57,9 +57,9 @@ from shrinkflow.tasks.registry import (
     version_by_alias,
     version_record,
 )
-from shrinkflow.tasks.report import ChampionFigures, model_description, version_page
-from shrinkflow.tasks.reproduce import dirty_warning
-from shrinkflow.tasks.tracking import PROCESS_TAG, Tracker, process_gone, this_process
+from shrinkflow.tasks.store.tracking import PROCESS_TAG, Tracker, process_gone, this_process
+from shrinkflow.tasks.training.engine import accuracy
+from shrinkflow.tasks.training.given import lineage_tags
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def current_champion(
         ) from exc
     if version is None:
         return None
-    tags = version_record(tracker.client, cfg.model_name, version.version)
+    tags = version_record(tracker.registry, cfg.model_name, version.version)
     size = float(tags.get(cfg.objective, "inf"))
     sha = tags.get("checkpoint_sha256", "")
     gone = Champion(str(version.version), None, size, sha, tags)
@@ -348,7 +348,7 @@ def compare_and_set(job: Promotion, version: str, move: Move) -> Move | None:
     """Under the registry lock, move the verdict's alias to ``version``, unless that alias is
     ``@champion`` and it moved away from the champion the verdict was compared with (None)."""
     cfg, tracker, name = job.cfg, job.tracker, job.cfg.model_name
-    with registry_lock(tracker.client, name, this_process()):
+    with registry_lock(tracker.registry, name, this_process()):
         now = version_by_alias(tracker, name, cfg.alias)
         if not needs_same_champion(move.verdict, cfg, job.force) or _same(now, move.champion):
             before = version_by_alias(tracker, name, move.alias)
@@ -401,13 +401,13 @@ def complete(job: Promotion, version: str, move: Move) -> None:
     here undoes neither; the version stays pending and the next run completes it."""
     tracker, cfg, name = job.tracker, job.cfg, job.cfg.model_name
     try:
-        registered = tracker.client.get_model_version(name, version)
+        registered = tracker.registry.get_model_version(name, version)
         story = version_story(job, move, registered.tags.get("composition", ""), registered.run_id)
         if move.alias == cfg.alias:  # what `shrinkflow rollback` goes back to
-            tracker.client.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
+            tracker.registry.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
         mark_registration(tracker, name, version, "complete", move.verdict, story)
         describe_registered_model(
-            tracker.client, name, model_description(job.manifest, cfg), model_tags(job.identity, cfg)
+            tracker.registry, name, model_description(job.manifest, cfg), model_tags(job.identity, cfg)
         )
         name_parent_run(tracker, job.run_id, f"{name} v{version} @{move.alias}: {move.verdict.winner}")
     except Exception as exc:
@@ -432,7 +432,7 @@ def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> s
     completed (its process is gone, or it is this one and that promotion failed), to be
     completed instead of registering a duplicate."""
     found = []
-    for v in tracker.client.search_model_versions(f"name='{name}'"):
+    for v in tracker.registry.search_model_versions(f"name='{name}'"):
         tags = v.tags
         if (
             tags.get("checkpoint_sha256") == sha256
@@ -457,24 +457,24 @@ def mark_registration(
 ) -> None:
     """Record that the version's alias move is done, with the verdict it finally got."""
     if verdict is not None:
-        tracker.client.set_model_version_tag(name, version, "verdict", verdict.kind)
-        tracker.client.set_model_version_tag(name, version, "forced", str(verdict.forced).lower())
+        tracker.registry.set_model_version_tag(name, version, "verdict", verdict.kind)
+        tracker.registry.set_model_version_tag(name, version, "forced", str(verdict.forced).lower())
     if description:
-        tags = version_record(tracker.client, name, version)
-        tracker.client.update_model_version(name, version, description=dirty_warning(tags) + description)
-    tracker.client.set_model_version_tag(name, version, REGISTRATION_TAG, state)
+        tags = version_record(tracker.registry, name, version)
+        tracker.registry.update_model_version(name, version, description=dirty_warning(tags) + description)
+    tracker.registry.set_model_version_tag(name, version, REGISTRATION_TAG, state)
 
 
 def undo_alias(tracker: Tracker, cfg: PromoteConfig, alias: str, version: str, previous: str | None) -> str:
     """Put ``alias`` back where it was, if it still points at ``version``; says what happened."""
     name = cfg.model_name
     try:
-        with registry_lock(tracker.client, name, this_process()):
+        with registry_lock(tracker.registry, name, this_process()):
             now = version_by_alias(tracker, name, alias)
             if now is None or str(now.version) != str(version):
                 return f"@{alias} had already moved on from v{version}; left as it is"
             if previous is None:
-                tracker.client.delete_registered_model_alias(name, alias)
+                tracker.registry.delete_registered_model_alias(name, alias)
                 return f"the move of @{alias} to v{version} was undone (no @{alias} again)"
             set_alias(tracker, name, alias, previous)
             return f"the move of @{alias} to v{version} was undone (@{alias} is v{previous} again)"
@@ -603,9 +603,9 @@ def name_parent_run(tracker: Tracker, run_id: str, title: str) -> None:
     """Name the pipeline's parent run after its outcome (it starts as ``pipeline``); a name is
     not worth failing a promotion whose decision is already written."""
     try:
-        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        parent = tracker.run(run_id).data.tags.get("mlflow.parentRunId")
         if parent:
-            tracker.client.update_run(parent, name=title[:250])
+            tracker.rename_run(parent, title[:250])
     except Exception as exc:
         log.warning("the pipeline's run keeps its name: %s", exc)
 

@@ -35,7 +35,7 @@ from shrinkflow.models.allocation import (
     tightened_keep,
     with_latency,
 )
-from shrinkflow.tasks.sensitivity import scorer, timed_together
+from shrinkflow.tasks.training.sensitivity import scorer, timed_together
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """ONNX for deployment: export a model with ``torch.onnx``, check onnxruntime reproduces PyTorch's
-outputs, and time onnxruntime the way ``tasks/evaluate.py`` times PyTorch (batch 1, one thread)."""
+outputs, and time onnxruntime the way ``tasks/measurement/evaluate.py`` times PyTorch (batch 1, one
+thread)."""
 
 from __future__ import annotations
 

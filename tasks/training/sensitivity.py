@@ -41,10 +41,10 @@ from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.probe import refuse_without_graph
 from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import Params
+from shrinkflow.tasks.data.prepare import load_split
 from shrinkflow.tasks.errors import ShrinkflowError
 from shrinkflow.tasks.io import atomic_path, read_json, write_json
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
 from shrinkflow.tasks.records import load_manifest, load_record
 
 log = logging.getLogger(__name__)

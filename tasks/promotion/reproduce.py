@@ -41,8 +41,8 @@ def params_sha256(params: Params) -> str:
 
 def git_state(root: Path) -> tuple[str, bool] | None:
     """``(full commit, dirty)`` of the repository holding ``root`` (pipeline outputs aside, as
-    :func:`shrinkflow.tasks.tracking.code_version` counts them), or None outside git."""
-    from shrinkflow.tasks.tracking import code_version
+    :func:`shrinkflow.tasks.store.tracking.code_version` counts them), or None outside git."""
+    from shrinkflow.tasks.store.tracking import code_version
 
     version = code_version(root)
     if version == "unknown":
@@ -80,7 +80,7 @@ def provenance_tags(params: Params, layout: Layout) -> dict[str, str]:
     """What ``shrinkflow reproduce`` needs to rebuild a version from this project as it is now."""
     import torch
 
-    from shrinkflow.tasks.engine import resolve_device
+    from shrinkflow.tasks.training.engine import resolve_device
 
     state = git_state(layout.root)
     return {
@@ -116,8 +116,8 @@ class Rebuilt:
 
 def reproduce(name: str, version: str, root: Path, keep: bool = False) -> Rebuilt:
     """Rebuild ``name`` version ``version`` from its commit and data and compare its checkpoint."""
-    from shrinkflow.tasks.registry import open_registry, registered_version, version_record
-    from shrinkflow.tasks.tracking import PROJECT_ROOT, tracking_uri
+    from shrinkflow.tasks.store.registry import open_registry, registered_version, version_record
+    from shrinkflow.tasks.store.tracking import PROJECT_ROOT, tracking_uri
 
     uri = tracking_uri(root)
     client = open_registry(uri)
@@ -196,7 +196,7 @@ def _rebuild(label: str, tags: dict[str, str], project: Path, scratch: Path, cod
 
 def _why(tags: dict[str, str], precision: str, fingerprint: str, code: Path | None) -> str:
     """The likeliest reasons two runs of one commit differ, from what the version recorded."""
-    from shrinkflow.tasks.tracking import code_version
+    from shrinkflow.tasks.store.tracking import code_version
 
     reasons = []
     if code is None and (installed := code_version()) != tags.get("code_version"):

@@ -1,8 +1,8 @@
 """Stage 4: measure every model, baseline included, with one function, and write the table.
 
 Every model predicts every validation, gate and test image once; accuracies, macro-F1 and the
-paired comparisons with the baseline (the promotion gate, :mod:`shrinkflow.tasks.gate`) all derive from
-those predictions, which are kept in ``predictions.csv`` so any two models can be compared on
+paired comparisons with the baseline (the promotion gate, :mod:`shrinkflow.tasks.decision.gate`) all
+derive from those predictions, which are kept in ``predictions.csv`` so any two models can be compared on
 the same images later (the champion rule does).
 """
 
@@ -29,14 +29,14 @@ from shrinkflow.models.strategies import STRATEGIES
 from shrinkflow.models.strategies.structured import StructuredOptions
 from shrinkflow.models.timing import median_latency_ms
 from shrinkflow.tasks.config import EvaluateConfig, Params, PromoteConfig
-from shrinkflow.tasks.engine import Split, accuracy, predict
+from shrinkflow.tasks.data.prepare import load_split
+from shrinkflow.tasks.decision.gate import versus_baseline, worst_class
 from shrinkflow.tasks.errors import ShrinkflowError, named_first_line
-from shrinkflow.tasks.export import check_onnx
-from shrinkflow.tasks.gate import versus_baseline, worst_class
 from shrinkflow.tasks.io import atomic_path, write_json
 from shrinkflow.tasks.layout import Layout
-from shrinkflow.tasks.prepare import load_split
+from shrinkflow.tasks.measurement.export import check_onnx
 from shrinkflow.tasks.records import ModelRecord, load_manifest, load_record
+from shrinkflow.tasks.training.engine import Split, accuracy, predict
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def evaluate_models(params: Params, layout: Layout) -> pd.DataFrame:
     predictions (``predictions.csv``) and ``metrics.json``. A candidate whose training failed, or
     that answers the same images differently between calls, keeps its row with ``status=failed``
     and the reason. A factory model's package must be importable (the stage runs inside
-    :func:`shrinkflow.tasks.given.user_code`)."""
+    :func:`shrinkflow.tasks.training.given.user_code`)."""
     splits = {split: load_split(layout, split) for split in MEASURED_SPLITS}
     names = ["baseline", *params.shrink.candidates]
     records = [_record(params, layout, name) for name in names]
@@ -336,7 +336,7 @@ def compare_with_baseline(
 ) -> None:
     """Fill each measured model's paired comparison with the baseline on gate and test, and the
     class it loses most on (gate). Whether that makes it eligible is for
-    :func:`shrinkflow.tasks.decide.decide` to say."""
+    :func:`shrinkflow.tasks.decision.decide.decide` to say."""
     if "baseline" not in predictions:
         return
     table["worst_class"] = table["worst_class"].astype(object)
