@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-scenarios repro lint clean
+.PHONY: install run test test-scenarios test-large repro lint clean
 
 install: $(STAMP)
 
@@ -25,8 +25,11 @@ PYTEST := $(BIN)/python -m pytest -n 2 --dist loadfile --durations=15
 test: install  ## the suite without the long scenarios (under 10 minutes on 2 cores)
 	$(PYTEST) -m "not scenario"
 
-test-scenarios: install  ## the long end-to-end scenarios (DVC, real servers, runners, the quick benchmark)
-	$(PYTEST) -m scenario
+test-scenarios: install  ## the long end-to-end scenarios (DVC, real servers, runners, the torchvision zoo)
+	$(PYTEST) -m "scenario and not large"
+
+test-large: install  ## the full-size torchvision networks (ViT-B/16, ConvNeXt-T, Swin) and the benchmark's smoke run
+	$(PYTEST) -m large
 
 repro: install  ## the same pipeline stage by stage through DVC
 	$(BIN)/dvc repro

@@ -347,8 +347,12 @@ def _candidate_model(strategy: Strategy) -> type[_Candidate]:
     )
 
 
+_CANDIDATE_MODELS = tuple(_candidate_model(s) for s in STRATEGIES.values())
+# Importable by name, so a pickled config (a process or Dask worker's) refers to these very classes
+# instead of carrying copies that the union's serializer does not recognise (one warning each).
+globals().update({model.__name__: model for model in _CANDIDATE_MODELS})
 CandidateConfig = Annotated[
-    Union[tuple(_candidate_model(s) for s in STRATEGIES.values())],  # noqa: UP007 - built at run time
+    Union[_CANDIDATE_MODELS],  # noqa: UP007 - built at run time
     Field(discriminator="strategy"),
 ]
 

@@ -141,6 +141,7 @@ def _table(lines: list[str], header: str) -> tuple[list[str], list[list[str]]]:
 
 @pytest.mark.slow
 @pytest.mark.scenario
+@pytest.mark.large  # the whole benchmark's code on digits: `make test-large`
 def test_quick_benchmark_writes_every_table_row_and_target(tmp_path):
     done = subprocess.run(
         [

@@ -86,6 +86,8 @@ def test_rules_worse_becomes_challenger_better_becomes_champion(evaluated, tmp_p
     assert third.forced and third.kind == "champion"
     assert aliases(model_name) == {"champion": 3, "challenger": 2}
     assert MlflowClient().get_model_version(model_name, "3").tags["forced"] == "true"
+    verdicts = {v: MlflowClient().get_model_version(model_name, v).tags["verdict"] for v in "123"}
+    assert verdicts == {"1": "retired", "2": "challenger", "3": "champion"}, "the verdict follows @champion"
     # The smaller model is better by the rules than the forced baseline: champion again.
     fourth = promote_copy(
         evaluated, tmp_path / "4", model_name, "promote.tolerance=50", "promote.champion_tolerance=100"

@@ -9,8 +9,9 @@ from shrinkflow.models.checkpoint import load_checkpoint
 from shrinkflow.models.probe import probe_graph
 from tests.zoo import Family, Runs, served_labels, write_digits
 
-# One torch thread for every test here (conftest's one_thread says why).
-pytestmark = pytest.mark.usefixtures("one_thread")
+# One torch thread for every test here (conftest's one_thread says why); full-size networks, so
+# `make test-large` runs them rather than `make test-scenarios`.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.large]
 
 PRUNE = {"l1-50": {"strategy": "prune_l1", "ratio": 0.5}}
 CONVNEXT = Family("convnext_tiny", {}, PRUNE, epochs=1, lr=1e-3)

@@ -405,6 +405,10 @@ def complete(job: Promotion, version: str, move: Move) -> None:
         story = version_story(job, move, registered.tags.get("composition", ""), registered.run_id)
         if move.alias == cfg.alias:  # what `shrinkflow rollback` goes back to
             tracker.registry.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
+            if move.previous not in (None, str(version)):  # the verdict tag follows the alias
+                tracker.registry.set_model_version_tag(
+                    name, move.previous, "verdict", verdict_once_replaced(tracker, cfg, move.previous)
+                )
         mark_registration(tracker, name, version, "complete", move.verdict, story)
         describe_registered_model(
             tracker.registry, name, model_description(job.manifest, cfg), model_tags(job.identity, cfg)
@@ -412,6 +416,13 @@ def complete(job: Promotion, version: str, move: Move) -> None:
         name_parent_run(tracker, job.run_id, f"{name} v{version} @{move.alias}: {move.verdict.winner}")
     except Exception as exc:
         log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
+
+
+def verdict_once_replaced(tracker: Tracker, cfg: PromoteConfig, version: str) -> str:
+    """What a version that stopped being ``@champion`` now is: challenger if it holds that
+    alias, else retired."""
+    challenger = version_by_alias(tracker, cfg.model_name, cfg.challenger_alias)
+    return Kind.CHALLENGER if challenger is not None and str(challenger.version) == version else RETIRED
 
 
 def version_story(job: Promotion, move: Move, steps: str, run_id: str | None = None) -> str:
@@ -425,6 +436,7 @@ def version_story(job: Promotion, move: Move, steps: str, run_id: str | None = N
 
 REGISTRATION_TAG = "registration"  # pending (registered, alias not yet moved) | complete
 PREVIOUS_TAG = "previous_champion"  # the version @champion pointed at before this one took it
+RETIRED = "retired"  # the verdict of a version that stopped being champion and holds no other alias
 
 
 def pending_version(tracker: Tracker, name: str, sha256: str, verdict: str) -> str | None:

@@ -41,6 +41,7 @@ from shrinkflow.tasks.promotion.promote import (
     mark_registration,
     task_difference,
     task_identity,
+    verdict_once_replaced,
 )
 from shrinkflow.tasks.records import Manifest
 from shrinkflow.tasks.stage_specs import STAGES
@@ -64,7 +65,6 @@ REASON_CHARS = 500  # a reason is a sentence or two, not a document
 # keys as text, hence the zero padding), and the JSON of each is read back by `shrinkflow review`.
 AUDIT_PREFIX = "audit."
 AUDIT_DIGITS = 4
-RETIRED = "retired"  # the verdict of a version that stopped being champion and holds no other alias
 SHOWN_OVERRIDES = 6  # the `-s` overrides a refusal spells out
 WHO_CHARS, WHY_CHARS = 40, 160  # of an event's text from outside, on a terminal line
 
@@ -390,8 +390,7 @@ def record_event(
     client.set_model_version_tag(name, version, PREVIOUS_TAG, previous or "none")
     if previous is None:
         return
-    challenger = version_by_alias(tracker, name, cfg.challenger_alias)
-    now = Kind.CHALLENGER if challenger is not None and str(challenger.version) == previous else RETIRED
+    now = verdict_once_replaced(tracker, cfg, previous)
     client.set_model_version_tag(name, previous, event.key, event.value())
     client.set_model_version_tag(name, previous, "verdict", now)
     title = f"**No longer `champion`**, now `{now}` (event {event.number}, {event.champion})"
