@@ -282,15 +282,15 @@ def decisions(params: Params, layout: Layout, objectives: tuple[str, ...]) -> di
 
 
 def pipeline_rows(params: Params, layout: Layout, eligible: list[str]) -> list[dict]:
-    """Every model the flow measured (ok status), with whether it was certified and a budget
-    candidate's allocated widths from its record."""
+    """Every model the flow measured (ok status), with whether it was certified and its shape as
+    evaluate's ``widths`` column gives it: kept channels per group and each factorised layer's
+    rank (``classifier.1=750r96``; a structured candidate's, read off the model if not allocated)."""
     table = load_table(layout.candidates_csv)
     rows = table[table["status"] == "ok"].to_dict("records")
     for row in rows:
         row["eligible"] = row["name"] in eligible
-        row["widths"] = (
-            None if row["name"] == "baseline" else load_record(layout, row["name"]).options.get("widths")
-        )
+        shape = row.get("widths")
+        row["widths"] = shape if isinstance(shape, str) and shape and row["name"] != "baseline" else None
     return rows
 
 

@@ -94,7 +94,7 @@ def candidates_table(rows: list[dict], winners: dict[str, str]) -> str:
     (kept channels by group, ranks of the factorised layers)."""
     lines = [
         "| candidate | composition | ratio | gate delta (pts) | 95% lower bound | eligible | test acc % "
-        "| params | FLOPs | latency b1 (ms) | widths kept (allocated) |",
+        "| params | FLOPs | latency b1 (ms) | widths and ranks kept |",
         "|" + "---|" * 11,
     ]
     for r in rows:
@@ -111,9 +111,12 @@ def candidates_table(rows: list[dict], winners: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def widths_cell(widths: dict[str, int] | None) -> str:
-    """A budget candidate's kept channels per group (``name=kept``), else ``-``."""
-    return ", ".join(f"{g}={k}" for g, k in widths.items()) if widths else "-"
+def widths_cell(widths: str | dict[str, int] | None) -> str:
+    """A candidate's kept channels per group and ranks (``name=kept``, ``name=keptr64``: evaluate's
+    widths column; a dict of widths in runs before 2026-12-07), else ``-``."""
+    if isinstance(widths, dict):
+        return ", ".join(f"{g}={k}" for g, k in widths.items()) or "-"
+    return ", ".join(widths.split()) if widths else "-"
 
 
 def _overhead_rows(over: dict) -> list[str]:

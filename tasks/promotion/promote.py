@@ -407,7 +407,7 @@ def complete(job: Promotion, version: str, move: Move) -> None:
             tracker.registry.set_model_version_tag(name, version, PREVIOUS_TAG, move.previous or "none")
             if move.previous not in (None, str(version)):  # the verdict tag follows the alias
                 tracker.registry.set_model_version_tag(
-                    name, move.previous, "verdict", verdict_once_replaced(tracker, cfg, move.previous)
+                    name, move.previous, "verdict", verdict_once_replaced(tracker, name, cfg, move.previous)
                 )
         mark_registration(tracker, name, version, "complete", move.verdict, story)
         describe_registered_model(
@@ -418,10 +418,10 @@ def complete(job: Promotion, version: str, move: Move) -> None:
         log.warning("%s v%s stays tagged pending (the next run completes it): %s", name, version, exc)
 
 
-def verdict_once_replaced(tracker: Tracker, cfg: PromoteConfig, version: str) -> str:
-    """What a version that stopped being ``@champion`` now is: challenger if it holds that
-    alias, else retired."""
-    challenger = version_by_alias(tracker, cfg.model_name, cfg.challenger_alias)
+def verdict_once_replaced(tracker: Tracker, name: str, cfg: PromoteConfig, version: str) -> str:
+    """What version ``version`` of registered model ``name``, which stopped being ``@champion``,
+    now is: challenger if it holds that alias, else retired."""
+    challenger = version_by_alias(tracker, name, cfg.challenger_alias)
     return Kind.CHALLENGER if challenger is not None and str(challenger.version) == version else RETIRED
 
 

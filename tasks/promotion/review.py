@@ -390,7 +390,7 @@ def record_event(
     client.set_model_version_tag(name, version, PREVIOUS_TAG, previous or "none")
     if previous is None:
         return
-    now = verdict_once_replaced(tracker, cfg, previous)
+    now = verdict_once_replaced(tracker, name, cfg, previous)
     client.set_model_version_tag(name, previous, event.key, event.value())
     client.set_model_version_tag(name, previous, "verdict", now)
     title = f"**No longer `champion`**, now `{now}` (event {event.number}, {event.champion})"
