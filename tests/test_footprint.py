@@ -44,7 +44,8 @@ def test_pipeline_prediction_runs_in_chunks_bounded_by_bytes():
         whole = model(x).argmax(1)
         chunks = list(chunked_forward(model, len(x), rows))
     size = rows_within(CHUNK_BYTES, WORKSPACE * peak // 2, 1024)
-    assert 1 < size < 32 and [c.stop - c.start for c in read[1:-1]] == [size] * (len(read) - 2)
+    assert 1 < size < 32, "the bound leaves more than one row and fewer than the whole batch"
+    assert [c.stop - c.start for c in read[1:-1]] == [size] * (len(read) - 2), "every inner chunk is full"
     assert torch.equal(torch.cat(chunks).argmax(1), whole)
     assert torch.equal(predict(model, x), whole)
     assert len(predict(model, x[:0])) == 0
