@@ -292,3 +292,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def small_network(arch: str):
+    """A seeded 8x8 one-channel ``basenet`` (BatchNorm on, 16/32 channels, 48 hidden) or
+    ``resnet56`` (one block a stage) in eval mode: what the allocation tests count and measure."""
+    import torch
+
+    from shrinkflow.models import build_model
+
+    torch.manual_seed(0)
+    spec = {"arch": arch, "in_channels": 1, "image_size": 8, "num_classes": 10}
+    spec |= (
+        {"channels": [16, 32], "hidden": [48], "batch_norm": True}
+        if arch == "basenet"
+        else {"blocks": [1, 1, 1]}
+    )
+    return build_model(spec).eval()

@@ -39,7 +39,7 @@ from shrinkflow.tasks.measurement.evaluate import count_flops, evaluate_models, 
 from shrinkflow.tasks.training.allocate import LATENCY_NOISE, allocate_widths, summary
 from shrinkflow.tasks.training.sensitivity import TableMissing, scorer, sensitivity_stage, timed_together
 from shrinkflow.tasks.training.sensitivity import load_table as load_sensitivity
-from tests.conftest import small_raw
+from tests.conftest import small_network, small_raw
 
 
 class Crafted(nn.Module):
@@ -213,14 +213,7 @@ def test_the_sensitivity_knapsack_is_optimal_against_brute_force(seed):
 
 @pytest.mark.parametrize("arch", ["basenet", "resnet56"])
 def test_the_knapsack_rows_are_the_pruned_networks_params_and_flops(arch):
-    torch.manual_seed(0)
-    spec = {"arch": arch, "in_channels": 1, "image_size": 8, "num_classes": 10}
-    spec |= (
-        {"channels": [16, 32], "hidden": [48], "batch_norm": True}
-        if arch == "basenet"
-        else {"blocks": [1, 1, 1]}
-    )
-    model, batch = build_model(spec).eval(), _digits_like(8, 0)
+    model, batch = small_network(arch), _digits_like(8, 0)
     costs = cost_model(model, batch[0][:1])
     # No table: the rows do not depend on it (each group's levels are then its grid and floor).
     program = knapsack(

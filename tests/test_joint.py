@@ -35,7 +35,7 @@ from shrinkflow.tasks.measurement.evaluate import count_flops, evaluate_models, 
 from shrinkflow.tasks.training.allocate import LATENCY_NOISE, allocate_widths, factorised, summary
 from shrinkflow.tasks.training.sensitivity import measure, sensitivity_stage
 from shrinkflow.tasks.training.train import shrink_candidate
-from tests.conftest import small_raw
+from tests.conftest import small_network, small_raw
 
 
 def _request(*budgets, ranks: bool = True, **options) -> Request:
@@ -142,17 +142,6 @@ def test_the_joint_knapsack_is_optimal_against_brute_force(seed, latency):
 # --- the rows against counted networks ----------------------------------------------------------
 
 
-def _network(arch: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    spec = {"arch": arch, "in_channels": 1, "image_size": 8, "num_classes": 10}
-    spec |= (
-        {"channels": [16, 32], "hidden": [48], "batch_norm": True}
-        if arch == "basenet"
-        else {"blocks": [1, 1, 1]}
-    )
-    return build_model(spec).eval()
-
-
 def _ranked_table(model: torch.nn.Module, x: torch.Tensor) -> Sensitivity:
     """A table with every factorisable layer's rank levels and nothing measured (the rows do not
     depend on what was)."""
@@ -167,7 +156,7 @@ def _ranked_table(model: torch.nn.Module, x: torch.Tensor) -> Sensitivity:
 
 @pytest.mark.parametrize("arch", ["basenet", "resnet56"])
 def test_the_joint_rows_are_the_pruned_and_factorised_networks_params_and_flops(arch):
-    model, batch = _network(arch), (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    model, batch = small_network(arch), (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
     costs = cost_model(model, batch[0][:1])
     problem = Problem(costs, _request(("params", 0.5), ("flops", 0.5)), _ranked_table(model, batch[0][:1]))
     program = knapsack(problem)
@@ -196,7 +185,7 @@ def test_the_joint_rows_are_the_pruned_and_factorised_networks_params_and_flops(
 
 
 def test_a_rank_is_never_offered_beyond_what_the_kept_widths_allow():
-    model = _network("basenet")
+    model = small_network("basenet")
     x = torch.randn(1, 1, 8, 8)
     problem = Problem(cost_model(model, x), _request(("params", 0.1)), _ranked_table(model, x))
     program, wired = knapsack(problem), problem.costs.layers["classifier.1"]
